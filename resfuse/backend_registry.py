@@ -1,0 +1,165 @@
+"""Backend discovery and choice: ``"cuda"`` (csrc/), ``"triton"`` (triton_kernels/),
+``"torch"`` (the reference), and ``"auto"``."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "torch")
+ENV_VAR = "RESFUSE_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call here (and the message says why)."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # what it runs on when available, what is missing when not
+
+    def __str__(self) -> str:
+        return f"{self.name:<7} {'yes' if self.available else 'no ':<4} {self.reason}"
+
+
+class BackendReport(dict):
+    """``{name: BackendStatus}`` that prints as a small table."""
+
+    def __str__(self) -> str:
+        return "\n".join(["backend available  details"] + [str(s) for s in self.values()])
+
+
+@functools.lru_cache(maxsize=None)
+def _import(module: str) -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(module), ""
+    except Exception as e:  # a broken install must not break `import resfuse`
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _triton_module():
+    return _import("resfuse.triton_kernels.launch")
+
+
+def _cuda_module():
+    return _import("resfuse.cuda_ext")
+
+
+def _interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cuda_reason() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch" + (
+            "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)")
+    return ""
+
+
+def backends() -> BackendReport:
+    """Which backends can run here, and why the others cannot."""
+    report = BackendReport()
+    no_gpu = _cuda_reason()
+
+    cuda_mod, err = _cuda_module()
+    if cuda_mod is None:
+        report["cuda"] = BackendStatus("cuda", False, f"extension not importable ({err})")
+    elif not cuda_mod.available():
+        report["cuda"] = BackendStatus("cuda", False, cuda_mod.unavailable_reason())
+    elif no_gpu:
+        report["cuda"] = BackendStatus("cuda", False, f"extension built, but {no_gpu}")
+    else:
+        report["cuda"] = BackendStatus("cuda", True, "compiled extension, CUDA tensors")
+
+    triton_mod, err = _triton_module()
+    if triton_mod is None:
+        report["triton"] = BackendStatus("triton", False, f"triton not usable ({err})")
+    elif no_gpu and not _interpreter_active():
+        report["triton"] = BackendStatus(
+            "triton", False, f"{no_gpu}; CPU tensors run only under TRITON_INTERPRET=1")
+    else:
+        where = "CUDA tensors" if not no_gpu else "CPU tensors under TRITON_INTERPRET=1"
+        report["triton"] = BackendStatus("triton", True, f"triton {_triton_version()}, {where}")
+
+    report["torch"] = BackendStatus("torch", True, "PyTorch reference, any device")
+    auto = "CUDA tensors: " + ("cuda" if report["cuda"].available else
+                               "triton" if report["triton"].available else "torch")
+    report["auto"] = BackendStatus("auto", True, auto + "; CPU tensors: torch")
+    return report
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except Exception:  # pragma: no cover - reported as unavailable above
+        return "?"
+
+
+def requested_backend(backend: str) -> str:
+    """Validate a ``backend=`` argument; ``"auto"`` defers to ``$RESFUSE_BACKEND``."""
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR)
+        if env:
+            if env not in BACKEND_NAMES:
+                raise ValueError(f"${ENV_VAR} must be one of {BACKEND_NAMES}, got {env!r}")
+            return env
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs a call on ``device``; raises if it cannot."""
+    backend = requested_backend(backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return _auto(device.type)
+    if backend == "cuda":
+        mod, err = _cuda_module()
+        if mod is None or not mod.available():
+            raise BackendUnavailableError(
+                "backend='cuda' needs the compiled extension, which is not available: "
+                + (err or mod.unavailable_reason()) + " (see resfuse.backends())")
+        if device.type != "cuda":
+            raise BackendUnavailableError(f"backend='cuda' runs on CUDA tensors only, got {device}")
+        return "cuda"
+    # triton
+    mod, err = _triton_module()
+    if mod is None:
+        raise BackendUnavailableError(f"backend='triton' needs a working triton install: {err}")
+    if device.type != "cuda" and not _interpreter_active():
+        raise BackendUnavailableError(
+            f"backend='triton' runs on CUDA tensors (got {device}); CPU tensors only under "
+            "TRITON_INTERPRET=1")
+    return "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def _auto(device_type: str) -> str:
+    if device_type != "cuda":
+        return "torch"
+    mod, _ = _cuda_module()
+    if mod is not None and mod.available():
+        return "cuda"
+    mod, _ = _triton_module()
+    return "triton" if mod is not None else "torch"
+
+
+def implementation(name: str) -> ModuleType:
+    """The module with ``forward`` / ``backward`` for a concrete backend name."""
+    if name == "torch":
+        from . import torch_backend
+        return torch_backend
+    mod, err = (_triton_module() if name == "triton" else _cuda_module())
+    if mod is None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {err}")
+    return mod

@@ -1,0 +1,90 @@
+"""The ``"torch"`` backend: the reference run in fp32 behind the same interface as the kernels.
+
+Works on any device and is the CPU path of ``"auto"``. The backward differentiates the
+reference's ``normalize`` with autograd rather than restating the gradient formulas, so
+the semantics have one source (``resfuse.reference``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def _branch(branch_scale: Optional[Tensor], branch_scale_value: float):
+    return branch_scale if branch_scale is not None else branch_scale_value
+
+
+def forward(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    branch_scale: Optional[Tensor],
+    rowscale: Optional[Tensor],
+    *,
+    eps: float,
+    residual_scale: float,
+    branch_scale_value: float,
+    is_rms: bool,
+    zero_centered_weight: bool,
+    store_h: bool,
+    residual_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+):
+    norm = "rms" if is_rms else "layer"
+    h = reference.residual_sum(x, residual, residual_scale=residual_scale,
+                               branch_scale=_branch(branch_scale, branch_scale_value),
+                               rowscale=rowscale)
+    y = reference.normalize(h, weight, bias, eps, norm=norm,
+                            zero_centered_weight=zero_centered_weight)
+    mean, rstd = reference.row_stats(h, eps, norm=norm)
+    return y.to(out_dtype), (h.to(residual_dtype) if store_h else None), mean, rstd
+
+
+def backward(
+    dy: Tensor,
+    dh: Optional[Tensor],
+    h: Tensor,
+    x: Optional[Tensor],
+    weight: Optional[Tensor],
+    branch_scale: Optional[Tensor],
+    rowscale: Optional[Tensor],
+    mean: Optional[Tensor],
+    rstd: Tensor,
+    *,
+    eps: float,
+    residual_scale: float,
+    branch_scale_value: float,
+    is_rms: bool,
+    zero_centered_weight: bool,
+    has_bias: bool,
+    store_dresidual: bool,
+    x_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+):
+    with torch.enable_grad():
+        hf = h.detach().float().requires_grad_()
+        w = weight.detach().float().requires_grad_() if weight is not None else None
+        b = hf.new_zeros(h.shape[-1], requires_grad=True) if has_bias else None
+        y = reference.normalize(hf, w, b, eps, norm="rms" if is_rms else "layer",
+                                zero_centered_weight=zero_centered_weight)
+        params = [t for t in (w, b) if t is not None]
+        grads = torch.autograd.grad(y, [hf, *params], dy.float())
+    dh_total = grads[0] if dh is None else grads[0] + dh.float()
+    dweight = grads[1] if w is not None else None
+    dbias = grads[-1] if has_bias else None
+
+    d_branch = dh_total * branch_scale_value
+    if rowscale is not None:
+        d_branch = d_branch * rowscale.float().unsqueeze(-1)
+    dbranch = None
+    if branch_scale is not None:
+        dbranch = (d_branch * x.float()).sum(0)
+        d_branch = d_branch * branch_scale.float()
+    dresidual = (dh_total * residual_scale).to(residual_dtype) if store_dresidual else None
+    return d_branch.to(x_dtype), dresidual, dweight, dbias, dbranch

@@ -1,0 +1,1 @@
+"""Triton kernels of resfuse (installed as ``resfuse.triton_kernels``)."""

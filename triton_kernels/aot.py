@@ -1,0 +1,121 @@
+"""Compile the add+norm kernels for a GPU target without a GPU, and read ptxas's resource use.
+
+Used by the tests (compile errors for sm_80/sm_90, register spills at the default launch
+configurations) and handy when tuning: ``python -m resfuse.triton_kernels.aot 8192 bf16``.
+Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels' JIT objects).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import launch
+from .add_norm_kernels import add_norm_bwd_kernel, add_norm_fwd_kernel
+
+_TYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+# Pointer arguments and their element types; "act" is the activation dtype under test.
+_FWD_POINTERS = {"X": "act", "R": "act", "W": "fp32", "B": "fp32", "BS": "fp32", "RS": "fp32",
+                 "Y": "act", "H": "act", "MEAN": "fp32", "RSTD": "fp32"}
+_BWD_POINTERS = {"DY": "act", "DH": "act", "H": "act", "X": "act", "W": "fp32", "BS": "fp32",
+                 "RS": "fp32", "MEAN": "fp32", "RSTD": "fp32", "DX": "act", "DR": "act",
+                 "DW_PART": "fp32", "DB_PART": "fp32", "DBS_PART": "fp32"}
+_FLOATS = {"eps", "residual_scale", "branch_scale"}
+
+# Every feature on: the largest register footprint a configuration can have.
+ALL_FLAGS_FWD = dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True,
+                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_H=True)
+ALL_FLAGS_BWD = dict(IS_RMS=False, HAS_DH=True, HAS_WEIGHT=True, HAS_BIAS=True,
+                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_DR=True)
+
+
+@dataclass
+class Compiled:
+    name: str
+    arch: int
+    ptx: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    num_warps: int
+
+
+def ptxas_path() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_kernel(direction: str, D: int, dtype: str = "bf16", arch: int = 90,
+                   flags: dict | None = None) -> Compiled:
+    """Compile the forward or backward kernel at its default launch configuration for D."""
+    if direction == "fwd":
+        fn, pointers, cfg = add_norm_fwd_kernel, _FWD_POINTERS, launch.fwd_config(D)
+        flags = {**ALL_FLAGS_FWD, **(flags or {})}
+    elif direction == "bwd":
+        fn, pointers, cfg = add_norm_bwd_kernel, _BWD_POINTERS, launch.bwd_config(D)
+        flags = {**ALL_FLAGS_BWD, **(flags or {})}
+    else:
+        raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+    fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+    constexprs = {**flags, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
+                  "SINGLE_PASS": cfg.single_pass}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            kind = pointers[name]
+            signature[name] = "*" + _TYPE[dtype if kind == "act" else kind]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif name in _FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name == "D" or name.startswith("stride"):
+                if D % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg.num_warps})
+    ptx = compiled.asm["ptx"]
+    regs, stores, loads = run_ptxas(ptx, arch)
+    return Compiled(f"{fn.__name__}[D={D},{dtype}]", arch, ptx, regs, stores, loads, cfg.num_warps)
+
+
+def run_ptxas(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) as ``ptxas -v`` reports them."""
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas_path(), f"-arch={sm}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stderr + out.stdout
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return regs, int(spill.group(1)), int(spill.group(2))
+
+
+def main(argv: list[str]) -> None:
+    Ds = [int(a) for a in argv if a.isdigit()] or [1024, 4096, 8192, 16384]
+    dtypes = [a for a in argv if a in _TYPE] or ["bf16"]
+    for arch in (80, 90):
+        for dtype in dtypes:
+            for D in Ds:
+                for direction in ("fwd", "bwd"):
+                    c = compile_kernel(direction, D, dtype, arch)
+                    print(f"sm_{arch} {direction} D={D:>6} {dtype}: {c.registers:>3} regs, "
+                          f"{c.num_warps:>2} warps, spills {c.spill_stores}/{c.spill_loads} bytes")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
