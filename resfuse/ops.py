@@ -2,11 +2,13 @@
 
 One computation, two ops in the ``resfuse`` namespace:
 
-* ``resfuse::add_norm``  -> ``(y, h, mean, rstd)``, with registered autograd and fake impls;
+* ``resfuse::add_norm``  -> ``(y, h, mean)``, with registered autograd and fake impls;
 * ``resfuse::add_norm_backward`` -> ``(dx, dresidual, dweight, dbias, dbranch_scale)``.
 
 Absent tensors (``h`` when it is not stored, ``mean`` for RMSNorm, gradients that are not
-computed) are returned as empty tensors, as custom ops cannot return None.
+computed) are returned as empty tensors, as custom ops cannot return None. ``mean`` is the
+LayerNorm row mean, which the backward uses as a shift (the backends recompute the row
+statistics of the stored ``h``; see triton_kernels/add_norm_kernels.py).
 
 Eager calls skip the dispatcher (about 10 us per custom-op call, as much as the kernel for a
 small input) and go through :class:`_AddNormFunction`, which uses the very same setup and
@@ -44,9 +46,9 @@ def _forward_impl(
     branch_scale: Optional[Tensor], rowscale: Optional[Tensor], eps: float,
     residual_scale: float, branch_scale_value: float, is_rms: bool, zero_centered_weight: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     D = x.shape[-1]
-    y, h, mean, rstd = _backends.implementation(backend).forward(
+    y, h, mean = _backends.implementation(backend).forward(
         _rows(x, D), _rows(residual, D) if residual is not None else None, weight, bias,
         branch_scale, rowscale.reshape(-1) if rowscale is not None else None,
         eps=eps, residual_scale=residual_scale, branch_scale_value=branch_scale_value,
@@ -55,8 +57,7 @@ def _forward_impl(
     lead = x.shape[:-1]
     return (y.view(x.shape),
             h.view(x.shape) if h is not None else _empty(x, residual_dtype),
-            mean.view(lead) if mean is not None else _empty(x),
-            rstd.view(lead))
+            mean.view(lead) if mean is not None else _empty(x))
 
 
 @torch.library.custom_op("resfuse::add_norm", mutates_args=())
@@ -65,7 +66,7 @@ def add_norm_op(
     branch_scale: Optional[Tensor], rowscale: Optional[Tensor], eps: float,
     residual_scale: float, branch_scale_value: float, is_rms: bool, zero_centered_weight: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     return _forward_impl(x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale,
                          branch_scale_value, is_rms, zero_centered_weight, store_h,
                          residual_dtype, out_dtype, backend)
@@ -78,8 +79,7 @@ def _add_norm_fake(x, residual, weight, bias, branch_scale, rowscale, eps, resid
     lead = x.shape[:-1]
     return (x.new_empty(x.shape, dtype=out_dtype),
             x.new_empty(x.shape, dtype=residual_dtype) if store_h else _empty(x, residual_dtype),
-            _empty(x) if is_rms else x.new_empty(lead, dtype=torch.float32),
-            x.new_empty(lead, dtype=torch.float32))
+            _empty(x) if is_rms else x.new_empty(lead, dtype=torch.float32))
 
 
 # --------------------------------------------------------------------------- backward
@@ -88,7 +88,7 @@ def _add_norm_fake(x, residual, weight, bias, branch_scale, rowscale, eps, resid
 def _backward_impl(
     dy: Tensor, dh: Optional[Tensor], h: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
     branch_scale: Optional[Tensor], rowscale: Optional[Tensor], mean: Optional[Tensor],
-    rstd: Tensor, eps: float, residual_scale: float, branch_scale_value: float, is_rms: bool,
+    eps: float, residual_scale: float, branch_scale_value: float, is_rms: bool,
     zero_centered_weight: bool, has_bias: bool, store_dresidual: bool, x_dtype: torch.dtype,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -97,7 +97,7 @@ def _backward_impl(
         _rows(dy, D), _rows(dh, D) if dh is not None else None, _rows(h, D),
         _rows(x, D) if x is not None else None, weight, branch_scale,
         rowscale.reshape(-1) if rowscale is not None else None,
-        mean.reshape(-1) if mean is not None else None, rstd.reshape(-1),
+        mean.reshape(-1) if mean is not None else None,
         eps=eps, residual_scale=residual_scale, branch_scale_value=branch_scale_value,
         is_rms=is_rms, zero_centered_weight=zero_centered_weight, has_bias=has_bias,
         store_dresidual=store_dresidual, x_dtype=x_dtype, residual_dtype=residual_dtype)
@@ -112,17 +112,17 @@ def _backward_impl(
 def add_norm_backward_op(
     dy: Tensor, dh: Optional[Tensor], h: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
     branch_scale: Optional[Tensor], rowscale: Optional[Tensor], mean: Optional[Tensor],
-    rstd: Tensor, eps: float, residual_scale: float, branch_scale_value: float, is_rms: bool,
+    eps: float, residual_scale: float, branch_scale_value: float, is_rms: bool,
     zero_centered_weight: bool, has_bias: bool, store_dresidual: bool, x_dtype: torch.dtype,
     residual_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(dy, dh, h, x, weight, branch_scale, rowscale, mean, rstd, eps,
+    return _backward_impl(dy, dh, h, x, weight, branch_scale, rowscale, mean, eps,
                           residual_scale, branch_scale_value, is_rms, zero_centered_weight,
                           has_bias, store_dresidual, x_dtype, residual_dtype, backend)
 
 
 @add_norm_backward_op.register_fake
-def _add_norm_backward_fake(dy, dh, h, x, weight, branch_scale, rowscale, mean, rstd, eps,
+def _add_norm_backward_fake(dy, dh, h, x, weight, branch_scale, rowscale, mean, eps,
                             residual_scale, branch_scale_value, is_rms, zero_centered_weight,
                             has_bias, store_dresidual, x_dtype, residual_dtype, backend):
     D = h.shape[-1]
@@ -141,12 +141,13 @@ def _add_norm_backward_fake(dy, dh, h, x, weight, branch_scale, rowscale, mean, 
 def _setup_context(ctx, inputs, output):
     (x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale, branch_scale_value,
      is_rms, zero_centered_weight, store_h, residual_dtype, out_dtype, backend) = inputs
-    _, h, mean, rstd = output
-    # Saved: h (or x itself when h == x and was not stored), the row statistics, x only when
-    # the per-channel branch scale needs it for its gradient; parameters are not activations.
+    _, h, mean = output
+    # Saved: h (or x itself when h == x and was not stored), the LayerNorm row mean, x only
+    # when the per-channel branch scale needs it for its gradient; parameters are not
+    # activations. rstd is recomputed from h in the backward, so it is not kept.
     ctx.save_for_backward(h if store_h else x, x if branch_scale is not None else None, weight,
-                          branch_scale, rowscale, None if is_rms else mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
+                          branch_scale, rowscale, None if is_rms else mean)
+    ctx.mark_non_differentiable(mean)
     ctx.set_materialize_grads(False)
     # dx can serve as dresidual when dh/dresidual = dh/dx elementwise and the dtypes agree:
     # one store fewer (the backward moves 4 instead of 5 tensors).
@@ -162,14 +163,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(run_backward):
-    def backward(ctx, dy, dh, _dmean, _drstd):
-        h, x, weight, branch_scale, rowscale, mean, rstd = ctx.saved_tensors
+    def backward(ctx, dy, dh, _dmean):
+        h, x, weight, branch_scale, rowscale, mean = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(h)
         if not ctx.store_h:
             dh = None
         dx, dr, dw, db, dbs = run_backward(dy, dh, h, x, weight, branch_scale, rowscale, mean,
-                                           rstd, *ctx.config)
+                                           *ctx.config)
         needs = ctx.needs_input_grad
         return (
             dx if needs[0] else None,
@@ -244,9 +245,9 @@ def add_norm(
             branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
             out_dtype, backend)
     if torch.compiler.is_compiling():
-        y, h, _, _ = torch.ops.resfuse.add_norm(*args)
+        y, h, _ = torch.ops.resfuse.add_norm(*args)
     elif needs_grad:
-        y, h, _, _ = _AddNormFunction.apply(*args)
+        y, h, _ = _AddNormFunction.apply(*args)
     else:
-        y, h, _, _ = _forward_impl(*args)
+        y, h, _ = _forward_impl(*args)
     return (y, h) if prenorm else y

@@ -63,14 +63,6 @@ def normalize(
     return xhat
 
 
-def row_stats(h: Tensor, eps: float, *, norm: str) -> tuple[Optional[Tensor], Tensor]:
-    """Per-row ``(mean, rstd)`` of ``h`` as the kernels save them (``mean`` is None for RMSNorm)."""
-    if norm == "rms":
-        return None, torch.rsqrt(h.pow(2).mean(-1) + eps)
-    mean = h.mean(-1)
-    return mean, torch.rsqrt((h - mean.unsqueeze(-1)).pow(2).mean(-1) + eps)
-
-
 def add_norm(
     x: Tensor,
     residual: Optional[Tensor],

@@ -7,7 +7,12 @@ small D, one row (``BLOCK_M = 1``) for large D. When a row does not fit in one b
 (``SINGLE_PASS = False``) the kernels loop over column chunks of ``BLOCK_D``.
 
 Numerics: every load is widened to fp32, all arithmetic is fp32, and each output is rounded
-once at its store. ``h`` is normalised in fp32 before it is rounded to the residual dtype.
+once at its store. The forward normalises the fp32 ``h`` before rounding it to the residual
+dtype. The backward differentiates the norm at the *stored* ``h``: it recomputes that row's
+statistics from the values it reads (the forward's mean only serves as a shift, which keeps
+the variance free of cancellation), so the Jacobian is exactly that of the tensor it sees.
+Mixing the fp32 statistics with the rounded ``h`` would multiply the rounding error by rstd,
+which is large for near-constant rows (e.g. LayerNorm with D = 1 gives garbage that way).
 """
 
 import triton
@@ -62,7 +67,7 @@ def _normalize_store(
 @triton.jit
 def add_norm_fwd_kernel(
     X, R, W, B, BS, RS,          # inputs (unused pointers are dummies, never read)
-    Y, H, MEAN, RSTD,            # outputs
+    Y, H, MEAN,                  # outputs; MEAN (LayerNorm only) is the backward's shift
     n_rows, D, stride_x, stride_r, stride_y, stride_h,
     eps, residual_scale, branch_scale,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -130,28 +135,49 @@ def add_norm_fwd_kernel(
             _normalize_store(Y, W, B, h, mean, rstd, rows, c, mask, D, stride_y,
                              IS_RMS, HAS_WEIGHT, HAS_BIAS, ZERO_CENTERED)
 
-    tl.store(RSTD + rows, rstd, mask=row_mask)
     if not IS_RMS:
         tl.store(MEAN + rows, mean, mask=row_mask)
 
 
 @triton.jit
-def _input_grad_tile(
-    DY, H, W, mean, rstd, rows, cols, mask, D, stride_dy, stride_h,
+def _grad_tile(
+    DY, H, W, shift, rows, cols, mask, D, stride_dy, stride_h,
     IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ZERO_CENTERED: tl.constexpr,
 ):
-    """(dy, xhat, g = dy * w') for one tile; xhat is zero outside the mask."""
-    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if IS_RMS:
-        xhat = h * rstd[:, None]
-    else:
-        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+    """(dy, d = h - shift, g = dy * w') for one tile, zero outside the mask."""
+    d = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if not IS_RMS:
+        d = tl.where(mask, d - shift[:, None], 0.0)
     dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         g = dy * _affine_weight(W, cols, D, ZERO_CENTERED)[None, :]
     else:
         g = dy
-    return dy, xhat, g
+    return dy, d, g
+
+
+@triton.jit
+def _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS: tl.constexpr):
+    """Per-row (mean_d, rstd, c1, c2) from the row sums of d, d*d, g*d and g, where
+    d = h - shift: mean = shift + mean_d, xhat = (d - mean_d) * rstd,
+    c1 = mean(g * xhat) and c2 = mean(g), so that dh = rstd * (g - c1 * xhat - c2)."""
+    if IS_RMS:
+        rstd = tl.rsqrt(s_dd / D + eps)
+        zero = tl.zeros_like(rstd)
+        return zero, rstd, rstd * s_gd / D, zero
+    mean_d = s_d / D
+    rstd = tl.rsqrt(tl.maximum(s_dd / D - mean_d * mean_d, 0.0) + eps)
+    return mean_d, rstd, rstd * (s_gd / D - mean_d * s_g / D), s_g / D
+
+
+@triton.jit
+def _input_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS: tl.constexpr):
+    """(xhat, dh) of the norm for one tile."""
+    if IS_RMS:
+        xhat = d * rstd[:, None]
+        return xhat, (g - xhat * c1[:, None]) * rstd[:, None]
+    xhat = tl.where(mask, (d - mean_d[:, None]) * rstd[:, None], 0.0)
+    return xhat, tl.where(mask, (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
 
 
 @triton.jit
@@ -182,20 +208,12 @@ def _store_input_grads(
 
 
 @triton.jit
-def _row_grad(g, xhat, c1, c2, rstd, mask, IS_RMS: tl.constexpr):
-    """dh = rstd * (g - c1 * xhat - c2), with the per-row means c1 = <g, xhat>, c2 = <g>."""
-    if IS_RMS:
-        return (g - xhat * c1[:, None]) * rstd[:, None]
-    return tl.where(mask, (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
-
-
-@triton.jit
 def add_norm_bwd_kernel(
-    DY, DH, H, X, W, BS, RS, MEAN, RSTD,     # inputs
+    DY, DH, H, X, W, BS, RS, MEAN,           # inputs
     DX, DR, DW_PART, DB_PART, DBS_PART,      # outputs; *_PART are (programs, D) fp32 partial sums
     n_rows, D, rows_per_program,
     stride_dy, stride_dh, stride_h, stride_x, stride_dx, stride_dr,
-    residual_scale, branch_scale,
+    eps, residual_scale, branch_scale,
     IS_RMS: tl.constexpr, HAS_DH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
     STORE_DR: tl.constexpr,
@@ -206,14 +224,16 @@ def add_norm_bwd_kernel(
     - SINGLE_PASS: the tile of BLOCK_M rows is read once and stays in registers.
     - otherwise the rows are longer than registers can hold together with the parameter-
       gradient accumulators (spills from about D = 16K in bf16): pass 1 streams column chunks
-      of BLOCK_M rows and reduces c1, c2; pass 2 re-reads the chunks (L2 hits: the rows were
-      just read) for dx, and adds the chunk's parameter gradients, summed over the BLOCK_M
-      rows, into this program's row of the partial buffers (read-modify-write; only this
-      program touches that row, and summing BLOCK_M rows first divides that traffic by BLOCK_M).
+      of BLOCK_M rows and accumulates the four row sums; pass 2 re-reads the chunks (L2 hits:
+      the rows were just read) for dx, and adds the chunk's parameter gradients, summed over
+      the BLOCK_M rows, into this program's row of the partial buffers (read-modify-write;
+      only this program touches that row, and summing BLOCK_M rows first divides that
+      traffic by BLOCK_M).
     """
     # Persistent grid: program p owns rows [p * rows_per_program, ...) and one row of each
     # partial-sum buffer, which it always writes (even with no rows), so the buffers can come
     # from torch.empty and the second-step reduction is deterministic (no atomics anywhere).
+    eps = tl.cast(eps, tl.float32)
     residual_scale = tl.cast(residual_scale, tl.float32)
     branch_scale = tl.cast(branch_scale, tl.float32)
     pid = tl.program_id(0)
@@ -231,22 +251,18 @@ def add_norm_bwd_kernel(
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            mean = rstd
+            shift = tl.zeros([BLOCK_M], tl.float32)
             if not IS_RMS:
-                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-            dy, xhat, g = _input_grad_tile(DY, H, W, mean, rstd, rows, cols, mask, D, stride_dy,
-                                           stride_h, IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
-            # parameter gradients first, so dy is dead before the row reductions
+                shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            dy, d, g = _grad_tile(DY, H, W, shift, rows, cols, mask, D, stride_dy, stride_h,
+                                  IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
+            mean_d, rstd, c1, c2 = _grad_coefficients(
+                tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS)
+            xhat, dh = _input_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
             if HAS_WEIGHT:
                 acc_dw += dy * xhat
             if HAS_BIAS:
                 acc_db += dy
-            c1 = tl.sum(g * xhat, 1) / D
-            c2 = c1
-            if not IS_RMS:
-                c2 = tl.sum(g, 1) / D
-            dh = _row_grad(g, xhat, c1, c2, rstd, mask, IS_RMS)
             dbs = _store_input_grads(DH, X, BS, RS, DX, DR, dh, rows, row_mask, cols, mask, D,
                                      stride_dh, stride_x, stride_dx, stride_dr, residual_scale,
                                      branch_scale, HAS_DH, HAS_BRANCH_SCALE, HAS_ROWSCALE, STORE_DR)
@@ -271,27 +287,29 @@ def add_norm_bwd_kernel(
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-            mean = rstd
+            shift = tl.zeros([BLOCK_M], tl.float32)
             if not IS_RMS:
-                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-            c1 = tl.zeros([BLOCK_M], tl.float32)
-            c2 = tl.zeros([BLOCK_M], tl.float32)
+                shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            s_d = tl.zeros([BLOCK_M], tl.float32)
+            s_dd = tl.zeros([BLOCK_M], tl.float32)
+            s_gd = tl.zeros([BLOCK_M], tl.float32)
+            s_g = tl.zeros([BLOCK_M], tl.float32)
             for start in range(0, D, BLOCK_D):
                 c = start + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                dy, xhat, g = _input_grad_tile(DY, H, W, mean, rstd, rows, c, mask, D, stride_dy,
-                                               stride_h, IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
-                c1 += tl.sum(g * xhat, 1)
-                c2 += tl.sum(g, 1)
-            c1 = c1 / D
-            c2 = c2 / D
+                dy, d, g = _grad_tile(DY, H, W, shift, rows, c, mask, D, stride_dy, stride_h,
+                                      IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
+                s_d += tl.sum(d, 1)
+                s_dd += tl.sum(d * d, 1)
+                s_gd += tl.sum(g * d, 1)
+                s_g += tl.sum(g, 1)
+            mean_d, rstd, c1, c2 = _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS)
             for start in range(0, D, BLOCK_D):
                 c = start + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                dy, xhat, g = _input_grad_tile(DY, H, W, mean, rstd, rows, c, mask, D, stride_dy,
-                                               stride_h, IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
-                dh = _row_grad(g, xhat, c1, c2, rstd, mask, IS_RMS)
+                dy, d, g = _grad_tile(DY, H, W, shift, rows, c, mask, D, stride_dy, stride_h,
+                                      IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
+                xhat, dh = _input_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
                 dbs = _store_input_grads(DH, X, BS, RS, DX, DR, dh, rows, row_mask, c, mask, D,
                                          stride_dh, stride_x, stride_dx, stride_dr,
                                          residual_scale, branch_scale, HAS_DH, HAS_BRANCH_SCALE,

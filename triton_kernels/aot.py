@@ -25,9 +25,9 @@ _TYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 # Pointer arguments and their element types; "act" is the activation dtype under test.
 _FWD_POINTERS = {"X": "act", "R": "act", "W": "fp32", "B": "fp32", "BS": "fp32", "RS": "fp32",
-                 "Y": "act", "H": "act", "MEAN": "fp32", "RSTD": "fp32"}
+                 "Y": "act", "H": "act", "MEAN": "fp32"}
 _BWD_POINTERS = {"DY": "act", "DH": "act", "H": "act", "X": "act", "W": "fp32", "BS": "fp32",
-                 "RS": "fp32", "MEAN": "fp32", "RSTD": "fp32", "DX": "act", "DR": "act",
+                 "RS": "fp32", "MEAN": "fp32", "DX": "act", "DR": "act",
                  "DW_PART": "fp32", "DB_PART": "fp32", "DBS_PART": "fp32"}
 _FLOATS = {"eps", "residual_scale", "branch_scale"}
 

@@ -1,0 +1,71 @@
+"""Shared test set-up: the Triton interpreter for CPU runs, tolerances, and the comparison
+against the float64 reference."""
+
+import os
+
+# The interpreter must be chosen before triton is imported (it decides at @triton.jit time).
+# On a GPU machine the suite runs the real kernels on CUDA tensors instead.
+if os.environ.get("RESFUSE_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from resfuse import reference
+
+DEVICE = os.environ.get("RESFUSE_TEST_DEVICE", "cpu")
+
+# Tolerances per dtype, written down once, as (atol, rtol) against the float64 oracle:
+# - "out": y and h, rounded once at the store (half an ulp: 2^-24 / 2^-11 / 2^-8 relative);
+# - "grad": dx and dresidual, which also carry the rounding of the stored h they are
+#   computed from (the backward differentiates at the h it reads back);
+# - "param": dweight / dbias / dbranch_scale, fp32 sums over rows of such terms.
+TOLERANCES = {
+    torch.float32: {"out": (1e-5, 1e-5), "grad": (1e-5, 1e-5), "param": (2e-5, 1e-5)},
+    torch.float16: {"out": (2e-3, 2e-3), "grad": (4e-3, 4e-3), "param": (5e-3, 2e-3)},
+    torch.bfloat16: {"out": (1.6e-2, 1.6e-2), "grad": (3e-2, 3e-2), "param": (5e-2, 1e-2)},
+}
+
+
+def tolerance(dtype: torch.dtype, kind: str = "out"):
+    return TOLERANCES[dtype][kind]
+
+
+def assert_close(actual, expected, dtype, name, kind="out"):
+    atol, rtol = tolerance(dtype, kind)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = err > bound
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{name} ({dtype}): {int(bad.sum())} of {err.numel()} elements out of tolerance "
+            f"(atol={atol}, rtol={rtol}); max abs err {err.max().item():.3e}; first at flat index "
+            f"{i}: got {a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}")
+
+
+@pytest.fixture
+def device():
+    return torch.device(DEVICE)
+
+
+def float64_oracle(x, residual, weight, bias, eps, *, norm, residual_scale=1.0,
+                   branch_scale=None, rowscale=None, zero_centered_weight=False):
+    """Forward (y, h) of the reference in float64 on leaf copies of every input, returning
+    the leaves so gradients can be read after backward."""
+    def leaf(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+    leaves = {"x": leaf(x), "residual": leaf(residual), "weight": leaf(weight), "bias": leaf(bias),
+              "branch_scale": leaf(branch_scale) if isinstance(branch_scale, torch.Tensor) else branch_scale}
+    rs = None
+    if rowscale is not None:
+        rs = rowscale.double().expand(x.shape[:-1])
+    y, h = reference.add_norm(leaves["x"], leaves["residual"], leaves["weight"], leaves["bias"],
+                              eps, norm=norm, residual_scale=residual_scale,
+                              branch_scale=leaves["branch_scale"], rowscale=rs,
+                              zero_centered_weight=zero_centered_weight,
+                              compute_dtype=torch.float64)
+    return y, h, leaves

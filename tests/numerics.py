@@ -1,0 +1,149 @@
+"""One numerical case of the fused op, run on a backend and checked against the float64
+reference: y, h and every gradient, with upstream gradients on both y and h. Shared by the
+CPU tests (Triton under the interpreter, the torch backend) and the GPU tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+import resfuse
+from conftest import assert_close, float64_oracle
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Case:
+    norm: str = "rms"                 # "rms" | "layer"
+    dtype: torch.dtype = torch.float32
+    shape: tuple = (2, 3, 40)
+    residual: str = "same"            # "none" | "same" | "fp32" (fp32 stream, x in dtype)
+    weight: bool = True
+    bias: bool = False
+    branch: str = "none"              # "none" | "scalar" | "tensor"
+    rowscale: bool = False
+    zero_centered: bool = False
+    prenorm: bool = True
+    layout: str = "contiguous"        # "contiguous" | "row_strided" | "transposed" | "col_strided"
+    residual_dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+
+    def replace(self, **kw) -> "Case":
+        return dataclasses.replace(self, **kw)
+
+    def __str__(self) -> str:
+        fields = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                  if getattr(self, f.name) != f.default]
+        return ",".join(fields).replace("torch.", "") or "default"
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as t, in a non-contiguous layout."""
+    if layout == "contiguous":
+        return t
+    if layout == "row_strided":  # rows padded: usable in place through the row stride
+        base = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype, device=t.device)
+        base[..., : t.shape[-1]] = t
+        return base[..., : t.shape[-1]]
+    if layout == "transposed":  # leading dims that do not collapse to one row stride
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "col_strided":  # last dim not contiguous
+        base = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        base[..., ::2] = t
+        return base[..., ::2]
+    raise ValueError(layout)
+
+
+def make_inputs(case: Case, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    D = case.shape[-1]
+
+    def randn(*shape, dtype=case.dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    x = _layout(randn(*case.shape), case.layout).requires_grad_()
+    residual = None
+    if case.residual != "none":
+        rdtype = torch.float32 if case.residual == "fp32" else case.dtype
+        residual = _layout(randn(*case.shape, dtype=rdtype, scale=2.0), case.layout).requires_grad_()
+    weight = randn(D, dtype=torch.float32).requires_grad_() if case.weight else None
+    bias = randn(D, dtype=torch.float32).requires_grad_() if case.bias else None
+    branch_scale = {"none": None, "scalar": 0.625,
+                    "tensor": randn(D, dtype=torch.float32).requires_grad_()}[case.branch]
+    rowscale = None
+    if case.rowscale:  # drop-path style: per sample of the first dim, 0 or 1/keep
+        n = case.shape[0] if len(case.shape) > 1 else 1
+        keep = (torch.arange(n) % 3 != 1).float() / 0.75
+        rowscale = keep.reshape((n,) + (1,) * (len(case.shape) - 2)).to(device)
+        if len(case.shape) == 1:
+            rowscale = rowscale.reshape(())
+    return dict(x=x, residual=residual, weight=weight, bias=bias, branch_scale=branch_scale,
+                rowscale=rowscale)
+
+
+def _loosest(*dtypes):
+    order = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    return max((d for d in dtypes if d is not None), key=order.__getitem__)
+
+
+def run_case(case: Case, backend: str, device, seed: int = 0):
+    """Run forward and backward on `backend`, compare everything with float64; returns the
+    gradients (for the determinism and cross-backend tests)."""
+    inp = make_inputs(case, device, seed)
+    snapshot = {k: v.detach().clone() for k, v in inp.items() if isinstance(v, torch.Tensor)}
+    kwargs = dict(residual_scale=0.75 if case.residual != "none" else 1.0,
+                  branch_scale=inp["branch_scale"], rowscale=inp["rowscale"],
+                  zero_centered_weight=case.zero_centered, prenorm=case.prenorm,
+                  residual_dtype=case.residual_dtype, out_dtype=case.out_dtype, backend=backend)
+    eps = 1e-5
+    if case.norm == "rms":
+        assert not case.bias
+        out = resfuse.add_rms_norm(inp["x"], inp["residual"], inp["weight"], eps, **kwargs)
+    else:
+        out = resfuse.add_layer_norm(inp["x"], inp["residual"], inp["weight"], inp["bias"], eps, **kwargs)
+    y, h = out if case.prenorm else (out, None)
+
+    y64, h64, leaves = float64_oracle(
+        inp["x"], inp["residual"], inp["weight"], inp["bias"], eps, norm=case.norm,
+        residual_scale=kwargs["residual_scale"], branch_scale=inp["branch_scale"],
+        rowscale=inp["rowscale"], zero_centered_weight=case.zero_centered)
+
+    h_dtype = case.residual_dtype or (inp["residual"].dtype if inp["residual"] is not None else case.dtype)
+    out_dtype = case.out_dtype or case.dtype
+    assert y.dtype == out_dtype and y.shape == inp["x"].shape
+    assert_close(y, y64, out_dtype, "y")
+    if case.prenorm:
+        assert h.dtype == h_dtype and h.shape == inp["x"].shape
+        assert_close(h, h64, h_dtype, "h")
+
+    g = torch.Generator().manual_seed(seed + 1)
+    dy = _layout(torch.randn(*case.shape, generator=g).to(out_dtype).to(device), case.layout)
+    outputs, grads, outputs64, grads64 = [y], [dy], [y64], [dy.double()]
+    if case.prenorm:
+        dh = torch.randn(*case.shape, generator=g).to(h_dtype).to(device)
+        outputs.append(h)
+        grads.append(dh)
+        outputs64.append(h64)
+        grads64.append(dh.double())
+    torch.autograd.backward(outputs, grads)
+    torch.autograd.backward(outputs64, grads64)
+
+    grad_dtype = _loosest(case.dtype, h_dtype, out_dtype,
+                          inp["residual"].dtype if inp["residual"] is not None else None)
+    result = {}
+    for name in ("x", "residual", "weight", "bias", "branch_scale"):
+        t = inp[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        assert t.grad is not None, f"no gradient reached {name}"
+        assert t.grad.dtype == t.dtype and t.grad.shape == t.shape, name
+        kind = "grad" if name in ("x", "residual") else "param"
+        assert_close(t.grad, leaves[name].grad, grad_dtype, f"d{name}", kind)
+        result[name] = t.grad.detach().clone()
+
+    for k, v in snapshot.items():  # inputs are never written
+        assert torch.equal(inp[k].detach(), v), f"{k} was modified"
+    return result
