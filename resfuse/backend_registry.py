@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -36,12 +35,17 @@ class BackendReport(dict):
         return "\n".join(["backend available  details"] + [str(s) for s in self.values()])
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORTED: dict[str, tuple[ModuleType | None, str]] = {}
+
+
 def _import(module: str) -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module(module), ""
-    except Exception as e:  # a broken install must not break `import resfuse`
-        return None, f"{type(e).__name__}: {e}"
+    """Import once and remember the outcome (a plain dict: torch.compile traces through it)."""
+    if module not in _IMPORTED:
+        try:
+            _IMPORTED[module] = importlib.import_module(module), ""
+        except Exception as e:  # a broken install must not break `import resfuse`
+            _IMPORTED[module] = None, f"{type(e).__name__}: {e}"
+    return _IMPORTED[module]
 
 
 def _triton_module():
@@ -143,7 +147,6 @@ def resolve(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-@functools.lru_cache(maxsize=None)
 def _auto(device_type: str) -> str:
     if device_type != "cuda":
         return "torch"

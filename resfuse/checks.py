@@ -75,7 +75,7 @@ def _device(name: str, t: Tensor, x: Tensor) -> None:
 
 
 def real(name: str, v, *, minimum: Optional[float] = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if type(v) is not float and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
         raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
     v = float(v)
     if not math.isfinite(v):

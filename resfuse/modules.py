@@ -153,8 +153,9 @@ class AddNorm(nn.Module):
         self.drop_path = drop_path
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(self.dim, **factory))
-        self.bias = nn.Parameter(torch.zeros(self.dim, **factory)) if norm == "layer" else None
-        if norm != "layer":
+        if norm == "layer":
+            self.bias = nn.Parameter(torch.zeros(self.dim, **factory))
+        else:
             self.register_parameter("bias", None)
         if layer_scale_init is not None:
             self.layer_scale = nn.Parameter(torch.full((self.dim,), float(layer_scale_init), **factory))

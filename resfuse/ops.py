@@ -30,7 +30,7 @@ from . import checks
 def _rows(t: Tensor, D: int) -> Tensor:
     """2-D (rows, D) view with a unit column stride: used in place when the leading dims
     collapse to one row stride, copied otherwise."""
-    t2 = t.reshape(-1, D)
+    t2 = t if t.dim() == 2 else t.reshape(-1, D)
     return t2 if t2.stride(-1) == 1 or D == 1 else t2.contiguous()
 
 
@@ -46,7 +46,8 @@ def _forward_impl(
     branch_scale: Optional[Tensor], rowscale: Optional[Tensor], eps: float,
     residual_scale: float, branch_scale_value: float, is_rms: bool, zero_centered_weight: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(y, h or None, mean or None) in x's shape."""
     D = x.shape[-1]
     y, h, mean = _backends.implementation(backend).forward(
         _rows(x, D), _rows(residual, D) if residual is not None else None, weight, bias,
@@ -54,10 +55,10 @@ def _forward_impl(
         eps=eps, residual_scale=residual_scale, branch_scale_value=branch_scale_value,
         is_rms=is_rms, zero_centered_weight=zero_centered_weight, store_h=store_h,
         residual_dtype=residual_dtype, out_dtype=out_dtype)
-    lead = x.shape[:-1]
-    return (y.view(x.shape),
-            h.view(x.shape) if h is not None else _empty(x, residual_dtype),
-            mean.view(lead) if mean is not None else _empty(x))
+    if x.dim() == 2:
+        return y, h, mean
+    return (y.view(x.shape), h.view(x.shape) if h is not None else None,
+            mean.view(x.shape[:-1]) if mean is not None else None)
 
 
 @torch.library.custom_op("resfuse::add_norm", mutates_args=())
@@ -67,9 +68,11 @@ def add_norm_op(
     residual_scale: float, branch_scale_value: float, is_rms: bool, zero_centered_weight: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward_impl(x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale,
-                         branch_scale_value, is_rms, zero_centered_weight, store_h,
-                         residual_dtype, out_dtype, backend)
+    y, h, mean = _forward_impl(x, residual, weight, bias, branch_scale, rowscale, eps,
+                               residual_scale, branch_scale_value, is_rms, zero_centered_weight,
+                               store_h, residual_dtype, out_dtype, backend)
+    return (y, h if h is not None else _empty(x, residual_dtype),
+            mean if mean is not None else _empty(x))
 
 
 @add_norm_op.register_fake
@@ -147,7 +150,8 @@ def _setup_context(ctx, inputs, output):
     # activations. rstd is recomputed from h in the backward, so it is not kept.
     ctx.save_for_backward(h if store_h else x, x if branch_scale is not None else None, weight,
                           branch_scale, rowscale, None if is_rms else mean)
-    ctx.mark_non_differentiable(mean)
+    if mean is not None:
+        ctx.mark_non_differentiable(mean)
     ctx.set_materialize_grads(False)
     # dx can serve as dresidual when dh/dresidual = dh/dx elementwise and the dtypes agree:
     # one store fewer (the backward moves 4 instead of 5 tensors).
@@ -163,7 +167,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(run_backward):
-    def backward(ctx, dy, dh, _dmean):
+    def backward(ctx, dy, dh, _dmean=None):
         h, x, weight, branch_scale, rowscale, mean = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(h)
@@ -187,11 +191,14 @@ def _make_backward(run_backward):
 class _AddNormFunction(torch.autograd.Function):
     """Eager path: the same setup/backward as the registered op, without the dispatcher."""
 
+    # The classic forward(ctx, ...) form on purpose: with a separate setup_context, apply()
+    # binds default arguments through inspect.signature on every call (~8 us).
     @staticmethod
-    def forward(*args):
-        return _forward_impl(*args)
+    def forward(ctx, *args):
+        output = _forward_impl(*args)
+        _setup_context(ctx, args, output)
+        return output
 
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(once_differentiable(_make_backward(_backward_impl)))
 
 

@@ -63,6 +63,43 @@ def normalize(
     return xhat
 
 
+def normalize_backward(
+    h: Tensor,
+    dy: Tensor,
+    weight: Optional[Tensor],
+    eps: float,
+    *,
+    norm: str = "rms",
+    zero_centered_weight: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """Gradients ``(dh, dweight, dbias)`` of ``normalize`` at ``h`` for the upstream ``dy``,
+    in ``h``'s dtype, the closed form the kernels implement::
+
+        g = dy * w',  dh = rstd * (g - mean(g * xhat) * xhat - mean(g))   (no mean(g) for RMS)
+
+    (Written out because autograd cannot run inside a custom op's implementation; the tests
+    check it against autograd through :func:`normalize` in float64.)
+    """
+    if norm == "rms":
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = h * rstd
+    else:
+        centred = h - h.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = centred * rstd
+    dy = dy.to(h.dtype)
+    g = dy
+    if weight is not None:
+        w = weight.to(h.dtype)
+        g = dy * (1 + w if zero_centered_weight else w)
+    dh = g - xhat * (g * xhat).mean(-1, keepdim=True)
+    if norm == "layer":
+        dh = dh - g.mean(-1, keepdim=True)
+    rows = tuple(range(h.dim() - 1))
+    dweight = (dy * xhat).sum(rows) if weight is not None else None
+    return dh * rstd, dweight, dy.sum(rows)
+
+
 def add_norm(
     x: Tensor,
     residual: Optional[Tensor],

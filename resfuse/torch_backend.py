@@ -1,8 +1,7 @@
 """The ``"torch"`` backend: the reference run in fp32 behind the same interface as the kernels.
 
-Works on any device and is the CPU path of ``"auto"``. The backward differentiates the
-reference's ``normalize`` with autograd rather than restating the gradient formulas, so
-the semantics have one source (``resfuse.reference``).
+Works on any device and is the CPU path of ``"auto"``. Like the kernels, the backward
+differentiates the norm at the stored ``h`` (``reference.normalize_backward``).
 """
 
 from __future__ import annotations
@@ -66,17 +65,12 @@ def backward(
     x_dtype: torch.dtype,
     residual_dtype: torch.dtype,
 ):
-    with torch.enable_grad():
-        hf = h.detach().float().requires_grad_()
-        w = weight.detach().float().requires_grad_() if weight is not None else None
-        b = hf.new_zeros(h.shape[-1], requires_grad=True) if has_bias else None
-        y = reference.normalize(hf, w, b, eps, norm="rms" if is_rms else "layer",
-                                zero_centered_weight=zero_centered_weight)
-        params = [t for t in (w, b) if t is not None]
-        grads = torch.autograd.grad(y, [hf, *params], dy.float())
-    dh_total = grads[0] if dh is None else grads[0] + dh.float()
-    dweight = grads[1] if w is not None else None
-    dbias = grads[-1] if has_bias else None
+    dh_total, dweight, dbias = reference.normalize_backward(
+        h.float(), dy, weight, eps, norm="rms" if is_rms else "layer",
+        zero_centered_weight=zero_centered_weight)
+    if dh is not None:
+        dh_total = dh_total + dh.float()
+    dbias = dbias if has_bias else None
 
     d_branch = dh_total * branch_scale_value
     if rowscale is not None:

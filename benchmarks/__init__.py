@@ -1,0 +1,1 @@
+"""resfuse benchmarks: kernel bandwidth, activation memory, host overhead."""

@@ -1,0 +1,200 @@
+"""The autograd layer and the torch.library ops: what is saved for backward (activation
+memory), gradients reaching one output only, torch.compile without graph breaks, opcheck."""
+
+import pytest
+import torch
+
+import resfuse
+from conftest import DEVICE
+from resfuse import ops
+
+BACKENDS = ["triton", "torch"]
+
+
+class SavedBytes:
+    """Bytes of distinct activation storages saved for backward (parameters excluded)."""
+
+    def __init__(self, exclude=()):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages = {}
+        self.tensors = []
+
+    def pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.exclude:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+            self.tensors.append(t)
+        return t
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+    @property
+    def total(self):
+        return sum(self.storages.values())
+
+
+def hf_add_rms_norm(x, residual, weight, eps):
+    """How Hugging Face Llama writes it: add, then RMSNorm with an fp32 upcast."""
+    h = residual + x
+    hf = h.to(torch.float32)
+    variance = hf.pow(2).mean(-1, keepdim=True)
+    hf = hf * torch.rsqrt(variance + eps)
+    return weight * hf.to(x.dtype), h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_memory_fused_vs_eager(backend):
+    """bf16: the fused op saves ~2 bytes/element (h), eager HF-style ~6 (fp32 h + normalized)."""
+    B, T, D = 4, 64, 256
+    x = torch.randn(B, T, D, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    r = torch.randn(B, T, D, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    w = torch.nn.Parameter(torch.ones(D, dtype=torch.bfloat16, device=DEVICE))
+
+    with SavedBytes(exclude=[w]) as fused:
+        y, h = resfuse.add_rms_norm(x, r, w, 1e-6, backend=backend)
+    with SavedBytes(exclude=[w]) as eager:
+        y_ref, h_ref = hf_add_rms_norm(x, r, w, 1e-6)
+
+    n = B * T * D
+    assert fused.total <= 2 * n + 16 * B * T, f"fused saves {fused.total / n:.2f} B/element"
+    assert all(t.dtype != torch.float32 or t.numel() < n for t in fused.tensors), \
+        "the fused op saved a full-size fp32 tensor"
+    ratio = eager.total / fused.total
+    assert ratio >= 2.9, f"eager saves {eager.total / n:.2f} B/elem, fused {fused.total / n:.2f}: {ratio:.2f}x"
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_saved_tensors_are_h_and_row_stats(norm, backend):
+    N, D = 32, 128
+    x = torch.randn(N, D, device=DEVICE, requires_grad=True)
+    r = torch.randn(N, D, device=DEVICE, requires_grad=True)
+    w = torch.nn.Parameter(torch.ones(D, device=DEVICE))
+    gamma = torch.nn.Parameter(torch.full((D,), 0.1, device=DEVICE))
+    fn = resfuse.add_rms_norm if norm == "rms" else (lambda *a, **k: resfuse.add_layer_norm(a[0], a[1], a[2], None, *a[3:], **k))
+    with SavedBytes(exclude=[w, gamma]) as plain:
+        fn(x, r, w, 1e-6, backend=backend)
+    stats = 0 if norm == "rms" else 4 * N  # the LayerNorm mean, the backward's shift
+    assert plain.total == 4 * N * D + stats
+    with SavedBytes(exclude=[w, gamma]) as layer_scale:  # + x, for LayerScale's own gradient
+        fn(x, r, w, 1e-6, branch_scale=gamma, backend=backend)
+    assert layer_scale.total == 2 * 4 * N * D + stats
+    with SavedBytes(exclude=[w]) as plain_norm:  # no residual: h is x, saved without a copy
+        resfuse.rms_norm(x, w, backend=backend)
+    assert plain_norm.total == 4 * N * D and plain_norm.tensors[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", ["y", "h"])
+def test_gradient_through_one_output(used, backend):
+    x = torch.randn(6, 48, device=DEVICE, requires_grad=True)
+    r = torch.randn(6, 48, device=DEVICE, requires_grad=True)
+    w = torch.randn(48, device=DEVICE, requires_grad=True)
+    y, h = resfuse.add_rms_norm(x, r, w, backend=backend)
+    (y if used == "y" else h).pow(2).sum().backward()
+    x2, r2, w2 = (t.detach().clone().requires_grad_() for t in (x, r, w))
+    y2, h2 = resfuse.add_rms_norm(x2, r2, w2, backend="torch")
+    (y2 if used == "y" else h2).pow(2).sum().backward()
+    for a, b in ((x, x2), (r, r2), (w, w2)):
+        if b.grad is None:
+            assert a.grad is None or not a.grad.any()
+        else:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_no_grad_path_skips_autograd():
+    x = torch.randn(4, 32, device=DEVICE)
+    with torch.no_grad():
+        y, h = resfuse.add_rms_norm(x, x.clone(), torch.ones(32, device=DEVICE, requires_grad=True))
+    assert y.grad_fn is None and h.grad_fn is None
+
+
+def test_outputs_never_alias_inputs():
+    x = torch.randn(4, 32, device=DEVICE)
+    y, h = resfuse.add_rms_norm(x, None, None, branch_scale=None)  # h == x numerically
+    assert h.data_ptr() != x.data_ptr() and torch.equal(h, x)
+
+
+class PreNormBlock(torch.nn.Module):
+    def __init__(self, D):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+        self.norm = resfuse.RMSNorm(D)
+
+    def forward(self, x, residual):
+        y, h = self.norm(self.lin(x), residual)
+        return y * 2, h
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch.manual_seed(0)
+    block = PreNormBlock(32).to(DEVICE)
+    x = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)
+    r = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)
+    y, h = compiled(x, r)
+    (y.sum() + h.pow(2).sum()).backward()
+    grads = [t.grad.clone() for t in (x, r, block.lin.weight, block.norm.weight)]
+    for t in (x, r, block.lin.weight, block.norm.weight):
+        t.grad = None
+    y2, h2 = block(x, r)
+    (y2.sum() + h2.pow(2).sum()).backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(h, h2)
+    for g, t in zip(grads, (x, r, block.lin.weight, block.norm.weight)):
+        torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+
+
+def _op_args(norm, backend, *, layer_scale=False, residual=True):
+    D = 24
+    x = torch.randn(2, 3, D, device=DEVICE, requires_grad=True)
+    r = torch.randn(2, 3, D, device=DEVICE, requires_grad=True) if residual else None
+    w = torch.randn(D, device=DEVICE, requires_grad=True)
+    b = torch.randn(D, device=DEVICE, requires_grad=True) if norm == "layer" else None
+    bs = torch.randn(D, device=DEVICE, requires_grad=True) if layer_scale else None
+    rs = torch.rand(2, 3, device=DEVICE)
+    return (x, r, w, b, bs, rs, 1e-5, 0.5, 1.0, norm == "rms", False, True, torch.float32,
+            torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["rms", "layer", "layer_scale", "no_residual"])
+def test_opcheck_add_norm(variant, backend):
+    args = _op_args("rms" if variant == "rms" else "layer", backend,
+                    layer_scale=variant == "layer_scale", residual=variant != "no_residual")
+    torch.library.opcheck(torch.ops.resfuse.add_norm.default, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_add_norm_backward(backend):
+    x, r, w, b, bs, rs, eps, *_ = _op_args("layer", backend, layer_scale=True)
+    with torch.no_grad():
+        y, h, mean = torch.ops.resfuse.add_norm(*_op_args("layer", backend, layer_scale=True))
+    args = (torch.randn_like(y), torch.randn_like(h), h, x.detach(), w.detach(), bs.detach(), rs,
+            mean, eps, 0.5, 1.0, False, False, True, True, torch.float32, torch.float32, backend)
+    torch.library.opcheck(torch.ops.resfuse.add_norm_backward.default, args)
+
+
+def test_eager_path_matches_registered_op():
+    """The dispatcher-free eager path and the registered op give identical results."""
+    args = _op_args("layer", "torch", layer_scale=True)
+    out_eager = ops._AddNormFunction.apply(*args)
+    out_op = torch.ops.resfuse.add_norm(*args)
+    for a, b in zip(out_eager, out_op):
+        assert torch.equal(a, b)
+    sum(t.sum() for t in out_eager[:2]).backward()
+    eager_grads = [t.grad.clone() for t in args[:5] if isinstance(t, torch.Tensor)]
+    for t in args[:5]:
+        if isinstance(t, torch.Tensor):
+            t.grad = None
+    sum(t.sum() for t in out_op[:2]).backward()
+    for g, t in zip(eager_grads, [t for t in args[:5] if isinstance(t, torch.Tensor)]):
+        assert torch.equal(g, t.grad)
