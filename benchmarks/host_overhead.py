@@ -30,10 +30,10 @@ def null_backend(D: int, rows: int):
     h = torch.empty(rows, D)
 
     def forward(x, residual, *args, store_h, **kw):
-        return y, (h if store_h else None), None
+        return y, (h if store_h else None), None, None
 
     def backward(dy, dh, h_, *args, **kw):
-        return y, None, torch.zeros(D), None, None
+        return y, None, torch.zeros(D), None, None, None, None
 
     null = types.SimpleNamespace(forward=forward, backward=backward)
     original = backend_registry.implementation
@@ -62,8 +62,11 @@ def measure(iters: int = 2000, D: int = 64, rows: int = 8) -> dict[str, float]:
     r = torch.randn(rows, D)
     w = torch.ones(D)
     wg = torch.ones(D, requires_grad=True)
-    op_args = (x, r, w, None, None, None, 1e-6, 1.0, 1.0, True, False, True, torch.float32,
-               torch.float32, "torch")
+    # x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
+    # residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
+    # output_norm, store_h, residual_dtype, out_dtype, backend
+    op_args = (x, r, w, None, None, None, None, None, 1e-6, 1.0, 1.0, True, False, False, True,
+               True, torch.float32, torch.float32, "torch")
     results = {}
     with null_backend(D, rows):
         with torch.no_grad():

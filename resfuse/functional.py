@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import ops as _ops
 from .ops import add_norm
 
 
@@ -45,3 +46,41 @@ def layer_norm(x, weight, bias, eps=1e-5, *, zero_centered_weight=False, out_dty
     return add_norm(x, None, weight, bias, eps, is_rms=False,
                     zero_centered_weight=zero_centered_weight, prenorm=False,
                     out_dtype=out_dtype, backend=backend)
+
+
+def _norm_kind(norm) -> bool:
+    if norm not in ("rms", "layer"):
+        raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
+    return norm == "rms"
+
+
+def _default_eps(eps, norm):
+    return eps if eps is not None else (1e-6 if norm == "rms" else 1e-5)
+
+
+def norm_add_norm(x, residual, branch_weight, weight, eps=None, *, norm="rms", branch_bias=None,
+                  bias=None, zero_centered_weight=False, prenorm=True, out_dtype=None,
+                  residual_dtype=None, backend="auto"):
+    """Sandwich / Peri-LN / Gemma2-3 layout in one pass each way::
+
+        h = residual + norm(x) * w_b' (+ b_b)
+        y = norm(h) * w' (+ b)
+
+    ``norm`` ("rms" or "layer"), ``eps`` (default 1e-6 / 1e-5) and ``zero_centered_weight``
+    apply to both norms. Returns ``(y, h)`` when ``prenorm``, else ``y``.
+    """
+    is_rms = _norm_kind(norm)
+    return _ops.norm_add_norm(x, residual, branch_weight, weight, _default_eps(eps, norm),
+                              is_rms=is_rms, branch_bias=branch_bias, bias=bias,
+                              zero_centered_weight=zero_centered_weight, prenorm=prenorm,
+                              out_dtype=out_dtype, residual_dtype=residual_dtype, backend=backend)
+
+
+def norm_add(x, residual, branch_weight, eps=None, *, norm="rms", branch_bias=None,
+             zero_centered_weight=False, residual_dtype=None, backend="auto"):
+    """OLMo2's reordered norm in one pass each way: ``h = residual + norm(x) * w_b' (+ b_b)``."""
+    is_rms = _norm_kind(norm)
+    return _ops.norm_add_norm(x, residual, branch_weight, None, _default_eps(eps, norm),
+                              is_rms=is_rms, branch_bias=branch_bias,
+                              zero_centered_weight=zero_centered_weight,
+                              residual_dtype=residual_dtype, backend=backend, output_norm=False)

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import functional as _functional
 from .ops import add_norm
 
 _Shape = Union[int, Sequence[int]]
@@ -184,3 +185,60 @@ class AddNorm(nn.Module):
         if self.drop_path:
             s += f", drop_path={self.drop_path}"
         return s
+
+
+class NormAddNorm(nn.Module):
+    """The sandwich layout (Gemma2/3 ``post_*_layernorm`` + next norm, Peri-LN) as one module:
+
+    ``h = residual + branch_norm(x)``, ``y = norm(h)``, fused into one kernel each way.
+
+    ``branch_norm`` and ``norm`` are ordinary :class:`RMSNorm` / :class:`LayerNorm` children
+    (their parameters keep those modules' names); :meth:`from_norms` wraps existing ones.
+    ``output_norm=False`` drops the second norm: OLMo2's ``h = residual + norm(x)``.
+    """
+
+    def __init__(self, dim: int, norm: str = "rms", eps: Optional[float] = None, *,
+                 elementwise_affine: bool = True, bias: bool = True,
+                 zero_centered_weight: bool = False, prenorm: bool = True,
+                 output_norm: bool = True, device=None, dtype=None):
+        super().__init__()
+        if norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
+        eps = eps if eps is not None else (1e-6 if norm == "rms" else 1e-5)
+
+        def make():
+            kw = dict(elementwise_affine=elementwise_affine,
+                      zero_centered_weight=zero_centered_weight, device=device, dtype=dtype)
+            return RMSNorm(dim, eps, **kw) if norm == "rms" else LayerNorm(dim, eps, bias=bias, **kw)
+
+        self.branch_norm = make()
+        self.norm = make() if output_norm else None
+        self.prenorm = prenorm
+
+    @classmethod
+    def from_norms(cls, branch_norm: _Norm, norm: Optional[_Norm] = None, *,
+                   prenorm: bool = True) -> "NormAddNorm":
+        """Fuse two existing resfuse norms of the same kind, eps and weight convention."""
+        for name, m in (("branch_norm", branch_norm), ("norm", norm)):
+            if m is not None and (not isinstance(m, _Norm) or len(m.normalized_shape) != 1):
+                raise TypeError(f"{name} must be a resfuse RMSNorm or LayerNorm over one "
+                                f"dimension, got {m!r}")
+        if norm is not None and (type(norm) is not type(branch_norm)
+                                 or norm.normalized_shape != branch_norm.normalized_shape
+                                 or norm.eps != branch_norm.eps
+                                 or norm.zero_centered_weight != branch_norm.zero_centered_weight):
+            raise ValueError("branch_norm and norm must agree on kind, shape, eps and "
+                             f"zero_centered_weight: {branch_norm!r} vs {norm!r}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.branch_norm, module.norm, module.prenorm = branch_norm, norm, prenorm
+        return module
+
+    def forward(self, x: Tensor, residual: Optional[Tensor]):
+        b, n = self.branch_norm, self.norm
+        common = dict(norm="rms" if b._is_rms else "layer", branch_bias=b.bias,
+                      zero_centered_weight=b.zero_centered_weight)
+        if n is None:
+            return _functional.norm_add(x, residual, b.weight, b._eps(x), **common)
+        return _functional.norm_add_norm(x, residual, b.weight, n.weight, b._eps(x), bias=n.bias,
+                                         prenorm=self.prenorm, **common)

@@ -1,14 +1,18 @@
 """The autograd layer shared by every backend, and its ``torch.library`` registration.
 
-One computation, two ops in the ``resfuse`` namespace:
+One computation (``reference.py``; the sandwich layout is the same op with a norm on the
+branch, ``branch_norm``, and OLMo2's ``norm_add`` the same without the output norm), two
+ops in the ``resfuse`` namespace:
 
-* ``resfuse::add_norm``  -> ``(y, h, mean)``, with registered autograd and fake impls;
-* ``resfuse::add_norm_backward`` -> ``(dx, dresidual, dweight, dbias, dbranch_scale)``.
+* ``resfuse::add_norm`` -> ``(y, h, mean, mean_x)``, with registered autograd and fakes;
+* ``resfuse::add_norm_backward`` -> ``(dx, dresidual, dweight, dbias, dbranch_scale,
+  dbranch_weight, dbranch_bias)``.
 
-Absent tensors (``h`` when it is not stored, ``mean`` for RMSNorm, gradients that are not
-computed) are returned as empty tensors, as custom ops cannot return None. ``mean`` is the
-LayerNorm row mean, which the backward uses as a shift (the backends recompute the row
-statistics of the stored ``h``; see triton_kernels/add_norm_kernels.py).
+Absent tensors (``h`` when it is not stored, the means for RMSNorm, gradients that are not
+computed) are returned as empty tensors, as custom ops cannot return None. ``mean`` and
+``mean_x`` are the LayerNorm row means of h and x, which the backward uses as shifts (the
+backends recompute the row statistics of what they read; see
+triton_kernels/add_norm_kernels.py).
 
 Eager calls skip the dispatcher (about 10 us per custom-op call, as much as the kernel for a
 small input) and go through :class:`_AddNormFunction`, which uses the very same setup and
@@ -43,147 +47,187 @@ def _empty(like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 def _forward_impl(
     x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-    branch_scale: Optional[Tensor], rowscale: Optional[Tensor], eps: float,
-    residual_scale: float, branch_scale_value: float, is_rms: bool, zero_centered_weight: bool,
+    branch_scale: Optional[Tensor], rowscale: Optional[Tensor], branch_weight: Optional[Tensor],
+    branch_bias: Optional[Tensor], eps: float, residual_scale: float, branch_scale_value: float,
+    is_rms: bool, zero_centered_weight: bool, branch_norm: bool, output_norm: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(y, h or None, mean or None) in x's shape."""
+) -> tuple[Optional[Tensor], ...]:
+    """(y, h, mean, mean_x) in x's shape, None where absent."""
     D = x.shape[-1]
-    y, h, mean = _backends.implementation(backend).forward(
+    outputs = _backends.implementation(backend).forward(
         _rows(x, D), _rows(residual, D) if residual is not None else None, weight, bias,
         branch_scale, rowscale.reshape(-1) if rowscale is not None else None,
         eps=eps, residual_scale=residual_scale, branch_scale_value=branch_scale_value,
         is_rms=is_rms, zero_centered_weight=zero_centered_weight, store_h=store_h,
-        residual_dtype=residual_dtype, out_dtype=out_dtype)
+        residual_dtype=residual_dtype, out_dtype=out_dtype, branch_norm=branch_norm,
+        branch_weight=branch_weight, branch_bias=branch_bias, output_norm=output_norm)
     if x.dim() == 2:
-        return y, h, mean
-    return (y.view(x.shape), h.view(x.shape) if h is not None else None,
-            mean.view(x.shape[:-1]) if mean is not None else None)
+        return outputs
+    y, h, mean, mean_x = outputs
+    lead = x.shape[:-1]
+    return (y.view(x.shape) if y is not None else None, h.view(x.shape) if h is not None else None,
+            mean.view(lead) if mean is not None else None,
+            mean_x.view(lead) if mean_x is not None else None)
 
 
 @torch.library.custom_op("resfuse::add_norm", mutates_args=())
 def add_norm_op(
     x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-    branch_scale: Optional[Tensor], rowscale: Optional[Tensor], eps: float,
-    residual_scale: float, branch_scale_value: float, is_rms: bool, zero_centered_weight: bool,
+    branch_scale: Optional[Tensor], rowscale: Optional[Tensor], branch_weight: Optional[Tensor],
+    branch_bias: Optional[Tensor], eps: float, residual_scale: float, branch_scale_value: float,
+    is_rms: bool, zero_centered_weight: bool, branch_norm: bool, output_norm: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    y, h, mean = _forward_impl(x, residual, weight, bias, branch_scale, rowscale, eps,
-                               residual_scale, branch_scale_value, is_rms, zero_centered_weight,
-                               store_h, residual_dtype, out_dtype, backend)
-    return (y, h if h is not None else _empty(x, residual_dtype),
-            mean if mean is not None else _empty(x))
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, h, mean, mean_x = _forward_impl(
+        x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
+        residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
+        output_norm, store_h, residual_dtype, out_dtype, backend)
+    return (y if y is not None else _empty(x, out_dtype),
+            h if h is not None else _empty(x, residual_dtype),
+            mean if mean is not None else _empty(x),
+            mean_x if mean_x is not None else _empty(x))
 
 
 @add_norm_op.register_fake
-def _add_norm_fake(x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale,
-                   branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
-                   out_dtype, backend):
+def _add_norm_fake(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias,
+                   eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
+                   branch_norm, output_norm, store_h, residual_dtype, out_dtype, backend):
+    def like(present, shape, dtype=torch.float32):
+        return x.new_empty(shape if present else (0,), dtype=dtype)
+
     lead = x.shape[:-1]
-    return (x.new_empty(x.shape, dtype=out_dtype),
-            x.new_empty(x.shape, dtype=residual_dtype) if store_h else _empty(x, residual_dtype),
-            _empty(x) if is_rms else x.new_empty(lead, dtype=torch.float32))
+    return (like(output_norm, x.shape, out_dtype), like(store_h, x.shape, residual_dtype),
+            like(not is_rms and output_norm, lead), like(not is_rms and branch_norm, lead))
 
 
 # --------------------------------------------------------------------------- backward
 
 
 def _backward_impl(
-    dy: Tensor, dh: Optional[Tensor], h: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
-    branch_scale: Optional[Tensor], rowscale: Optional[Tensor], mean: Optional[Tensor],
+    dy: Optional[Tensor], dh: Optional[Tensor], h: Optional[Tensor], x: Optional[Tensor],
+    weight: Optional[Tensor], branch_scale: Optional[Tensor], rowscale: Optional[Tensor],
+    branch_weight: Optional[Tensor], mean: Optional[Tensor], mean_x: Optional[Tensor],
     eps: float, residual_scale: float, branch_scale_value: float, is_rms: bool,
-    zero_centered_weight: bool, has_bias: bool, store_dresidual: bool, x_dtype: torch.dtype,
-    residual_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    D = h.shape[-1]
-    dx, dr, dw, db, dbs = _backends.implementation(backend).backward(
-        _rows(dy, D), _rows(dh, D) if dh is not None else None, _rows(h, D),
-        _rows(x, D) if x is not None else None, weight, branch_scale,
-        rowscale.reshape(-1) if rowscale is not None else None,
-        mean.reshape(-1) if mean is not None else None,
+    zero_centered_weight: bool, has_bias: bool, has_branch_bias: bool, branch_norm: bool,
+    output_norm: bool, store_dresidual: bool, x_dtype: torch.dtype, residual_dtype: torch.dtype,
+    backend: str,
+) -> tuple[Optional[Tensor], ...]:
+    """(dx, dresidual, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias), the
+    parameter gradients as fp32 row sums, None where absent."""
+    shape = (h if h is not None else dh).shape
+    D = shape[-1]
+
+    def rows(t):
+        return _rows(t, D) if t is not None else None
+
+    def flat(t):
+        return t.reshape(-1) if t is not None else None
+
+    dx, dr, *params = _backends.implementation(backend).backward(
+        rows(dy), rows(dh), rows(h), rows(x), weight, branch_scale, flat(rowscale), flat(mean),
         eps=eps, residual_scale=residual_scale, branch_scale_value=branch_scale_value,
         is_rms=is_rms, zero_centered_weight=zero_centered_weight, has_bias=has_bias,
-        store_dresidual=store_dresidual, x_dtype=x_dtype, residual_dtype=residual_dtype)
-    return (dx.view(h.shape),
-            dr.view(h.shape) if dr is not None else _empty(h, residual_dtype),
-            dw if dw is not None else _empty(h),
-            db if db is not None else _empty(h),
-            dbs if dbs is not None else _empty(h))
+        store_dresidual=store_dresidual, x_dtype=x_dtype, residual_dtype=residual_dtype,
+        branch_norm=branch_norm, branch_weight=branch_weight, has_branch_bias=has_branch_bias,
+        mean_x=flat(mean_x), output_norm=output_norm)
+    return (dx.view(shape), dr.view(shape) if dr is not None else None, *params)
 
 
 @torch.library.custom_op("resfuse::add_norm_backward", mutates_args=())
 def add_norm_backward_op(
-    dy: Tensor, dh: Optional[Tensor], h: Tensor, x: Optional[Tensor], weight: Optional[Tensor],
-    branch_scale: Optional[Tensor], rowscale: Optional[Tensor], mean: Optional[Tensor],
+    dy: Optional[Tensor], dh: Optional[Tensor], h: Optional[Tensor], x: Optional[Tensor],
+    weight: Optional[Tensor], branch_scale: Optional[Tensor], rowscale: Optional[Tensor],
+    branch_weight: Optional[Tensor], mean: Optional[Tensor], mean_x: Optional[Tensor],
     eps: float, residual_scale: float, branch_scale_value: float, is_rms: bool,
-    zero_centered_weight: bool, has_bias: bool, store_dresidual: bool, x_dtype: torch.dtype,
-    residual_dtype: torch.dtype, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(dy, dh, h, x, weight, branch_scale, rowscale, mean, eps,
-                          residual_scale, branch_scale_value, is_rms, zero_centered_weight,
-                          has_bias, store_dresidual, x_dtype, residual_dtype, backend)
+    zero_centered_weight: bool, has_bias: bool, has_branch_bias: bool, branch_norm: bool,
+    output_norm: bool, store_dresidual: bool, x_dtype: torch.dtype, residual_dtype: torch.dtype,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward_impl(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean,
+                           mean_x, eps, residual_scale, branch_scale_value, is_rms,
+                           zero_centered_weight, has_bias, has_branch_bias, branch_norm,
+                           output_norm, store_dresidual, x_dtype, residual_dtype, backend)
+    like = h if h is not None else dh
+    return tuple(g if g is not None else _empty(like) for g in grads)
 
 
 @add_norm_backward_op.register_fake
-def _add_norm_backward_fake(dy, dh, h, x, weight, branch_scale, rowscale, mean, eps,
-                            residual_scale, branch_scale_value, is_rms, zero_centered_weight,
-                            has_bias, store_dresidual, x_dtype, residual_dtype, backend):
-    D = h.shape[-1]
+def _add_norm_backward_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean,
+                            mean_x, eps, residual_scale, branch_scale_value, is_rms,
+                            zero_centered_weight, has_bias, has_branch_bias, branch_norm,
+                            output_norm, store_dresidual, x_dtype, residual_dtype, backend):
+    like = h if h is not None else dh
+    D = like.shape[-1]
 
     def vec(present):
-        return h.new_empty((D,) if present else (0,), dtype=torch.float32)
+        return like.new_empty((D,) if present else (0,), dtype=torch.float32)
 
-    return (h.new_empty(h.shape, dtype=x_dtype),
-            h.new_empty(h.shape if store_dresidual else (0,), dtype=residual_dtype),
-            vec(weight is not None), vec(has_bias), vec(branch_scale is not None))
+    return (like.new_empty(like.shape, dtype=x_dtype),
+            like.new_empty(like.shape if store_dresidual else (0,), dtype=residual_dtype),
+            vec(weight is not None and output_norm), vec(has_bias), vec(branch_scale is not None),
+            vec(branch_weight is not None), vec(has_branch_bias))
 
 
 # --------------------------------------------------------------------------- autograd
 
+_N_INPUTS = 19  # of resfuse::add_norm
+
 
 def _setup_context(ctx, inputs, output):
-    (x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale, branch_scale_value,
-     is_rms, zero_centered_weight, store_h, residual_dtype, out_dtype, backend) = inputs
-    _, h, mean = output
-    # Saved: h (or x itself when h == x and was not stored), the LayerNorm row mean, x only
-    # when the per-channel branch scale needs it for its gradient; parameters are not
-    # activations. rstd is recomputed from h in the backward, so it is not kept.
-    ctx.save_for_backward(h if store_h else x, x if branch_scale is not None else None, weight,
-                          branch_scale, rowscale, None if is_rms else mean)
-    if mean is not None:
-        ctx.mark_non_differentiable(mean)
+    (x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
+     residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm, output_norm,
+     store_h, residual_dtype, out_dtype, backend) = inputs
+    _, h, mean, mean_x = output
+    # Saved for backward, and why:
+    # - h (or x itself when h == x and was not stored): the output norm is differentiated
+    #   at it; not needed without an output norm (norm_add);
+    # - x when the branch needs it: LayerScale's gradient (sum of dh * x) or the branch
+    #   norm's own backward;
+    # - the LayerNorm row means of h and x, as shifts (rstd is recomputed, never kept).
+    # Parameters are not activations.
+    saved_h = (h if store_h else x) if output_norm else None
+    saved_x = x if branch_scale is not None or branch_norm else None
+    ctx.save_for_backward(saved_h, saved_x, weight, branch_scale, rowscale, branch_weight,
+                          mean if not is_rms and output_norm else None,
+                          mean_x if not is_rms and branch_norm else None)
+    ctx.mark_non_differentiable(*(t for t in (mean, mean_x) if t is not None))
     ctx.set_materialize_grads(False)
     # dx can serve as dresidual when dh/dresidual = dh/dx elementwise and the dtypes agree:
     # one store fewer (the backward moves 4 instead of 5 tensors).
     share = (residual is not None and residual_scale == 1.0 and branch_scale is None
-             and branch_scale_value == 1.0 and rowscale is None and residual.dtype == x.dtype)
+             and branch_scale_value == 1.0 and rowscale is None and not branch_norm
+             and residual.dtype == x.dtype)
     ctx.config = (eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
-                  bias is not None, residual is not None and not share, x.dtype,
+                  bias is not None, branch_bias is not None, branch_norm, output_norm,
+                  residual is not None and not share, x.dtype,
                   residual.dtype if residual is not None else x.dtype, backend)
     ctx.share_dresidual = share
     ctx.has_residual = residual is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.param_dtypes = tuple(t.dtype if t is not None else None
+                             for t in (weight, bias, branch_scale, branch_weight, branch_bias))
     ctx.store_h = store_h
 
 
 def _make_backward(run_backward):
-    def backward(ctx, dy, dh, _dmean=None):
-        h, x, weight, branch_scale, rowscale, mean = ctx.saved_tensors
-        if dy is None:
+    def backward(ctx, dy, dh, _dmean=None, _dmean_x=None):
+        h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x = ctx.saved_tensors
+        output_norm = ctx.config[8]
+        if dy is None and output_norm:
             dy = torch.zeros_like(h)
         if not ctx.store_h:
             dh = None
-        dx, dr, dw, db, dbs = run_backward(dy, dh, h, x, weight, branch_scale, rowscale, mean,
-                                           *ctx.config)
+        dx, dr, *params = run_backward(dy, dh, h, x, weight, branch_scale, rowscale,
+                                       branch_weight, mean, mean_x, *ctx.config)
         needs = ctx.needs_input_grad
+        param_grads = tuple(
+            g.to(dtype) if dtype is not None and needs[i] else None
+            for i, g, dtype in zip((2, 3, 4, 6, 7), params, ctx.param_dtypes))
+        dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias = param_grads
         return (
             dx if needs[0] else None,
             (dx if ctx.share_dresidual else dr) if ctx.has_residual and needs[1] else None,
-            dw.to(weight.dtype) if weight is not None and needs[2] else None,
-            db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and needs[3] else None,
-            dbs.to(branch_scale.dtype) if branch_scale is not None and needs[4] else None,
-            None, None, None, None, None, None, None, None, None, None,
-        )
+            dweight, dbias, dbranch_scale, None, dbranch_weight, dbranch_bias,
+        ) + (None,) * (_N_INPUTS - 8)
 
     return backward
 
@@ -209,7 +253,47 @@ torch.library.register_autograd(
 )
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- entry points
+
+
+def _run(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
+         residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
+         output_norm, return_h, residual_dtype, out_dtype, backend):
+    """Pick the path (compiled op / eager autograd / no-grad) and run; returns (y, h)."""
+    backend = _backends.resolve(backend, x.device)
+    tensors = (x, residual, weight, bias, branch_scale, branch_weight, branch_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    h_is_x = (residual is None and branch_scale is None and branch_scale_value == 1.0
+              and rowscale is None and not branch_norm and residual_dtype == x.dtype)
+    # h is written when returned, or when the output norm's backward needs it and it is not x
+    store_h = return_h or (needs_grad and output_norm and not h_is_x)
+    args = (x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
+            residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
+            output_norm, store_h, residual_dtype, out_dtype, backend)
+    if torch.compiler.is_compiling():
+        y, h, _, _ = torch.ops.resfuse.add_norm(*args)
+    elif needs_grad:
+        y, h, _, _ = _AddNormFunction.apply(*args)
+    else:
+        y, h, _, _ = _forward_impl(*args)
+    return y, h
+
+
+def _check_common(x, residual, eps, zero_centered_weight, residual_dtype):
+    checks.activation(x)
+    if residual is not None:
+        checks.same_as_x("residual", residual, x)
+    eps = checks.real("eps", eps, minimum=0.0)
+    zero_centered_weight = checks.flag("zero_centered_weight", zero_centered_weight)
+    residual_dtype = checks.dtype("residual_dtype", residual_dtype,
+                                  residual.dtype if residual is not None else x.dtype)
+    return eps, zero_centered_weight, residual_dtype
+
+
+def _check_params(x, **params):
+    for name, t in params.items():
+        if t is not None:
+            checks.vector(name, t, x)
 
 
 def add_norm(
@@ -218,14 +302,9 @@ def add_norm(
     out_dtype=None, backend="auto",
 ):
     """Validate, pick the backend, run; returns ``(y, h)`` if ``prenorm`` else ``y``."""
-    checks.activation(x)
-    if residual is not None:
-        checks.same_as_x("residual", residual, x)
-    if weight is not None:
-        checks.vector("weight", weight, x)
-    if bias is not None:
-        checks.vector("bias", bias, x)
-    eps = checks.real("eps", eps, minimum=0.0)
+    eps, zero_centered_weight, residual_dtype = _check_common(
+        x, residual, eps, zero_centered_weight, residual_dtype)
+    _check_params(x, weight=weight, bias=bias)
     residual_scale = checks.real("residual_scale", residual_scale)
     branch_scale_value = 1.0
     if isinstance(branch_scale, Tensor):
@@ -235,26 +314,30 @@ def add_norm(
         branch_scale = None
     if rowscale is not None:
         rowscale = checks.rowscale(rowscale, x)
-    zero_centered_weight = checks.flag("zero_centered_weight", zero_centered_weight)
     prenorm = checks.flag("prenorm", prenorm)
-    residual_dtype = checks.dtype("residual_dtype", residual_dtype,
-                                  residual.dtype if residual is not None else x.dtype)
     out_dtype = checks.dtype("out_dtype", out_dtype, x.dtype)
-    backend = _backends.resolve(backend, x.device)
+    y, h = _run(x, residual, weight, bias, branch_scale, rowscale, None, None, eps,
+                residual_scale, branch_scale_value, is_rms, zero_centered_weight, False, True,
+                prenorm, residual_dtype, out_dtype, backend)
+    return (y, h) if prenorm else y
 
-    tensors = (x, residual, weight, bias, branch_scale)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    h_is_x = (residual is None and branch_scale is None and branch_scale_value == 1.0
-              and rowscale is None and residual_dtype == x.dtype)
-    # h is written when returned, or when the backward needs it and it is not x itself.
-    store_h = prenorm or (needs_grad and not h_is_x)
-    args = (x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale,
-            branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
-            out_dtype, backend)
-    if torch.compiler.is_compiling():
-        y, h, _ = torch.ops.resfuse.add_norm(*args)
-    elif needs_grad:
-        y, h, _ = _AddNormFunction.apply(*args)
-    else:
-        y, h, _ = _forward_impl(*args)
+
+def norm_add_norm(
+    x, residual, branch_weight, weight, eps, *, is_rms: bool, branch_bias=None, bias=None,
+    zero_centered_weight=False, prenorm=True, out_dtype=None, residual_dtype=None,
+    backend="auto", output_norm=True,
+):
+    """Sandwich layout: ``h = residual + norm(x) * w_b' (+ b_b)``, ``y = norm(h) * w' (+ b)``.
+    Returns ``(y, h)`` if ``prenorm`` else ``y``; with ``output_norm=False`` only ``h``."""
+    eps, zero_centered_weight, residual_dtype = _check_common(
+        x, residual, eps, zero_centered_weight, residual_dtype)
+    _check_params(x, branch_weight=branch_weight, weight=weight, branch_bias=branch_bias,
+                  bias=bias)
+    prenorm = checks.flag("prenorm", prenorm)
+    out_dtype = checks.dtype("out_dtype", out_dtype, x.dtype)
+    y, h = _run(x, residual, weight, bias, None, None, branch_weight, branch_bias, eps, 1.0, 1.0,
+                is_rms, zero_centered_weight, True, output_norm, prenorm or not output_norm,
+                residual_dtype, out_dtype, backend)
+    if not output_norm:
+        return h
     return (y, h) if prenorm else y

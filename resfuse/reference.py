@@ -1,10 +1,15 @@
-"""The PyTorch reference of the one computation resfuse fuses.
+"""The PyTorch reference of the computations resfuse fuses.
 
 Per row of the last dimension (size D), in ``compute_dtype`` (fp32 for the ``"torch"``
 backend, float64 when the tests use it as the oracle)::
 
     h = residual_scale * residual + branch_scale * rowscale[row] * x
     y = normalize(h) * w' (+ bias)          w' = 1 + weight if zero_centered_weight else weight
+
+and the sandwich layout (Gemma2/3, Peri-LN; OLMo2 without the second norm)::
+
+    h = residual + normalize(x) * w_b' (+ b_b)
+    y = normalize(h) * w' (+ b)
 
 Every backend is checked against this function; it is deliberately plain torch code with no
 tricks, so that it can be read as the specification.
@@ -126,3 +131,23 @@ def add_norm(
     )
     y = normalize(h, weight, bias, eps, norm=norm, zero_centered_weight=zero_centered_weight)
     return y, h
+
+
+def norm_add_norm(
+    x: Tensor,
+    residual: Optional[Tensor],
+    branch_weight: Optional[Tensor],
+    weight: Optional[Tensor],
+    eps: float,
+    *,
+    norm: str = "rms",
+    branch_bias: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    zero_centered_weight: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """``(y, h)`` of the sandwich layout in ``compute_dtype``; ``h`` alone is ``norm_add``."""
+    f = normalize(x.to(compute_dtype), branch_weight, branch_bias, eps, norm=norm,
+                  zero_centered_weight=zero_centered_weight)
+    return add_norm(f, residual, weight, bias, eps, norm=norm,
+                    zero_centered_weight=zero_centered_weight, compute_dtype=compute_dtype)

@@ -1,7 +1,7 @@
 """The ``"torch"`` backend: the reference run in fp32 behind the same interface as the kernels.
 
 Works on any device and is the CPU path of ``"auto"``. Like the kernels, the backward
-differentiates the norm at the stored ``h`` (``reference.normalize_backward``).
+differentiates each norm at the tensor it reads back (``reference.normalize_backward``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ import torch
 from torch import Tensor
 
 from . import reference
-
-
-def _branch(branch_scale: Optional[Tensor], branch_scale_value: float):
-    return branch_scale if branch_scale is not None else branch_scale_value
 
 
 def forward(
@@ -34,21 +30,34 @@ def forward(
     store_h: bool,
     residual_dtype: torch.dtype,
     out_dtype: torch.dtype,
+    branch_norm: bool = False,
+    branch_weight: Optional[Tensor] = None,
+    branch_bias: Optional[Tensor] = None,
+    output_norm: bool = True,
 ):
     norm = "rms" if is_rms else "layer"
-    h = reference.residual_sum(x, residual, residual_scale=residual_scale,
-                               branch_scale=_branch(branch_scale, branch_scale_value),
-                               rowscale=rowscale)
-    y = reference.normalize(h, weight, bias, eps, norm=norm,
-                            zero_centered_weight=zero_centered_weight)
-    mean = None if is_rms else h.mean(-1)  # the kernels' shift for the backward; unused here
-    return y.to(out_dtype), (h.to(residual_dtype) if store_h else None), mean
+    f = x.float()
+    if branch_norm:
+        f = reference.normalize(f, branch_weight, branch_bias, eps, norm=norm,
+                                zero_centered_weight=zero_centered_weight)
+    h = reference.residual_sum(
+        f, residual, residual_scale=residual_scale,
+        branch_scale=branch_scale if branch_scale is not None else branch_scale_value,
+        rowscale=rowscale)
+    y = None
+    if output_norm:
+        y = reference.normalize(h, weight, bias, eps, norm=norm,
+                                zero_centered_weight=zero_centered_weight).to(out_dtype)
+    # the row means are the kernels' shifts for the backward; unused here
+    mean = h.mean(-1) if not is_rms and output_norm else None
+    mean_x = x.float().mean(-1) if not is_rms and branch_norm else None
+    return y, (h.to(residual_dtype) if store_h else None), mean, mean_x
 
 
 def backward(
-    dy: Tensor,
+    dy: Optional[Tensor],
     dh: Optional[Tensor],
-    h: Tensor,
+    h: Optional[Tensor],
     x: Optional[Tensor],
     weight: Optional[Tensor],
     branch_scale: Optional[Tensor],
@@ -64,20 +73,33 @@ def backward(
     store_dresidual: bool,
     x_dtype: torch.dtype,
     residual_dtype: torch.dtype,
+    branch_norm: bool = False,
+    branch_weight: Optional[Tensor] = None,
+    has_branch_bias: bool = False,
+    mean_x: Optional[Tensor] = None,
+    output_norm: bool = True,
 ):
-    dh_total, dweight, dbias = reference.normalize_backward(
-        h.float(), dy, weight, eps, norm="rms" if is_rms else "layer",
-        zero_centered_weight=zero_centered_weight)
-    if dh is not None:
-        dh_total = dh_total + dh.float()
-    dbias = dbias if has_bias else None
+    norm = "rms" if is_rms else "layer"
+    dweight = dbias = None
+    if output_norm:
+        dh_total, dweight, dbias = reference.normalize_backward(
+            h.float(), dy, weight, eps, norm=norm, zero_centered_weight=zero_centered_weight)
+        if dh is not None:
+            dh_total = dh_total + dh.float()
+        dbias = dbias if has_bias else None
+    else:
+        dh_total = dh.float()
 
-    d_branch = dh_total * branch_scale_value
+    df = dh_total * branch_scale_value
     if rowscale is not None:
-        d_branch = d_branch * rowscale.float().unsqueeze(-1)
-    dbranch = None
+        df = df * rowscale.float().unsqueeze(-1)
+    dbranch = dbranch_weight = dbranch_bias = None
     if branch_scale is not None:
-        dbranch = (d_branch * x.float()).sum(0)
-        d_branch = d_branch * branch_scale.float()
+        dbranch = (df * x.float()).sum(0)
+        df = df * branch_scale.float()
+    if branch_norm:
+        df, dbranch_weight, dbranch_bias = reference.normalize_backward(
+            x.float(), df, branch_weight, eps, norm=norm, zero_centered_weight=zero_centered_weight)
+        dbranch_bias = dbranch_bias if has_branch_bias else None
     dresidual = (dh_total * residual_scale).to(residual_dtype) if store_dresidual else None
-    return d_branch.to(x_dtype), dresidual, dweight, dbias, dbranch
+    return df.to(x_dtype), dresidual, dweight, dbias, dbranch, dbranch_weight, dbranch_bias

@@ -52,14 +52,23 @@ def device():
 
 
 def float64_oracle(x, residual, weight, bias, eps, *, norm, residual_scale=1.0,
-                   branch_scale=None, rowscale=None, zero_centered_weight=False):
+                   branch_scale=None, rowscale=None, zero_centered_weight=False,
+                   branch_weight=None, branch_bias=None, branch_norm=False):
     """Forward (y, h) of the reference in float64 on leaf copies of every input, returning
     the leaves so gradients can be read after backward."""
     def leaf(t):
         return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
 
     leaves = {"x": leaf(x), "residual": leaf(residual), "weight": leaf(weight), "bias": leaf(bias),
-              "branch_scale": leaf(branch_scale) if isinstance(branch_scale, torch.Tensor) else branch_scale}
+              "branch_scale": leaf(branch_scale) if isinstance(branch_scale, torch.Tensor) else branch_scale,
+              "branch_weight": leaf(branch_weight), "branch_bias": leaf(branch_bias)}
+    if branch_norm:
+        y, h = reference.norm_add_norm(leaves["x"], leaves["residual"], leaves["branch_weight"],
+                                       leaves["weight"], eps, norm=norm,
+                                       branch_bias=leaves["branch_bias"], bias=leaves["bias"],
+                                       zero_centered_weight=zero_centered_weight,
+                                       compute_dtype=torch.float64)
+        return y, h, leaves
     rs = None
     if rowscale is not None:
         rs = rowscale.double().expand(x.shape[:-1])

@@ -30,6 +30,11 @@ class Case:
     layout: str = "contiguous"        # "contiguous" | "row_strided" | "transposed" | "col_strided"
     residual_dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
+    # the sandwich layout: norm_add_norm (branch_norm) and norm_add (output_norm=False)
+    branch_norm: bool = False
+    branch_weight: bool = True
+    branch_bias: bool = False
+    output_norm: bool = True
 
     def replace(self, **kw) -> "Case":
         return dataclasses.replace(self, **kw)
@@ -80,8 +85,12 @@ def make_inputs(case: Case, device, seed: int = 0):
         rowscale = keep.reshape((n,) + (1,) * (len(case.shape) - 2)).to(device)
         if len(case.shape) == 1:
             rowscale = rowscale.reshape(())
+    branch_weight = branch_bias = None
+    if case.branch_norm:
+        branch_weight = randn(D, dtype=torch.float32).requires_grad_() if case.branch_weight else None
+        branch_bias = randn(D, dtype=torch.float32).requires_grad_() if case.branch_bias else None
     return dict(x=x, residual=residual, weight=weight, bias=bias, branch_scale=branch_scale,
-                rowscale=rowscale)
+                rowscale=rowscale, branch_weight=branch_weight, branch_bias=branch_bias)
 
 
 def _loosest(*dtypes):
@@ -99,30 +108,51 @@ def run_case(case: Case, backend: str, device, seed: int = 0):
                   zero_centered_weight=case.zero_centered, prenorm=case.prenorm,
                   residual_dtype=case.residual_dtype, out_dtype=case.out_dtype, backend=backend)
     eps = 1e-5
-    if case.norm == "rms":
-        assert not case.bias
-        out = resfuse.add_rms_norm(inp["x"], inp["residual"], inp["weight"], eps, **kwargs)
+    if case.branch_norm:
+        assert case.branch == "none" and not case.rowscale, "not part of the sandwich layout"
+        common = dict(norm=case.norm, branch_bias=inp["branch_bias"],
+                      zero_centered_weight=case.zero_centered,
+                      residual_dtype=case.residual_dtype, backend=backend)
+        kwargs["residual_scale"] = 1.0
+        if case.output_norm:
+            out = resfuse.norm_add_norm(inp["x"], inp["residual"], inp["branch_weight"],
+                                        inp["weight"], eps, bias=inp["bias"], prenorm=case.prenorm,
+                                        out_dtype=case.out_dtype, **common)
+            y, h = out if case.prenorm else (out, None)
+        else:
+            y, h = None, resfuse.norm_add(inp["x"], inp["residual"], inp["branch_weight"], eps,
+                                          **common)
     else:
-        out = resfuse.add_layer_norm(inp["x"], inp["residual"], inp["weight"], inp["bias"], eps, **kwargs)
-    y, h = out if case.prenorm else (out, None)
+        if case.norm == "rms":
+            assert not case.bias
+            out = resfuse.add_rms_norm(inp["x"], inp["residual"], inp["weight"], eps, **kwargs)
+        else:
+            out = resfuse.add_layer_norm(inp["x"], inp["residual"], inp["weight"], inp["bias"],
+                                         eps, **kwargs)
+        y, h = out if case.prenorm else (out, None)
 
     y64, h64, leaves = float64_oracle(
         inp["x"], inp["residual"], inp["weight"], inp["bias"], eps, norm=case.norm,
         residual_scale=kwargs["residual_scale"], branch_scale=inp["branch_scale"],
-        rowscale=inp["rowscale"], zero_centered_weight=case.zero_centered)
+        rowscale=inp["rowscale"], zero_centered_weight=case.zero_centered,
+        branch_weight=inp["branch_weight"], branch_bias=inp["branch_bias"],
+        branch_norm=case.branch_norm)
 
     h_dtype = case.residual_dtype or (inp["residual"].dtype if inp["residual"] is not None else case.dtype)
     out_dtype = case.out_dtype or case.dtype
-    assert y.dtype == out_dtype and y.shape == inp["x"].shape
-    assert_close(y, y64, out_dtype, "y")
-    if case.prenorm:
+    if case.output_norm:
+        assert y.dtype == out_dtype and y.shape == inp["x"].shape
+        assert_close(y, y64, out_dtype, "y")
+    if case.prenorm or not case.output_norm:
         assert h.dtype == h_dtype and h.shape == inp["x"].shape
         assert_close(h, h64, h_dtype, "h")
 
     g = torch.Generator().manual_seed(seed + 1)
     dy = _layout(torch.randn(*case.shape, generator=g).to(out_dtype).to(device), case.layout)
-    outputs, grads, outputs64, grads64 = [y], [dy], [y64], [dy.double()]
-    if case.prenorm:
+    outputs, grads, outputs64, grads64 = [], [], [], []
+    if case.output_norm:
+        outputs, grads, outputs64, grads64 = [y], [dy], [y64], [dy.double()]
+    if case.prenorm or not case.output_norm:
         dh = torch.randn(*case.shape, generator=g).to(h_dtype).to(device)
         outputs.append(h)
         grads.append(dh)
@@ -134,7 +164,7 @@ def run_case(case: Case, backend: str, device, seed: int = 0):
     grad_dtype = _loosest(case.dtype, h_dtype, out_dtype,
                           inp["residual"].dtype if inp["residual"] is not None else None)
     result = {}
-    for name in ("x", "residual", "weight", "bias", "branch_scale"):
+    for name in ("x", "residual", "weight", "bias", "branch_scale", "branch_weight", "branch_bias"):
         t = inp[name]
         if not isinstance(t, torch.Tensor):
             continue

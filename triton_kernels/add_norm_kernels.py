@@ -6,6 +6,16 @@ never triggers a recompile. Tiles are ``[BLOCK_M, BLOCK_D]``: several rows per p
 small D, one row (``BLOCK_M = 1``) for large D. When a row does not fit in one block
 (``SINGLE_PASS = False``) the kernels loop over column chunks of ``BLOCK_D``.
 
+Per row, the forward computes::
+
+    f = x                                   or, with BRANCH_NORM, f = norm(x) * w_b' (+ b_b)
+    h = residual_scale * r + branch_scale * bs[col] * rowscale[row] * f
+    y = norm(h) * w' (+ b)
+
+(``BRANCH_NORM`` is the sandwich / Peri-LN / Gemma2 layout: the branch output is normalised
+before the add; it uses the same norm kind, eps and weight convention as the second norm.
+Without ``OUTPUT_NORM`` there is no y: OLMo2's ``h = r + norm(x)``.)
+
 Numerics: every load is widened to fp32, all arithmetic is fp32, and each output is rounded
 once at its store. The forward normalises the fp32 ``h`` before rounding it to the residual
 dtype. The backward differentiates the norm at the *stored* ``h``: it recomputes that row's
@@ -18,61 +28,103 @@ which is large for near-constant rows (e.g. LayerNorm with D = 1 gives garbage t
 import triton
 import triton.language as tl
 
+# --------------------------------------------------------------------------- shared pieces
+
 
 @triton.jit
-def _branch_sum(
-    X, R, BS, RS, rows, row_mask, cols, mask, D, stride_x, stride_r, residual_scale, branch_scale,
-    HAS_RESIDUAL: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-):
-    """h = residual_scale * r + branch_scale * bs[col] * rowscale[row] * x for one tile, fp32."""
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    f = x * branch_scale
-    if HAS_BRANCH_SCALE:
-        bs = tl.load(BS + cols, mask=cols < D, other=0.0).to(tl.float32)
-        f = f * bs[None, :]
-    if HAS_ROWSCALE:
-        rs = tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)
-        f = f * rs[:, None]
-    if HAS_RESIDUAL:
-        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        f = f + r.to(tl.float32) * residual_scale
-    return f
+def _load(P, rows, cols, mask, stride):
+    return tl.load(P + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _vector(P, cols, D):
+    """A per-channel parameter, fp32, zero past D."""
+    return tl.load(P + cols, mask=cols < D, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _affine_weight(W, cols, D, ZERO_CENTERED: tl.constexpr):
-    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    w = _vector(W, cols, D)
     if ZERO_CENTERED:
         w = w + 1.0
     return w
 
 
 @triton.jit
-def _normalize_store(
-    Y, W, B, h, mean, rstd, rows, cols, mask, D, stride_y,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ZERO_CENTERED: tl.constexpr,
-):
+def _xhat(v, mean, rstd, mask, IS_RMS: tl.constexpr):
+    """The normalised tile, zero outside the mask (v is zero there already for RMS)."""
     if IS_RMS:
-        y = h * rstd[:, None]
-    else:
-        y = (h - mean[:, None]) * rstd[:, None]
+        return v * rstd[:, None]
+    return tl.where(mask, (v - mean[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _normalized_affine(v, mean, rstd, mask, W, B, cols, D, IS_RMS: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ZERO_CENTERED: tl.constexpr):
+    """norm(v) * w' (+ b) for a tile whose row statistics are known; zero outside the mask."""
+    out = _xhat(v, mean, rstd, mask, IS_RMS)
     if HAS_WEIGHT:
-        y = y * _affine_weight(W, cols, D, ZERO_CENTERED)[None, :]
+        out = out * _affine_weight(W, cols, D, ZERO_CENTERED)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        out = tl.where(mask, out + _vector(B, cols, D)[None, :], 0.0)
+    return out
+
+
+@triton.jit
+def _row_moments(v, mask, D, IS_RMS: tl.constexpr):
+    """(mean, variance) of a whole-row tile that is zero outside the mask; RMS: (0, mean v^2)."""
+    if IS_RMS:
+        return tl.zeros_like(tl.sum(v, 1)), tl.sum(v * v, 1) / D
+    mean = tl.sum(v, 1) / D
+    centred = tl.where(mask, v - mean[:, None], 0.0)
+    return mean, tl.sum(centred * centred, 1) / D
+
+
+@triton.jit
+def _merge_moments(count, mean, m2, v, mask, n_chunk, IS_RMS: tl.constexpr):
+    """Fold one column chunk into running (count, mean, M2) of each row. LayerNorm uses Chan
+    et al.'s pairwise merge, so the variance has no sum-of-squares cancellation."""
+    if IS_RMS:
+        return count, mean, m2 + tl.sum(v * v, 1)
+    chunk_mean = tl.sum(v, 1) / n_chunk
+    d = tl.where(mask, v - chunk_mean[:, None], 0.0)
+    new_count = count + n_chunk
+    delta = chunk_mean - mean
+    mean += delta * (n_chunk / new_count)
+    m2 += tl.sum(d * d, 1) + delta * delta * (count * n_chunk / new_count)
+    return new_count, mean, m2
+
+
+@triton.jit
+def _residual_add(
+    f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale, branch_scale,
+    HAS_RESIDUAL: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
+):
+    """h = residual_scale * r + branch_scale * bs[col] * rowscale[row] * f for one tile."""
+    f = f * branch_scale
+    if HAS_BRANCH_SCALE:
+        f = f * _vector(BS, cols, D)[None, :]
+    if HAS_ROWSCALE:
+        f = f * tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_RESIDUAL:
+        f = f + _load(R, rows, cols, mask, stride_r) * residual_scale
+    return f
+
+
+# --------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def add_norm_fwd_kernel(
-    X, R, W, B, BS, RS,          # inputs (unused pointers are dummies, never read)
-    Y, H, MEAN,                  # outputs; MEAN (LayerNorm only) is the backward's shift
+    X, R, W, B, BS, RS, WB, BB,  # inputs (pointers of absent features are dummies, never read)
+    Y, H, MEAN, MEAN_X,          # outputs; the LayerNorm means are the backward's shifts
     n_rows, D, stride_x, stride_r, stride_y, stride_h,
     eps, residual_scale, branch_scale,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-    ZERO_CENTERED: tl.constexpr, STORE_H: tl.constexpr,
+    ZERO_CENTERED: tl.constexpr, STORE_H: tl.constexpr, BRANCH_NORM: tl.constexpr,
+    HAS_BRANCH_WEIGHT: tl.constexpr, HAS_BRANCH_BIAS: tl.constexpr, OUTPUT_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     # torch.compile hands Python floats over as fp64; the math is fp32 by contract
@@ -83,84 +135,99 @@ def add_norm_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_D)
+    mean_x = tl.zeros([BLOCK_M], tl.float32)
+    rstd_x = tl.zeros([BLOCK_M], tl.float32)
 
     if SINGLE_PASS:
         mask = row_mask[:, None] & (cols < D)[None, :]
-        h = _branch_sum(X, R, BS, RS, rows, row_mask, cols, mask, D, stride_x, stride_r,
-                        residual_scale, branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
+        f = _load(X, rows, cols, mask, stride_x)
+        if BRANCH_NORM:
+            mean_x, var_x = _row_moments(f, mask, D, IS_RMS)
+            rstd_x = tl.rsqrt(var_x + eps)
+            f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D, IS_RMS,
+                                   HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
+        h = _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
+                          branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
         if STORE_H:
             tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
-        if IS_RMS:
-            mean = tl.zeros([BLOCK_M], tl.float32)
-            var = tl.sum(h * h, 1) / D
-        else:
-            mean = tl.sum(h, 1) / D
-            centred = tl.where(mask, h - mean[:, None], 0.0)
-            var = tl.sum(centred * centred, 1) / D
-        rstd = tl.rsqrt(var + eps)
-        _normalize_store(Y, W, B, h, mean, rstd, rows, cols, mask, D, stride_y,
-                         IS_RMS, HAS_WEIGHT, HAS_BIAS, ZERO_CENTERED)
+        mean = tl.zeros([BLOCK_M], tl.float32)
+        if OUTPUT_NORM:
+            mean, var = _row_moments(h, mask, D, IS_RMS)
+            rstd = tl.rsqrt(var + eps)
+            y = _normalized_affine(h, mean, rstd, mask, W, B, cols, D, IS_RMS, HAS_WEIGHT,
+                                   HAS_BIAS, ZERO_CENTERED)
+            tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
-        # Row too long for registers: pass 1 streams the row once for the statistics (and h),
-        # pass 2 recomputes h from x and r (an L2 hit for a row in flight) rather than reading
-        # back the rounded h, so y matches the single-pass kernel bit for bit.
+        # Row too long for registers: pass 1 streams the row for h's statistics (and stores h),
+        # pass 2 recomputes h from x and r (L2 hits for a row in flight) rather than reading
+        # back the rounded h, so y matches the single-pass kernel. The branch norm's
+        # statistics take one more pass over x first.
+        if BRANCH_NORM:
+            count = tl.zeros([BLOCK_M], tl.float32)
+            m2 = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(0, D, BLOCK_D):
+                c = start + cols
+                mask = row_mask[:, None] & (c < D)[None, :]
+                n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
+                count, mean_x, m2 = _merge_moments(count, mean_x, m2, _load(X, rows, c, mask, stride_x),
+                                                   mask, n_chunk, IS_RMS)
+            rstd_x = tl.rsqrt(m2 / D + eps)
         count = tl.zeros([BLOCK_M], tl.float32)
         mean = tl.zeros([BLOCK_M], tl.float32)
         m2 = tl.zeros([BLOCK_M], tl.float32)
         for start in range(0, D, BLOCK_D):
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
-            h = _branch_sum(X, R, BS, RS, rows, row_mask, c, mask, D, stride_x, stride_r,
-                            residual_scale, branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
+            f = _load(X, rows, c, mask, stride_x)
+            if BRANCH_NORM:
+                f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, c, D, IS_RMS,
+                                       HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
+            h = _residual_add(f, R, BS, RS, rows, row_mask, c, mask, D, stride_r, residual_scale,
+                              branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
             if STORE_H:
                 tl.store(H + rows[:, None] * stride_h + c[None, :], h.to(H.dtype.element_ty), mask=mask)
-            if IS_RMS:
-                m2 += tl.sum(h * h, 1)
-            else:
-                # Chan et al.'s pairwise merge of (count, mean, M2): no sum-of-squares cancellation
-                n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
-                chunk_mean = tl.sum(h, 1) / n_chunk
-                d = tl.where(mask, h - chunk_mean[:, None], 0.0)
-                new_count = count + n_chunk
-                delta = chunk_mean - mean
-                mean += delta * (n_chunk / new_count)
-                m2 += tl.sum(d * d, 1) + delta * delta * (count * n_chunk / new_count)
-                count = new_count
+            n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
+            count, mean, m2 = _merge_moments(count, mean, m2, h, mask, n_chunk, IS_RMS)
         rstd = tl.rsqrt(m2 / D + eps)
-        for start in range(0, D, BLOCK_D):
-            c = start + cols
-            mask = row_mask[:, None] & (c < D)[None, :]
-            h = _branch_sum(X, R, BS, RS, rows, row_mask, c, mask, D, stride_x, stride_r,
-                            residual_scale, branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
-            _normalize_store(Y, W, B, h, mean, rstd, rows, c, mask, D, stride_y,
-                             IS_RMS, HAS_WEIGHT, HAS_BIAS, ZERO_CENTERED)
+        if OUTPUT_NORM:
+            for start in range(0, D, BLOCK_D):
+                c = start + cols
+                mask = row_mask[:, None] & (c < D)[None, :]
+                f = _load(X, rows, c, mask, stride_x)
+                if BRANCH_NORM:
+                    f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, c, D, IS_RMS,
+                                           HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
+                h = _residual_add(f, R, BS, RS, rows, row_mask, c, mask, D, stride_r,
+                                  residual_scale, branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE,
+                                  HAS_ROWSCALE)
+                y = _normalized_affine(h, mean, rstd, mask, W, B, c, D, IS_RMS, HAS_WEIGHT,
+                                       HAS_BIAS, ZERO_CENTERED)
+                tl.store(Y + rows[:, None] * stride_y + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     if not IS_RMS:
-        tl.store(MEAN + rows, mean, mask=row_mask)
+        if OUTPUT_NORM:
+            tl.store(MEAN + rows, mean, mask=row_mask)
+        if BRANCH_NORM:
+            tl.store(MEAN_X + rows, mean_x, mask=row_mask)
+
+
+# --------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def _grad_tile(
-    DY, H, W, shift, rows, cols, mask, D, stride_dy, stride_h,
-    IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-):
-    """(dy, d = h - shift, g = dy * w') for one tile, zero outside the mask."""
-    d = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _shifted(P, shift, rows, cols, mask, stride, IS_RMS: tl.constexpr):
+    """d = v - shift (LayerNorm's saved row mean) for one tile, zero outside the mask."""
+    d = _load(P, rows, cols, mask, stride)
     if not IS_RMS:
         d = tl.where(mask, d - shift[:, None], 0.0)
-    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        g = dy * _affine_weight(W, cols, D, ZERO_CENTERED)[None, :]
-    else:
-        g = dy
-    return dy, d, g
+    return d
 
 
 @triton.jit
 def _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS: tl.constexpr):
     """Per-row (mean_d, rstd, c1, c2) from the row sums of d, d*d, g*d and g, where
-    d = h - shift: mean = shift + mean_d, xhat = (d - mean_d) * rstd,
-    c1 = mean(g * xhat) and c2 = mean(g), so that dh = rstd * (g - c1 * xhat - c2)."""
+    d = v - shift: mean = shift + mean_d, xhat = (d - mean_d) * rstd,
+    c1 = mean(g * xhat) and c2 = mean(g), so that dv = rstd * (g - c1 * xhat - c2)."""
     if IS_RMS:
         rstd = tl.rsqrt(s_dd / D + eps)
         zero = tl.zeros_like(rstd)
@@ -171,52 +238,84 @@ def _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _input_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS: tl.constexpr):
-    """(xhat, dh) of the norm for one tile."""
+def _norm_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS: tl.constexpr):
+    """(xhat, dv) of the norm for one tile."""
+    xhat = _xhat(d, mean_d, rstd, mask, IS_RMS)
     if IS_RMS:
-        xhat = d * rstd[:, None]
         return xhat, (g - xhat * c1[:, None]) * rstd[:, None]
-    xhat = tl.where(mask, (d - mean_d[:, None]) * rstd[:, None], 0.0)
     return xhat, tl.where(mask, (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
 
 
 @triton.jit
-def _store_input_grads(
-    DH, X, BS, RS, DX, DR, dh, rows, row_mask, cols, mask, D,
-    stride_dh, stride_x, stride_dx, stride_dr, residual_scale, branch_scale,
-    HAS_DH: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-    STORE_DR: tl.constexpr,
+def _weighted(dy, W, cols, D, HAS_WEIGHT: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+    """g = dy * w', the gradient reaching the normalised values."""
+    if HAS_WEIGHT:
+        return dy * _affine_weight(W, cols, D, ZERO_CENTERED)[None, :]
+    return dy
+
+
+@triton.jit
+def _branch_grad(
+    dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x, branch_scale,
+    HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
 ):
-    """Add h's own upstream gradient, store dx and dresidual; returns dbranch_scale's tile."""
-    if HAS_DH:
-        # loaded last: it is only needed now, so it does not occupy registers during the reductions
-        dh += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if STORE_DR:
-        tl.store(DR + rows[:, None] * stride_dr + cols[None, :],
-                 (dh * residual_scale).to(DR.dtype.element_ty), mask=mask)
-    dx = dh * branch_scale
+    """(df, dbranch_scale tile): the gradient reaching the branch value f, and bs's row terms
+    (f is x here: the launcher does not combine a branch-scale tensor with the branch norm)."""
+    df = dh * branch_scale
     if HAS_ROWSCALE:
-        rs = tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)
-        dx = dx * rs[:, None]
-    dbs = dx  # d h / d bs = branch_scale * rowscale * x; only used when HAS_BRANCH_SCALE
+        df = df * tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    dbs = df
     if HAS_BRANCH_SCALE:
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dbs = dx * x
-        dx = dx * tl.load(BS + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    return dbs
+        dbs = df * _load(X, rows, cols, mask, stride_x)
+        df = df * _vector(BS, cols, D)[None, :]
+    return df, dbs
+
+
+@triton.jit
+def _store(P, v, rows, cols, mask, stride):
+    tl.store(P + rows[:, None] * stride + cols[None, :], v.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_dh(
+    DY, H, W, DH, shift, rows, cols, mask, D, stride_dy, stride_h, stride_dh,
+    mean_d, rstd, c1, c2, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    ZERO_CENTERED: tl.constexpr, HAS_DH: tl.constexpr, OUTPUT_NORM: tl.constexpr,
+):
+    """(dy, xhat, dh) for a chunk whose row coefficients are known: the output norm's
+    gradient reaching h plus h's own upstream gradient."""
+    dy = tl.zeros(mask.shape, tl.float32)
+    xhat = dy
+    dh = dy
+    if OUTPUT_NORM:
+        d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
+        dy = _load(DY, rows, cols, mask, stride_dy)
+        xhat, dh = _norm_grad(d, _weighted(dy, W, cols, D, HAS_WEIGHT, ZERO_CENTERED),
+                              mean_d, rstd, c1, c2, mask, IS_RMS)
+    if HAS_DH:
+        dh += _load(DH, rows, cols, mask, stride_dh)
+    return dy, xhat, dh
+
+
+@triton.jit
+def _accumulate(PART, part, cols, D, tile):
+    """Add a tile's column sums into this program's row of a partial buffer (only this
+    program touches that row: no atomics)."""
+    acc = tl.load(PART + part + cols, mask=cols < D, other=0.0)
+    tl.store(PART + part + cols, acc + tl.sum(tile, 0), mask=cols < D)
 
 
 @triton.jit
 def add_norm_bwd_kernel(
-    DY, DH, H, X, W, BS, RS, MEAN,           # inputs
-    DX, DR, DW_PART, DB_PART, DBS_PART,      # outputs; *_PART are (programs, D) fp32 partial sums
+    DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X,            # inputs
+    DX, DR, DW_PART, DB_PART, DBS_PART, DWB_PART, DBB_PART,  # *_PART: (programs, D) fp32 sums
     n_rows, D, rows_per_program,
     stride_dy, stride_dh, stride_h, stride_x, stride_dx, stride_dr,
     eps, residual_scale, branch_scale,
     IS_RMS: tl.constexpr, HAS_DH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-    STORE_DR: tl.constexpr,
+    STORE_DR: tl.constexpr, BRANCH_NORM: tl.constexpr, HAS_BRANCH_WEIGHT: tl.constexpr,
+    HAS_BRANCH_BIAS: tl.constexpr, OUTPUT_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     """Two shapes of the same computation, picked by the launcher from D:
@@ -224,11 +323,11 @@ def add_norm_bwd_kernel(
     - SINGLE_PASS: the tile of BLOCK_M rows is read once and stays in registers.
     - otherwise the rows are longer than registers can hold together with the parameter-
       gradient accumulators (spills from about D = 16K in bf16): pass 1 streams column chunks
-      of BLOCK_M rows and accumulates the four row sums; pass 2 re-reads the chunks (L2 hits:
-      the rows were just read) for dx, and adds the chunk's parameter gradients, summed over
-      the BLOCK_M rows, into this program's row of the partial buffers (read-modify-write;
-      only this program touches that row, and summing BLOCK_M rows first divides that
-      traffic by BLOCK_M).
+      of BLOCK_M rows and accumulates the row sums; pass 2 re-reads the chunks (L2 hits:
+      the rows were just read) for the gradients, and adds the chunk's parameter gradients,
+      summed over the BLOCK_M rows, into this program's row of the partial buffers
+      (read-modify-write; summing BLOCK_M rows first divides that traffic by BLOCK_M). With
+      the branch norm, pass 2 also reduces the branch norm's sums and pass 3 writes dx.
     """
     # Persistent grid: program p owns rows [p * rows_per_program, ...) and one row of each
     # partial-sum buffer, which it always writes (even with no rows), so the buffers can come
@@ -247,33 +346,61 @@ def add_norm_bwd_kernel(
         acc_dw = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc_db = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc_dbs = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc_dwb = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc_dbb = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
-            shift = tl.zeros([BLOCK_M], tl.float32)
-            if not IS_RMS:
-                shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-            dy, d, g = _grad_tile(DY, H, W, shift, rows, cols, mask, D, stride_dy, stride_h,
-                                  IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
-            mean_d, rstd, c1, c2 = _grad_coefficients(
-                tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS)
-            xhat, dh = _input_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
-            if HAS_WEIGHT:
-                acc_dw += dy * xhat
-            if HAS_BIAS:
-                acc_db += dy
-            dbs = _store_input_grads(DH, X, BS, RS, DX, DR, dh, rows, row_mask, cols, mask, D,
-                                     stride_dh, stride_x, stride_dx, stride_dr, residual_scale,
-                                     branch_scale, HAS_DH, HAS_BRANCH_SCALE, HAS_ROWSCALE, STORE_DR)
+            dh = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            if OUTPUT_NORM:
+                shift = tl.zeros([BLOCK_M], tl.float32)
+                if not IS_RMS:
+                    shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
+                dy = _load(DY, rows, cols, mask, stride_dy)
+                g = _weighted(dy, W, cols, D, HAS_WEIGHT, ZERO_CENTERED)
+                mean_d, rstd, c1, c2 = _grad_coefficients(
+                    tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS)
+                xhat, dh = _norm_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
+                if HAS_WEIGHT:
+                    acc_dw += dy * xhat
+                if HAS_BIAS:
+                    acc_db += dy
+            if HAS_DH:  # loaded late: it occupies no registers during the reductions
+                dh += _load(DH, rows, cols, mask, stride_dh)
+            if STORE_DR:
+                _store(DR, dh * residual_scale, rows, cols, mask, stride_dr)
+            df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x,
+                                   branch_scale, HAS_BRANCH_SCALE, HAS_ROWSCALE)
             if HAS_BRANCH_SCALE:
                 acc_dbs += dbs
+            if BRANCH_NORM:
+                shift_x = tl.zeros([BLOCK_M], tl.float32)
+                if not IS_RMS:
+                    shift_x = tl.load(MEAN_X + rows, mask=row_mask, other=0.0)
+                dx_ = _shifted(X, shift_x, rows, cols, mask, stride_x, IS_RMS)
+                gb = _weighted(df, WB, cols, D, HAS_BRANCH_WEIGHT, ZERO_CENTERED)
+                mean_b, rstd_b, c1b, c2b = _grad_coefficients(
+                    tl.sum(dx_, 1), tl.sum(dx_ * dx_, 1), tl.sum(gb * dx_, 1), tl.sum(gb, 1),
+                    D, eps, IS_RMS)
+                xhat_b, df2 = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
+                if HAS_BRANCH_WEIGHT:
+                    acc_dwb += df * xhat_b
+                if HAS_BRANCH_BIAS:
+                    acc_dbb += df
+                df = df2
+            _store(DX, df, rows, cols, mask, stride_dx)
         if HAS_WEIGHT:
             tl.store(DW_PART + part + cols, tl.sum(acc_dw, 0), mask=col_mask)
         if HAS_BIAS:
             tl.store(DB_PART + part + cols, tl.sum(acc_db, 0), mask=col_mask)
         if HAS_BRANCH_SCALE:
             tl.store(DBS_PART + part + cols, tl.sum(acc_dbs, 0), mask=col_mask)
+        if HAS_BRANCH_WEIGHT:
+            tl.store(DWB_PART + part + cols, tl.sum(acc_dwb, 0), mask=col_mask)
+        if HAS_BRANCH_BIAS:
+            tl.store(DBB_PART + part + cols, tl.sum(acc_dbb, 0), mask=col_mask)
     else:
         zero = tl.zeros([BLOCK_D], tl.float32)
         for start in range(0, D, BLOCK_D):
@@ -284,42 +411,85 @@ def add_norm_bwd_kernel(
                 tl.store(DB_PART + part + c, zero, mask=c < D)
             if HAS_BRANCH_SCALE:
                 tl.store(DBS_PART + part + c, zero, mask=c < D)
+            if HAS_BRANCH_WEIGHT:
+                tl.store(DWB_PART + part + c, zero, mask=c < D)
+            if HAS_BRANCH_BIAS:
+                tl.store(DBB_PART + part + c, zero, mask=c < D)
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             shift = tl.zeros([BLOCK_M], tl.float32)
+            shift_x = tl.zeros([BLOCK_M], tl.float32)
             if not IS_RMS:
-                shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                if OUTPUT_NORM:
+                    shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                if BRANCH_NORM:
+                    shift_x = tl.load(MEAN_X + rows, mask=row_mask, other=0.0)
             s_d = tl.zeros([BLOCK_M], tl.float32)
             s_dd = tl.zeros([BLOCK_M], tl.float32)
             s_gd = tl.zeros([BLOCK_M], tl.float32)
             s_g = tl.zeros([BLOCK_M], tl.float32)
+            s_x = tl.zeros([BLOCK_M], tl.float32)
+            s_xx = tl.zeros([BLOCK_M], tl.float32)
             for start in range(0, D, BLOCK_D):
                 c = start + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                dy, d, g = _grad_tile(DY, H, W, shift, rows, c, mask, D, stride_dy, stride_h,
-                                      IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
-                s_d += tl.sum(d, 1)
-                s_dd += tl.sum(d * d, 1)
-                s_gd += tl.sum(g * d, 1)
-                s_g += tl.sum(g, 1)
+                if OUTPUT_NORM:
+                    d = _shifted(H, shift, rows, c, mask, stride_h, IS_RMS)
+                    g = _weighted(_load(DY, rows, c, mask, stride_dy), W, c, D, HAS_WEIGHT,
+                                  ZERO_CENTERED)
+                    s_d += tl.sum(d, 1)
+                    s_dd += tl.sum(d * d, 1)
+                    s_gd += tl.sum(g * d, 1)
+                    s_g += tl.sum(g, 1)
+                if BRANCH_NORM:
+                    dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
+                    s_x += tl.sum(dx_, 1)
+                    s_xx += tl.sum(dx_ * dx_, 1)
             mean_d, rstd, c1, c2 = _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS)
+            s_gbx = tl.zeros([BLOCK_M], tl.float32)
+            s_gb = tl.zeros([BLOCK_M], tl.float32)
+            mean_b, rstd_b, c1b, c2b = _grad_coefficients(s_x, s_xx, s_gbx, s_gb, D, eps, IS_RMS)
             for start in range(0, D, BLOCK_D):
                 c = start + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                dy, d, g = _grad_tile(DY, H, W, shift, rows, c, mask, D, stride_dy, stride_h,
-                                      IS_RMS, HAS_WEIGHT, ZERO_CENTERED)
-                xhat, dh = _input_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
-                dbs = _store_input_grads(DH, X, BS, RS, DX, DR, dh, rows, row_mask, c, mask, D,
-                                         stride_dh, stride_x, stride_dx, stride_dr,
-                                         residual_scale, branch_scale, HAS_DH, HAS_BRANCH_SCALE,
-                                         HAS_ROWSCALE, STORE_DR)
+                dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy, stride_h,
+                                         stride_dh, mean_d, rstd, c1, c2, IS_RMS, HAS_WEIGHT,
+                                         ZERO_CENTERED, HAS_DH, OUTPUT_NORM)
+                if STORE_DR:
+                    _store(DR, dh * residual_scale, rows, c, mask, stride_dr)
+                df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
+                                       branch_scale, HAS_BRANCH_SCALE, HAS_ROWSCALE)
                 if HAS_WEIGHT:
-                    acc = tl.load(DW_PART + part + c, mask=c < D, other=0.0)
-                    tl.store(DW_PART + part + c, acc + tl.sum(dy * xhat, 0), mask=c < D)
+                    _accumulate(DW_PART, part, c, D, dy * xhat)
                 if HAS_BIAS:
-                    acc = tl.load(DB_PART + part + c, mask=c < D, other=0.0)
-                    tl.store(DB_PART + part + c, acc + tl.sum(dy, 0), mask=c < D)
+                    _accumulate(DB_PART, part, c, D, dy)
                 if HAS_BRANCH_SCALE:
-                    acc = tl.load(DBS_PART + part + c, mask=c < D, other=0.0)
-                    tl.store(DBS_PART + part + c, acc + tl.sum(dbs, 0), mask=c < D)
+                    _accumulate(DBS_PART, part, c, D, dbs)
+                if BRANCH_NORM:
+                    dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
+                    gb = _weighted(df, WB, c, D, HAS_BRANCH_WEIGHT, ZERO_CENTERED)
+                    s_gbx += tl.sum(gb * dx_, 1)
+                    s_gb += tl.sum(gb, 1)
+                    xhat_b = _xhat(dx_, mean_b, rstd_b, mask, IS_RMS)
+                    if HAS_BRANCH_WEIGHT:
+                        _accumulate(DWB_PART, part, c, D, df * xhat_b)
+                    if HAS_BRANCH_BIAS:
+                        _accumulate(DBB_PART, part, c, D, df)
+                else:
+                    _store(DX, df, rows, c, mask, stride_dx)
+            if BRANCH_NORM:
+                # pass 3: the branch norm's row sums are complete only now
+                mean_b, rstd_b, c1b, c2b = _grad_coefficients(s_x, s_xx, s_gbx, s_gb, D, eps, IS_RMS)
+                for start in range(0, D, BLOCK_D):
+                    c = start + cols
+                    mask = row_mask[:, None] & (c < D)[None, :]
+                    dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy,
+                                             stride_h, stride_dh, mean_d, rstd, c1, c2, IS_RMS,
+                                             HAS_WEIGHT, ZERO_CENTERED, HAS_DH, OUTPUT_NORM)
+                    df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
+                                           branch_scale, HAS_BRANCH_SCALE, HAS_ROWSCALE)
+                    dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
+                    gb = _weighted(df, WB, c, D, HAS_BRANCH_WEIGHT, ZERO_CENTERED)
+                    xhat_b, dx = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
+                    _store(DX, dx, rows, c, mask, stride_dx)

@@ -25,17 +25,26 @@ _TYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 # Pointer arguments and their element types; "act" is the activation dtype under test.
 _FWD_POINTERS = {"X": "act", "R": "act", "W": "fp32", "B": "fp32", "BS": "fp32", "RS": "fp32",
-                 "Y": "act", "H": "act", "MEAN": "fp32"}
+                 "WB": "fp32", "BB": "fp32", "Y": "act", "H": "act", "MEAN": "fp32",
+                 "MEAN_X": "fp32"}
 _BWD_POINTERS = {"DY": "act", "DH": "act", "H": "act", "X": "act", "W": "fp32", "BS": "fp32",
-                 "RS": "fp32", "MEAN": "fp32", "DX": "act", "DR": "act",
-                 "DW_PART": "fp32", "DB_PART": "fp32", "DBS_PART": "fp32"}
+                 "RS": "fp32", "WB": "fp32", "MEAN": "fp32", "MEAN_X": "fp32", "DX": "act",
+                 "DR": "act", "DW_PART": "fp32", "DB_PART": "fp32", "DBS_PART": "fp32",
+                 "DWB_PART": "fp32", "DBB_PART": "fp32"}
 _FLOATS = {"eps", "residual_scale", "branch_scale"}
 
-# Every feature on: the largest register footprint a configuration can have.
+# Every add+norm feature on: the largest register footprint of that family.
 ALL_FLAGS_FWD = dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True,
-                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_H=True)
+                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_H=True,
+                     BRANCH_NORM=False, HAS_BRANCH_WEIGHT=False, HAS_BRANCH_BIAS=False,
+                     OUTPUT_NORM=True)
 ALL_FLAGS_BWD = dict(IS_RMS=False, HAS_DH=True, HAS_WEIGHT=True, HAS_BIAS=True,
-                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_DR=True)
+                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_DR=True,
+                     BRANCH_NORM=False, HAS_BRANCH_WEIGHT=False, HAS_BRANCH_BIAS=False,
+                     OUTPUT_NORM=True)
+# The sandwich layout (norm_add_norm) with every feature it allows.
+BRANCH_NORM_FLAGS = dict(BRANCH_NORM=True, HAS_BRANCH_WEIGHT=True, HAS_BRANCH_BIAS=True,
+                         HAS_BRANCH_SCALE=False, HAS_ROWSCALE=False)
 
 
 @dataclass
@@ -57,11 +66,12 @@ def compile_kernel(direction: str, D: int, dtype: str = "bf16", arch: int = 90,
                    flags: dict | None = None) -> Compiled:
     """Compile the forward or backward kernel at its default launch configuration for D."""
     if direction == "fwd":
-        fn, pointers, cfg = add_norm_fwd_kernel, _FWD_POINTERS, launch.fwd_config(D)
         flags = {**ALL_FLAGS_FWD, **(flags or {})}
+        fn, pointers, cfg = add_norm_fwd_kernel, _FWD_POINTERS, launch.fwd_config(D, flags["BRANCH_NORM"])
     elif direction == "bwd":
-        fn, pointers, cfg = add_norm_bwd_kernel, _BWD_POINTERS, launch.bwd_config(D)
         flags = {**ALL_FLAGS_BWD, **(flags or {})}
+        fn, pointers, cfg = add_norm_bwd_kernel, _BWD_POINTERS, launch.bwd_config(
+            D, reads_x=flags["BRANCH_NORM"] or flags["HAS_BRANCH_SCALE"])
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
@@ -112,9 +122,11 @@ def main(argv: list[str]) -> None:
         for dtype in dtypes:
             for D in Ds:
                 for direction in ("fwd", "bwd"):
-                    c = compile_kernel(direction, D, dtype, arch)
-                    print(f"sm_{arch} {direction} D={D:>6} {dtype}: {c.registers:>3} regs, "
-                          f"{c.num_warps:>2} warps, spills {c.spill_stores}/{c.spill_loads} bytes")
+                    for name, flags in (("add_norm", {}), ("norm_add_norm", BRANCH_NORM_FLAGS)):
+                        c = compile_kernel(direction, D, dtype, arch, flags)
+                        print(f"sm_{arch} {direction} {name:<13} D={D:>6} {dtype}: "
+                              f"{c.registers:>3} regs, {c.num_warps:>2} warps, "
+                              f"spills {c.spill_stores}/{c.spill_loads} bytes")
 
 
 if __name__ == "__main__":
