@@ -112,6 +112,22 @@ def _residual_add(
     return f
 
 
+@triton.jit
+def _h_chunk(
+    X, R, BS, RS, WB, BB, rows, row_mask, cols, mask, D, stride_x, stride_r, residual_scale,
+    branch_scale, mean_x, rstd_x, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+    BRANCH_NORM: tl.constexpr, HAS_BRANCH_WEIGHT: tl.constexpr, HAS_BRANCH_BIAS: tl.constexpr,
+):
+    """h for one tile, given the branch norm's row statistics (when there is one)."""
+    f = _load(X, rows, cols, mask, stride_x)
+    if BRANCH_NORM:
+        f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D, IS_RMS,
+                               HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
+    return _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
+                         branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -178,12 +194,10 @@ def add_norm_fwd_kernel(
         for start in range(0, D, BLOCK_D):
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
-            f = _load(X, rows, c, mask, stride_x)
-            if BRANCH_NORM:
-                f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, c, D, IS_RMS,
-                                       HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
-            h = _residual_add(f, R, BS, RS, rows, row_mask, c, mask, D, stride_r, residual_scale,
-                              branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
+            h = _h_chunk(X, R, BS, RS, WB, BB, rows, row_mask, c, mask, D, stride_x, stride_r,
+                         residual_scale, branch_scale, mean_x, rstd_x, IS_RMS, HAS_RESIDUAL,
+                         HAS_BRANCH_SCALE, HAS_ROWSCALE, ZERO_CENTERED, BRANCH_NORM,
+                         HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS)
             if STORE_H:
                 tl.store(H + rows[:, None] * stride_h + c[None, :], h.to(H.dtype.element_ty), mask=mask)
             n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
@@ -193,13 +207,10 @@ def add_norm_fwd_kernel(
             for start in range(0, D, BLOCK_D):
                 c = start + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                f = _load(X, rows, c, mask, stride_x)
-                if BRANCH_NORM:
-                    f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, c, D, IS_RMS,
-                                           HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
-                h = _residual_add(f, R, BS, RS, rows, row_mask, c, mask, D, stride_r,
-                                  residual_scale, branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE,
-                                  HAS_ROWSCALE)
+                h = _h_chunk(X, R, BS, RS, WB, BB, rows, row_mask, c, mask, D, stride_x,
+                             stride_r, residual_scale, branch_scale, mean_x, rstd_x, IS_RMS,
+                             HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE, ZERO_CENTERED,
+                             BRANCH_NORM, HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS)
                 y = _normalized_affine(h, mean, rstd, mask, W, B, c, D, IS_RMS, HAS_WEIGHT,
                                        HAS_BIAS, ZERO_CENTERED)
                 tl.store(Y + rows[:, None] * stride_y + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
