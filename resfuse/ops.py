@@ -52,22 +52,14 @@ def _forward_impl(
     is_rms: bool, zero_centered_weight: bool, branch_norm: bool, output_norm: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
 ) -> tuple[Optional[Tensor], ...]:
-    """(y, h, mean, mean_x) in x's shape, None where absent."""
-    D = x.shape[-1]
-    outputs = _backends.implementation(backend).forward(
-        _rows(x, D), _rows(residual, D) if residual is not None else None, weight, bias,
-        branch_scale, rowscale.reshape(-1) if rowscale is not None else None,
+    """(y, h, mean, mean_x) for 2-D (rows, D) inputs (unit column stride) and a rowscale
+    vector, None where absent."""
+    return _backends.implementation(backend).forward(
+        x, residual, weight, bias, branch_scale, rowscale,
         eps=eps, residual_scale=residual_scale, branch_scale_value=branch_scale_value,
         is_rms=is_rms, zero_centered_weight=zero_centered_weight, store_h=store_h,
         residual_dtype=residual_dtype, out_dtype=out_dtype, branch_norm=branch_norm,
         branch_weight=branch_weight, branch_bias=branch_bias, output_norm=output_norm)
-    if x.dim() == 2:
-        return outputs
-    y, h, mean, mean_x = outputs
-    lead = x.shape[:-1]
-    return (y.view(x.shape) if y is not None else None, h.view(x.shape) if h is not None else None,
-            mean.view(lead) if mean is not None else None,
-            mean_x.view(lead) if mean_x is not None else None)
 
 
 @torch.library.custom_op("resfuse::add_norm", mutates_args=())
@@ -78,14 +70,18 @@ def add_norm_op(
     is_rms: bool, zero_centered_weight: bool, branch_norm: bool, output_norm: bool,
     store_h: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # The entry points pass 2-D tensors; direct callers of the op may pass any shape.
+    D = x.shape[-1]
     y, h, mean, mean_x = _forward_impl(
-        x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
-        residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
-        output_norm, store_h, residual_dtype, out_dtype, backend)
-    return (y if y is not None else _empty(x, out_dtype),
-            h if h is not None else _empty(x, residual_dtype),
-            mean if mean is not None else _empty(x),
-            mean_x if mean_x is not None else _empty(x))
+        _rows(x, D), _rows(residual, D) if residual is not None else None, weight, bias,
+        branch_scale, rowscale.reshape(-1) if rowscale is not None else None, branch_weight,
+        branch_bias, eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
+        branch_norm, output_norm, store_h, residual_dtype, out_dtype, backend)
+    rows = x.shape[:-1]
+    return (y.view(x.shape) if y is not None else _empty(x, out_dtype),
+            h.view(x.shape) if h is not None else _empty(x, residual_dtype),
+            mean.view(rows) if mean is not None else _empty(x),
+            mean_x.view(rows) if mean_x is not None else _empty(x))
 
 
 @add_norm_op.register_fake
@@ -95,9 +91,9 @@ def _add_norm_fake(x, residual, weight, bias, branch_scale, rowscale, branch_wei
     def like(present, shape, dtype=torch.float32):
         return x.new_empty(shape if present else (0,), dtype=dtype)
 
-    lead = x.shape[:-1]
+    rows = x.shape[:-1]
     return (like(output_norm, x.shape, out_dtype), like(store_h, x.shape, residual_dtype),
-            like(not is_rms and output_norm, lead), like(not is_rms and branch_norm, lead))
+            like(not is_rms and output_norm, rows), like(not is_rms and branch_norm, rows))
 
 
 # --------------------------------------------------------------------------- backward
@@ -112,25 +108,20 @@ def _backward_impl(
     output_norm: bool, store_dresidual: bool, x_dtype: torch.dtype, residual_dtype: torch.dtype,
     backend: str,
 ) -> tuple[Optional[Tensor], ...]:
-    """(dx, dresidual, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias), the
-    parameter gradients as fp32 row sums, None where absent."""
-    shape = (h if h is not None else dh).shape
-    D = shape[-1]
+    """(dx, dresidual, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias) for 2-D
+    tensors, the parameter gradients as fp32 row sums, None where absent."""
+    D = (h if h is not None else dh).shape[-1]
 
-    def rows(t):
+    def rows(t):  # upstream gradients arrive in any layout
         return _rows(t, D) if t is not None else None
 
-    def flat(t):
-        return t.reshape(-1) if t is not None else None
-
-    dx, dr, *params = _backends.implementation(backend).backward(
-        rows(dy), rows(dh), rows(h), rows(x), weight, branch_scale, flat(rowscale), flat(mean),
+    return _backends.implementation(backend).backward(
+        rows(dy), rows(dh), h, x, weight, branch_scale, rowscale, mean,
         eps=eps, residual_scale=residual_scale, branch_scale_value=branch_scale_value,
         is_rms=is_rms, zero_centered_weight=zero_centered_weight, has_bias=has_bias,
         store_dresidual=store_dresidual, x_dtype=x_dtype, residual_dtype=residual_dtype,
         branch_norm=branch_norm, branch_weight=branch_weight, has_branch_bias=has_branch_bias,
-        mean_x=flat(mean_x), output_norm=output_norm)
-    return (dx.view(shape), dr.view(shape) if dr is not None else None, *params)
+        mean_x=mean_x, output_norm=output_norm)
 
 
 @torch.library.custom_op("resfuse::add_norm_backward", mutates_args=())
@@ -143,12 +134,22 @@ def add_norm_backward_op(
     output_norm: bool, store_dresidual: bool, x_dtype: torch.dtype, residual_dtype: torch.dtype,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backward_impl(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean,
-                           mean_x, eps, residual_scale, branch_scale_value, is_rms,
-                           zero_centered_weight, has_bias, has_branch_bias, branch_norm,
-                           output_norm, store_dresidual, x_dtype, residual_dtype, backend)
     like = h if h is not None else dh
-    return tuple(g if g is not None else _empty(like) for g in grads)
+    D = like.shape[-1]
+
+    def rows(t):
+        return _rows(t, D) if t is not None else None
+
+    def flat(t):
+        return t.reshape(-1) if t is not None else None
+
+    dx, dr, *params = _backward_impl(
+        dy, dh, rows(h), rows(x), weight, branch_scale, flat(rowscale), branch_weight, flat(mean),
+        flat(mean_x), eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
+        has_bias, has_branch_bias, branch_norm, output_norm, store_dresidual, x_dtype,
+        residual_dtype, backend)
+    return (dx.view(like.shape), dr.view(like.shape) if dr is not None else _empty(like, residual_dtype),
+            *(g if g is not None else _empty(like) for g in params))
 
 
 @add_norm_backward_op.register_fake
@@ -259,8 +260,16 @@ torch.library.register_autograd(
 def _run(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
          residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
          output_norm, return_h, residual_dtype, out_dtype, backend):
-    """Pick the path (compiled op / eager autograd / no-grad) and run; returns (y, h)."""
+    """Pick the path (compiled op / eager autograd / no-grad) and run; returns (y, h).
+
+    The ops see 2-D (rows, D) tensors: the reshapes happen out here, where autograd tracks
+    them, so y and h are ordinary views the caller may edit in place (a custom autograd
+    function returning several views of its outputs forbids that)."""
     backend = _backends.resolve(backend, x.device)
+    shape, D = x.shape, x.shape[-1]
+    x = _rows(x, D)
+    residual = _rows(residual, D) if residual is not None else None
+    rowscale = rowscale.reshape(-1) if rowscale is not None else None
     tensors = (x, residual, weight, bias, branch_scale, branch_weight, branch_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     h_is_x = (residual is None and branch_scale is None and branch_scale_value == 1.0
@@ -276,6 +285,9 @@ def _run(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branc
         y, h, _, _ = _AddNormFunction.apply(*args)
     else:
         y, h, _, _ = _forward_impl(*args)
+    if len(shape) != 2:
+        y = y.view(shape) if output_norm else y
+        h = h.view(shape) if store_h else h
     return y, h
 
 

@@ -153,14 +153,14 @@ def test_torch_compile_fullgraph(compiler):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
 
 
-def _op_args(norm, backend, *, layer_scale=False, residual=True):
+def _op_args(norm, backend, *, layer_scale=False, residual=True, rows=(2, 3)):
     D = 24
-    x = torch.randn(2, 3, D, device=DEVICE, requires_grad=True)
-    r = torch.randn(2, 3, D, device=DEVICE, requires_grad=True) if residual else None
+    x = torch.randn(*rows, D, device=DEVICE, requires_grad=True)
+    r = torch.randn(*rows, D, device=DEVICE, requires_grad=True) if residual else None
     w = torch.randn(D, device=DEVICE, requires_grad=True)
     b = torch.randn(D, device=DEVICE, requires_grad=True) if norm == "layer" else None
     bs = torch.randn(D, device=DEVICE, requires_grad=True) if layer_scale else None
-    rs = torch.rand(2, 3, device=DEVICE)
+    rs = torch.rand(*rows, device=DEVICE)
     return (x, r, w, b, bs, rs, None, None, 1e-5, 0.5, 1.0, norm == "rms", False, False, True,
             True, torch.float32, torch.float32, backend)
 
@@ -188,8 +188,9 @@ def test_opcheck_add_norm_backward(backend):
 
 
 def test_eager_path_matches_registered_op():
-    """The dispatcher-free eager path and the registered op give identical results."""
-    args = _op_args("layer", "torch", layer_scale=True)
+    """The dispatcher-free eager path and the registered op give identical results
+    (on the 2-D tensors the entry points hand them)."""
+    args = _op_args("layer", "torch", layer_scale=True, rows=(6,))
     out_eager = ops._AddNormFunction.apply(*args)
     out_op = torch.ops.resfuse.add_norm(*args)
     for a, b in zip(out_eager, out_op):  # the eager path returns None where the op has empties
@@ -202,3 +203,25 @@ def test_eager_path_matches_registered_op():
     sum(t.sum() for t in out_op[:2]).backward()
     for g, t in zip(eager_grads, [t for t in args[:5] if isinstance(t, torch.Tensor)]):
         assert torch.equal(g, t.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_can_be_edited_in_place(backend):
+    """y of an N-D input is an ordinary tensor: in-place edits work and autograd sees them.
+    h is saved for backward (it is what the backward differentiates at), so editing it in
+    place is caught by autograd's version check, as for any saved output."""
+    x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    r = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    y, h = resfuse.add_rms_norm(x, r, w, backend=backend)
+    y.mul_(2)
+    (y.sum() + h.pow(2).sum()).backward()
+    x2, r2, w2 = (t.detach().clone().requires_grad_() for t in (x, r, w))
+    y2, h2 = resfuse.add_rms_norm(x2, r2, w2, backend="torch")
+    (2 * y2.sum() + h2.pow(2).sum()).backward()
+    for a, b in ((x, x2), (r, r2), (w, w2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    y, h = resfuse.add_rms_norm(x, r, w, backend=backend)
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
