@@ -4,6 +4,7 @@ and backward, with drop-in modules. The contract is API.md; the semantics are
 
 from .backend_registry import BackendUnavailableError, backends
 from .functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .integrations import PatchReport, patch, unpatch
 from .modules import AddNorm, LayerNorm, RMSNorm
 
 __version__ = "0.1.0"
@@ -11,4 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AddNorm", "BackendUnavailableError", "LayerNorm", "RMSNorm", "add_layer_norm",
     "add_rms_norm", "backends", "layer_norm", "rms_norm",
+    "PatchReport", "patch", "unpatch",
 ]
