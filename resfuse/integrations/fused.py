@@ -146,11 +146,15 @@ class NormOverride:
             h_dtype = torch.promote_types(h_dtype, branch_scale.dtype)
         if residual is not None:
             h_dtype = torch.promote_types(h_dtype, residual.dtype)
+        # Rows as a 2-D (N, D) problem, reshaped back outside the autograd function: its
+        # outputs then are not views, so they can be edited in place like any tensor.
         shape, k = x.shape, self._resfuse_trailing()
-        if k > 1:  # rows span several trailing dims (torch.nn norms): flatten them
-            D = shape[-k:].numel()
-            x = x.reshape(*shape[:-k], D)
-            residual = residual.reshape(x.shape) if residual is not None else None
+        D = shape[-k:].numel()
+        x = x.reshape(-1, D)
+        residual = residual.reshape(x.shape) if residual is not None else None
+        if rowscale is not None:
+            rowscale = rowscale.expand(shape[:-k]).reshape(-1)
+        if k > 1:  # rows span several trailing dims (torch.nn norms)
             weight = weight.reshape(D) if weight is not None else None
             bias = bias.reshape(D) if bias is not None else None
         out = add_norm(x, residual, weight, bias, self._resfuse_eps(h_dtype),
@@ -158,9 +162,9 @@ class NormOverride:
                        zero_centered_weight=spec.zero_centered_weight, prenorm=prenorm,
                        residual_dtype=h_dtype if residual is not None else None,
                        out_dtype=spec.output_dtype(h_dtype, self.weight))
-        if k > 1:
-            out = tuple(t.reshape(shape) for t in out) if prenorm else out.reshape(shape)
-        return out
+        if prenorm:
+            return tuple(t.view(shape) for t in out)
+        return out.view(shape)
 
 
 # --------------------------------------------------------------------------- carrying
@@ -258,8 +262,8 @@ def _add(layer: nn.Module, pending, residual: Tensor, norm) -> tuple[Tensor, Ten
 
 def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
     """The layer's closing add; carried into the next norm's kernel when linked."""
-    target = layer.__dict__.get(CARRY_INTO)
-    if target is not None and _carry_allowed(layer):
+    target = layer.__dict__.get(CARRY_INTO) if _carry_allowed(layer) else None
+    if target is not None:
         sub, f = pending
         scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
         # the target's hooks still run: it is called as usual, and returns the carried y
