@@ -295,7 +295,7 @@ def test_deepcopy_of_a_patched_model_is_patched():
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("mode", [True, "across_layers"])
-def test_transformers_gradient_checkpointing(mode, use_reentrant):
+def test_transformers_gradient_checkpointing(mode, use_reentrant, count_fused):
     spec, model, reference = _pair()
     for m in (model, reference):
         m.activation_checkpointing_enable({"use_reentrant": use_reentrant})
@@ -303,6 +303,9 @@ def test_transformers_gradient_checkpointing(mode, use_reentrant):
     resfuse.patch(model, fuse_residual=mode)
     inputs = spec.example()
     _assert_same_training(model, reference, inputs)
+    # the patched layers ran under checkpointing: forward + recompute, 1 fused add each
+    # (no carry across layers while checkpointing)
+    assert count_fused["add_norm"] == 2 * 2
     model.activation_checkpointing_disable()  # and the patched layers work without it again
     reference.activation_checkpointing_disable()
     _assert_same_training(model, reference, inputs)
