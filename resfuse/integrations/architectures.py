@@ -19,13 +19,17 @@ RMS_LLAMA = Norm("rms", eps="variance_epsilon", out_dtype="promote_weight")  # w
 RMS_ROUND_ONCE = Norm("rms", eps="variance_epsilon")                          # (w * x).to(dtype)
 RMS_GEMMA = Norm("rms", eps="eps", zero_centered_weight=True)                 # x * (1 + w), fp32
 RMS_T5 = Norm("rms", eps="variance_epsilon", out_dtype="t5")
-TORCH_LAYER_NORM = Norm("layer", eps="eps", normalized_shape=True)
-TORCH_RMS_NORM = Norm("rms", eps="eps", normalized_shape=True)
+TORCH_LAYER_NORM = Norm("layer", eps="eps", normalized_shape=True, autocast="layer_norm")
+# F.rms_norm's autocast behaviour is not verified on CUDA: under autocast the original runs
+TORCH_RMS_NORM = Norm("rms", eps="eps", normalized_shape=True, autocast="original")
+TIMM_LAYER_NORM = Norm("layer", eps="eps", normalized_shape=True, autocast="layer_norm",
+                       conditions=(Condition("_fast_norm", False, "timm's fast_norm is on (it "
+                                             "normalizes in the autocast dtype): left as it is"),))
 
 NORMS = {
     "torch.nn.modules.normalization:LayerNorm": TORCH_LAYER_NORM,
     "torch.nn.modules.normalization:RMSNorm": TORCH_RMS_NORM,
-    "timm.layers.norm:LayerNorm": TORCH_LAYER_NORM,
+    "timm.layers.norm:LayerNorm": TIMM_LAYER_NORM,
     _T + "llama.modeling_llama:LlamaRMSNorm": RMS_LLAMA,
     _T + "mistral.modeling_mistral:MistralRMSNorm": RMS_LLAMA,
     _T + "qwen2.modeling_qwen2:Qwen2RMSNorm": RMS_LLAMA,

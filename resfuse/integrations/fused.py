@@ -109,6 +109,9 @@ class NormOverride:
         """Whether resfuse can run this norm on ``x`` (else the original forward runs)."""
         if x.dtype not in _FLOAT or x.dim() == 0:
             return False
+        if (self._resfuse_spec.autocast == "original"
+                and torch.is_autocast_enabled(x.device.type)):
+            return False
         k = self._resfuse_trailing()
         if k > 1 and (x.dim() < k or tuple(x.shape[-k:]) != tuple(self.normalized_shape)):
             return False
@@ -148,7 +151,7 @@ class NormOverride:
             h_dtype = torch.promote_types(h_dtype, residual.dtype)
         # Rows as a 2-D (N, D) problem, reshaped back outside the autograd function: its
         # outputs then are not views, so they can be edited in place like any tensor.
-        shape, k = x.shape, self._resfuse_trailing()
+        shape, k, device_type = x.shape, self._resfuse_trailing(), x.device.type
         D = shape[-k:].numel()
         x = x.reshape(-1, D)
         residual = residual.reshape(x.shape) if residual is not None else None
@@ -161,7 +164,7 @@ class NormOverride:
                        is_rms=spec.kind == "rms", branch_scale=branch_scale, rowscale=rowscale,
                        zero_centered_weight=spec.zero_centered_weight, prenorm=prenorm,
                        residual_dtype=h_dtype if residual is not None else None,
-                       out_dtype=spec.output_dtype(h_dtype, self.weight))
+                       out_dtype=spec.output_dtype(h_dtype, self.weight, device_type))
         if prenorm:
             return tuple(t.view(shape) for t in out)
         return out.view(shape)

@@ -213,6 +213,9 @@ def _plan_norms(plan: _Plan, modules) -> None:
             problem = "its weight is not a Parameter (or None)"
         if problem is None and not hasattr(module, spec.eps):
             problem = f"has no `{spec.eps}` attribute"
+        if problem is None:
+            problem = next((c.reason for c in spec.conditions
+                            if getattr(module, c.attr, object()) != c.value), None)
         if problem:
             plan.report.skipped.append(ModuleNote(path, type(module).__name__, problem))
             continue

@@ -31,6 +31,15 @@ STEP_ROLES = ("module", "norm", "layer_scale", "drop_path")
 
 
 @dataclass(frozen=True)
+class Condition:
+    """An instance attribute the entry needs to hold ``value``, else ``reason`` is reported."""
+
+    attr: str
+    value: object
+    reason: str
+
+
+@dataclass(frozen=True)
 class Norm:
     """A norm class and the semantics resfuse must reproduce for it.
 
@@ -45,14 +54,25 @@ class Norm:
     zero_centered_weight: bool = False  # y = normalize(h) * (1 + weight)
     out_dtype: str = "input"
     normalized_shape: bool = False     # rows span ``self.normalized_shape`` (torch.nn norms)
+    # Under autocast: "same" (plain elementwise code, which autocast leaves alone or runs in
+    # fp32 anyway: the transformers norms), "layer_norm" (F.layer_norm, which CUDA autocast
+    # runs in float32, returning float32), "original" (not verified: the original runs).
+    autocast: str = "same"
+    conditions: tuple[Condition, ...] = ()  # instance attributes it needs
 
     def __post_init__(self):
         if self.kind not in ("rms", "layer"):
             raise ValueError(f"Norm.kind must be 'rms' or 'layer', got {self.kind!r}")
         if self.out_dtype not in ("input", "promote_weight", "t5"):
             raise ValueError(f"Norm.out_dtype: unknown rule {self.out_dtype!r}")
+        if self.autocast not in ("same", "layer_norm", "original"):
+            raise ValueError(f"Norm.autocast: unknown rule {self.autocast!r}")
 
-    def output_dtype(self, t: torch.dtype, weight: Optional[torch.Tensor]) -> torch.dtype:
+    def output_dtype(self, t: torch.dtype, weight: Optional[torch.Tensor],
+                     device_type: str = "cpu") -> torch.dtype:
+        if (self.autocast == "layer_norm" and device_type == "cuda"
+                and torch.is_autocast_enabled("cuda")):
+            return torch.float32
         if self.out_dtype == "input" or weight is None:
             return t
         if self.out_dtype == "promote_weight":
@@ -125,15 +145,6 @@ class Sublayer:
     @property
     def scale_steps(self) -> tuple[tuple[str, str], ...]:
         return tuple(s for s in self.steps if s[1] in ("layer_scale", "drop_path"))
-
-
-@dataclass(frozen=True)
-class Condition:
-    """An instance attribute the entry needs to hold ``value``, else ``reason`` is reported."""
-
-    attr: str
-    value: object
-    reason: str
 
 
 @dataclass(frozen=True)

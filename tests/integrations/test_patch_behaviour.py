@@ -14,6 +14,7 @@ from torch import nn
 import resfuse
 from patch_fixtures import backend, count_fused  # noqa: F401 (fixtures)
 from resfuse.integrations import architectures, fused, patching, sources
+from conftest import DEVICE
 from tiny_models import ARCHS, _encoder, _vit, assert_tracks, forward_backward, logits, transformers
 
 LLAMA_LAYER = "transformers.models.llama.modeling_llama:LlamaDecoderLayer"
@@ -121,6 +122,15 @@ def test_a_changed_norm_leaves_its_adds_unfused(monkeypatch):
     report = resfuse.patch(model, fuse_residual="across_layers")
     assert not report.norms and not report.fused and len(report.skipped) == 5
     assert all(not patching.is_patched(m) for m in model.modules())
+
+
+def test_timm_fast_norm_is_left_alone():
+    _, model, _ = _pair("vit")
+    model.norm._fast_norm = True  # timm.layers.set_fast_norm(True) at construction
+    report = resfuse.patch(model)
+    assert [(n.path, n.what) for n in report.skipped] == [
+        ("norm", "timm's fast_norm is on (it normalizes in the autocast dtype): left as it is")]
+    assert not patching.is_patched(model.norm) and len(report.norms) == 4
 
 
 def test_source_digest_sees_code_not_comments(tmp_path, monkeypatch):
@@ -315,13 +325,13 @@ def test_transformers_gradient_checkpointing(mode, use_reentrant, count_fused):
 @pytest.mark.parametrize("mode", [True, "across_layers"])
 def test_timm_drop_path_and_layer_scale_in_training(mode, checkpointing, count_fused):
     torch.manual_seed(0)
-    model = _vit(drop_path_rate=0.5)()
+    model = _vit(drop_path_rate=0.5)().to(DEVICE)
     model.set_grad_checkpointing(checkpointing)
     model.train()
     reference = copy.deepcopy(model)
     report = resfuse.patch(model, fuse_residual=mode)
     assert len(report.fused) == (4 if mode == "across_layers" else 2)
-    inputs = {"x": torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))}
+    inputs = {"x": torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)}
     out = _assert_same_training(model, reference, inputs, seed=7)
     assert count_fused["add_norm"] > 0
     torch.manual_seed(8)  # another draw of the drop-path masks gives other logits
@@ -330,7 +340,7 @@ def test_timm_drop_path_and_layer_scale_in_training(mode, checkpointing, count_f
 
 def test_bert_dropout_in_training():
     torch.manual_seed(0)
-    model = _encoder(transformers.BertConfig, transformers.BertForMaskedLM)()
+    model = _encoder(transformers.BertConfig, transformers.BertForMaskedLM)().to(DEVICE)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.2
@@ -338,6 +348,29 @@ def test_bert_dropout_in_training():
     reference = copy.deepcopy(model)
     resfuse.patch(model)
     _assert_same_training(model, reference, ARCHS["bert"].example(), seed=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "bert", "t5", "vit"])
+def test_autocast_gives_every_layer_output_its_original_dtype(arch):
+    """Under bf16 autocast (CPU here, CUDA on a GPU run, where autocast runs F.layer_norm in
+    float32) each layer returns the dtype it returned before patching."""
+    spec, model, reference = _pair(arch)
+    resfuse.patch(model, fuse_residual="across_layers")
+    dtypes = {"patched": [], "reference": []}
+    for name, m in (("patched", model), ("reference", reference)):
+        for module in m.modules():
+            if type(module).__name__.endswith(("DecoderLayer", "Block", "Output", "LayerFF")):
+                module.register_forward_hook(
+                    lambda mod, args, out, seen=dtypes[name]: seen.append(
+                        (type(mod).__name__.removeprefix("Resfuse"),
+                         (out[0] if isinstance(out, tuple) else out).dtype)))
+    inputs = spec.example()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16), torch.no_grad():
+        ours, theirs = logits(model, inputs), logits(reference, inputs)
+    assert dtypes["patched"] == dtypes["reference"] and dtypes["patched"]
+    assert ours.dtype == theirs.dtype
+    scale = theirs.float().abs().max().item()
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=0.05 * scale, rtol=0.05)
 
 
 # --------------------------------------------------------------------------- torch.compile

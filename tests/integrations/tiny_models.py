@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from conftest import DEVICE
+
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 transformers.logging.set_verbosity_error()
@@ -101,14 +103,14 @@ class Arch:
         torch.manual_seed(seed)
         model = self.build().to(dtype)
         randomize_norms(model, seed)
-        return model
+        return model.to(DEVICE)
 
     def example(self, seed=1, dtype=None) -> dict:
         gen = torch.Generator().manual_seed(seed)
         inputs = self.inputs(gen)
         if dtype is not None:
             inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-        return inputs
+        return {k: v.to(DEVICE) for k, v in inputs.items()}
 
 
 def logits(model, inputs) -> torch.Tensor:
@@ -157,7 +159,7 @@ def forward_backward(model, inputs):
     model.zero_grad(set_to_none=True)
     out = logits(model, inputs)
     # a loss that weighs every logit differently, so no gradient cancels by symmetry
-    weights = torch.linspace(-1.0, 1.0, out.numel()).reshape(out.shape)
+    weights = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).reshape(out.shape)
     (out.float() * weights).sum().backward()
     return out.detach(), _grads(model)
 
