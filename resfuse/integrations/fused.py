@@ -113,9 +113,10 @@ class NormOverride:
                 and torch.is_autocast_enabled(x.device.type)):
             return False
         k = self._resfuse_trailing()
-        if k > 1 and (x.dim() < k or tuple(x.shape[-k:]) != tuple(self.normalized_shape)):
-            return False
-        D = x.shape[-k:].numel() if k > 1 else x.shape[-1]
+        if self._resfuse_spec.normalized_shape and (
+                x.dim() < k or tuple(x.shape[-k:]) != tuple(self.normalized_shape)):
+            return False  # the original raises its own error
+        D = x.shape[-k:].numel()
         for p in (self.weight, self._resfuse_bias()):
             if p is not None and (p.dtype not in _FLOAT or p.numel() != D or p.device != x.device):
                 return False
@@ -178,13 +179,14 @@ def take_carry(norm: nn.Module, x: Tensor) -> Optional[Tensor]:
     exactly the tensor that layer returned, unmodified (same object, same version counter)
     and the carried output has a gradient whenever one is due. Anything else - a hook that
     replaced or edited the layer output, a checkpoint recompute - computes the norm anew."""
+    if torch.compiler.is_compiling():
+        return None
     carry = norm.__dict__.get(CARRY)
     if carry is None:
         return None
     norm.__dict__[CARRY] = None
     h, version, y = carry
-    if (h is x and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
-            and x._version == version
+    if (h is x and not torch.is_inference_mode_enabled() and x._version == version
             and (y.requires_grad or not (torch.is_grad_enabled() and x.requires_grad))):
         return y
     return None

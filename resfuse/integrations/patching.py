@@ -153,9 +153,6 @@ def _check_layer(module: nn.Module, spec) -> Optional[str]:
             if not isinstance(getattr(module, attr, None), nn.Module):
                 return f"has no module `{attr}`"
         return None
-    for cond in spec.conditions:
-        if getattr(module, cond.attr, object()) != cond.value:
-            return cond.reason
     if spec.input not in binder.names:
         return f"its forward has no argument `{spec.input}`"
     for sub in spec.sublayers:
@@ -187,15 +184,16 @@ def _check_layer(module: nn.Module, spec) -> Optional[str]:
 class _Plan:
     report: PatchReport
     norms: dict[int, tuple[nn.Module, type]] = field(default_factory=dict)  # id -> (module, cls)
-    layers: dict[int, tuple[str, nn.Module, object]] = field(default_factory=dict)
+    layers: dict[int, tuple[nn.Module, type]] = field(default_factory=dict)
     links: list[tuple[nn.Module, str, object]] = field(default_factory=list)
 
+    def add_layer(self, module: nn.Module, spec) -> None:
+        override = PostNormOverride if isinstance(spec, PostNorm) else ChainOverride
+        self.layers[id(module)] = (module, _generated_class(type(module), override, spec))
+
     def swaps(self):
-        for module, cls in self.norms.values():
-            yield module, cls
-        for _, module, spec in self.layers.values():
-            override = PostNormOverride if isinstance(spec, PostNorm) else ChainOverride
-            yield module, _generated_class(type(module), override, spec)
+        yield from self.norms.values()
+        yield from self.layers.values()
 
 
 def _plan_norms(plan: _Plan, modules) -> None:
@@ -279,7 +277,7 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
             continue
         if isinstance(spec, PostNorm):
             if _norm_name(module, spec.norm, plan):
-                plan.layers[id(module)] = (path, module, spec)
+                plan.add_layer(module, spec)
                 plan.report.fused.append(ModuleNote(
                     path, cls.__name__, f"{' + '.join(spec.steps)} + {spec.residual} -> {spec.norm}"
                     " (post-norm)"))
@@ -289,7 +287,7 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
             continue
         chains[id(module)] = (path, module, spec)
         for what in _fused_adds(module, spec, plan):
-            plan.layers[id(module)] = (path, module, spec)
+            plan.add_layer(module, spec)
             plan.report.fused.append(ModuleNote(path, cls.__name__, what))
         for note in spec.notes:
             plan.report.unfused.append(ModuleNote(path, cls.__name__, note))
@@ -328,7 +326,7 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
                     lpath, name, f"closing add after {last}: fuse_residual='across_layers' fuses "
                     f"it with {where} {target}"))
             else:
-                plan.layers[id(layer)] = (lpath, layer, spec)
+                plan.add_layer(layer, spec)
                 plan.links.append((layer, CARRY_INTO, getattr(owner, target)))
                 if stack.checkpointing:
                     plan.links.append((layer, CHECKPOINT_FLAG, (stack_module, stack.checkpointing)))
@@ -355,8 +353,8 @@ def patch(model: nn.Module, *, fuse_residual: Union[bool, str] = True) -> PatchR
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if fuse_residual not in (True, False, "across_layers") or (
-            not isinstance(fuse_residual, (bool, str))):
+    if not isinstance(fuse_residual, (bool, str)) or fuse_residual not in (True, False,
+                                                                           "across_layers"):
         raise ValueError(f"fuse_residual must be True, False or 'across_layers', got "
                          f"{fuse_residual!r}")
     modules = list(model.named_modules())
