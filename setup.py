@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     # triton_kernels/ installs inside the package: a top-level `triton_kernels` module
     # would shadow the Triton project's package of that name.
-    packages=["resfuse", "resfuse.triton_kernels"],
+    packages=["resfuse", "resfuse.triton_kernels", "resfuse.integrations"],
     package_dir={"resfuse": "resfuse", "resfuse.triton_kernels": "triton_kernels"},
     install_requires=["torch>=2.4"],
     extras_require={"triton": ["triton>=3.0"]},

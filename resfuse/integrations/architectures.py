@@ -1,0 +1,210 @@
+"""The architecture table: which classes resfuse.patch knows, as declarative entries.
+
+Keys are ``"module:qualname"`` (nothing here imports transformers or timm); a model's module
+matches an entry when its class is exactly that class. Adding an architecture = adding its
+entries here (a ``Norm`` for its norm class, a ``Chain`` / ``PostNorm`` for the layer whose adds
+fuse, a ``Stack`` for the module that runs the layers), its source digests to ``PINS`` (see
+sources.py), and a tiny model to tests/integrations/models.py.
+"""
+
+from __future__ import annotations
+
+from .specs import Call, Chain, Condition, Norm, PostNorm, Stack, Sublayer, Unfused
+
+_T = "transformers.models."
+
+# --------------------------------------------------------------------------- norms
+
+RMS_LLAMA = Norm("rms", eps="variance_epsilon", out_dtype="promote_weight")  # w * x.to(dtype)
+RMS_ROUND_ONCE = Norm("rms", eps="variance_epsilon")                          # (w * x).to(dtype)
+RMS_GEMMA = Norm("rms", eps="eps", zero_centered_weight=True)                 # x * (1 + w), fp32
+RMS_T5 = Norm("rms", eps="variance_epsilon", out_dtype="t5")
+TORCH_LAYER_NORM = Norm("layer", eps="eps", normalized_shape=True, autocast="layer_norm")
+# F.rms_norm's autocast behaviour is not verified on CUDA: under autocast the original runs
+TORCH_RMS_NORM = Norm("rms", eps="eps", normalized_shape=True, autocast="original")
+TIMM_LAYER_NORM = Norm("layer", eps="eps", normalized_shape=True, autocast="layer_norm",
+                       conditions=(Condition("_fast_norm", False, "timm's fast_norm is on (it "
+                                             "normalizes in the autocast dtype): left as it is"),))
+
+NORMS = {
+    "torch.nn.modules.normalization:LayerNorm": TORCH_LAYER_NORM,
+    "torch.nn.modules.normalization:RMSNorm": TORCH_RMS_NORM,
+    "timm.layers.norm:LayerNorm": TIMM_LAYER_NORM,
+    _T + "llama.modeling_llama:LlamaRMSNorm": RMS_LLAMA,
+    _T + "mistral.modeling_mistral:MistralRMSNorm": RMS_LLAMA,
+    _T + "qwen2.modeling_qwen2:Qwen2RMSNorm": RMS_LLAMA,
+    _T + "qwen3.modeling_qwen3:Qwen3RMSNorm": RMS_LLAMA,
+    _T + "olmo2.modeling_olmo2:Olmo2RMSNorm": RMS_ROUND_ONCE,
+    _T + "gemma.modeling_gemma:GemmaRMSNorm": RMS_GEMMA,
+    _T + "gemma2.modeling_gemma2:Gemma2RMSNorm": RMS_GEMMA,
+    _T + "gemma3.modeling_gemma3:Gemma3RMSNorm": RMS_GEMMA,
+    _T + "t5.modeling_t5:T5LayerNorm": RMS_T5,
+}
+
+# --------------------------------------------------------------------------- layers
+
+# transformers attention: ``self_attn(hidden_states=normed, <every layer argument>, **kwargs)``,
+# returning (output, weights)
+_HF_ATTENTION = Call(input="hidden_states", args="all", var_kwargs=True, output="first")
+
+LLAMA_STYLE = Chain(
+    input="hidden_states",
+    sublayers=(Sublayer("self_attn", "input_layernorm", _HF_ATTENTION),
+               Sublayer("mlp", "post_attention_layernorm")),
+)
+
+# Gemma2/3 (sandwich norms): r = r + post_norm(f); y = next_norm(r). The add + next norm is
+# fused; the branch norm before it is a separate call until a norm_add_norm op exists: the
+# "norm" steps are where it plugs in.
+SANDWICH = Chain(
+    input="hidden_states",
+    sublayers=(Sublayer("self_attn", "input_layernorm", _HF_ATTENTION,
+                        steps=(("post_attention_layernorm", "norm"),)),
+               Sublayer("mlp", "pre_feedforward_layernorm",
+                        steps=(("post_feedforward_layernorm", "norm"),))),
+    notes=("branch norms post_attention_layernorm / post_feedforward_layernorm run as separate "
+           "calls before their adds (fusing them needs a norm + add + norm op)",),
+)
+
+# OLMo2 (reordered norms): r = r + norm(f), no norm after the add: nothing for add_norm to fuse
+# inside a layer (a norm + add op would); the last layer's add can carry into the final norm.
+REORDERED = Chain(
+    input="hidden_states",
+    sublayers=(Sublayer("self_attn", None, _HF_ATTENTION,
+                        steps=(("post_attention_layernorm", "norm"),)),
+               Sublayer("mlp", None, steps=(("post_feedforward_layernorm", "norm"),))),
+    notes=("adds follow branch norms (post_attention_layernorm / post_feedforward_layernorm) "
+           "and precede no norm: fusing them needs a norm + add op",),
+)
+
+GPT2_BLOCK = Chain(
+    input="hidden_states",
+    sublayers=(
+        Sublayer("attn", "ln_1", Call(args=("cache", "attention_mask", "use_cache"),
+                                      var_kwargs=True, output="first")),
+        Sublayer("crossattention", "ln_cross_attn",
+                 Call(args=("cache", "attention_mask", "encoder_hidden_states",
+                            "encoder_attention_mask"), output="first"),
+                 when="encoder_hidden_states"),
+        Sublayer("mlp", "ln_2"),
+    ),
+)
+
+GPT_NEOX_LAYER = Chain(
+    input="hidden_states",
+    sublayers=(Sublayer("attention", "input_layernorm",
+                        Call(args="all", var_kwargs=True, output="first"),
+                        steps=(("post_attention_dropout", "module"),)),
+               Sublayer("mlp", "post_attention_layernorm",
+                        steps=(("post_mlp_dropout", "module"),))),
+    conditions=(Condition("use_parallel_residual", False,
+                          "parallel residual (attention and MLP both read the layer input): "
+                          "no add precedes a norm"),),
+)
+
+TIMM_BLOCK = Chain(
+    input="x",
+    sublayers=(Sublayer("attn", "norm1", Call(args="all"),
+                        steps=(("ls1", "layer_scale"), ("drop_path1", "drop_path"))),
+               Sublayer("mlp", "norm2", steps=(("ls2", "layer_scale"), ("drop_path2", "drop_path")))),
+)
+
+BERT_OUTPUT = PostNorm(input="hidden_states", residual="input_tensor", steps=("dense", "dropout"),
+                       norm="LayerNorm")
+
+_T5_REASON = ("its add closes the sublayer; the next norm is in the next sublayer module, "
+              "after T5Block's fp16 clamp")
+
+LAYERS = {
+    _T + "llama.modeling_llama:LlamaDecoderLayer": LLAMA_STYLE,
+    _T + "mistral.modeling_mistral:MistralDecoderLayer": LLAMA_STYLE,
+    _T + "qwen2.modeling_qwen2:Qwen2DecoderLayer": LLAMA_STYLE,
+    _T + "qwen3.modeling_qwen3:Qwen3DecoderLayer": LLAMA_STYLE,
+    _T + "gemma.modeling_gemma:GemmaDecoderLayer": LLAMA_STYLE,
+    _T + "gemma2.modeling_gemma2:Gemma2DecoderLayer": SANDWICH,
+    _T + "gemma3.modeling_gemma3:Gemma3DecoderLayer": SANDWICH,
+    _T + "olmo2.modeling_olmo2:Olmo2DecoderLayer": REORDERED,
+    _T + "gpt2.modeling_gpt2:GPT2Block": GPT2_BLOCK,
+    _T + "gpt_neox.modeling_gpt_neox:GPTNeoXLayer": GPT_NEOX_LAYER,
+    _T + "bert.modeling_bert:BertSelfOutput": BERT_OUTPUT,
+    _T + "bert.modeling_bert:BertOutput": BERT_OUTPUT,
+    _T + "roberta.modeling_roberta:RobertaSelfOutput": BERT_OUTPUT,
+    _T + "roberta.modeling_roberta:RobertaOutput": BERT_OUTPUT,
+    "timm.models.vision_transformer:Block": TIMM_BLOCK,
+    _T + "t5.modeling_t5:T5LayerSelfAttention": Unfused(_T5_REASON),
+    _T + "t5.modeling_t5:T5LayerCrossAttention": Unfused(_T5_REASON),
+    _T + "t5.modeling_t5:T5LayerFF": Unfused(_T5_REASON),
+}
+
+# Known modules that look like layers by name but hold no residual add of their own.
+CONTAINERS = {
+    _T + "t5.modeling_t5:T5Block",
+}
+
+# --------------------------------------------------------------------------- stacks
+
+_HF_DECODER_STACK = Stack(layers="layers", final_norm="norm")
+STACKS = {
+    _T + "llama.modeling_llama:LlamaModel": _HF_DECODER_STACK,
+    _T + "mistral.modeling_mistral:MistralModel": _HF_DECODER_STACK,
+    _T + "qwen2.modeling_qwen2:Qwen2Model": _HF_DECODER_STACK,
+    _T + "qwen3.modeling_qwen3:Qwen3Model": _HF_DECODER_STACK,
+    _T + "gemma.modeling_gemma:GemmaModel": _HF_DECODER_STACK,
+    _T + "gemma2.modeling_gemma2:Gemma2Model": _HF_DECODER_STACK,
+    _T + "gemma3.modeling_gemma3:Gemma3TextModel": _HF_DECODER_STACK,
+    _T + "olmo2.modeling_olmo2:Olmo2Model": _HF_DECODER_STACK,
+    _T + "gpt2.modeling_gpt2:GPT2Model": Stack(layers="h", final_norm="ln_f"),
+    _T + "gpt_neox.modeling_gpt_neox:GPTNeoXModel": Stack(layers="layers",
+                                                           final_norm="final_layer_norm"),
+    "timm.models.vision_transformer:VisionTransformer": Stack(
+        layers="blocks", final_norm="norm", checkpointing="grad_checkpointing"),
+}
+
+# --------------------------------------------------------------------------- branch steps
+
+# Classes a "layer_scale" / "drop_path" step may hold (Identity: the step does nothing).
+STEP_CLASSES = {
+    "layer_scale": ("timm.layers.layer_scale:LayerScale", "torch.nn.modules.linear:Identity"),
+    "drop_path": ("timm.layers.drop:DropPath", "torch.nn.modules.linear:Identity"),
+}
+
+# --------------------------------------------------------------------------- pins
+
+# Code the fused forwards reproduce, with the digests of the releases the tests verified
+# (sources.source_digest). A class whose source matches none is left as it is and reported.
+# torch.nn classes are not pinned: their semantics are torch's documented API.
+PINS: dict[str, dict[str, str]] = {
+    "timm.layers.norm:LayerNorm": {"9a97b1b8a854d400": "timm 1.0.31"},
+    _T + "llama.modeling_llama:LlamaRMSNorm": {"824678046af17af7": "transformers 5.24.0"},
+    _T + "mistral.modeling_mistral:MistralRMSNorm": {"3e2c62dce71b5665": "transformers 5.24.0"},
+    _T + "qwen2.modeling_qwen2:Qwen2RMSNorm": {"4ded61b168f0dbb7": "transformers 5.24.0"},
+    _T + "qwen3.modeling_qwen3:Qwen3RMSNorm": {"9db62704a3b115de": "transformers 5.24.0"},
+    _T + "olmo2.modeling_olmo2:Olmo2RMSNorm": {"bea6ef06d5b59fea": "transformers 5.24.0"},
+    _T + "gemma.modeling_gemma:GemmaRMSNorm": {"9c7dcb8cc1c84826": "transformers 5.24.0"},
+    _T + "gemma2.modeling_gemma2:Gemma2RMSNorm": {"5c2e9225c5b8d85b": "transformers 5.24.0"},
+    _T + "gemma3.modeling_gemma3:Gemma3RMSNorm": {"163839cb86636dc9": "transformers 5.24.0"},
+    _T + "t5.modeling_t5:T5LayerNorm": {"b9a9b44f110a9096": "transformers 5.24.0"},
+    _T + "llama.modeling_llama:LlamaDecoderLayer": {"fbf05eae5547447b": "transformers 5.24.0"},
+    _T + "mistral.modeling_mistral:MistralDecoderLayer": {"4ef429e49b9781be": "transformers 5.24.0"},
+    _T + "qwen2.modeling_qwen2:Qwen2DecoderLayer": {"1adf1c20ba98a886": "transformers 5.24.0"},
+    _T + "qwen3.modeling_qwen3:Qwen3DecoderLayer": {"2fa6e2f9ea098623": "transformers 5.24.0"},
+    _T + "gemma.modeling_gemma:GemmaDecoderLayer": {"b1290d543863fb6c": "transformers 5.24.0"},
+    _T + "gemma2.modeling_gemma2:Gemma2DecoderLayer": {"0a0f3034d2dede17": "transformers 5.24.0"},
+    _T + "gemma3.modeling_gemma3:Gemma3DecoderLayer": {"21c921f5142dba06": "transformers 5.24.0"},
+    _T + "olmo2.modeling_olmo2:Olmo2DecoderLayer": {"b5fdb6fcb3c0c175": "transformers 5.24.0"},
+    _T + "gpt2.modeling_gpt2:GPT2Block": {"5f48931a1af69920": "transformers 5.24.0"},
+    _T + "gpt_neox.modeling_gpt_neox:GPTNeoXLayer": {"4d9ce63725b63373": "transformers 5.24.0"},
+    _T + "bert.modeling_bert:BertSelfOutput": {"727debaa5ff1743f": "transformers 5.24.0"},
+    _T + "bert.modeling_bert:BertOutput": {"692ae64ffebcf2dc": "transformers 5.24.0"},
+    _T + "roberta.modeling_roberta:RobertaSelfOutput": {"9000f5a90a2107ca": "transformers 5.24.0"},
+    _T + "roberta.modeling_roberta:RobertaOutput": {"b30c0e7c8c00de25": "transformers 5.24.0"},
+    "timm.models.vision_transformer:Block": {"fdbf1fd78677bbcf": "timm 1.0.31"},
+    "timm.layers.layer_scale:LayerScale": {"cc070ab3d46eaca0": "timm 1.0.31"},
+    "timm.layers.drop:DropPath": {"3670eae0e77ef457": "timm 1.0.31"},
+    "timm.layers.drop:drop_path": {"6986ce17c0453cee": "timm 1.0.31"},
+}
+
+# Entries that rely on more code than their own class (DropPath calls drop_path).
+PIN_DEPENDENCIES = {
+    "timm.layers.drop:DropPath": ("timm.layers.drop:drop_path",),
+}

@@ -1,0 +1,343 @@
+"""The fused forwards that patched modules run: one for norms, one per layout family.
+
+``resfuse.patch`` gives a module a generated subclass of its own class, ``Resfuse<Name>``,
+whose MRO puts one of the overrides below in front of the original class. The module object,
+its parameters (the very same ``Parameter`` objects), buffers, hooks and state_dict keys are
+untouched; ``unpatch`` puts the original class back. Each override reads what it needs from
+the table entry stored on the generated class (``_resfuse_spec``), so there is one forward per
+family, not one per model:
+
+* :class:`NormOverride` - any norm: RMS / LayerNorm through ``resfuse.ops.add_norm``, plus
+  ``resfuse_add_norm(x, residual, ...)``, the fused add + norm the layers call.
+* :class:`ChainOverride` - pre-norm layers (``specs.Chain``): each add that is followed by a
+  norm becomes one fused call; with ``fuse_residual="across_layers"`` the closing add is fused
+  with the next layer's first norm (or the final norm) as well.
+* :class:`PostNormOverride` - ``norm(branch + residual)`` (``specs.PostNorm``), BERT style.
+
+Every fused step falls back to the original arithmetic when it cannot run fused: a norm with
+hooks (they must see their call), a dtype resfuse does not take (float64), shapes that differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
+
+from .. import checks
+from ..ops import add_norm
+from .specs import Call, Chain, Norm, PostNorm, Sublayer
+
+_FLOAT = checks.FLOAT_DTYPES
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+# Instance attributes set by patch() (removed by unpatch()), kept in the module's __dict__ so
+# they are neither submodules nor state.
+CARRY = "_resfuse_carry"                    # on a norm: (h, h._version, y) handed over by a layer
+CARRY_INTO = "_resfuse_carry_into"          # on a layer: the norm that consumes its output
+CHECKPOINT_FLAG = "_resfuse_checkpoint_flag"  # on a layer: (stack, attribute) of checkpointing
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Calling the fused method bypasses ``module.__call__``: only allowed without hooks."""
+    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+            or module._backward_pre_hooks):
+        return True
+    return any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS)
+
+
+class Binder:
+    """Binds a layer's call to the parameter names of its original forward (fast, and simple
+    enough for torch.compile to trace): ``(named arguments with defaults, extra **kwargs)``."""
+
+    def __init__(self, fn, owner: str):
+        params = list(inspect.signature(fn).parameters.values())[1:]  # without self
+        kinds = inspect.Parameter
+        if any(p.kind == kinds.VAR_POSITIONAL for p in params):
+            raise ValueError(f"{owner}.forward takes *args: its arguments cannot be bound by name")
+        self.owner = owner
+        self.positional = tuple(p.name for p in params
+                                if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD))
+        self.names = frozenset(p.name for p in params if p.kind != kinds.VAR_KEYWORD)
+        self.defaults = {p.name: p.default for p in params
+                         if p.kind != kinds.VAR_KEYWORD and p.default is not p.empty}
+        self.required = tuple(p.name for p in params
+                              if p.kind != kinds.VAR_KEYWORD and p.default is p.empty)
+        self.var_kwargs = any(p.kind == kinds.VAR_KEYWORD for p in params)
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+        if len(args) > len(self.positional):
+            raise TypeError(f"{self.owner}.forward takes {len(self.positional)} positional "
+                            f"arguments but {len(args)} were given")
+        bound = dict(self.defaults)
+        bound.update(zip(self.positional, args))
+        extra = {}
+        for name, value in kwargs.items():
+            if name in self.names:
+                if name in self.positional[:len(args)]:
+                    raise TypeError(f"{self.owner}.forward got multiple values for argument "
+                                    f"{name!r}")
+                bound[name] = value
+            elif self.var_kwargs:
+                extra[name] = value
+            else:
+                raise TypeError(f"{self.owner}.forward got an unexpected keyword argument {name!r}")
+        for name in self.required:
+            if name not in bound:
+                raise TypeError(f"{self.owner}.forward missing required argument {name!r}")
+        return bound, extra
+
+
+# --------------------------------------------------------------------------- norms
+
+
+class NormOverride:
+    """In front of a norm class: ``forward(x)`` runs resfuse's norm; ``resfuse_add_norm`` is
+    the fused residual add + norm. Reads weight / bias / eps from the module itself."""
+
+    _resfuse_original: type
+    _resfuse_spec: Norm
+
+    def _resfuse_trailing(self) -> int:
+        return len(self.normalized_shape) if self._resfuse_spec.normalized_shape else 1
+
+    def resfuse_supports(self, x: Tensor) -> bool:
+        """Whether resfuse can run this norm on ``x`` (else the original forward runs)."""
+        if x.dtype not in _FLOAT or x.dim() == 0:
+            return False
+        if (self._resfuse_spec.autocast == "original"
+                and torch.is_autocast_enabled(x.device.type)):
+            return False
+        k = self._resfuse_trailing()
+        if self._resfuse_spec.normalized_shape and (
+                x.dim() < k or tuple(x.shape[-k:]) != tuple(self.normalized_shape)):
+            return False  # the original raises its own error
+        D = x.shape[-k:].numel()
+        for p in (self.weight, self._resfuse_bias()):
+            if p is not None and (p.dtype not in _FLOAT or p.numel() != D or p.device != x.device):
+                return False
+        return True
+
+    def _resfuse_bias(self) -> Optional[Tensor]:
+        return getattr(self, "bias", None) if self._resfuse_spec.kind == "layer" else None
+
+    def _resfuse_eps(self, dtype: torch.dtype) -> float:
+        eps = getattr(self, self._resfuse_spec.eps)
+        return torch.finfo(dtype).eps if eps is None else float(eps)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        carried = take_carry(self, hidden_states)
+        if carried is not None:
+            return carried
+        if not self.resfuse_supports(hidden_states):
+            return self._resfuse_original.forward(self, hidden_states)
+        return self.resfuse_add_norm(hidden_states, None, prenorm=False)
+
+    def resfuse_add_norm(self, x: Tensor, residual: Optional[Tensor], *,
+                         branch_scale: Optional[Tensor] = None, rowscale: Optional[Tensor] = None,
+                         prenorm: bool = True):
+        """``h = residual + branch_scale * rowscale * x``, ``y = self(h)`` in one call:
+        ``(y, h)`` if ``prenorm`` else ``y``. ``h`` gets the dtype PyTorch's ``+`` would
+        give it, ``y`` the dtype the original norm returns for ``h``."""
+        spec = self._resfuse_spec
+        weight, bias = self.weight, self._resfuse_bias()
+        h_dtype = x.dtype
+        if branch_scale is not None:
+            h_dtype = torch.promote_types(h_dtype, branch_scale.dtype)
+        if residual is not None:
+            h_dtype = torch.promote_types(h_dtype, residual.dtype)
+        # Rows as a 2-D (N, D) problem, reshaped back outside the autograd function: its
+        # outputs then are not views, so they can be edited in place like any tensor.
+        shape, k, device_type = x.shape, self._resfuse_trailing(), x.device.type
+        D = shape[-k:].numel()
+        x = x.reshape(-1, D)
+        residual = residual.reshape(x.shape) if residual is not None else None
+        if rowscale is not None:
+            rowscale = rowscale.expand(shape[:-k]).reshape(-1)
+        if k > 1:  # rows span several trailing dims (torch.nn norms)
+            weight = weight.reshape(D) if weight is not None else None
+            bias = bias.reshape(D) if bias is not None else None
+        out = add_norm(x, residual, weight, bias, self._resfuse_eps(h_dtype),
+                       is_rms=spec.kind == "rms", branch_scale=branch_scale, rowscale=rowscale,
+                       zero_centered_weight=spec.zero_centered_weight, prenorm=prenorm,
+                       residual_dtype=h_dtype if residual is not None else None,
+                       out_dtype=spec.output_dtype(h_dtype, self.weight, device_type))
+        if prenorm:
+            return tuple(t.view(shape) for t in out)
+        return out.view(shape)
+
+
+# --------------------------------------------------------------------------- carrying
+
+
+def take_carry(norm: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """The output a layer already computed for this norm in its fused closing add, if ``x`` is
+    exactly the tensor that layer returned, unmodified (same object, same version counter)
+    and the carried output has a gradient whenever one is due. Anything else - a hook that
+    replaced or edited the layer output, a checkpoint recompute - computes the norm anew."""
+    if torch.compiler.is_compiling():
+        return None
+    carry = norm.__dict__.get(CARRY)
+    if carry is None:
+        return None
+    norm.__dict__[CARRY] = None
+    h, version, y = carry
+    if (h is x and not torch.is_inference_mode_enabled() and x._version == version
+            and (y.requires_grad or not (torch.is_grad_enabled() and x.requires_grad))):
+        return y
+    return None
+
+
+def _carry_allowed(layer: nn.Module) -> bool:
+    # Not traced (a side channel dynamo would have to guard), not in inference mode (no
+    # version counter to check), not under gradient checkpointing (the recompute would
+    # hand over a second, unused output).
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return False
+    if layer.training:
+        if getattr(layer, "gradient_checkpointing", False):
+            return False
+        flag = layer.__dict__.get(CHECKPOINT_FLAG)
+        if flag is not None and getattr(flag[0], flag[1], False):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _can_fuse(norm, f: Tensor, residual: Tensor, scales, *, check_hooks: bool = True) -> bool:
+    if not isinstance(norm, NormOverride) or (check_hooks and _has_hooks(norm)):
+        return False
+    if f.dtype not in _FLOAT or residual.dtype not in _FLOAT or f.dim() < 2:
+        return False
+    if f.shape != residual.shape or f.device != residual.device:
+        return False
+    for module, role in scales:
+        if role == "layer_scale" and not isinstance(module, nn.Identity):
+            gamma = module.gamma
+            if gamma.dtype not in _FLOAT or gamma.shape != f.shape[-1:]:
+                return False
+    return norm.resfuse_supports(f)
+
+
+def _fused_scales(scales, f: Tensor):
+    """branch_scale (the LayerScale gamma) and rowscale (the drop-path keep mask / keep),
+    the mask drawn exactly as timm's drop_path draws it, so the RNG stream is the same."""
+    branch_scale = rowscale = None
+    mask_dtype = f.dtype
+    for module, role in scales:
+        if isinstance(module, nn.Identity):
+            continue
+        if role == "layer_scale":
+            branch_scale = module.gamma
+            mask_dtype = torch.promote_types(mask_dtype, branch_scale.dtype)
+        elif module.training and module.drop_prob > 0.0:  # drop_path
+            keep = 1.0 - module.drop_prob
+            mask = f.new_empty((f.shape[0],) + (1,) * (f.dim() - 1), dtype=mask_dtype)
+            mask.bernoulli_(keep)
+            if keep > 0.0 and module.scale_by_keep:
+                mask.div_(keep)
+            rowscale = mask.reshape((f.shape[0],) + (1,) * (f.dim() - 2))
+    return branch_scale, rowscale
+
+
+def _scaled_branch(scales, f: Tensor) -> Tensor:
+    for module, _ in scales:  # unfused: the original modules, in order
+        f = module(f)
+    return f
+
+
+def _add(layer: nn.Module, pending, residual: Tensor, norm) -> tuple[Tensor, Tensor]:
+    """The add of a finished sublayer, then ``norm`` (if any): ``(h, norm(h))``, one fused
+    call where possible."""
+    sub, f = pending
+    scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
+    if norm is not None and _can_fuse(norm, f, residual, scales):
+        branch_scale, rowscale = _fused_scales(scales, f)
+        y, h = norm.resfuse_add_norm(f, residual, branch_scale=branch_scale, rowscale=rowscale)
+        return h, y
+    h = residual + _scaled_branch(scales, f)
+    return h, (norm(h) if norm is not None else h)
+
+
+def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
+    """The layer's closing add; carried into the next norm's kernel when linked."""
+    target = layer.__dict__.get(CARRY_INTO) if _carry_allowed(layer) else None
+    if target is not None:
+        sub, f = pending
+        scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
+        # the target's hooks still run: it is called as usual, and returns the carried y
+        if _can_fuse(target, f, residual, scales, check_hooks=False):
+            branch_scale, rowscale = _fused_scales(scales, f)
+            y, h = target.resfuse_add_norm(f, residual, branch_scale=branch_scale,
+                                           rowscale=rowscale)
+            target.__dict__[CARRY] = (h, h._version, y)
+            return h
+    return _add(layer, pending, residual, None)[0]
+
+
+def _call(module: nn.Module, x: Tensor, call: Call, layer_input: str, bound: dict, extra: dict):
+    if call.args == "all":
+        kwargs = {k: v for k, v in bound.items() if k != layer_input}
+    else:
+        kwargs = {k: bound[k] for k in call.args}
+    if call.var_kwargs:
+        kwargs.update(extra)
+    out = module(x, **kwargs) if call.input is None else module(**{call.input: x}, **kwargs)
+    return out[0] if call.output == "first" else out
+
+
+class ChainOverride:
+    """The one forward of every pre-norm layer (``specs.Chain``)."""
+
+    _resfuse_original: type
+    _resfuse_spec: Chain
+    _resfuse_binder: Binder
+
+    def forward(self, *args, **kwargs):
+        spec = self._resfuse_spec
+        bound, extra = self._resfuse_binder.bind(args, kwargs)
+        stream = bound[spec.input]
+        pending: Optional[tuple[Sublayer, Tensor]] = None  # branch output not yet added
+        for sub in spec.sublayers:
+            if sub.when is not None and bound.get(sub.when) is None:
+                continue
+            module = getattr(self, sub.module, None)
+            if module is None:
+                raise ValueError(f"`{sub.when}` was passed, but this {type(self).__name__} has "
+                                 f"no `{sub.module}` (its config did not ask for one)")
+            norm = getattr(self, sub.norm) if sub.norm is not None else None
+            if pending is None:
+                normed = norm(stream) if norm is not None else stream
+            else:
+                stream, normed = _add(self, pending, stream, norm)
+            out = _call(module, normed, sub.call, spec.input, bound, extra)
+            for attr, _ in sub.module_steps:
+                out = getattr(self, attr)(out)
+            pending = (sub, out)
+        return _close(self, pending, stream)
+
+
+class PostNormOverride:
+    """The one forward of post-norm outputs (``specs.PostNorm``): ``norm(branch + residual)``."""
+
+    _resfuse_original: type
+    _resfuse_spec: PostNorm
+    _resfuse_binder: Binder
+
+    def forward(self, *args, **kwargs):
+        spec = self._resfuse_spec
+        bound, _ = self._resfuse_binder.bind(args, kwargs)
+        f = bound[spec.input]
+        for attr in spec.steps:
+            f = getattr(self, attr)(f)
+        residual = bound[spec.residual]
+        norm = getattr(self, spec.norm)
+        if _can_fuse(norm, f, residual, ()):
+            return norm.resfuse_add_norm(f, residual, prenorm=False)
+        return norm(f + residual)

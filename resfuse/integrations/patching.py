@@ -1,0 +1,399 @@
+"""``resfuse.patch(model, fuse_residual=True)`` and ``resfuse.unpatch(model)``.
+
+patch() walks the model once, matches each module's exact class against the architecture
+table, validates everything (source pins, attributes, instance conditions) and only then
+applies: each matched module gets a generated subclass of its own class (fused.py), nothing
+else changes. Any failure while applying restores every module already changed, so a model
+is either fully patched as reported or left as it was.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from torch import nn
+
+from . import architectures as table
+from .fused import (CARRY, CARRY_INTO, CHECKPOINT_FLAG, Binder, ChainOverride, NormOverride,
+                    PostNormOverride)
+from .sources import class_key, package_version, resolve, source_digest
+from .specs import Chain, PostNorm, Unfused
+
+_INSTANCE_ATTRS = (CARRY, CARRY_INTO, CHECKPOINT_FLAG)
+
+# Only for the report: classes that look like norms / residual layers but are not in the table.
+_NORM_NAME = re.compile(r"(RMSNorm|LayerNorm)$", re.IGNORECASE)
+_LAYER_NAME = re.compile(r"(DecoderLayer|EncoderLayer|Block)$")
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class ModuleNote:
+    """One module of the report: its path in the model, its class, and what / why."""
+
+    path: str
+    cls: str
+    what: str
+
+
+def _grouped(notes: list[ModuleNote], sep: str = ": ") -> list[str]:
+    counts = Counter((n.cls, n.what) for n in notes)
+    return [f"{count} x {cls}{sep}{what}" for (cls, what), count in counts.items()]
+
+
+@dataclass
+class PatchReport:
+    """What ``resfuse.patch`` did to a model.
+
+    * ``norms``: norm modules now computed by resfuse (``what`` says which normalization);
+    * ``fused``: residual adds now fused with the norm that follows them, one per add site;
+    * ``unfused``: adds in patched or known modules that stay separate, and why;
+    * ``skipped``: modules left untouched, and why (unknown or changed classes).
+    """
+
+    model: str
+    fuse_residual: Union[bool, str]
+    norms: list[ModuleNote] = field(default_factory=list)
+    fused: list[ModuleNote] = field(default_factory=list)
+    unfused: list[ModuleNote] = field(default_factory=list)
+    skipped: list[ModuleNote] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"resfuse.patch({self.model}, fuse_residual={self.fuse_residual!r}): "
+                 f"{len(self.norms)} norms replaced, {len(self.fused)} adds fused, "
+                 f"{len(self.skipped)} modules skipped"]
+        for title, notes, sep in (("norms", self.norms, " -> resfuse "),
+                                  ("fused", self.fused, ": "), ("unfused", self.unfused, ": "),
+                                  ("skipped", self.skipped, ": ")):
+            lines += [f"  {title:<8}{line}" for line in _grouped(notes, sep)]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- generated classes
+
+_GENERATED: dict[tuple, type] = {}
+
+
+def _generated_class(original: type, override: type, spec) -> type:
+    """``Resfuse<Name>(override, original)``, one per (class, entry), so torch.compile sees a
+    stable type. transformers' GradientCheckpointingLayer wraps the new forward in its
+    checkpointing logic when the class is created, as for any subclass."""
+    key = (original, override, spec)
+    cls = _GENERATED.get(key)
+    if cls is None:
+        name = "Resfuse" + original.__name__
+        attrs = {"__module__": __name__, "__qualname__": name,
+                 "_resfuse_original": original, "_resfuse_spec": spec}
+        if override is not NormOverride:
+            attrs["_resfuse_binder"] = Binder(_original_forward(original), original.__name__)
+        cls = type(name, (override, original), attrs)
+        _GENERATED[key] = cls
+    return cls
+
+
+def _original_forward(cls: type):
+    # the function under the decorators (transformers wraps forward in checkpointing and
+    # kwarg-renaming wrappers, all functools.wraps): its signature is the real one
+    return inspect.unwrap(cls.forward)
+
+
+def is_patched(module: nn.Module) -> bool:
+    return "_resfuse_original" in type(module).__dict__
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _pin_problem(key: str, obj) -> Optional[str]:
+    """Why the code behind ``key`` cannot be trusted to match its entry, or None."""
+    for k in (key,) + table.PIN_DEPENDENCIES.get(key, ()):
+        verified = table.PINS.get(k)
+        if verified is None:
+            continue
+        target = obj if k == key else resolve(k)
+        digest = source_digest(target)
+        if digest is None:
+            return f"source of {k} is not available to verify it"
+        if digest not in verified:
+            versions = ", ".join(sorted(set(verified.values())))
+            return (f"{k} differs from the code resfuse was verified against ({versions}; "
+                    f"installed: {package_version(k)}): left as it is")
+    return None
+
+
+def _check_step(layer: nn.Module, attr: str, role: str) -> Optional[str]:
+    module = getattr(layer, attr, None)
+    if not isinstance(module, nn.Module):
+        return f"has no module `{attr}`"
+    if role in table.STEP_CLASSES:
+        key = class_key(type(module))
+        if key not in table.STEP_CLASSES[role]:
+            return f"`{attr}` is a {type(module).__name__}, not one of the {role} classes it knows"
+        return _pin_problem(key, type(module))
+    return None
+
+
+def _check_layer(module: nn.Module, spec) -> Optional[str]:
+    """Why the generic forward must not run this instance, or None."""
+    try:
+        binder = Binder(_original_forward(type(module)), type(module).__name__)
+    except (TypeError, ValueError) as e:
+        return f"its forward's arguments cannot be bound: {e}"
+    if isinstance(spec, PostNorm):
+        for name in (spec.input, spec.residual):
+            if name not in binder.names:
+                return f"its forward has no argument `{name}`"
+        for attr in spec.steps + (spec.norm,):
+            if not isinstance(getattr(module, attr, None), nn.Module):
+                return f"has no module `{attr}`"
+        return None
+    if spec.input not in binder.names:
+        return f"its forward has no argument `{spec.input}`"
+    for sub in spec.sublayers:
+        if sub.when is not None and sub.when not in binder.names:
+            return f"its forward has no argument `{sub.when}`"
+        if isinstance(sub.call.args, tuple):
+            missing = [a for a in sub.call.args if a not in binder.names]
+            if missing:
+                return f"its forward has no argument(s) {missing}"
+        if sub.call.var_kwargs and not binder.var_kwargs:
+            return "its forward takes no **kwargs"
+        if sub.when is not None and getattr(module, sub.module, None) is None:
+            continue  # optional sublayer absent on this instance (GPT-2 without cross-attention)
+        attrs = [sub.module] + ([sub.norm] if sub.norm else [])
+        for attr in attrs:
+            if not isinstance(getattr(module, attr, None), nn.Module):
+                return f"has no module `{attr}`"
+        for attr, role in sub.steps:
+            problem = _check_step(module, attr, role)
+            if problem:
+                return problem
+    return None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Plan:
+    report: PatchReport
+    norms: dict[int, tuple[nn.Module, type]] = field(default_factory=dict)  # id -> (module, cls)
+    layers: dict[int, tuple[nn.Module, type]] = field(default_factory=dict)
+    links: list[tuple[nn.Module, str, object]] = field(default_factory=list)
+
+    def add_layer(self, module: nn.Module, spec) -> None:
+        override = PostNormOverride if isinstance(spec, PostNorm) else ChainOverride
+        self.layers[id(module)] = (module, _generated_class(type(module), override, spec))
+
+    def swaps(self):
+        yield from self.norms.values()
+        yield from self.layers.values()
+
+
+def _plan_norms(plan: _Plan, modules) -> None:
+    for path, module in modules:
+        key = class_key(type(module))
+        spec = table.NORMS.get(key)
+        if spec is None:
+            if _NORM_NAME.search(type(module).__name__):
+                plan.report.skipped.append(ModuleNote(
+                    path, type(module).__name__, "unknown norm class: left as it is"))
+            continue
+        problem = _pin_problem(key, type(module))
+        if problem is None and not isinstance(getattr(module, "weight", None), (nn.Parameter,
+                                                                                type(None))):
+            problem = "its weight is not a Parameter (or None)"
+        if problem is None and not hasattr(module, spec.eps):
+            problem = f"has no `{spec.eps}` attribute"
+        if problem is None:
+            problem = next((c.reason for c in spec.conditions
+                            if getattr(module, c.attr, object()) != c.value), None)
+        if problem:
+            plan.report.skipped.append(ModuleNote(path, type(module).__name__, problem))
+            continue
+        plan.norms[id(module)] = (module, _generated_class(type(module), NormOverride, spec))
+        plan.report.norms.append(ModuleNote(path, type(module).__name__, spec.describe()))
+
+
+def _norm_name(layer: nn.Module, attr: Optional[str], plan: _Plan) -> Optional[str]:
+    """``attr`` if it names a norm of ``layer`` that will run resfuse."""
+    if attr is None:
+        return None
+    norm = getattr(layer, attr, None)
+    return attr if norm is not None and id(norm) in plan.norms else None
+
+
+def _fused_adds(layer: nn.Module, spec: Chain, plan: _Plan) -> list[str]:
+    """The adds inside ``layer`` that fuse with the norm after them. A conditional sublayer
+    (GPT-2's cross-attention) changes which norm follows an add: both cases are listed."""
+    optional = [s for s in spec.sublayers
+                if s.when is not None and getattr(layer, s.module, None) is not None]
+    cases = [(set(), "")]
+    if optional:
+        when = ", ".join(s.when for s in optional)
+        cases = [({s.module for s in optional}, f" (with {when})"), (set(), f" (without {when})")]
+    found: dict[str, list[str]] = {}
+    for enabled, label in cases:
+        present = [s for s in spec.sublayers if s.when is None or s.module in enabled]
+        for prev, sub in zip(present, present[1:]):
+            norm = _norm_name(layer, sub.norm, plan)
+            if norm:
+                found.setdefault(f"{prev.module} add + {norm}", []).append(label)
+    return [what + (labels[0] if len(labels) < len(cases) else "")
+            for what, labels in found.items()]
+
+
+def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]]:
+    """Plan the layers whose adds fuse inside them; return every valid Chain layer (fused or
+    not) for the across-layer links."""
+    chains = {}
+    for path, module in modules:
+        cls = type(module)
+        key = class_key(cls)
+        spec = table.LAYERS.get(key)
+        if spec is None:
+            if (_LAYER_NAME.search(cls.__name__) and key not in table.STACKS
+                    and key not in table.CONTAINERS):
+                plan.report.skipped.append(ModuleNote(
+                    path, cls.__name__, "unknown layer class: its residual adds are left as they are"))
+            continue
+        if isinstance(spec, Unfused):
+            plan.report.unfused.append(ModuleNote(path, cls.__name__, spec.reason))
+            continue
+        unmet = [c.reason for c in getattr(spec, "conditions", ())
+                 if getattr(module, c.attr, object()) != c.value]
+        if unmet:  # a known variant whose adds do not fuse (GPT-NeoX's parallel residual)
+            plan.report.unfused.append(ModuleNote(path, cls.__name__, unmet[0]))
+            continue
+        problem = _pin_problem(key, cls) or _check_layer(module, spec)
+        if problem:
+            plan.report.skipped.append(ModuleNote(path, cls.__name__, problem))
+            continue
+        if isinstance(spec, PostNorm):
+            if _norm_name(module, spec.norm, plan):
+                plan.add_layer(module, spec)
+                plan.report.fused.append(ModuleNote(
+                    path, cls.__name__, f"{' + '.join(spec.steps)} + {spec.residual} -> {spec.norm}"
+                    " (post-norm)"))
+            else:
+                plan.report.unfused.append(ModuleNote(path, cls.__name__,
+                                                      f"{spec.norm} is not a resfuse norm"))
+            continue
+        chains[id(module)] = (path, module, spec)
+        for what in _fused_adds(module, spec, plan):
+            plan.add_layer(module, spec)
+            plan.report.fused.append(ModuleNote(path, cls.__name__, what))
+        for note in spec.notes:
+            plan.report.unfused.append(ModuleNote(path, cls.__name__, note))
+    return chains
+
+
+def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
+    """The closing add of each layer in a known stack: carried into the next layer's first
+    norm / the final norm (across_layers), or reported as left unfused."""
+    for path, stack_module in modules:
+        stack = table.STACKS.get(class_key(type(stack_module)))
+        layers = getattr(stack_module, stack.layers, None) if stack else None
+        if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+            continue
+        layers = list(layers)
+        for i, layer in enumerate(layers):
+            if id(layer) not in chains:
+                continue
+            lpath, _, spec = chains[id(layer)]
+            name = type(layer).__name__
+            last = spec.sublayers[-1].module
+            if i + 1 < len(layers):
+                nxt = chains.get(id(layers[i + 1]))
+                owner = layers[i + 1]
+                attr = nxt[2].sublayers[0].norm if nxt else None
+                where = "next layer's"
+            else:
+                owner, attr = stack_module, stack.final_norm
+                where = f"{type(stack_module).__name__}'s final"
+            target = _norm_name(owner, attr, plan)
+            if target is None:
+                plan.report.unfused.append(ModuleNote(
+                    lpath, name, f"closing add after {last}: no resfuse norm follows it"))
+            elif not across_layers:
+                plan.report.unfused.append(ModuleNote(
+                    lpath, name, f"closing add after {last}: fuse_residual='across_layers' fuses "
+                    f"it with {where} {target}"))
+            else:
+                plan.add_layer(layer, spec)
+                plan.links.append((layer, CARRY_INTO, getattr(owner, target)))
+                if stack.checkpointing:
+                    plan.links.append((layer, CHECKPOINT_FLAG, (stack_module, stack.checkpointing)))
+                plan.report.fused.append(ModuleNote(lpath, name,
+                                                    f"closing add after {last} + {where} {target}"))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def patch(model: nn.Module, *, fuse_residual: Union[bool, str] = True) -> PatchReport:
+    """Swap the norms of a transformers / timm model for resfuse's (weights, parameters,
+    hooks and state_dict keys kept) and, with ``fuse_residual``, route the residual adds
+    that precede a norm through one fused add + norm call.
+
+    ``fuse_residual``: False (norms only), True (the adds inside each layer: every layer
+    still returns its own output, so hooks, ``output_hidden_states`` and gradient
+    checkpointing behave as before), or ``"across_layers"`` (also each layer's closing add
+    with the next layer's first norm and with the final norm; the layer still returns the
+    true hidden state, and the fused norm output is handed to the next norm only when that
+    exact, unmodified tensor arrives there).
+
+    Returns a :class:`PatchReport`; ``resfuse.unpatch(model)`` restores the original classes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(fuse_residual, (bool, str)) or fuse_residual not in (True, False,
+                                                                           "across_layers"):
+        raise ValueError(f"fuse_residual must be True, False or 'across_layers', got "
+                         f"{fuse_residual!r}")
+    modules = list(model.named_modules())
+    patched = [p or "(model)" for p, m in modules if is_patched(m)]
+    if patched:
+        raise RuntimeError(f"model is already patched ({', '.join(patched[:3])}"
+                           f"{', ...' if len(patched) > 3 else ''}): call resfuse.unpatch(model) "
+                           "first")
+
+    plan = _Plan(PatchReport(type(model).__name__, fuse_residual))
+    _plan_norms(plan, modules)
+    if fuse_residual:
+        chains = _plan_layers(plan, modules)
+        _plan_links(plan, modules, chains, fuse_residual == "across_layers")
+
+    applied: list[tuple[nn.Module, type]] = []
+    try:
+        for module, cls in plan.swaps():
+            original = type(module)
+            module.__class__ = cls
+            applied.append((module, original))
+        for module, attr, value in plan.links:
+            module.__dict__[attr] = value
+    except BaseException:
+        for module, original in reversed(applied):
+            module.__class__ = original
+        for module, attr, _ in plan.links:
+            module.__dict__.pop(attr, None)
+        raise
+    return plan.report
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restore the original class of every module ``patch`` changed (the module objects,
+    parameters and hooks were never replaced) and drop resfuse's instance attributes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if is_patched(module):
+            module.__class__ = type(module)._resfuse_original
+        for attr in _INSTANCE_ATTRS:
+            module.__dict__.pop(attr, None)
