@@ -225,6 +225,13 @@ def _prepare(case: KernelCase, impls, device) -> tuple[dict, dict]:
     return fns, errors
 
 
+def rescale_to_copy(records: list[dict], copy_bytes_per_s: float) -> None:
+    """Recompute every ``frac_copy`` against ``copy_bytes_per_s`` (in place)."""
+    for rec in records:
+        if rec.get("gbps") is not None:
+            rec["frac_copy"] = rec["gbps"] * 1e9 / copy_bytes_per_s
+
+
 def record_key(case: KernelCase, impl: str, direction: str) -> tuple:
     return (case.op, case.dtype, case.rows, case.hidden, impl, direction)
 

@@ -59,7 +59,10 @@ def _shape(rows: int, hidden: int) -> str:
 
 
 def _gbps(rec: dict) -> str:
-    return f"{rec['gbps']:,.0f} ({100 * rec['frac_copy']:.0f}%)" if rec["gbps"] else "—"
+    if not rec["gbps"]:
+        return "—"
+    gbps = f"{rec['gbps']:,.0f}" if rec["gbps"] >= 100 else f"{rec['gbps']:.3g}"
+    return f"{gbps} ({100 * rec['frac_copy']:.0f}%)"
 
 
 def _size(nbytes: Optional[float]) -> str:
@@ -111,11 +114,20 @@ def _header(results: dict) -> list[str]:
                                      f"{meta['resfuse']}"],
         ["python", meta["python"]],
         ["resfuse backends", meta.get("backends_summary", "")],
-        ["copy bandwidth", f"{copy['bytes_per_s'] / 1e9:,.0f} GB/s (`dst.copy_(src)` of "
-                           f"{copy['buffer_bytes'] / MIB:,.0f} MiB, read + write, median)"],
+        ["copy bandwidth", f"{copy['bytes_per_s'] / 1e9:,.1f} GB/s (`dst.copy_(src)` of "
+                           f"{copy['buffer_bytes'] / MIB:,.0f} MiB, read + write, median; "
+                           + _copy_samples(copy) + ")"],
         ["command", f"`{meta['command']}`"],
     ]
     return out + [_table(["", ""], info, "ll"), ""]
+
+
+def _copy_samples(copy: dict) -> str:
+    samples = copy.get("samples_bytes_per_s")
+    if not samples or len(samples) < 2:
+        return "measured once"
+    return ("the faster of " + " and ".join(f"{b / 1e9:,.1f}" for b in samples)
+            + " GB/s, before and after the kernels")
 
 
 def _how_to_read(results: dict) -> list[str]:

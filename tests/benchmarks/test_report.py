@@ -37,9 +37,13 @@ def test_cli_writes_report_json_and_plots(tiny_run):
     assert {r["impl"] for r in measured} == {"eager-hf", "eager-torch", "resfuse-torch"}
     assert all(r["error"].startswith("unavailable") for r in results["kernels"]
                if r["impl"] == "resfuse-triton")
+    # the copy bandwidth is measured before and after the kernels; fractions use the faster
+    copy_samples = results["copy"]["samples_bytes_per_s"]
+    assert len(copy_samples) == 2 and results["copy"]["bytes_per_s"] == max(copy_samples)
     for r in measured:
         assert r["bytes"] == minimal_bytes(r["op"], r["direction"], r["rows"], r["hidden"],
                                            kernels.DTYPES[r["dtype"]])
+        assert r["frac_copy"] == pytest.approx(r["gbps"] * 1e9 / max(copy_samples))
     assert [t["config"]["style"] for t in results["transformer"]] == list(transformer.STYLES)
 
 
@@ -63,10 +67,14 @@ def test_resume_keeps_measurements_and_runs_only_the_rest(tiny_run):
     results, out_dir = tiny_run
     again, _ = cli.run(["--preset", "tiny", "--out", str(out_dir), "--no-progress", "--resume",
                         "--no-transformer"])
+    def timings(records):  # frac_copy follows the best copy measurement, which may change
+        return [{k: v for k, v in r.items() if k != "frac_copy"} for r in records]
     kept = [r for r in results["kernels"] if r["error"] is None]
-    assert again["kernels"][:len(kept)] == kept  # kept as measured, not re-measured
+    assert timings(again["kernels"][:len(kept)]) == timings(kept)  # kept, not re-measured
     assert len(again["kernels"]) == len(results["kernels"])
-    assert again["copy"] == results["copy"]
+    # the copy measurements of the first run are kept; this run's is added
+    assert again["copy"]["samples_bytes_per_s"][:2] == results["copy"]["samples_bytes_per_s"]
+    assert len(again["copy"]["samples_bytes_per_s"]) == 3
 
 
 def test_cli_rejects_bad_arguments():
