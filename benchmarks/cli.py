@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep the measurements in OUT/results.json and run only the rest")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite report.md and the plots from OUT/results.json")
     return p
 
 
@@ -195,6 +197,10 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
     preset = PRESETS[preset_name]
     info = device_info(device)
     out_dir = args.out or default_results_root() / info["slug"]
+    if args.report_only:
+        results = report.read_json(out_dir / report.JSON_NAME)
+        report.write_all(results, out_dir)
+        return results, out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
     impls = implementations.select(list(args.impls or preset.impls or implementations.BY_NAME))

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .kernels import TARGETS
+from .report import impl_order
 from .traffic import DIRECTIONS, OPS
 
 MIB = 1 << 20
@@ -46,7 +47,7 @@ def plot_bandwidth(results: dict, dtype: str, path: Path) -> Path:
     series = bandwidth_series(results["kernels"], dtype)
     ops = [op for op in OPS if any((op, d) in series for d in DIRECTIONS)]
     directions = [d for d in DIRECTIONS if any((op, d) in series for op in ops)]
-    impls = list(results.get("implementations", {}))
+    impls = impl_order(results)
     copy_gbps = results["copy"]["bytes_per_s"] / 1e9
     fig, axes = plt.subplots(len(ops), len(directions), squeeze=False, sharex=True,
                              figsize=(4.2 * len(directions), 3.0 * len(ops)))

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .implementations import BY_NAME
 from .kernels import TARGET_HIDDEN, TARGET_MIN_ELEMENTS, TARGETS, in_target_range
 from .traffic import DIRECTIONS, OPS, full_tensors_moved
 from .transformer import AGREEMENT_TOLERANCE
@@ -33,7 +34,7 @@ def write_json(results: dict, path: os.PathLike) -> Path:
     """Atomically: a partial file from a checkpoint is never left half-written."""
     path = Path(path)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -88,8 +89,12 @@ def _sections(kernels: list[dict]):
     return sorted(out.items(), key=lambda kv: (order[kv[0][0]], kv[0][2], dorder[kv[0][1]]))
 
 
-def _impl_order(results: dict) -> list[str]:
-    return list(results.get("implementations", {}))
+def impl_order(results: dict) -> list[str]:
+    """The run's implementations in the registry's order (baselines, resfuse, peers),
+    whatever order a JSON file kept them in."""
+    rank = {name: i for i, name in enumerate(BY_NAME)}
+    names = list(results.get("implementations", {}))
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
 
 
 # --------------------------------------------------------------------------- sections
@@ -154,7 +159,8 @@ def _how_to_read(results: dict) -> list[str]:
 
 def _implementations(results: dict) -> list[str]:
     rows = []
-    for name, info in results.get("implementations", {}).items():
+    for name in impl_order(results):
+        info = results["implementations"][name]
         here = "yes" if info["unavailable"] is None else f"no: {info['unavailable']}"
         rows.append([f"`{name}`", info["description"], here])
     if not rows:
@@ -192,7 +198,7 @@ def _kernel_sections(results: dict) -> list[str]:
     if not results["kernels"]:
         return []
     out = ["## Kernels", ""]
-    order = _impl_order(results)
+    order = impl_order(results)
     for (op, direction, dtype), shapes in _sections(results["kernels"]):
         present = [i for i in order if any(_ok(recs.get(i, {"error": 1})) for recs in shapes.values())]
         if not present:
@@ -255,6 +261,12 @@ def _transformer_sections(results: dict) -> list[str]:
         out += [_table(["variant", "step ms", "peak", "saved for backward", "per layer",
                         f"rel. error vs {res['reference']}", "within tolerance"],
                        rows, "lrrrrll"), ""]
+        outside = [f"`{v['variant']}`" for v in res["variants"]
+                   if not v["agrees"] and v["variant"] != "fused"]
+        if outside:
+            out += [f"{', '.join(outside)}: outside the tolerance by its own rounding against the "
+                    "fp32 run (the worst tensor is named above); a baseline is reported as "
+                    "measured.", ""]
         by = {v["variant"]: v for v in res["variants"]}
         if "eager-hf" in by and "fused" in by:
             measured = by["eager-hf"]["saved_bytes"] - by["fused"]["saved_bytes"]

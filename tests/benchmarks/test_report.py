@@ -4,6 +4,7 @@ the output follows from the input."""
 
 import copy
 import json
+import shutil
 
 import pytest
 
@@ -63,10 +64,11 @@ def test_cli_report_is_labelled_cpu_and_has_every_section(tiny_run):
     assert "**NO**" not in text
 
 
-def test_resume_keeps_measurements_and_runs_only_the_rest(tiny_run):
+def test_resume_keeps_measurements_and_runs_only_the_rest(tiny_run, tmp_path):
     results, out_dir = tiny_run
-    again, _ = cli.run(["--preset", "tiny", "--out", str(out_dir), "--no-progress", "--resume",
-                        "--no-transformer"])
+    shutil.copytree(out_dir, tmp_path / "run")
+    again, _ = cli.run(["--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress",
+                        "--resume", "--no-transformer"])
     def timings(records):  # frac_copy follows the best copy measurement, which may change
         return [{k: v for k, v in r.items() if k != "frac_copy"} for r in records]
     kept = [r for r in results["kernels"] if r["error"] is None]
@@ -75,6 +77,17 @@ def test_resume_keeps_measurements_and_runs_only_the_rest(tiny_run):
     # the copy measurements of the first run are kept; this run's is added
     assert again["copy"]["samples_bytes_per_s"][:2] == results["copy"]["samples_bytes_per_s"]
     assert len(again["copy"]["samples_bytes_per_s"]) == 3
+
+
+def test_report_only_rewrites_the_report_from_the_json(tiny_run, tmp_path):
+    out_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[1], out_dir)
+    (out_dir / "report.md").unlink()
+    (out_dir / "activation_memory.png").unlink()
+    again, _ = cli.run(["--out", str(out_dir), "--report-only"])
+    assert again["kernels"] == json.loads((out_dir / "results.json").read_text())["kernels"]
+    assert (out_dir / "report.md").read_text().startswith("# resfuse benchmarks: CPU")
+    assert (out_dir / "activation_memory.png").read_bytes().startswith(PNG)
 
 
 def test_cli_rejects_bad_arguments():
