@@ -26,5 +26,12 @@ test: $(VENV)/.installed
 test-gpu: $(VENV)/.installed
 	RESFUSE_TEST_DEVICE=cuda $(PY) -m pytest tests -q
 
+# benchmarks: the full report on a CUDA machine, a short CPU report (a few minutes, labelled
+# CPU) otherwise, in benchmarks/results/<device>/; options via BENCH_ARGS, e.g.
+# make bench BENCH_ARGS="--preset quick"   (python -m benchmarks --help lists them)
+.PHONY: bench
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
 clean:
 	rm -rf build dist *.egg-info $(VENV)

@@ -13,8 +13,14 @@ setup(
     python_requires=">=3.10",
     # triton_kernels/ installs inside the package: a top-level `triton_kernels` module
     # would shadow the Triton project's package of that name.
-    packages=["resfuse", "resfuse.triton_kernels", "resfuse.integrations"],
-    package_dir={"resfuse": "resfuse", "resfuse.triton_kernels": "triton_kernels"},
+    packages=["resfuse", "resfuse.triton_kernels", "resfuse.integrations", "resfuse.benchmarks"],
+    package_dir={"resfuse": "resfuse", "resfuse.triton_kernels": "triton_kernels",
+                 # benchmarks/ installs inside the package too (a top-level `benchmarks`
+                 # would be a generic name to squat on); `python -m benchmarks` still works
+                 # from a checkout
+                 "resfuse.benchmarks": "benchmarks"},
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"]},
+    extras_require={"triton": ["triton>=3.0"],
+                    "bench": ["matplotlib", "tqdm", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["resfuse-bench = resfuse.benchmarks.cli:main"]},
 )

@@ -1,0 +1,333 @@
+"""Writers for a benchmark run: the raw JSON, the markdown report and (``plots``) the PNGs.
+
+A run's results are one JSON-able dict (``cli.run`` builds it)::
+
+    {"meta": {...device, versions, date, label "GPU" | "CPU", command...},
+     "copy": {"bytes_per_s", "buffer_bytes", "median_ms"},
+     "implementations": {name: {"family", "description", "unavailable"}},
+     "kernels": [kernels.run records], "transformer": [transformer.compare results],
+     "plots": [file names]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .implementations import BY_NAME
+from .kernels import TARGET_HIDDEN, TARGET_MIN_ELEMENTS, TARGETS, in_target_range
+from .traffic import DIRECTIONS, OPS, full_tensors_moved
+from .transformer import AGREEMENT_TOLERANCE
+
+JSON_NAME = "results.json"
+REPORT_NAME = "report.md"
+BASELINE = "eager-hf"
+COMPILED = "torch.compile"
+DIRECTION_NAMES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward + backward"}
+MIB = 1 << 20
+
+
+def write_json(results: dict, path: os.PathLike) -> Path:
+    """Atomically: a partial file from a checkpoint is never left half-written."""
+    path = Path(path)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _table(header: list[str], rows: Iterable[list[str]], align: Optional[str] = None) -> str:
+    rows = list(rows)
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _shape(rows: int, hidden: int) -> str:
+    return f"{rows:,} × {hidden:,}"
+
+
+def _gbps(rec: dict) -> str:
+    if not rec["gbps"]:
+        return "—"
+    gbps = f"{rec['gbps']:,.0f}" if rec["gbps"] >= 100 else f"{rec['gbps']:.3g}"
+    return f"{gbps} ({100 * rec['frac_copy']:.0f}%)"
+
+
+def _size(nbytes: Optional[float]) -> str:
+    if nbytes is None:
+        return "—"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:,.0f} B"
+
+
+def _ok(rec: dict) -> bool:
+    return rec.get("error") is None and rec.get("median_ms") is not None
+
+
+def _sections(kernels: list[dict]):
+    """{(op, direction, dtype): {(rows, hidden): {impl: record}}} in a stable order."""
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for rec in kernels:
+        out[(rec["op"], rec["direction"], rec["dtype"])][(rec["rows"], rec["hidden"])][rec["impl"]] = rec
+    order = {op: i for i, op in enumerate(OPS)}
+    dorder = {d: i for i, d in enumerate(DIRECTIONS)}
+    return sorted(out.items(), key=lambda kv: (order[kv[0][0]], kv[0][2], dorder[kv[0][1]]))
+
+
+def impl_order(results: dict) -> list[str]:
+    """The run's implementations in the registry's order (baselines, resfuse, peers),
+    whatever order a JSON file kept them in."""
+    rank = {name: i for i, name in enumerate(BY_NAME)}
+    names = list(results.get("implementations", {}))
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _header(results: dict) -> list[str]:
+    meta, copy = results["meta"], results["copy"]
+    cpu = meta["label"] == "CPU"
+    title = f"# resfuse benchmarks: {meta['device']}" + (" (CPU run)" if cpu else "")
+    out = [title, ""]
+    if cpu:
+        out += ["> **CPU run: these are not GPU numbers.** resfuse's kernels are GPU kernels; on "
+                "CPU tensors resfuse runs its PyTorch reference (the `resfuse-torch` row), and the "
+                "GPU rows are absent. The CPU timings exercise the harness and compare the "
+                "eager and compiled baselines on this machine; the bandwidth targets apply to "
+                "GPUs only. The activation-memory comparison of the reference transformer is "
+                "exact on any device.", ""]
+    info = [
+        ["device", meta["device"] + (f" ({meta['device_detail']})" if meta.get("device_detail") else "")],
+        ["date (UTC)", meta["date"]],
+        ["torch / triton / resfuse", f"{meta['torch']} / {meta.get('triton') or 'not installed'} / "
+                                     f"{meta['resfuse']}"],
+        ["python", meta["python"]],
+        ["resfuse backends", meta.get("backends_summary", "")],
+        ["copy bandwidth", f"{copy['bytes_per_s'] / 1e9:,.1f} GB/s (`dst.copy_(src)` of "
+                           f"{copy['buffer_bytes'] / MIB:,.0f} MiB, read + write, median; "
+                           + _copy_samples(copy) + ")"],
+        ["command", f"`{meta['command']}`"],
+    ]
+    return out + [_table(["", ""], info, "ll"), ""]
+
+
+def _copy_samples(copy: dict) -> str:
+    samples = copy.get("samples_bytes_per_s")
+    if not samples or len(samples) < 2:
+        return "measured once"
+    return ("the faster of " + " and ".join(f"{b / 1e9:,.1f}" for b in samples)
+            + " GB/s, before and after the kernels")
+
+
+def _how_to_read(results: dict) -> list[str]:
+    return ["## How to read this", "",
+            "* **GB/s** = the minimal bytes the op must move ([`benchmarks/traffic.py`]"
+            "(../../traffic.py): e.g. bf16 add + RMSNorm forward reads x and the residual and "
+            "writes y and h) divided by the median time. **%** = that bandwidth as a fraction "
+            "of the device-to-device copy bandwidth measured in the same run: 100% would be "
+            "a kernel as fast as a copy of the same bytes.",
+            "* **fwd** times the training forward (inputs require grad); **bwd** the backward "
+            "alone (its forward runs untimed before each call), with gradients flowing into "
+            "both outputs of the pre-norm ops; **fwd+bwd** both. Every implementation is "
+            "checked against resfuse's float64 reference before it is timed.",
+            f"* **×{BASELINE}** / **×{COMPILED}**: how many times faster than those baselines "
+            "(their median time over the implementation's).",
+            f"* Targets (GPU): forward ≥ {TARGETS['fwd']:.0%} and backward ≥ {TARGETS['bwd']:.0%}"
+            f" of the copy bandwidth, for hidden {TARGET_HIDDEN[0]:,}–{TARGET_HIDDEN[1]:,} and "
+            f"at least 2^{TARGET_MIN_ELEMENTS.bit_length() - 1} elements.",
+            "* Reference transformer: **saved for backward** is what autograd keeps between "
+            "forward and backward (saved-tensor hooks, each storage once, parameters excluded): "
+            "exact, and the same on any device. **Peak** is `torch.cuda.max_memory_allocated` "
+            "during a step, above what was resident before it (CUDA only).", ""]
+
+
+def _implementations(results: dict) -> list[str]:
+    rows = []
+    for name in impl_order(results):
+        info = results["implementations"][name]
+        here = "yes" if info["unavailable"] is None else f"no: {info['unavailable']}"
+        rows.append([f"`{name}`", info["description"], here])
+    if not rows:
+        return []
+    return ["## Implementations", "", _table(["name", "what", "measured here"], rows, "lll"), ""]
+
+
+def _targets(results: dict) -> list[str]:
+    out = ["## Targets", ""]
+    if results["meta"]["label"] == "CPU":
+        return out + ["Not applicable to a CPU run: the targets are for the GPU kernels.", ""]
+    rows = []
+    for (op, direction, dtype), shapes in _sections(results["kernels"]):
+        if direction not in TARGETS:
+            continue
+        by_impl = defaultdict(list)
+        for (r, h), recs in shapes.items():
+            if in_target_range(r, h):
+                for impl, rec in recs.items():
+                    if _ok(rec) and results["implementations"].get(impl, {}).get("family") == "resfuse":
+                        by_impl[impl].append(rec["frac_copy"])
+        for impl, fracs in sorted(by_impl.items()):
+            fracs.sort()
+            met = fracs[0] >= TARGETS[direction]
+            rows.append([op, DIRECTION_NAMES[direction], dtype, f"`{impl}`", str(len(fracs)),
+                         f"{100 * fracs[0]:.0f}%", f"{100 * fracs[len(fracs) // 2]:.0f}%",
+                         f"{100 * TARGETS[direction]:.0f}%", "**met**" if met else "missed"])
+    if not rows:
+        return out + ["No resfuse measurement falls in the target range in this run.", ""]
+    return out + [_table(["op", "direction", "dtype", "implementation", "shapes", "worst",
+                          "median", "target", ""], rows, "llllrrrrl"), ""]
+
+
+def _kernel_sections(results: dict) -> list[str]:
+    if not results["kernels"]:
+        return []
+    out = ["## Kernels", ""]
+    order = impl_order(results)
+    for (op, direction, dtype), shapes in _sections(results["kernels"]):
+        present = [i for i in order if any(_ok(recs.get(i, {"error": 1})) for recs in shapes.values())]
+        if not present:
+            continue
+        tensors = full_tensors_moved(op, direction)
+        out += [f"### {op} · {DIRECTION_NAMES[direction]} · {dtype}", "",
+                f"Minimal traffic: {tensors} full tensors (plus the parameter vectors). "
+                "GB/s (% of copy bandwidth):", ""]
+        rows = []
+        for (r, h), recs in sorted(shapes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            nbytes = next(iter(recs.values()))["bytes"]
+            rows.append([_shape(r, h), f"{nbytes / 1e6:,.1f}"]
+                        + [_gbps(recs[i]) if i in recs and _ok(recs[i]) else "—" for i in present])
+        out += [_table(["rows × hidden", "MB"] + [f"`{i}`" for i in present], rows), ""]
+
+        fast = [i for i in present if results["implementations"][i]["family"] != "baseline"]
+        base = [i for i in (BASELINE, COMPILED) if i in present]
+        if not fast:
+            continue
+        header = ["rows × hidden"] + [f"`{i}` ms" for i in base]
+        for i in fast:
+            header += [f"`{i}` ms"] + [f"×{b}" for b in base]
+        rows = []
+        for (r, h), recs in sorted(shapes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            def ms(i):
+                return recs[i]["median_ms"] if i in recs and _ok(recs[i]) else None
+            row = [_shape(r, h)] + [f"{ms(b):.3f}" if ms(b) else "—" for b in base]
+            for i in fast:
+                row.append(f"{ms(i):.3f}" if ms(i) else "—")
+                row += [f"{ms(b) / ms(i):.2f}" if ms(i) and ms(b) else "—" for b in base]
+            rows.append(row)
+        out += ["Median time and speedup:", "", _table(header, rows), ""]
+    return out
+
+
+def _transformer_sections(results: dict) -> list[str]:
+    if not results["transformer"]:
+        return []
+    out = ["## Reference transformer", "",
+           "One model per style, the same weights and input for every variant; a training step "
+           "is forward + backward (no optimizer). Relative error: 2-norm of the difference "
+           "from the reference's output / gradient over its 2-norm, the worst over the output "
+           "and every gradient; the reference of a 16-bit run is eager-hf on an fp32 copy of "
+           "the same weights, which tells rounding differences from wrong results. Tolerance: "
+           + ", ".join(f"{k} {v:.0e}" for k, v in AGREEMENT_TOLERANCE.items()) + ".", ""]
+    for res in results["transformer"]:
+        cfg = res["config"]
+        out += [f"### {cfg['style']}: hidden {cfg['hidden']:,}, {cfg['layers']} layers, "
+                f"{cfg['heads']} heads, ffn {cfg['ffn']:,}, batch {cfg['batch']} × seq "
+                f"{cfg['seq']:,}, {cfg['dtype']} ({res['params'] / 1e6:,.1f}M parameters)", ""]
+        rows = []
+        for v in res["variants"]:
+            step = f"{v['step_median_ms']:,.1f}" if v.get("step_median_ms") is not None else "—"
+            rows.append([f"`{v['variant']}`" + (f" ({v['backend']})" if v["backend"] else ""),
+                         step, _size(v["peak_step_bytes"]), _size(v["saved_bytes"]),
+                         _size(v["saved_bytes_per_layer"]),
+                         "—" if v["variant"] == res["reference"] else
+                         f"{v['max_rel_err']:.1e} ({v['worst']})",
+                         "yes" if v["agrees"] else "**NO**"])
+        out += [_table(["variant", "step ms", "peak", "saved for backward", "per layer",
+                        f"rel. error vs {res['reference']}", "within tolerance"],
+                       rows, "lrrrrll"), ""]
+        outside = [f"`{v['variant']}`" for v in res["variants"]
+                   if not v["agrees"] and v["variant"] != "fused"]
+        if outside:
+            out += [f"{', '.join(outside)}: outside the tolerance by its own rounding against the "
+                    "fp32 run (the worst tensor is named above); a baseline is reported as "
+                    "measured.", ""]
+        by = {v["variant"]: v for v in res["variants"]}
+        if "eager-hf" in by and "fused" in by:
+            measured = by["eager-hf"]["saved_bytes"] - by["fused"]["saved_bytes"]
+            expected = res["expected_saving"]
+            verdict = "as expected" if measured == expected else "**differs from the expectation**"
+            share = measured / by["eager-hf"]["saved_bytes"] if by["eager-hf"]["saved_bytes"] else 0
+            out += [f"Fused saves {_size(measured)} ({share:.0%}) fewer for the backward "
+                    f"than eager-hf; expected {_size(expected)} (4 bytes per element per "
+                    f"norm{', plus 4 per row' if cfg['style'] == 'llama' else ''}, "
+                    f"`transformer.expected_saving`): {verdict}.", ""]
+            if "step_median_ms" in by["fused"] and by["eager-hf"].get("step_median_ms"):
+                out += [f"Step time: fused {by['fused']['step_median_ms']:,.1f} ms vs eager-hf "
+                        f"{by['eager-hf']['step_median_ms']:,.1f} ms "
+                        f"(×{by['eager-hf']['step_median_ms'] / by['fused']['step_median_ms']:.2f}).",
+                        ""]
+    return out
+
+
+def _plots(results: dict) -> list[str]:
+    names = results.get("plots") or []
+    if not names:
+        return []
+    return ["## Plots", ""] + [f"![{Path(n).stem}]({n})\n" for n in names]
+
+
+def _problems(results: dict) -> list[str]:
+    """Every failure, once per (implementation, reason): unavailable implementations are in
+    the implementations table instead."""
+    seen = Counter((r["impl"], r["error"]) for r in results["kernels"]
+                   if r.get("error") and not r["error"].startswith("unavailable"))
+    if not seen:
+        return []
+    rows = [[f"`{impl}`", err.replace("|", "\\|"), str(n)] for (impl, err), n in sorted(seen.items())]
+    return ["## Not measured", "", _table(["implementation", "reason", "records"], rows, "llr"), ""]
+
+
+def markdown(results: dict) -> str:
+    parts = (_header(results) + _how_to_read(results) + _implementations(results)
+             + _targets(results) + _transformer_sections(results) + _kernel_sections(results)
+             + _plots(results) + _problems(results))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_markdown(results: dict, path: os.PathLike) -> Path:
+    path = Path(path)
+    path.write_text(markdown(results))
+    return path
+
+
+def write_all(results: dict, out_dir: os.PathLike) -> dict[str, Path]:
+    """results.json, the plots (when matplotlib is installed) and report.md in ``out_dir``."""
+    from . import plots
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    try:
+        written.update(plots.write_all(results, out_dir))
+        results["plots"] = sorted(p.name for p in written.values())
+    except ImportError as e:  # matplotlib is a benchmark extra, not a requirement
+        results["plots"] = []
+        results["meta"]["plots_skipped"] = f"{e} (pip install matplotlib)"
+    written["json"] = write_json(results, out_dir / JSON_NAME)
+    written["report"] = write_markdown(results, out_dir / REPORT_NAME)
+    return written

@@ -1,0 +1,133 @@
+"""Timing: the median time of a call on a CUDA device or on the CPU, and the device-to-device
+copy bandwidth that every GB/s figure is compared with.
+
+``time_fn(fn, device, settings, setup=None)`` times ``fn(setup())`` (or ``fn()``): ``setup``
+runs before each timed call and is not timed. The backward is timed that way, with a fresh
+forward as the untimed setup, so no implementation needs ``retain_graph`` (which compiled
+backwards with donated buffers refuse) and every timed backward is a first backward.
+
+* CUDA: CUDA events around each call; before each, the L2 cache is flushed (a 256 MiB write)
+  so no call reads what the previous one (or the setup) left in L2 — in a training step the
+  backward of a norm runs long after its forward. Warm-up and repetition counts follow from
+  time windows, as in ``triton.testing.do_bench``.
+* CPU: ``time.perf_counter`` around each call after one warm-up call, within a time budget.
+
+Both report the median and the 20th / 80th percentiles of the per-call times.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+L2_FLUSH_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    q20_s: float
+    q80_s: float
+    calls: int
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median_s * 1e3, "q20_ms": self.q20_s * 1e3,
+                "q80_ms": self.q80_s * 1e3, "calls": self.calls}
+
+
+@dataclass(frozen=True)
+class TimerSettings:
+    """CUDA: warm-up and measurement windows (ms) and bounds on the timed calls. CPU: the
+    time budget per measurement and the bounds on the timed calls."""
+    warmup_ms: float = 10.0
+    rep_ms: float = 50.0
+    cuda_min_calls: int = 10
+    cuda_max_calls: int = 500
+    cpu_budget_s: float = 0.4
+    cpu_min_calls: int = 3
+    cpu_max_calls: int = 50
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    # nearest rank: the samples are few on the CPU
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+def _summary(samples: list[float]) -> Timing:
+    samples = sorted(samples)
+    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8),
+                  len(samples))
+
+
+def time_cpu(fn: Callable, settings: TimerSettings = TimerSettings(),
+             setup: Optional[Callable] = None) -> Timing:
+    def once() -> float:
+        arg = setup() if setup is not None else None
+        t0 = time.perf_counter()
+        fn(arg) if setup is not None else fn()
+        return time.perf_counter() - t0
+
+    once()  # warm-up: allocator, lazy initialisation, compiled code loading
+    samples: list[float] = []
+    start = time.perf_counter()
+    while (len(samples) < settings.cpu_min_calls
+           or (len(samples) < settings.cpu_max_calls
+               and time.perf_counter() - start < settings.cpu_budget_s)):
+        samples.append(once())
+    return _summary(samples)
+
+
+def time_cuda(fn: Callable, settings: TimerSettings = TimerSettings(),
+              setup: Optional[Callable] = None) -> Timing:
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    def run(n: int) -> list[float]:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for start, end in zip(starts, ends):
+            arg = setup() if setup is not None else None
+            flush.zero_()
+            start.record()
+            fn(arg) if setup is not None else fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+
+    torch.cuda.synchronize()
+    estimate_s = statistics.median(run(3))  # also the first warm-up (compiles, autotunes)
+    per_call_ms = max(estimate_s * 1e3, 1e-3)
+    run(max(1, int(settings.warmup_ms / per_call_ms)))
+    n = int(settings.rep_ms / per_call_ms)
+    n = min(settings.cuda_max_calls, max(settings.cuda_min_calls, n))
+    return _summary(run(n))
+
+
+def time_fn(fn: Callable, device: torch.device, settings: TimerSettings = TimerSettings(),
+            setup: Optional[Callable] = None) -> Timing:
+    """Time ``fn()``, or ``fn(setup())`` with ``setup`` untimed, on ``device``."""
+    if device.type == "cuda":
+        return time_cuda(fn, settings, setup)
+    return time_cpu(fn, settings, setup)
+
+
+def default_copy_buffer_bytes(device: torch.device) -> int:
+    # far larger than any L2 (50 MB on H100) or CPU cache, so the copy runs DRAM to DRAM
+    return (1 << 30) if device.type == "cuda" else (256 << 20)
+
+
+def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None,
+                   settings: TimerSettings = TimerSettings()) -> dict:
+    """Device-to-device copy (``dst.copy_(src)``) of a large buffer: bytes read + written
+    per second. The ceiling a memory-bound kernel is judged against, measured in the run."""
+    nbytes = nbytes or default_copy_buffer_bytes(device)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, settings)
+    moved = 2 * src.numel() * src.element_size()
+    return {"bytes_per_s": moved / timing.median_s, "buffer_bytes": nbytes,
+            "median_ms": timing.median_s * 1e3}

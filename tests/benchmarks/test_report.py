@@ -1,0 +1,188 @@
+"""The command-line report end to end at the tiny preset (what `make bench` runs, in
+seconds), and the markdown / plot writers on hand-made GPU results, where every number in
+the output follows from the input."""
+
+import copy
+import json
+import shutil
+
+import pytest
+
+from benchmarks import cli, implementations, kernels, plots, report, transformer
+from benchmarks.traffic import DIRECTIONS, minimal_bytes
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results, out_dir = cli.run(["--preset", "tiny", "--out", str(out), "--no-progress"])
+    return results, out_dir
+
+
+def test_cli_writes_report_json_and_plots(tiny_run):
+    results, out_dir = tiny_run
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == ["activation_memory.png", "bandwidth_bfloat16.png", "report.md", "results.json"]
+    for png in ("activation_memory.png", "bandwidth_bfloat16.png"):
+        assert (out_dir / png).read_bytes().startswith(PNG)
+    saved = json.loads((out_dir / "results.json").read_text())
+    assert saved["kernels"] == results["kernels"]
+    assert saved["meta"]["label"] == "CPU" and saved["meta"]["preset"] == "tiny"
+
+    preset = cli.PRESETS["tiny"]
+    n_cases = len(preset.ops) * len(preset.hidden) * len(preset.rows) * len(preset.dtypes)
+    assert len(results["kernels"]) == n_cases * len(preset.impls) * len(DIRECTIONS)
+    measured = [r for r in results["kernels"] if r["error"] is None]
+    assert {r["impl"] for r in measured} == {"eager-hf", "eager-torch", "resfuse-torch"}
+    assert all(r["error"].startswith("unavailable") for r in results["kernels"]
+               if r["impl"] == "resfuse-triton")
+    # the copy bandwidth is measured before and after the kernels; fractions use the faster
+    copy_samples = results["copy"]["samples_bytes_per_s"]
+    assert len(copy_samples) == 2 and results["copy"]["bytes_per_s"] == max(copy_samples)
+    for r in measured:
+        assert r["bytes"] == minimal_bytes(r["op"], r["direction"], r["rows"], r["hidden"],
+                                           kernels.DTYPES[r["dtype"]])
+        assert r["frac_copy"] == pytest.approx(r["gbps"] * 1e9 / max(copy_samples))
+    assert [t["config"]["style"] for t in results["transformer"]] == list(transformer.STYLES)
+
+
+def test_cli_report_is_labelled_cpu_and_has_every_section(tiny_run):
+    results, out_dir = tiny_run
+    text = (out_dir / "report.md").read_text()
+    assert text.startswith("# resfuse benchmarks: CPU: ") and "(CPU run)" in text.splitlines()[0]
+    assert "**CPU run: these are not GPU numbers.**" in text
+    for heading in ("## How to read this", "## Implementations", "## Targets",
+                    "## Reference transformer", "## Kernels", "## Plots",
+                    "### add_rms_norm · backward · bfloat16", "### layer_norm · forward · bfloat16",
+                    "### llama: hidden 64", "### bert: hidden 64"):
+        assert heading in text, heading
+    assert "Not applicable to a CPU run" in text
+    assert "![bandwidth_bfloat16](bandwidth_bfloat16.png)" in text
+    assert text.count(": as expected.") == 3  # the memory saving of each style
+    assert "**NO**" not in text
+
+
+def test_resume_keeps_measurements_and_runs_only_the_rest(tiny_run, tmp_path):
+    results, out_dir = tiny_run
+    shutil.copytree(out_dir, tmp_path / "run")
+    again, _ = cli.run(["--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress",
+                        "--resume", "--no-transformer"])
+    def timings(records):  # frac_copy follows the best copy measurement, which may change
+        return [{k: v for k, v in r.items() if k != "frac_copy"} for r in records]
+    kept = [r for r in results["kernels"] if r["error"] is None]
+    assert timings(again["kernels"][:len(kept)]) == timings(kept)  # kept, not re-measured
+    assert len(again["kernels"]) == len(results["kernels"])
+    # the copy measurements of the first run are kept; this run's is added
+    assert again["copy"]["samples_bytes_per_s"][:2] == results["copy"]["samples_bytes_per_s"]
+    assert len(again["copy"]["samples_bytes_per_s"]) == 3
+
+
+def test_report_only_rewrites_the_report_from_the_json(tiny_run, tmp_path):
+    out_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[1], out_dir)
+    (out_dir / "report.md").unlink()
+    (out_dir / "activation_memory.png").unlink()
+    again, _ = cli.run(["--out", str(out_dir), "--report-only"])
+    assert again["kernels"] == json.loads((out_dir / "results.json").read_text())["kernels"]
+    assert (out_dir / "report.md").read_text().startswith("# resfuse benchmarks: CPU")
+    assert (out_dir / "activation_memory.png").read_bytes().startswith(PNG)
+
+
+def test_cli_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        cli.run(["--ops", "add_norm"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        cli.parse_config(transformer.CPU_DEFAULT, ["depth=3"])
+    assert cli.parse_config(transformer.CPU_DEFAULT, ["layers=3", "dtype=float16"]) == \
+        transformer.CPU_DEFAULT.with_(layers=3, dtype="float16")
+
+
+def test_slug_and_results_root():
+    assert cli.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert cli.default_results_root().parts[-2:] == ("benchmarks", "results")
+
+
+# --------------------------------------------------------------------------- synthetic GPU run
+
+COPY = 3.0e12  # bytes per second
+
+
+def _record(op, direction, rows, hidden, impl, ms, error=None):
+    nbytes = minimal_bytes(op, direction, rows, hidden, kernels.DTYPES["bfloat16"])
+    rec = {"op": op, "dtype": "bfloat16", "rows": rows, "hidden": hidden, "impl": impl,
+           "direction": direction, "bytes": nbytes, "median_ms": None, "q20_ms": None,
+           "q80_ms": None, "gbps": None, "frac_copy": None, "error": error}
+    if error is None:
+        rec.update(median_ms=ms, q20_ms=ms, q80_ms=ms, gbps=nbytes / ms / 1e6,
+                   frac_copy=nbytes / (ms * 1e-3) / COPY)
+    return rec
+
+
+def _gpu_results():
+    impls = implementations.select(["eager-hf", "torch.compile", "resfuse-triton", "liger"])
+    recs = []
+    for rows, hidden in ((4096, 8192), (2048, 8192)):  # in and out of the target range
+        for direction in DIRECTIONS:
+            floor_ms = minimal_bytes("add_rms_norm", direction, rows, hidden,
+                                     kernels.DTYPES["bfloat16"]) / COPY * 1e3
+            recs.append(_record("add_rms_norm", direction, rows, hidden, "eager-hf", 4 * floor_ms))
+            recs.append(_record("add_rms_norm", direction, rows, hidden, "torch.compile",
+                                2 * floor_ms))
+            # forward at 95% of copy (meets 92%), backward at 80% (misses 88%)
+            frac = {"fwd": 0.95, "bwd": 0.80, "fwd+bwd": 0.9}[direction]
+            recs.append(_record("add_rms_norm", direction, rows, hidden, "resfuse-triton",
+                                floor_ms / frac))
+            recs.append(_record("add_rms_norm", direction, rows, hidden, "liger", None,
+                                error="failed the correctness check: y: max error 1e-01"))
+    return {
+        "meta": {"label": "GPU", "device": "NVIDIA H100 80GB HBM3", "device_detail": "132 SMs",
+                 "date": "2026-01-01 00:00", "torch": "2.11", "triton": "3.6", "resfuse": "0.1.0",
+                 "python": "3.11", "command": "python -m benchmarks", "backends_summary": ""},
+        "copy": {"bytes_per_s": COPY, "buffer_bytes": 1 << 30, "median_ms": 0.7},
+        "implementations": {i.name: {"family": i.family, "description": i.description,
+                                     "unavailable": None} for i in impls},
+        "kernels": recs, "transformer": [], "plots": [],
+    }
+
+
+def test_markdown_targets_speedups_and_failures():
+    text = report.markdown(_gpu_results())
+    assert "(CPU run)" not in text and "not GPU numbers" not in text
+    targets = text[text.index("## Targets"):text.index("## Kernels")]
+    fwd_row = next(l for l in targets.splitlines() if "| forward |" in l)
+    bwd_row = next(l for l in targets.splitlines() if "| backward |" in l)
+    # only the 4096 x 8192 shape is in range: one shape, at 95% and 80%
+    assert "| 1 | 95% | 95% | 92% | **met** |" in fwd_row
+    assert "| 1 | 80% | 80% | 88% | missed |" in bwd_row
+    fwd = text[text.index("### add_rms_norm · forward · bfloat16"):
+               text.index("### add_rms_norm · backward")]
+    # 4 x 2 bytes x 4096 x 8192 plus the weight: 268.5 MB; eager at 25% of copy
+    assert "| 4,096 × 8,192 | 268.5 | 750 (25%) | 1,500 (50%) | 2,850 (95%) |" in fwd
+    # resfuse at 95% vs eager at 25% and compile at 50%: 3.80x and 1.90x
+    assert "| 3.80 | 1.90 |" in fwd
+    assert "`liger`" not in fwd.splitlines()[4]  # no column for an implementation with no data
+    assert "## Not measured" in text and "failed the correctness check" in text
+
+
+def test_plot_series_use_the_largest_row_count():
+    results = _gpu_results()
+    series = plots.bandwidth_series(results["kernels"], "bfloat16")
+    points = series[("add_rms_norm", "fwd")]["resfuse-triton"]
+    assert points == [(8192, pytest.approx(0.95 * COPY / 1e9))]
+    assert "liger" not in series[("add_rms_norm", "fwd")]
+
+
+def test_write_all_on_gpu_results(tmp_path):
+    results = _gpu_results()
+    tiny = transformer.TransformerConfig(hidden=32, layers=1, heads=2, ffn=32, seq=4, batch=1)
+    import torch
+    results["transformer"] = [transformer.compare(tiny.with_(style=s), torch.device("cpu"),
+                                                  time_steps=False) for s in ("llama", "bert")]
+    written = report.write_all(copy.deepcopy(results), tmp_path)
+    assert set(written) == {"bandwidth_bfloat16", "activation_memory", "json", "report"}
+    assert all(p.exists() for p in written.values())
+    text = (tmp_path / "report.md").read_text()
+    assert "![activation_memory](activation_memory.png)" in text
+    assert "### llama: hidden 32, 1 layers" in text and "### bert: hidden 32" in text
