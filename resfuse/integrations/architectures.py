@@ -53,28 +53,24 @@ LLAMA_STYLE = Chain(
                Sublayer("mlp", "post_attention_layernorm")),
 )
 
-# Gemma2/3 (sandwich norms): r = r + post_norm(f); y = next_norm(r). The add + next norm is
-# fused; the branch norm before it is a separate call until a norm_add_norm op exists: the
-# "norm" steps are where it plugs in.
+# Gemma2/3 (sandwich norms): r = r + post_norm(f); y = next_norm(r): each add is one
+# norm_add_norm call (the branch norm, the add and the next norm); the closing add is
+# norm_add, or norm_add_norm with the next layer's norm with fuse_residual="across_layers".
 SANDWICH = Chain(
     input="hidden_states",
     sublayers=(Sublayer("self_attn", "input_layernorm", _HF_ATTENTION,
                         steps=(("post_attention_layernorm", "norm"),)),
                Sublayer("mlp", "pre_feedforward_layernorm",
                         steps=(("post_feedforward_layernorm", "norm"),))),
-    notes=("branch norms post_attention_layernorm / post_feedforward_layernorm run as separate "
-           "calls before their adds (fusing them needs a norm + add + norm op)",),
 )
 
-# OLMo2 (reordered norms): r = r + norm(f), no norm after the add: nothing for add_norm to fuse
-# inside a layer (a norm + add op would); the last layer's add can carry into the final norm.
+# OLMo2 (reordered norms): r = r + norm(f), no norm after the add: each add is one norm_add
+# call; the last layer's closing add can carry into the final norm (norm_add_norm).
 REORDERED = Chain(
     input="hidden_states",
     sublayers=(Sublayer("self_attn", None, _HF_ATTENTION,
                         steps=(("post_attention_layernorm", "norm"),)),
                Sublayer("mlp", None, steps=(("post_feedforward_layernorm", "norm"),))),
-    notes=("adds follow branch norms (post_attention_layernorm / post_feedforward_layernorm) "
-           "and precede no norm: fusing them needs a norm + add op",),
 )
 
 GPT2_BLOCK = Chain(

@@ -8,7 +8,9 @@ the table entry stored on the generated class (``_resfuse_spec``), so there is o
 family, not one per model:
 
 * :class:`NormOverride` - any norm: RMS / LayerNorm through ``resfuse.ops.add_norm``, plus
-  ``resfuse_add_norm(x, residual, ...)``, the fused add + norm the layers call.
+  ``resfuse_add_norm(x, residual, ...)``, the fused add + norm the layers call, and
+  ``resfuse_norm_add(x, residual, next_norm)``, the branch norm + add (+ next norm) of the
+  sandwich layouts.
 * :class:`ChainOverride` - pre-norm layers (``specs.Chain``): each add that is followed by a
   norm becomes one fused call; with ``fuse_residual="across_layers"`` the closing add is fused
   with the next layer's first norm (or the final norm) as well.
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from .. import checks
+from ..functional import norm_add, norm_add_norm
 from ..ops import add_norm
 from .specs import Call, Chain, Norm, PostNorm, Sublayer
 
@@ -170,6 +173,23 @@ class NormOverride:
             return tuple(t.view(shape) for t in out)
         return out.view(shape)
 
+    def resfuse_norm_add(self, x: Tensor, residual: Tensor, next_norm=None):
+        """``h = residual + self(x)`` and, with ``next_norm``, ``y = next_norm(h)`` in one call:
+        ``(y, h)``, else ``h``. ``h`` gets the dtype ``residual + self(x)`` would have, ``y``
+        the one ``next_norm`` returns for ``h``; the branch output is not rounded before the
+        add (the original rounds it to its output dtype: expect one-ulp differences)."""
+        spec, device_type = self._resfuse_spec, x.device.type
+        f_dtype = spec.output_dtype(x.dtype, self.weight, device_type)
+        h_dtype = torch.promote_types(f_dtype, residual.dtype)
+        common = dict(norm=spec.kind, branch_bias=self._resfuse_bias(),
+                      zero_centered_weight=spec.zero_centered_weight, residual_dtype=h_dtype)
+        eps = self._resfuse_eps(f_dtype)
+        if next_norm is None:
+            return norm_add(x, residual, self.weight, eps, **common)
+        out_dtype = next_norm._resfuse_spec.output_dtype(h_dtype, next_norm.weight, device_type)
+        return norm_add_norm(x, residual, self.weight, next_norm.weight, eps,
+                             bias=next_norm._resfuse_bias(), out_dtype=out_dtype, **common)
+
 
 # --------------------------------------------------------------------------- carrying
 
@@ -225,6 +245,31 @@ def _can_fuse(norm, f: Tensor, residual: Tensor, scales, *, check_hooks: bool = 
     return norm.resfuse_supports(f)
 
 
+def _can_fuse_branch(branch, norm, f: Tensor, residual: Tensor, *, check_hooks: bool = True) -> bool:
+    """Whether ``residual + branch(f)`` (then ``norm``, if any) can run as one call: both
+    resfuse norms over one dimension, of the same kind, weight convention and eps, no hooks
+    on the branch norm (it would not see its call)."""
+    if not isinstance(branch, NormOverride) or _has_hooks(branch):
+        return False
+    if f.dtype not in _FLOAT or residual.dtype not in _FLOAT:
+        return False
+    if f.shape != residual.shape or f.device != residual.device or f.dim() < 1:
+        return False
+    if branch._resfuse_trailing() != 1 or not branch.resfuse_supports(f):
+        return False
+    if norm is None:
+        return True
+    b, n = branch._resfuse_spec, getattr(norm, "_resfuse_spec", None)
+    if not isinstance(norm, NormOverride) or (check_hooks and _has_hooks(norm)):
+        return False
+    h_dtype = torch.promote_types(b.output_dtype(f.dtype, branch.weight, f.device.type),
+                                  residual.dtype)
+    return (n.kind == b.kind and n.zero_centered_weight == b.zero_centered_weight
+            and norm._resfuse_trailing() == 1
+            and norm._resfuse_eps(h_dtype) == branch._resfuse_eps(h_dtype)
+            and norm.resfuse_supports(residual))
+
+
 def _fused_scales(scales, f: Tensor):
     """branch_scale (the LayerScale gamma) and rowscale (the drop-path keep mask / keep),
     the mask drawn exactly as timm's drop_path draws it, so the RNG stream is the same."""
@@ -254,8 +299,17 @@ def _scaled_branch(scales, f: Tensor) -> Tensor:
 
 def _add(layer: nn.Module, pending, residual: Tensor, norm) -> tuple[Tensor, Tensor]:
     """The add of a finished sublayer, then ``norm`` (if any): ``(h, norm(h))``, one fused
-    call where possible."""
+    call where possible (with the sublayer's branch norm, when it has one)."""
     sub, f = pending
+    if sub.branch_norm is not None:
+        branch = getattr(layer, sub.branch_norm)
+        if _can_fuse_branch(branch, norm, f, residual):
+            if norm is None:
+                h = branch.resfuse_norm_add(f, residual)
+                return h, h
+            y, h = branch.resfuse_norm_add(f, residual, norm)
+            return h, y
+        f = branch(f)  # unfused: the branch norm on its own, then the add (+ norm) below
     scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
     if norm is not None and _can_fuse(norm, f, residual, scales):
         branch_scale, rowscale = _fused_scales(scales, f)
@@ -272,7 +326,13 @@ def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
         sub, f = pending
         scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
         # the target's hooks still run: it is called as usual, and returns the carried y
-        if _can_fuse(target, f, residual, scales, check_hooks=False):
+        if sub.branch_norm is not None:
+            branch = getattr(layer, sub.branch_norm)
+            if _can_fuse_branch(branch, target, f, residual, check_hooks=False):
+                y, h = branch.resfuse_norm_add(f, residual, target)
+                target.__dict__[CARRY] = (h, h._version, y)
+                return h
+        elif _can_fuse(target, f, residual, scales, check_hooks=False):
             branch_scale, rowscale = _fused_scales(scales, f)
             y, h = target.resfuse_add_norm(f, residual, branch_scale=branch_scale,
                                            rowscale=rowscale)
@@ -317,7 +377,7 @@ class ChainOverride:
             else:
                 stream, normed = _add(self, pending, stream, norm)
             out = _call(module, normed, sub.call, spec.input, bound, extra)
-            for attr, _ in sub.module_steps:
+            for attr, _ in sub.eager_steps:
                 out = getattr(self, attr)(out)
             pending = (sub, out)
         return _close(self, pending, stream)

@@ -229,6 +229,18 @@ def _norm_name(layer: nn.Module, attr: Optional[str], plan: _Plan) -> Optional[s
     return attr if norm is not None and id(norm) in plan.norms else None
 
 
+def _add_description(layer: nn.Module, sub, next_norm: Optional[str], plan: _Plan) -> Optional[str]:
+    """How the add after ``sub`` fuses, if it does: with its branch norm (norm_add, or
+    norm_add_norm when a norm follows) or with the norm after it (add_norm)."""
+    branch = _norm_name(layer, sub.branch_norm, plan)
+    norm = _norm_name(layer, next_norm, plan)
+    if branch and (norm or next_norm is None):
+        return f"{branch} + {sub.module} add" + (f" + {norm}" if norm else "")
+    if norm and sub.branch_norm is None:
+        return f"{sub.module} add + {norm}"
+    return None
+
+
 def _fused_adds(layer: nn.Module, spec: Chain, plan: _Plan) -> list[str]:
     """The adds inside ``layer`` that fuse with the norm after them. A conditional sublayer
     (GPT-2's cross-attention) changes which norm follows an add: both cases are listed."""
@@ -242,9 +254,9 @@ def _fused_adds(layer: nn.Module, spec: Chain, plan: _Plan) -> list[str]:
     for enabled, label in cases:
         present = [s for s in spec.sublayers if s.when is None or s.module in enabled]
         for prev, sub in zip(present, present[1:]):
-            norm = _norm_name(layer, sub.norm, plan)
-            if norm:
-                found.setdefault(f"{prev.module} add + {norm}", []).append(label)
+            what = _add_description(layer, prev, sub.norm, plan)
+            if what:
+                found.setdefault(what, []).append(label)
     return [what + (labels[0] if len(labels) < len(cases) else "")
             for what, labels in found.items()]
 
@@ -318,7 +330,11 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
                 owner, attr = stack_module, stack.final_norm
                 where = f"{type(stack_module).__name__}'s final"
             target = _norm_name(owner, attr, plan)
-            if target is None:
+            own = _add_description(layer, spec.sublayers[-1], None, plan)  # a branch norm
+            if own and (target is None or not across_layers):
+                plan.add_layer(layer, spec)
+                plan.report.fused.append(ModuleNote(lpath, name, f"closing add: {own}"))
+            elif target is None:
                 plan.report.unfused.append(ModuleNote(
                     lpath, name, f"closing add after {last}: no resfuse norm follows it"))
             elif not across_layers:
@@ -330,8 +346,8 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
                 plan.links.append((layer, CARRY_INTO, getattr(owner, target)))
                 if stack.checkpointing:
                     plan.links.append((layer, CHECKPOINT_FLAG, (stack_module, stack.checkpointing)))
-                plan.report.fused.append(ModuleNote(lpath, name,
-                                                    f"closing add after {last} + {where} {target}"))
+                own = f"{own} + " if own else f"closing add after {last} + "
+                plan.report.fused.append(ModuleNote(lpath, name, f"{own}{where} {target}"))
 
 
 # --------------------------------------------------------------------------- public API

@@ -143,6 +143,22 @@ class Sublayer:
         return tuple(s for s in self.steps if s[1] in ("module", "norm"))
 
     @property
+    def branch_norm(self) -> Optional[str]:
+        """A norm on the branch output right before the add (Gemma2/3's sandwich, OLMo2's
+        reordered norm): when it is the last step and nothing scales the branch, it is fused
+        into the add (``norm_add_norm`` / ``norm_add``) instead of running on its own."""
+        steps = self.module_steps
+        if steps and steps[-1][1] == "norm" and not self.scale_steps:
+            return steps[-1][0]
+        return None
+
+    @property
+    def eager_steps(self) -> tuple[tuple[str, str], ...]:
+        """The module steps run before the add (all but a fused branch norm)."""
+        steps = self.module_steps
+        return steps[:-1] if self.branch_norm is not None else steps
+
+    @property
     def scale_steps(self) -> tuple[tuple[str, str], ...]:
         return tuple(s for s in self.steps if s[1] in ("layer_scale", "drop_path"))
 

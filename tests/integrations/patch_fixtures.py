@@ -19,11 +19,14 @@ def backend(request, monkeypatch):
 def count_fused(monkeypatch):
     """Counts calls of the fused op that carry a residual (i.e. fused adds) vs plain norms."""
     calls = {"add_norm": 0, "norm": 0}
-    original = fused.add_norm
 
-    def counting(x, residual, *args, **kwargs):
-        calls["add_norm" if residual is not None else "norm"] += 1
-        return original(x, residual, *args, **kwargs)
+    def counted(original):
+        def counting(x, residual, *args, **kwargs):
+            calls["add_norm" if residual is not None else "norm"] += 1
+            return original(x, residual, *args, **kwargs)
+        return counting
 
-    monkeypatch.setattr(fused, "add_norm", counting)
+    # add_norm, and the branch norm + add (+ norm) of the sandwich layouts
+    for name in ("add_norm", "norm_add", "norm_add_norm"):
+        monkeypatch.setattr(fused, name, counted(getattr(fused, name)))
     return calls

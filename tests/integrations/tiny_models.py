@@ -136,9 +136,12 @@ ARCHS = {
     "qwen2": Arch(_decoder("qwen2"), _tokens, 2),
     "qwen3": Arch(_decoder("qwen3"), _tokens, 2),
     "gemma": Arch(_decoder("gemma"), _tokens, 2),
-    "gemma2": Arch(_decoder("gemma2"), _tokens, 2),
-    "gemma3": Arch(_decoder("gemma3_text"), _tokens, 2),
-    "olmo2": Arch(_decoder("olmo2"), _tokens, 0, linked=1),  # only the last add -> final norm
+    # sandwich / reordered norms: both adds of each layer fuse with their branch norm
+    # (norm_add_norm / norm_add); across layers the closing adds fuse with the next norm
+    # as well, which changes how they fuse, not how many do
+    "gemma2": Arch(_decoder("gemma2"), _tokens, 4, linked=0),
+    "gemma3": Arch(_decoder("gemma3_text"), _tokens, 4, linked=0),
+    "olmo2": Arch(_decoder("olmo2"), _tokens, 4, linked=0),
     "gpt2": Arch(_gpt2(), _tokens, 2),
     "gpt2_cross": Arch(_gpt2(add_cross_attention=True), _cross, 6),
     "gpt_neox": Arch(_gpt_neox(use_parallel_residual=False), _tokens, 2),
