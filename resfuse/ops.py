@@ -193,17 +193,24 @@ def _setup_context(ctx, inputs, output):
                           mean_x if not is_rms and branch_norm else None)
     ctx.mark_non_differentiable(*(t for t in (mean, mean_x) if t is not None))
     ctx.set_materialize_grads(False)
-    # dx can serve as dresidual when dh/dresidual = dh/dx elementwise and the dtypes agree:
-    # one store fewer (the backward moves 4 instead of 5 tensors).
-    share = (residual is not None and residual_scale == 1.0 and branch_scale is None
-             and branch_scale_value == 1.0 and rowscale is None and not branch_norm
-             and residual.dtype == x.dtype)
+    # Where dresidual comes from: dx itself when dh/dresidual = dh/dx elementwise and the
+    # dtypes agree (one store fewer: the backward moves 4 instead of 5 tensors), h's own
+    # upstream gradient when h = residual + norm(x) has no output norm (norm_add: as for
+    # torch's own add, the gradient passes through), else a store of the kernel.
+    if residual is None:
+        source = None
+    elif (residual_scale == 1.0 and branch_scale is None and branch_scale_value == 1.0
+          and rowscale is None and not branch_norm and residual.dtype == x.dtype):
+        source = "dx"
+    elif not output_norm and residual_scale == 1.0 and residual.dtype == residual_dtype:
+        source = "dh"
+    else:
+        source = "kernel"
     ctx.config = (eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
                   bias is not None, branch_bias is not None, branch_norm, output_norm,
-                  residual is not None and not share, x.dtype,
+                  source == "kernel", x.dtype,
                   residual.dtype if residual is not None else x.dtype, backend)
-    ctx.share_dresidual = share
-    ctx.has_residual = residual is not None
+    ctx.dresidual_source = source
     ctx.param_dtypes = tuple(t.dtype if t is not None else None
                              for t in (weight, bias, branch_scale, branch_weight, branch_bias))
     ctx.store_h = store_h
@@ -220,13 +227,14 @@ def _make_backward(run_backward):
         dx, dr, *params = run_backward(dy, dh, h, x, weight, branch_scale, rowscale,
                                        branch_weight, mean, mean_x, *ctx.config)
         needs = ctx.needs_input_grad
+        dresidual = {"dx": dx, "dh": dh, "kernel": dr, None: None}[ctx.dresidual_source]
         param_grads = tuple(
             g.to(dtype) if dtype is not None and needs[i] else None
             for i, g, dtype in zip((2, 3, 4, 6, 7), params, ctx.param_dtypes))
         dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias = param_grads
         return (
             dx if needs[0] else None,
-            (dx if ctx.share_dresidual else dr) if ctx.has_residual and needs[1] else None,
+            dresidual if needs[1] else None,
             dweight, dbias, dbranch_scale, None, dbranch_weight, dbranch_bias,
         ) + (None,) * (_N_INPUTS - 8)
 
