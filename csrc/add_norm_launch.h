@@ -1,5 +1,5 @@
 // Launch heuristics and dtype dispatch of the add+norm kernels, generic over the launcher:
-// csrc/cuda_launcher.cuh launches on a CUDA stream, tests/csrc/sim_harness.cpp on the CPU
+// csrc/cuda_launcher.cuh launches on a CUDA stream, tests/simt/sim_harness.cpp on the CPU
 // emulator, so the tests exercise exactly this code.
 //
 // A Launcher provides
@@ -14,26 +14,6 @@
 #include "add_norm_kernels.cuh"
 
 namespace resfuse {
-
-// 128-bit accesses need a 16-byte aligned base and row stride (every chunk then starts on a
-// 16-byte boundary); anything else takes the scalar path.
-inline Operand make_operand(void* ptr, int64_t row_stride, DType dtype, int64_t rows) {
-  Operand op;
-  op.ptr = ptr;
-  op.row_stride = row_stride;
-  op.dtype = dtype;
-  op.vec = ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 &&
-           (rows <= 1 || (row_stride * dtype_bytes(dtype)) % 16 == 0);
-  return op;
-}
-
-inline ParamVector make_param(const void* ptr, DType dtype) {
-  ParamVector v;
-  v.ptr = ptr;
-  v.dtype = dtype;
-  v.vec = ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-  return v;
-}
 
 // Threads per row: the power of two that gives each thread at most `chunks_per_thread`
 // chunks; capped at `max_threads`, past which the row streams tiles (single_tile = false)

@@ -52,6 +52,26 @@ struct ParamVector {
   bool vec = false;
 };
 
+// 128-bit accesses need a 16-byte aligned base and row stride (every chunk then starts on a
+// 16-byte boundary); anything else takes the scalar path.
+inline Operand make_operand(void* ptr, int64_t row_stride, DType dtype, int64_t rows) {
+  Operand op;
+  op.ptr = ptr;
+  op.row_stride = row_stride;
+  op.dtype = dtype;
+  op.vec = ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 &&
+           (rows <= 1 || (row_stride * dtype_bytes(dtype)) % 16 == 0);
+  return op;
+}
+
+inline ParamVector make_param(const void* ptr, DType dtype) {
+  ParamVector v;
+  v.ptr = ptr;
+  v.dtype = dtype;
+  v.vec = ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  return v;
+}
+
 // How rows map onto threads: `threads_per_row` (a power of two) consecutive threads share a
 // row, a block holds `rows_per_block` of them. single_tile: the row fits in registers.
 struct RowLayout {

@@ -1,7 +1,7 @@
 // Device helpers shared by the resfuse kernels: dtypes, 8-element chunk I/O with 128-bit
 // vector accesses (and a scalar path for tails and misaligned tensors), row-group reductions.
 //
-// The same source also compiles as plain C++ against tests/csrc/simt.h (RESFUSE_SIMT), a CPU
+// The same source also compiles as plain C++ against tests/simt/simt.h (RESFUSE_SIMT), a CPU
 // emulator of the few CUDA primitives used here, so the kernels' logic is tested without a GPU.
 // Rules that keep that working: no early return in a kernel that synchronises, every shuffle
 // with the full-warp mask executed by all 32 lanes, barriers in block-uniform control flow.

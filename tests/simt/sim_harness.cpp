@@ -1,5 +1,5 @@
 // The CUDA kernels of csrc/ run on the CPU emulator (simt.h) behind a C ABI for ctypes
-// (tests/csrc/sim_backend.py). The launch heuristics and dtype dispatch are the real ones
+// (tests/simt/sim_backend.py). The launch heuristics and dtype dispatch are the real ones
 // (csrc/add_norm_launch.h); only the launcher differs. Built by the tests with g++.
 #include <cmath>
 #include <cstring>
