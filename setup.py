@@ -68,21 +68,36 @@ def cuda_extension():
         nvcc.append("-lineinfo")
     if os.environ.get("RESFUSE_PTXAS_LOG"):
         nvcc.append("-Xptxas=-v")
-    _write_build_info(torch)
     return cpp_extension.CUDAExtension(
-        "resfuse._C", SOURCES, include_dirs=[os.path.abspath("csrc")],
+        "resfuse._C", SOURCES,
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
         extra_compile_args={"cxx": common, "nvcc": nvcc}, py_limited_api=True)
 
 
-def _write_build_info(torch):
-    """resfuse/_cuda_build.json: what the extension is built against (shipped next to it;
-    resfuse.cuda_ext.build_info() reads it for its messages)."""
+def _build_info(torch) -> str:
+    """resfuse/_cuda_build.json: what the extension is built against, shipped next to it
+    (resfuse.cuda_ext.build_info() reads it for its messages)."""
     info = {"torch": torch.__version__, "cuda": torch.version.cuda,
             "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
             "stable_abi_target": ".".join(map(str, STABLE_ABI_TARGET))}
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resfuse", "_cuda_build.json"), "w") as f:
-        json.dump(info, f, indent=1)
-        f.write("\n")
+    return json.dumps(info, indent=1) + "\n"
+
+
+def _write_build_info(package_dir: str):
+    import torch
+    with open(os.path.join(package_dir, "_cuda_build.json"), "w") as f:
+        f.write(_build_info(torch))
+
+
+def build_py_class():
+    from setuptools.command.build_py import build_py
+
+    class BuildPyWithBuildInfo(build_py):
+        def run(self):
+            super().run()
+            _write_build_info(os.path.join(self.build_lib, "resfuse"))
+
+    return BuildPyWithBuildInfo
 
 
 def build_ext_class():
@@ -132,9 +147,13 @@ def build_ext_class():
 extension = cuda_extension()
 extra = {}
 if extension is not None:
-    extra = dict(ext_modules=[extension], cmdclass={"build_ext": build_ext_class()},
-                 options={"bdist_wheel": {"py_limited_api": "cp310"}},
-                 package_data={"resfuse": ["_cuda_build.json"]})
+    cmdclass = {"build_ext": build_ext_class()}
+    if "editable_wheel" in sys.argv or "develop" in sys.argv:
+        _write_build_info(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resfuse"))
+    else:  # a wheel: next to the extension in the build tree, not into the sources
+        cmdclass["build_py"] = build_py_class()
+    extra = dict(ext_modules=[extension], cmdclass=cmdclass,
+                 options={"bdist_wheel": {"py_limited_api": "cp310"}})
 
 setup(
     name="resfuse",
