@@ -13,8 +13,9 @@ from numerics import DTYPES, Case, run_case
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 AVAILABLE = torch.cuda.is_available() and resfuse.backends()["cuda"].available
-needs_cuda_ext = pytest.mark.skipif(not AVAILABLE, reason="the cuda backend is not available: "
-                                    + (resfuse.backends()["cuda"].reason if torch.cuda.is_available() else ""))
+needs_cuda_ext = pytest.mark.skipif(
+    not AVAILABLE, reason="needs a CUDA GPU" if not torch.cuda.is_available()
+    else f"the cuda backend is not available: {resfuse.backends()['cuda'].reason}")
 TRITON = torch.cuda.is_available() and resfuse.backends()["triton"].available
 FULL = dict(residual="same", weight=True, branch="tensor", rowscale=True, zero_centered=True)
 DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
