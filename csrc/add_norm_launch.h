@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 #include "add_norm_kernels.cuh"
 
@@ -74,6 +75,7 @@ void run_forward(FwdParams p, Launcher& launch, int max_threads = kFwdMaxThreads
   if (p.rows == 0) return;
   p.layout = row_layout(p.D, kFwdChunks, max_threads, kFwdMinBlock);
   const int64_t blocks = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
+  if (blocks > 0x7fffffff) throw std::runtime_error("resfuse CUDA: too many rows for one launch");
   with_dtype_set(dtype_code(p.x), dtype_code(p.residual), dtype_code(p.h), dtype_code(p.y),
                  [&](auto set) {
                    using S = decltype(set);

@@ -48,8 +48,10 @@ def test_ops_are_registered_with_cuda_kernels():
 def test_build_info_records_the_toolchain():
     info = cuda_ext.build_info()
     assert info["stable_abi_target"] == "2.10"
-    assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert info["cuda"] == torch.version.cuda
+    # built with any torch >= 2.10 (it may differ from the running one: stable ABI), and
+    # loadable only with the same CUDA major version (it links libcudart.so.<major>)
+    assert tuple(int(v) for v in info["torch"].split("+")[0].split(".")[:2]) >= (2, 10)
+    assert info["cuda"].split(".")[0] == torch.version.cuda.split(".")[0]
     assert {"8.0", "9.0"} <= {a.replace("+PTX", "") for a in info["arch_list"].split(";")}
 
 
@@ -60,12 +62,13 @@ def test_extension_is_limited_api_and_links_no_libtorch_python():
     import importlib.util
     origin = importlib.util.find_spec("resfuse._C").origin
     assert origin.endswith(".abi3.so"), origin
-    needed = subprocess.run(["objdump", "-p", origin], capture_output=True, text=True).stdout
-    if not needed:
-        pytest.skip("objdump not available")
-    assert "libtorch_python" not in needed
-    symbols = subprocess.run(["nm", "-D", "--undefined-only", origin], capture_output=True,
-                             text=True).stdout
+    try:
+        needed = subprocess.run(["objdump", "-p", origin], capture_output=True, text=True).stdout
+        symbols = subprocess.run(["nm", "-D", "--undefined-only", origin], capture_output=True,
+                                 text=True).stdout
+    except OSError:
+        pytest.skip("binutils (objdump, nm) not available")
+    assert "NEEDED" in needed and "libtorch_python" not in needed
     torch_symbols = [s.split()[-1] for s in symbols.splitlines() if "torch" in s or "c10" in s]
     # only C functions of the shim (aoti_torch_*, torch_*): no mangled C++ symbols of libtorch
     assert torch_symbols and all(s.startswith(("aoti_torch_", "torch_")) for s in torch_symbols), \
