@@ -8,19 +8,30 @@ export CUDA_HOME ?= /usr/local/cuda
 PY  := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: test test-gpu install clean
+# CUDA extension (csrc/), built by the install when torch has CUDA and nvcc is found. The
+# dev/CI build compiles for sm_80 and sm_90 and keeps ptxas's report (the tests fail on
+# register spills); `make wheel` builds the release architecture list.
+DEV_CUDA_ARCHS   ?= 8.0;9.0
+WHEEL_CUDA_ARCHS ?= 8.0;8.6;8.9;9.0
+HAVE_NVCC := $(shell test -x "$(CUDA_HOME)/bin/nvcc" && echo 1 || echo 0)
 
-$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt
+.PHONY: test test-gpu install clean wheel wheel-check gpu-check
+
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
-	$(PIP) install -q --no-build-isolation -e .
+	TORCH_CUDA_ARCH_LIST="$(DEV_CUDA_ARCHS)" RESFUSE_FORCE_CUDA_BUILD=$(HAVE_NVCC) \
+	  RESFUSE_PTXAS_LOG=build/ptxas.log $(PIP) install -q --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
 
 # CPU: the Triton kernels themselves run under the interpreter (tests/conftest.py sets it)
 test: $(VENV)/.installed
-	$(PY) -m pytest tests -q
+	RESFUSE_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest tests -q
+ifeq ($(HAVE_NVCC),1)
+	$(MAKE) wheel-check
+endif
 
 # on a machine with a CUDA GPU: the same suite on CUDA tensors, plus the GPU-only tests
 test-gpu: $(VENV)/.installed
@@ -33,5 +44,20 @@ test-gpu: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# wheel (cp310-abi3: any CPython >= 3.10, torch >= 2.10 with the same CUDA major) and sdist
+wheel: $(VENV)/.installed
+	rm -rf dist
+	TORCH_CUDA_ARCH_LIST="$(WHEEL_CUDA_ARCHS)" RESFUSE_FORCE_CUDA_BUILD=$(HAVE_NVCC) \
+	  RESFUSE_PTXAS_LOG=build/ptxas-wheel.log $(PY) -m build --no-isolation --sdist --wheel --outdir dist .
+
+# the wheel installed into a fresh venv and imported, its kernels spill-free for every arch
+wheel-check: wheel
+	$(PY) tools/check_wheel.py dist --archs "$(WHEEL_CUDA_ARCHS)" --ptxas-log build/ptxas-wheel.log
+
+# on a GPU machine: install the carried wheel and build from source, GPU tests,
+# compute-sanitizer, first bandwidth figures (see tools/gpu_check.sh)
+gpu-check:
+	tools/gpu_check.sh
+
 clean:
-	rm -rf build dist *.egg-info $(VENV)
+	rm -rf build dist *.egg-info $(VENV) resfuse/_C*.so resfuse/_cuda_build.json

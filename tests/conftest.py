@@ -37,7 +37,7 @@ def assert_close(actual, expected, dtype, name, kind="out"):
     a, e = actual.double(), expected.double()
     err = (a - e).abs()
     bound = atol + rtol * e.abs()
-    bad = err > bound
+    bad = ~(err <= bound)  # NaN compares false: a NaN output must fail, not slip through
     if bad.any():
         i = int(bad.flatten().nonzero()[0])
         raise AssertionError(

@@ -7,10 +7,14 @@ import itertools
 import pytest
 import torch
 
+import resfuse
+
 from conftest import DEVICE
 from numerics import DTYPES, Case, run_case
 
-BACKENDS = ["triton", "torch"]
+# on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
+BACKENDS = ["triton", "torch"] + (
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
 
 
 def flag_cases():

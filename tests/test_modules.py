@@ -7,7 +7,9 @@ import torch
 import resfuse
 from conftest import DEVICE
 
-BACKENDS = ["triton", "torch"]
+# on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
+BACKENDS = ["triton", "torch"] + (
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -8,7 +8,9 @@ import resfuse
 from conftest import DEVICE
 from resfuse import ops
 
-BACKENDS = ["triton", "torch"]
+# on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
+BACKENDS = ["triton", "torch"] + (
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
 
 
 class SavedBytes:

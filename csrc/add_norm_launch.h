@@ -1,0 +1,146 @@
+// Launch heuristics and dtype dispatch of the add+norm kernels, generic over the launcher:
+// csrc/cuda_launcher.cuh launches on a CUDA stream, tests/simt/sim_harness.cpp on the CPU
+// emulator, so the tests exercise exactly this code.
+//
+// A Launcher provides
+//   operator()(kernel, dim3 grid, dim3 block, size_t smem_bytes, params)
+//   int sm_count()
+//   int blocks_per_sm(kernel, int block_threads, size_t smem_bytes)
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+
+#include "add_norm_kernels.cuh"
+
+namespace resfuse {
+
+// Threads per row: the power of two that gives each thread at most `chunks_per_thread`
+// chunks; capped at `max_threads`, past which the row streams tiles (single_tile = false)
+// with one row per block. Short rows share a block of at least `min_block` threads.
+inline RowLayout row_layout(int64_t D, int chunks_per_thread, int max_threads, int min_block) {
+  const int64_t chunks = (D + kChunk - 1) / kChunk;
+  const int64_t want = (chunks + chunks_per_thread - 1) / chunks_per_thread;
+  RowLayout L;
+  L.threads_per_row = 1;
+  L.row_shift = 0;
+  while (L.threads_per_row < want && L.threads_per_row < max_threads) {
+    L.threads_per_row <<= 1;
+    ++L.row_shift;
+  }
+  L.single_tile = want <= L.threads_per_row;
+  L.block_threads = L.single_tile ? std::max(L.threads_per_row, min_block) : L.threads_per_row;
+  L.rows_per_block = L.block_threads / L.threads_per_row;
+  return L;
+}
+
+template <class X, class R, class H, class Y>
+struct DTypeSet {
+  using TX = X;
+  using TR = R;
+  using TH = H;
+  using TY = Y;
+};
+
+// Operand dtype codes for the dispatch: an absent operand fits every set; two operands that
+// share a template argument but disagree (kMixed) fit only the run-time set.
+constexpr int kAny = -1;
+constexpr int kMixed = -2;
+
+inline int dtype_code(const Operand& op) { return op.ptr != nullptr ? static_cast<int>(op.dtype) : kAny; }
+inline int unify(int a, int b) { return a == kAny ? b : (b == kAny || a == b) ? a : kMixed; }
+
+// Calls fn(DTypeSet<...>{}) with the compiled set that fits the operands' dtypes: one dtype
+// everywhere (the common case), a 16-bit branch with an fp32 residual stream, or `Dyn`.
+template <class Fn>
+void with_dtype_set(int x, int r, int h, int y, Fn&& fn) {
+  const auto fits = [](int code, DType want) { return code == kAny || code == static_cast<int>(want); };
+  const auto is = [&](DType X, DType R, DType H, DType Y) {
+    return fits(x, X) && fits(r, R) && fits(h, H) && fits(y, Y);
+  };
+  constexpr DType F32 = DType::kFloat32, F16 = DType::kFloat16, BF16 = DType::kBFloat16;
+  using bf16 = __nv_bfloat16;
+  using f16 = __half;
+  if (is(BF16, BF16, BF16, BF16)) return fn(DTypeSet<bf16, bf16, bf16, bf16>{});
+  if (is(F16, F16, F16, F16)) return fn(DTypeSet<f16, f16, f16, f16>{});
+  if (is(F32, F32, F32, F32)) return fn(DTypeSet<float, float, float, float>{});
+  if (is(BF16, F32, F32, BF16)) return fn(DTypeSet<bf16, float, float, bf16>{});
+  if (is(F16, F32, F32, F16)) return fn(DTypeSet<f16, float, float, f16>{});
+  return fn(DTypeSet<Dyn, Dyn, Dyn, Dyn>{});
+}
+
+template <class Launcher>
+void run_forward(FwdParams p, Launcher& launch, int max_threads = kFwdMaxThreads) {
+  if (p.rows == 0) return;
+  p.layout = row_layout(p.D, kFwdChunks, max_threads, kFwdMinBlock);
+  const int64_t blocks = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
+  if (blocks > 0x7fffffff) throw std::runtime_error("resfuse CUDA: too many rows for one launch");
+  with_dtype_set(dtype_code(p.x), dtype_code(p.residual), dtype_code(p.h), dtype_code(p.y),
+                 [&](auto set) {
+                   using S = decltype(set);
+                   const auto kernel =
+                       p.is_rms ? &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true>
+                                : &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false>;
+                   launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(p.layout.block_threads), 0, p);
+                 });
+}
+
+inline int bwd_dtype_x(const BwdParams& p) { return unify(dtype_code(p.dx), dtype_code(p.x)); }
+inline int bwd_dtype_h(const BwdParams& p) { return unify(dtype_code(p.h), dtype_code(p.dh)); }
+
+template <class Fn>
+void with_bwd_kernel(const BwdParams& p, Fn&& fn) {
+  with_dtype_set(bwd_dtype_x(p), dtype_code(p.dr), bwd_dtype_h(p), dtype_code(p.dy), [&](auto set) {
+    using S = decltype(set);
+    fn(p.is_rms ? &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true>
+                : &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false>);
+  });
+}
+
+inline size_t bwd_smem_bytes(const RowLayout& L) {
+  return L.rows_per_block > 1 ? static_cast<size_t>(L.block_threads) * kChunk * sizeof(float) : 0;
+}
+
+// Sets the backward's layout and persistent grid size (programs = rows of each partial
+// buffer, which the caller allocates before run_backward): enough blocks to fill every SM
+// at the kernel's occupancy, never more than there are row groups.
+template <class Launcher>
+void plan_backward(BwdParams& p, Launcher& launch, int max_threads = kBwdMaxThreads) {
+  p.layout = row_layout(p.D, kBwdChunks, max_threads, kBwdMinBlock);
+  const int64_t groups = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
+  int per_sm = 1;
+  with_bwd_kernel(p, [&](auto kernel) {
+    per_sm = launch.blocks_per_sm(kernel, p.layout.block_threads, bwd_smem_bytes(p.layout));
+  });
+  const int64_t resident = static_cast<int64_t>(launch.sm_count()) * std::max(per_sm, 1);
+  p.programs = static_cast<int>(std::min(groups, resident));
+}
+
+// The kernel writes per-program partial sums into p.*_part; the second step reduces them into
+// the (D,) fp32 outputs (nullptr where not needed; zeros when there are no rows).
+template <class Launcher>
+void run_backward(const BwdParams& p, float* dweight, float* dbias, float* dbranch, Launcher& launch) {
+  if (p.rows > 0) {
+    with_bwd_kernel(p, [&](auto kernel) {
+      launch(kernel, dim3(p.programs), dim3(p.layout.block_threads), bwd_smem_bytes(p.layout), p);
+    });
+  }
+  PartialSums s;
+  s.programs = p.rows > 0 ? p.programs : 0;
+  s.D = p.D;
+  const float* parts[3] = {p.dweight_part, p.dbias_part, p.dbranch_part};
+  float* outs[3] = {dweight, dbias, dbranch};
+  for (int i = 0; i < 3; ++i) {
+    if (outs[i] == nullptr) continue;
+    s.part[s.count] = parts[i];
+    s.out[s.count] = outs[i];
+    ++s.count;
+  }
+  if (s.count > 0) {
+    const unsigned col_blocks = static_cast<unsigned>((p.D + kReduceCols - 1) / kReduceCols);
+    launch(&reduce_partials_kernel<kReduceSlices>, dim3(col_blocks, s.count), dim3(kReduceCols, kReduceSlices), 0, s);
+  }
+}
+
+}  // namespace resfuse

@@ -1,0 +1,131 @@
+// Kernel parameters of the fused residual add + RMSNorm/LayerNorm, and the launch layout.
+// Plain host/device structs: included by the kernels, the op registration (host C++ only),
+// and the CPU emulator harness of the tests.
+#pragma once
+
+#include <cstdint>
+
+namespace resfuse {
+
+// Activation and parameter dtypes (the values are the ones the host code passes around).
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+#if defined(__CUDACC__)
+#define RESFUSE_HOST_DEVICE __host__ __device__
+#else
+#define RESFUSE_HOST_DEVICE
+#endif
+
+RESFUSE_HOST_DEVICE inline constexpr int dtype_bytes(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+constexpr int kChunk = 8;  // elements per thread access: 16 bytes of a 16-bit type, 32 of fp32
+
+// Registers per thread: the forward keeps kFwdChunks chunks of h (16 fp32 values) of its row
+// in registers, the backward kBwdChunks chunks of h and dy plus the parameter-gradient
+// accumulators. Threads per row scale with D up to the maximum block; longer rows stream
+// tiles of that size in two passes. The row then fits in registers up to
+//   forward  1024 threads x 2 chunks x 8 = 16384 elements (<= 64 registers at 1024 threads),
+//   backward  512 threads x 2 chunks x 8 =  8192 elements (<= 128 registers at 512 threads),
+// which ptxas allocates without spills for sm_80 and sm_90 (tests/test_cuda_build.py checks);
+// one instantiation per dtype set covers every D (no per-hidden-size kernels).
+constexpr int kFwdChunks = 2;
+constexpr int kFwdMaxThreads = 1024;
+constexpr int kFwdMinBlock = 128;
+constexpr int kBwdChunks = 2;
+constexpr int kBwdMaxThreads = 512;
+constexpr int kBwdMinBlock = 256;
+
+// A (rows, D) activation with unit column stride and any row stride. `vec`: the base pointer
+// and the row stride allow 128-bit accesses (else the scalar path, e.g. odd D or an offset
+// view). `ptr == nullptr` marks an absent operand.
+struct Operand {
+  void* ptr = nullptr;
+  int64_t row_stride = 0;
+  DType dtype = DType::kFloat32;
+  bool vec = false;
+};
+
+// A per-channel vector of D elements (weight, bias, branch scale), any float dtype.
+struct ParamVector {
+  const void* ptr = nullptr;
+  DType dtype = DType::kFloat32;
+  bool vec = false;
+};
+
+// 128-bit accesses need a 16-byte aligned base and row stride (every chunk then starts on a
+// 16-byte boundary); anything else takes the scalar path.
+inline Operand make_operand(void* ptr, int64_t row_stride, DType dtype, int64_t rows) {
+  Operand op;
+  op.ptr = ptr;
+  op.row_stride = row_stride;
+  op.dtype = dtype;
+  op.vec = ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 &&
+           (rows <= 1 || (row_stride * dtype_bytes(dtype)) % 16 == 0);
+  return op;
+}
+
+inline ParamVector make_param(const void* ptr, DType dtype) {
+  ParamVector v;
+  v.ptr = ptr;
+  v.dtype = dtype;
+  v.vec = ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+  return v;
+}
+
+// How rows map onto threads: `threads_per_row` (a power of two) consecutive threads share a
+// row, a block holds `rows_per_block` of them. single_tile: the row fits in registers.
+struct RowLayout {
+  int threads_per_row = 1;
+  int row_shift = 0;  // log2(threads_per_row)
+  int block_threads = 1;
+  int rows_per_block = 1;
+  bool single_tile = true;
+};
+
+struct FwdParams {
+  Operand x, residual, y, h;  // residual: absent for plain norms; h: absent when not stored
+  ParamVector weight, bias, branch_scale;
+  const float* rowscale = nullptr;  // fp32, one per row
+  float* mean = nullptr;            // LayerNorm row means (the backward's shift)
+  int64_t rows = 0;
+  int D = 0;
+  float eps = 0.0f, residual_scale = 1.0f, branch_scale_value = 1.0f;
+  bool is_rms = true;  // selects the instantiation; the kernels take it as a template argument
+  bool zero_centered = false;
+  RowLayout layout;
+};
+
+struct BwdParams {
+  Operand dy, dh, h, x, dx, dr;  // dh: absent when h got no gradient; x: only for a tensor
+                                 // branch scale; dr: absent when dx serves as dresidual
+  ParamVector weight, branch_scale;
+  const float* rowscale = nullptr;
+  const float* mean = nullptr;  // LayerNorm: the forward's row means, a shift for the stats
+  // Per-program fp32 partial sums, (programs, D) each; nullptr when that gradient is not needed
+  float* dweight_part = nullptr;
+  float* dbias_part = nullptr;
+  float* dbranch_part = nullptr;
+  int64_t rows = 0;
+  int D = 0;
+  float eps = 0.0f, residual_scale = 1.0f, branch_scale_value = 1.0f;
+  bool is_rms = true;
+  bool zero_centered = false;
+  bool has_bias = false;
+  RowLayout layout;
+  int programs = 1;  // persistent grid size
+};
+
+// Second step of the parameter gradients: out[k][col] = sum over programs of part[k][p][col],
+// in a fixed order (bitwise reproducible; no atomics anywhere).
+struct PartialSums {
+  const float* part[3] = {nullptr, nullptr, nullptr};
+  float* out[3] = {nullptr, nullptr, nullptr};
+  int count = 0;  // how many of part/out are used
+  int programs = 0;
+  int D = 0;
+};
+
+constexpr int kReduceCols = 32;
+constexpr int kReduceSlices = 16;
+
+}  // namespace resfuse

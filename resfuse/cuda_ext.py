@@ -1,0 +1,203 @@
+"""The ``"cuda"`` backend: the compiled kernels of csrc/, behind the backend interface of
+triton_kernels/launch.py (``forward`` / ``backward``).
+
+The extension (``resfuse/_C.abi3.so``, built by setup.py when nvcc and a CUDA build of torch
+are present) registers ``torch.ops.resfuse.cuda_add_norm_fwd`` / ``cuda_add_norm_bwd`` with
+the dispatcher; this module loads it, registers their fake implementations (so they trace
+under torch.compile and FakeTensor), and reports why the backend is unavailable when it is.
+Importing it never fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "build_info", "forward", "backward"]
+
+_LIBRARY = "resfuse._C"
+_state: dict = {}
+
+
+def _load() -> str:
+    """Load the extension once; returns "" or why it is unusable."""
+    if "reason" in _state:
+        return _state["reason"]
+    reason = ""
+    spec = None
+    try:
+        spec = importlib.util.find_spec(_LIBRARY)
+    except Exception as e:  # noqa: BLE001 - a broken package must not break import
+        reason = f"cannot look for the extension: {e}"
+    if not reason and (spec is None or not spec.origin):
+        reason = ("the CUDA extension was not built (this install has no resfuse/_C*.so: it was "
+                  "installed without nvcc or a CUDA build of torch, or with "
+                  "RESFUSE_SKIP_CUDA_BUILD=1; reinstall with RESFUSE_FORCE_CUDA_BUILD=1 to see why)")
+    elif not reason and torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU-only build"
+    if not reason:
+        try:
+            torch.ops.load_library(spec.origin)
+            _state["fwd"] = torch.ops.resfuse.cuda_add_norm_fwd.default
+            _state["bwd"] = torch.ops.resfuse.cuda_add_norm_bwd.default
+            _state["supported"] = torch.ops.resfuse.cuda_device_supported.default
+            _register_fakes()
+        except Exception as e:  # noqa: BLE001 - e.g. built for another CUDA major version
+            info = build_info()
+            built = f" (built for torch {info['torch']}, CUDA {info['cuda']})" if info else ""
+            reason = f"the CUDA extension {os.path.basename(spec.origin)}{built} failed to load: {e}"
+    _state["reason"] = reason
+    return reason
+
+
+def build_info() -> dict:
+    """What the extension was built against: torch, CUDA, TORCH_CUDA_ARCH_LIST, stable-ABI
+    target (empty when unknown)."""
+    try:
+        spec = importlib.util.find_spec(_LIBRARY)
+        if spec is None or not spec.origin:
+            return {}
+        with open(os.path.join(os.path.dirname(spec.origin), "_cuda_build.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _device_supported(index: int) -> bool:
+    cache = _state.setdefault("devices", {})
+    if index not in cache:
+        cache[index] = bool(_state["supported"](index))
+    return cache[index]
+
+
+def available() -> bool:
+    """The extension is loaded and, when a GPU is visible, has kernels for the current one."""
+    return unavailable_reason() == ""
+
+
+def unavailable_reason() -> str:
+    reason = _load()
+    if reason or not torch.cuda.is_available():
+        return reason
+    index = torch.cuda.current_device()
+    if not _device_supported(index):
+        major, minor = torch.cuda.get_device_capability(index)
+        archs = build_info().get("arch_list", "?")
+        return (f"the CUDA extension has no kernels for cuda:{index} (sm_{major}{minor}); it was "
+                f"built for TORCH_CUDA_ARCH_LIST={archs!r}: rebuild with {major}.{minor} in it")
+    return ""
+
+
+def _register_fakes():
+    @torch.library.register_fake("resfuse::cuda_add_norm_fwd")
+    def _fwd_fake(x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale,
+                  branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
+                  out_dtype):
+        rows, D = x.shape
+        return (x.new_empty((rows, D), dtype=out_dtype),
+                x.new_empty((rows, D) if store_h else (0,), dtype=residual_dtype),
+                x.new_empty((0,) if is_rms else (rows,), dtype=torch.float32))
+
+    @torch.library.register_fake("resfuse::cuda_add_norm_bwd")
+    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, mean, eps, residual_scale,
+                  branch_scale_value, is_rms, zero_centered_weight, has_bias, store_dresidual,
+                  x_dtype, residual_dtype):
+        rows, D = h.shape
+
+        def vec(present):
+            return h.new_empty((D,) if present else (0,), dtype=torch.float32)
+
+        return (h.new_empty((rows, D), dtype=x_dtype),
+                h.new_empty((rows, D) if store_dresidual else (0,), dtype=residual_dtype),
+                vec(weight is not None), vec(has_bias), vec(branch_scale is not None))
+
+    @torch.library.register_fake("resfuse::cuda_device_supported")
+    def _supported_fake(device):
+        return True
+
+
+def _ops():
+    reason = _load()
+    if reason:
+        raise RuntimeError(f"resfuse's cuda backend is unavailable: {reason}")
+    return _state
+
+
+# The sandwich layouts (norm_add_norm / norm_add) are not in these kernels yet: "auto" sends
+# them to Triton, and backend="cuda" says so.
+SUPPORTS_BRANCH_NORM = False
+
+
+def _check_layout(branch_norm: bool, output_norm: bool) -> None:
+    if (branch_norm or not output_norm) and not SUPPORTS_BRANCH_NORM:
+        raise NotImplementedError("the cuda backend does not implement norm_add_norm / norm_add")
+
+
+def forward(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    branch_scale: Optional[torch.Tensor],
+    rowscale: Optional[torch.Tensor],
+    *,
+    eps: float,
+    residual_scale: float,
+    branch_scale_value: float,
+    is_rms: bool,
+    zero_centered_weight: bool,
+    store_h: bool,
+    residual_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    branch_norm: bool = False,
+    branch_weight: Optional[torch.Tensor] = None,
+    branch_bias: Optional[torch.Tensor] = None,
+    output_norm: bool = True,
+):
+    """(y, h or None, mean or None, mean_x = None) for 2-D (rows, D) inputs with unit column
+    stride."""
+    _check_layout(branch_norm, output_norm)
+    y, h, mean = _ops()["fwd"](x, residual, weight, bias, branch_scale, rowscale, eps,
+                               residual_scale, branch_scale_value, is_rms, zero_centered_weight,
+                               store_h, residual_dtype, out_dtype)
+    return y, (h if store_h else None), (None if is_rms else mean), None
+
+
+def backward(
+    dy: torch.Tensor,
+    dh: Optional[torch.Tensor],
+    h: torch.Tensor,
+    x: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    branch_scale: Optional[torch.Tensor],
+    rowscale: Optional[torch.Tensor],
+    mean: Optional[torch.Tensor],
+    *,
+    eps: float,
+    residual_scale: float,
+    branch_scale_value: float,
+    is_rms: bool,
+    zero_centered_weight: bool,
+    has_bias: bool,
+    store_dresidual: bool,
+    x_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+    branch_norm: bool = False,
+    branch_weight: Optional[torch.Tensor] = None,
+    has_branch_bias: bool = False,
+    mean_x: Optional[torch.Tensor] = None,
+    output_norm: bool = True,
+):
+    """(dx, dresidual or None, dweight, dbias, dbranch_scale, None, None): the parameter
+    gradients as fp32 sums over rows (None when not asked for)."""
+    _check_layout(branch_norm, output_norm)
+    dx, dr, dw, db, dbs = _ops()["bwd"](dy, dh, h, x, weight, branch_scale, rowscale, mean, eps,
+                                        residual_scale, branch_scale_value, is_rms,
+                                        zero_centered_weight, has_bias, store_dresidual, x_dtype,
+                                        residual_dtype)
+    return (dx, dr if store_dresidual else None, dw if weight is not None else None,
+            db if has_bias else None, dbs if branch_scale is not None else None, None, None)

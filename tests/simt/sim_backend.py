@@ -1,0 +1,185 @@
+"""The CUDA kernels of csrc/ run on CPU tensors through the SIMT emulator (simt.h).
+
+``SimBackend`` has the ``forward`` / ``backward`` interface of ``resfuse.cuda_ext`` (and of
+triton_kernels/launch.py), so the CPU tests run the kernels' own source, launch heuristics
+and dtype dispatch through the whole autograd layer. Every output is allocated inside a
+guard band of sentinel values that must survive the call: a write past any output fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+# no _FORTIFY_SOURCE: its longjmp check rejects the emulator's jumps between fiber stacks
+FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-DRESFUSE_SIMT",
+         f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{CUDA_HOME / 'include'}"]
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+GUARD = 64  # sentinel elements before and after every output
+SENTINEL = 1234.5  # exactly representable in every dtype
+
+
+def sources() -> list[Path]:
+    return sorted([HERE / "sim_harness.cpp", HERE / "simt.h", *ROOT.glob("csrc/*.h"),
+                   *ROOT.glob("csrc/*.cuh")])
+
+
+def unavailable_reason() -> str:
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no C++ compiler (g++) to build the emulator"
+    if not (CUDA_HOME / "include" / "cuda_bf16.h").exists():
+        return f"no CUDA headers under {CUDA_HOME} (set CUDA_HOME)"
+    return ""
+
+
+def build(out_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the harness (cached by a hash of the sources and flags)."""
+    flags = FLAGS + list(extra_flags)
+    digest = hashlib.sha256()
+    for path in sources():
+        digest.update(path.read_bytes())
+    digest.update(" ".join(flags).encode())
+    lib = out_dir / f"resfuse_simt_{digest.hexdigest()[:16]}.so"
+    if not lib.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [os.environ.get("CXX", "g++"), *flags, str(HERE / "sim_harness.cpp"), "-o", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the emulator failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+        os.replace(tmp, lib)
+    return lib
+
+
+class SimTensor(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("row_stride", ctypes.c_int64), ("dtype", ctypes.c_int32)]
+
+
+def _operand(t: Optional[torch.Tensor]) -> SimTensor:
+    if t is None:
+        return SimTensor(None, 0, 0)
+    assert t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] == 1), "rows with unit column stride"
+    return SimTensor(t.data_ptr(), t.stride(0), DTYPE_CODES[t.dtype])
+
+
+def _param(t: Optional[torch.Tensor]) -> SimTensor:
+    if t is None:
+        return SimTensor(None, 0, 0)
+    assert t.dim() == 1 and (t.stride(0) == 1 or t.numel() == 1)
+    return SimTensor(t.data_ptr(), 0, DTYPE_CODES[t.dtype])
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+class _Guarded:
+    """Outputs carved out of buffers with sentinel guard bands on both sides."""
+
+    def __init__(self):
+        self.buffers = []
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = torch.full((n + 2 * GUARD,), SENTINEL, dtype=dtype)
+        self.buffers.append((buf, n))
+        return buf[GUARD:GUARD + n].view(shape)
+
+    def check(self, what: str):
+        for buf, n in self.buffers:
+            guards = torch.cat([buf[:GUARD], buf[GUARD + n:]])
+            assert torch.all(guards == SENTINEL), f"{what} wrote outside an output"
+
+
+class SimBackend:
+    """``forward`` / ``backward`` of resfuse.cuda_ext on CPU tensors. ``max_threads_*``
+    lower the threads per row (forcing the streamed two-pass path for small D); ``sms`` and
+    ``per_sm`` set the backward's persistent grid (programs = min(row groups, sms * per_sm))."""
+
+    def __init__(self, lib_path: Path, *, max_threads_fwd: int = 1024, max_threads_bwd: int = 512,
+                 sms: int = 3, per_sm: int = 2):
+        self.lib = ctypes.CDLL(str(lib_path))
+        self.lib.resfuse_sim_last_error.restype = ctypes.c_char_p
+        self.max_threads_fwd = max_threads_fwd
+        self.max_threads_bwd = max_threads_bwd
+        self.sms = sms
+        self.per_sm = per_sm
+        self.last = {}  # layout of the last call, for the tests
+
+    def configured(self, **kw) -> "SimBackend":
+        other = object.__new__(SimBackend)
+        other.__dict__.update(self.__dict__)
+        other.__dict__.update(kw)
+        other.last = {}
+        return other
+
+    def _fail(self, what: str):
+        raise RuntimeError(f"{what}: {self.lib.resfuse_sim_last_error().decode()}")
+
+    SUPPORTS_BRANCH_NORM = False  # as resfuse.cuda_ext: the kernels have no sandwich layouts yet
+
+    def forward(self, x, residual, weight, bias, branch_scale, rowscale, *, eps, residual_scale,
+                branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
+                out_dtype, branch_norm=False, branch_weight=None, branch_bias=None,
+                output_norm=True):
+        if branch_norm or not output_norm:
+            raise NotImplementedError("the CUDA kernels have no norm_add_norm / norm_add")
+        n_rows, D = x.shape
+        out = _Guarded()
+        y = out.empty((n_rows, D), out_dtype)
+        h = out.empty((n_rows, D), residual_dtype) if store_h else None
+        mean = None if is_rms else out.empty((n_rows,), torch.float32)
+        tensors = (SimTensor * 7)(_operand(x), _operand(residual), _operand(y), _operand(h),
+                                  _param(weight), _param(bias), _param(branch_scale))
+        threads = ctypes.c_int32(0)
+        rc = self.lib.resfuse_sim_forward(
+            tensors, _ptr(rowscale), _ptr(mean), ctypes.c_int64(n_rows), ctypes.c_int32(D),
+            ctypes.c_float(eps), ctypes.c_float(residual_scale), ctypes.c_float(branch_scale_value),
+            ctypes.c_int32(is_rms), ctypes.c_int32(zero_centered_weight),
+            ctypes.c_int32(self.max_threads_fwd), ctypes.byref(threads))
+        if rc:
+            self._fail("forward")
+        out.check("forward")
+        self.last["fwd_threads_per_row"] = threads.value
+        return y, h, mean, None
+
+    def backward(self, dy, dh, h, x, weight, branch_scale, rowscale, mean, *, eps, residual_scale,
+                 branch_scale_value, is_rms, zero_centered_weight, has_bias, store_dresidual,
+                 x_dtype, residual_dtype, branch_norm=False, branch_weight=None,
+                 has_branch_bias=False, mean_x=None, output_norm=True):
+        if branch_norm or not output_norm:
+            raise NotImplementedError("the CUDA kernels have no norm_add_norm / norm_add")
+        n_rows, D = h.shape
+        out = _Guarded()
+        dx = out.empty((n_rows, D), x_dtype)
+        dr = out.empty((n_rows, D), residual_dtype) if store_dresidual else None
+        dw = out.empty((D,), torch.float32) if weight is not None else None
+        db = out.empty((D,), torch.float32) if has_bias else None
+        dbs = out.empty((D,), torch.float32) if branch_scale is not None else None
+        tensors = (SimTensor * 8)(_operand(dy), _operand(dh), _operand(h), _operand(x),
+                                  _operand(dx), _operand(dr), _param(weight), _param(branch_scale))
+        programs = ctypes.c_int32(0)
+        rc = self.lib.resfuse_sim_backward(
+            tensors, _ptr(rowscale), _ptr(mean), _ptr(dw), _ptr(db), _ptr(dbs),
+            ctypes.c_int64(n_rows), ctypes.c_int32(D), ctypes.c_float(eps),
+            ctypes.c_float(residual_scale), ctypes.c_float(branch_scale_value),
+            ctypes.c_int32(is_rms), ctypes.c_int32(zero_centered_weight),
+            ctypes.c_int32(self.max_threads_bwd), ctypes.c_int32(self.sms),
+            ctypes.c_int32(self.per_sm), ctypes.byref(programs))
+        if rc:
+            self._fail("backward")
+        out.check("backward")
+        self.last["bwd_programs"] = programs.value
+        return dx, dr, dw, db, dbs, None, None

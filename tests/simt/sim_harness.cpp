@@ -1,0 +1,123 @@
+// The CUDA kernels of csrc/ run on the CPU emulator (simt.h) behind a C ABI for ctypes
+// (tests/simt/sim_backend.py). The launch heuristics and dtype dispatch are the real ones
+// (csrc/add_norm_launch.h); only the launcher differs. Built by the tests with g++.
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "add_norm_launch.h"
+
+namespace {
+
+struct SimLauncher {
+  int sms = 1;
+  int per_sm = 1;
+  int launches = 0;
+
+  template <class... A>
+  void operator()(void (*kernel)(A...), dim3 grid, dim3 block, size_t smem, const A&... args) {
+    ++launches;
+    simt::launch(grid, block, smem, [&] { kernel(args...); });
+  }
+  int sm_count() const { return sms; }
+  template <class K>
+  int blocks_per_sm(K, int, size_t) const { return per_sm; }
+};
+
+thread_local std::string last_error;
+
+}  // namespace
+
+extern "C" {
+
+struct SimTensor {
+  void* ptr;
+  int64_t row_stride;
+  int32_t dtype;
+};
+
+const char* resfuse_sim_last_error() { return last_error.c_str(); }
+
+// tensors: x, residual, y, h, weight, bias, branch_scale (ptr == nullptr when absent)
+int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, int64_t rows,
+                        int32_t D, float eps, float residual_scale, float branch_scale_value,
+                        int32_t is_rms, int32_t zero_centered, int32_t max_threads,
+                        int32_t* threads_per_row) {
+  try {
+    using namespace resfuse;
+    FwdParams p;
+    p.x = make_operand(t[0].ptr, t[0].row_stride, DType(t[0].dtype), rows);
+    p.residual = make_operand(t[1].ptr, t[1].row_stride, DType(t[1].dtype), rows);
+    p.y = make_operand(t[2].ptr, t[2].row_stride, DType(t[2].dtype), rows);
+    p.h = make_operand(t[3].ptr, t[3].row_stride, DType(t[3].dtype), rows);
+    p.weight = make_param(t[4].ptr, DType(t[4].dtype));
+    p.bias = make_param(t[5].ptr, DType(t[5].dtype));
+    p.branch_scale = make_param(t[6].ptr, DType(t[6].dtype));
+    p.rowscale = rowscale;
+    p.mean = mean;
+    p.rows = rows;
+    p.D = D;
+    p.eps = eps;
+    p.residual_scale = residual_scale;
+    p.branch_scale_value = branch_scale_value;
+    p.is_rms = is_rms != 0;
+    p.zero_centered = zero_centered != 0;
+    SimLauncher launch;
+    run_forward(p, launch, max_threads);
+    *threads_per_row = row_layout(D, kFwdChunks, max_threads, kFwdMinBlock).threads_per_row;
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
+// tensors: dy, dh, h, x, dx, dr, weight, branch_scale. The partial buffers are allocated here
+// and filled with NaN: a program that skipped writing its row would poison the sums.
+int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float* mean,
+                         float* dweight, float* dbias, float* dbranch, int64_t rows, int32_t D,
+                         float eps, float residual_scale, float branch_scale_value, int32_t is_rms,
+                         int32_t zero_centered, int32_t max_threads, int32_t sms, int32_t per_sm,
+                         int32_t* programs) {
+  try {
+    using namespace resfuse;
+    BwdParams p;
+    p.dy = make_operand(t[0].ptr, t[0].row_stride, DType(t[0].dtype), rows);
+    p.dh = make_operand(t[1].ptr, t[1].row_stride, DType(t[1].dtype), rows);
+    p.h = make_operand(t[2].ptr, t[2].row_stride, DType(t[2].dtype), rows);
+    p.x = make_operand(t[3].ptr, t[3].row_stride, DType(t[3].dtype), rows);
+    p.dx = make_operand(t[4].ptr, t[4].row_stride, DType(t[4].dtype), rows);
+    p.dr = make_operand(t[5].ptr, t[5].row_stride, DType(t[5].dtype), rows);
+    p.weight = make_param(t[6].ptr, DType(t[6].dtype));
+    p.branch_scale = make_param(t[7].ptr, DType(t[7].dtype));
+    p.rowscale = rowscale;
+    p.mean = mean;
+    p.rows = rows;
+    p.D = D;
+    p.eps = eps;
+    p.residual_scale = residual_scale;
+    p.branch_scale_value = branch_scale_value;
+    p.is_rms = is_rms != 0;
+    p.zero_centered = zero_centered != 0;
+    p.has_bias = dbias != nullptr;
+    SimLauncher launch;
+    launch.sms = sms;
+    launch.per_sm = per_sm;
+    plan_backward(p, launch, max_threads);
+    const size_t part_size = static_cast<size_t>(p.programs) * D;
+    std::vector<float> parts(3 * part_size, std::nanf(""));
+    if (dweight != nullptr) p.dweight_part = parts.data();
+    if (dbias != nullptr) p.dbias_part = parts.data() + part_size;
+    if (dbranch != nullptr) p.dbranch_part = parts.data() + 2 * part_size;
+    run_backward(p, dweight, dbias, dbranch, launch);
+    *programs = p.programs;
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,245 @@
+"""The CUDA backend on a GPU (skipped without one): odd sizes, misaligned and non-contiguous
+inputs, cross-checks against Triton and the reference, a non-default stream, CUDA-graph
+capture and replay of forward and backward, no host synchronisation, determinism, opcheck
+and torch.compile. The whole numerical matrix of test_add_norm.py / test_ops.py also runs
+with backend="cuda" under `make test-gpu` (RESFUSE_TEST_DEVICE=cuda)."""
+
+import pytest
+import torch
+
+import resfuse
+from numerics import DTYPES, Case, run_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+AVAILABLE = torch.cuda.is_available() and resfuse.backends()["cuda"].available
+needs_cuda_ext = pytest.mark.skipif(
+    not AVAILABLE, reason="needs a CUDA GPU" if not torch.cuda.is_available()
+    else f"the cuda backend is not available: {resfuse.backends()['cuda'].reason}")
+TRITON = torch.cuda.is_available() and resfuse.backends()["triton"].available
+FULL = dict(residual="same", weight=True, branch="tensor", rowscale=True, zero_centered=True)
+DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
+
+
+def test_cuda_backend_is_available_on_this_gpu():
+    """On a GPU machine the extension must be there (RESFUSE_REQUIRE_CUDA_EXT=1 makes a missing
+    one a failure rather than a skip of everything below)."""
+    import os
+    if not AVAILABLE and os.environ.get("RESFUSE_REQUIRE_CUDA_EXT") != "1":
+        pytest.skip(resfuse.backends()["cuda"].reason)
+    assert AVAILABLE, resfuse.backends()["cuda"].reason
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D", [1, 7, 8, 1000, 4096, 4097, 8192, 8193, 16384, 16385, 65536])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_odd_and_boundary_sizes(norm, D, dtype):
+    # 8192/8193 and 16384/16385: the backward's and the forward's switch to streamed rows
+    rows = 64 if D <= 8192 else 6
+    run_case(Case(norm=norm, dtype=dtype, shape=(rows, D), bias=norm == "layer", **FULL), "cuda", "cuda")
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("shape", [(1 << 20, 64), (300_000, 7), (4096, 768), (5, 3, 4096)], ids=str)
+def test_many_rows(shape):
+    """Many row groups per block and many iterations of the persistent backward loop."""
+    run_case(Case(norm="layer", dtype=torch.bfloat16, shape=shape, bias=True, **FULL), "cuda", "cuda")
+
+
+def _offset(t, elements):
+    buf = torch.empty(t.numel() + elements, dtype=t.dtype, device=t.device)
+    view = buf[elements:].view(t.shape)
+    view.copy_(t)
+    return view.requires_grad_(t.requires_grad)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_misaligned_inputs_match_aligned_bitwise(norm, dtype):
+    """Inputs one element into their storage take the scalar path: same arithmetic, same bits."""
+    torch.manual_seed(0)
+    D = 1024
+    base = dict(x=torch.randn(8, 16, D, device="cuda", dtype=dtype),
+                residual=torch.randn(8, 16, D, device="cuda", dtype=dtype),
+                weight=torch.randn(D, device="cuda", dtype=dtype),
+                bias=torch.randn(D, device="cuda", dtype=dtype))
+
+    def run(shift):
+        t = {k: (_offset(v, 1) if shift else v.clone()).requires_grad_() for k, v in base.items()}
+        fn = resfuse.add_rms_norm if norm == "rms" else resfuse.add_layer_norm
+        args = [t["x"], t["residual"], t["weight"]] + ([t["bias"]] if norm == "layer" else [])
+        y, h = fn(*args, branch_scale=0.5, backend="cuda")
+        torch.autograd.backward([y, h], [torch.ones_like(y), torch.full_like(h, 0.5)])
+        return [y, h] + [t[k].grad for k in ("x", "residual", "weight")]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_contiguous(layout, dtype):
+    run_case(Case(norm="layer", bias=True, dtype=dtype, shape=(16, 8, 520), layout=layout, **FULL),
+             "cuda", "cuda")
+
+
+@needs_cuda_ext
+@pytest.mark.skipif(not TRITON, reason="triton not available")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D", [768, 4096, 12288])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_agrees_with_triton(norm, D, dtype):
+    """The same call on both kernel backends: h (unit scales, an exact sum rounded once)
+    bitwise equal; y and every gradient within the output dtype's rounding."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(512, D, device="cuda", dtype=dtype), torch.randn(512, D, device="cuda", dtype=dtype),
+              torch.randn(D, device="cuda")] + ([torch.randn(D, device="cuda")] if norm == "layer" else [])
+    gy, gh = torch.randn(512, D, device="cuda", dtype=dtype), torch.randn(512, D, device="cuda", dtype=dtype)
+    fn = resfuse.add_rms_norm if norm == "rms" else resfuse.add_layer_norm
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y, h = fn(*leaves, backend=backend)
+        return y, h, torch.autograd.grad([y, h], leaves, [gy, gh])
+
+    y_c, h_c, grads_c = run("cuda")
+    y_t, h_t, grads_t = run("triton")
+    assert torch.equal(h_c, h_t)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(y_c.float(), y_t.float(), atol=tol, rtol=tol)
+    for a, b in zip(grads_c, grads_t):
+        torch.testing.assert_close(a.float(), b.float(), atol=4 * tol, rtol=4 * tol)
+
+
+@needs_cuda_ext
+def test_runs_on_the_current_stream():
+    """With the default stream busy, the op on a side stream finishes first: it was launched
+    on the current (side) stream, not on the default one."""
+    x = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x)
+    w = torch.randn(2048, device="cuda", requires_grad=True)
+    y_ref, h_ref = resfuse.add_rms_norm(x, r, w, backend="cuda")
+    (gx_ref, gw_ref) = torch.autograd.grad((y_ref.float().sum() + h_ref.float().sum()), (x, w))
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    torch.cuda._sleep(2_000_000_000)  # about a second of the default stream
+    with torch.cuda.stream(side):
+        y, h = resfuse.add_rms_norm(x, r, w, backend="cuda")
+        gx, gw = torch.autograd.grad((y.float().sum() + h.float().sum()), (x, w))
+        done = torch.cuda.Event()
+        done.record(side)
+    done.synchronize()
+    assert not torch.cuda.default_stream().query(), "the sleep ended early: inconclusive"
+    for a, b in ((y, y_ref), (h, h_ref), (gx, gx_ref), (gw, gw_ref)):
+        assert torch.equal(a, b)
+    torch.cuda.synchronize()
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_cuda_graph_capture_and_replay_forward_and_backward(norm):
+    torch.manual_seed(0)
+    D = 4096
+    x = torch.randn(256, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    w = torch.randn(D, device="cuda", requires_grad=True)
+    b = torch.randn(D, device="cuda", requires_grad=True)
+    gy = torch.randn_like(x)
+
+    def step():
+        if norm == "rms":
+            y, h = resfuse.add_rms_norm(x, r, w, branch_scale=0.5, backend="cuda")
+            params = (x, r, w)
+        else:
+            y, h = resfuse.add_layer_norm(x, r, w, b, branch_scale=0.5, backend="cuda")
+            params = (x, r, w, b)
+        grads = torch.autograd.grad((y * gy).float().sum() + h.float().sum(), params)
+        return (y, h) + grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: allocations, lazy init
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+            gy.copy_(torch.randn_like(gy))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(captured, step()):
+            assert torch.equal(got, want)
+
+
+@needs_cuda_ext
+def test_no_host_synchronisation():
+    x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    w = torch.randn(4096, device="cuda", requires_grad=True)
+    b = torch.randn(4096, device="cuda", requires_grad=True)
+    resfuse.add_layer_norm(x, r, w, b, backend="cuda")  # first call outside: one-time queries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, h = resfuse.add_layer_norm(x, r, w, b, backend="cuda")
+        torch.autograd.backward([y, h], [torch.ones_like(y), torch.ones_like(h)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda_ext
+def test_backward_is_bitwise_deterministic():
+    case = Case(norm="layer", dtype=torch.bfloat16, shape=(8192, 2048), bias=True, **FULL)
+    first = run_case(case, "cuda", "cuda", seed=1)
+    second = run_case(case, "cuda", "cuda", seed=1)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
+
+
+def _fwd_args(dtype=torch.bfloat16, rows=64, D=1000, is_rms=False):
+    x = torch.randn(rows, D, device="cuda", dtype=dtype)
+    w = torch.randn(D, device="cuda")
+    return (x, torch.randn_like(x), w, None if is_rms else torch.randn(D, device="cuda"),
+            torch.randn(D, device="cuda"), torch.rand(rows, device="cuda"), 1e-5, 0.5, 1.5, is_rms,
+            True, True, torch.float32, torch.bfloat16)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("is_rms", [True, False])
+def test_opcheck(is_rms):
+    args = _fwd_args(is_rms=is_rms)
+    torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_fwd.default, args)
+    y, h, mean = torch.ops.resfuse.cuda_add_norm_fwd(*args)
+    x, _, w, b, bs, rs = args[:6]
+    bwd = (torch.randn_like(y), torch.randn_like(h), h, x, w, bs, rs, None if is_rms else mean,
+           1e-5, 0.5, 1.5, is_rms, True, b is not None, True, x.dtype, torch.bfloat16)
+    torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_bwd.default, bwd)
+
+
+@needs_cuda_ext
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(4, 128, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    w = torch.randn(1024, device="cuda", requires_grad=True)
+
+    def block(x, r, w):
+        y, h = resfuse.add_rms_norm(x, r, w, backend="cuda")
+        return (y.float() * 2).sum() + h.float().sum()
+
+    eager = block(x, r, w)
+    eager_grads = torch.autograd.grad(eager, (x, r, w))
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, r, w)
+    grads = torch.autograd.grad(out, (x, r, w))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,198 @@
+"""The CUDA kernels' own source (csrc/) on CPU tensors, through the SIMT emulator
+(tests/simt/simt.h): the numerical matrix of test_add_norm.py with backend="cuda", and the
+paths the kernels special-case: scalar tails and misaligned operands (bitwise equal to the
+vector path), rows streamed in two passes, the persistent backward loop, partial sums.
+
+The launch heuristics and dtype dispatch are the real ones (csrc/add_norm_launch.h); every
+output sits between guard bands that must come back untouched. What the emulator cannot
+show (speed, occupancy, the hardware's rsqrt rounding) is for the GPU tests."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from numerics import DTYPES, Case, run_case
+from test_add_norm import FLAG_CASES, FLAG_DTYPE_CASES, FULL, MIXED, SHAPE_CASES
+
+import resfuse
+from resfuse import backend_registry
+
+sim_backend = pytest.importorskip("simt.sim_backend", reason="emulator sources missing")
+
+pytestmark = pytest.mark.skipif(bool(sim_backend.unavailable_reason()),
+                                reason=sim_backend.unavailable_reason() or "emulator available")
+
+BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "simt"
+
+
+@pytest.fixture(scope="session")
+def sim():
+    return sim_backend.SimBackend(sim_backend.build(BUILD_DIR))
+
+
+@pytest.fixture
+def use(monkeypatch):
+    """use(backend_module): backend="cuda" runs that module, on CPU tensors."""
+    def install(module):
+        monkeypatch.setitem(backend_registry._IMPORTED, "resfuse.cuda_ext", (module, ""))
+        real = backend_registry.resolve
+        monkeypatch.setattr(backend_registry, "resolve",
+                            lambda backend, device, **kw: "cuda" if backend == "cuda" else real(backend, device, **kw))
+        return module
+    return install
+
+
+@pytest.fixture
+def cuda_sim(sim, use):
+    return use(sim)
+
+
+def _id(case):
+    return str(case)
+
+
+@pytest.mark.parametrize("case", FLAG_DTYPE_CASES, ids=_id)
+def test_every_flag_combination(case, cuda_sim):
+    run_case(case, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", [c for c in FLAG_CASES if c.residual != "none"][::5], ids=_id)
+def test_flag_combinations_one_row_per_block(case, dtype, cuda_sim):
+    # D = 300: 32 threads per row (forward) / 32 (backward), one row group per warp
+    run_case(case.replace(dtype=dtype, shape=(3, 300)), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("D", [1, 7, 8, 64, 1000, 4097])
+@pytest.mark.parametrize("lead", [(), (5,), (3, 5)], ids=lambda s: f"lead{s}")
+@pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
+def test_shapes(base, lead, D, dtype, cuda_sim):
+    case = base.replace(dtype=dtype, shape=(*lead, D))
+    if not lead and case.rowscale:
+        case = case.replace(rowscale=False)
+    run_case(case, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("D", [9000, 20000, 65536], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
+def test_long_rows(base, D, cuda_sim):
+    # 9000: the backward streams its rows; 20000 and 65536: both directions do
+    run_case(base.replace(dtype=torch.bfloat16, shape=(3, D)), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
+def test_non_contiguous(base, dtype, layout, cuda_sim):
+    run_case(base.replace(dtype=dtype, shape=(3, 4, 72), layout=layout), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("mixed", MIXED, ids=lambda m: str(Case(**m)))
+@pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
+def test_mixed_dtypes(base, mixed, cuda_sim):
+    run_case(base.replace(shape=(4, 3, 96), **mixed), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
+def test_rows_streamed_in_tiles(base, dtype, sim, use):
+    """Small thread caps force the two-pass (streamed) paths at small D, several tiles per row,
+    with warp-level reductions (at the default caps they reduce across warps)."""
+    use(sim.configured(max_threads_fwd=32, max_threads_bwd=32))
+    run_case(base.replace(dtype=dtype, shape=(3, 2, 1100)), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("programs", [1, 3, 5, 8])
+def test_persistent_loop_and_partial_sums(programs, sim, use):
+    """1 to 8 programs walk 128 rows in 8 row groups of 16 (uneven shares for 3 and 5): the
+    parameter gradients are the fixed-order sums of their partials, equal to the reference."""
+    backend = use(sim.configured(sms=programs, per_sm=1))
+    grads = run_case(Case(norm="layer", bias=True, dtype=torch.float32, shape=(128, 130), **FULL),
+                     "cuda", "cpu")
+    assert backend.last["bwd_programs"] == programs
+    assert set(grads) == {"x", "residual", "weight", "bias", "branch_scale"}
+
+
+def test_backward_is_deterministic(cuda_sim):
+    case = Case(norm="layer", bias=True, dtype=torch.float32, shape=(64, 130), **FULL)
+    first = run_case(case, "cuda", "cpu", seed=3)
+    second = run_case(case, "cuda", "cpu", seed=3)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
+
+
+def _offset_view(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """The same values as t, starting `offset` elements into a fresh buffer (misaligned)."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_misaligned_operands_match_the_vector_path_bitwise(norm, dtype, sim):
+    """Offsetting every input by one element forces the scalar path; the arithmetic is the
+    same, so outputs and gradients are bitwise equal to the aligned (128-bit) run."""
+    g = torch.Generator().manual_seed(0)
+    rows, D = 6, 256
+    x = torch.randn(rows, D, generator=g).to(dtype)
+    r = torch.randn(rows, D, generator=g).to(dtype)
+    w = torch.randn(D, generator=g).to(dtype)
+    b = torch.randn(D, generator=g).to(dtype) if norm == "layer" else None
+    bs = torch.randn(D, generator=g)
+    rs = torch.rand(rows, generator=g)
+    dy = torch.randn(rows, D, generator=g).to(dtype)
+    dh = torch.randn(rows, D, generator=g).to(dtype)
+    fwd = dict(eps=1e-5, residual_scale=0.5, branch_scale_value=1.5, is_rms=norm == "rms",
+               zero_centered_weight=True, store_h=True, residual_dtype=dtype, out_dtype=dtype)
+
+    def run(shift):
+        o = (lambda t: None if t is None else _offset_view(t, 1)) if shift else (lambda t: t)
+        y, h, mean, _ = sim.forward(o(x), o(r), o(w), o(b), o(bs), o(rs), **fwd)
+        grads = sim.backward(o(dy), o(dh), o(h), o(x), o(w), o(bs), o(rs), o(mean),
+                             eps=1e-5, residual_scale=0.5, branch_scale_value=1.5,
+                             is_rms=norm == "rms", zero_centered_weight=True, has_bias=b is not None,
+                             store_dresidual=True, x_dtype=dtype, residual_dtype=dtype)
+        return (y, h, mean, *grads[:5])
+
+    for name, a, m in zip(("y", "h", "mean", "dx", "dr", "dw", "db", "dbs"), run(False), run(True)):
+        assert (a is None) == (m is None), name
+        if a is not None:
+            assert torch.equal(a, m), f"{name}: the scalar path differs from the vector path"
+
+
+def test_misaligned_inputs_through_the_api(cuda_sim):
+    """A view one element into its storage goes through the whole stack (no copies)."""
+    torch.manual_seed(0)
+    x = _offset_view(torch.randn(4, 3, 256, dtype=torch.bfloat16), 1).requires_grad_()
+    r = _offset_view(torch.randn(4, 3, 256, dtype=torch.bfloat16), 3).requires_grad_()
+    w = torch.randn(256, requires_grad=True)
+    y, h = resfuse.add_rms_norm(x, r, w, backend="cuda")
+    y_ref, h_ref = resfuse.add_rms_norm(x, r, w, backend="torch")
+    assert torch.equal(h, h_ref)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("D", [1, 7, 16, 17, 64, 1000, 4096, 4097, 8192, 16384, 16385, 65536])
+def test_threads_per_row_scale_with_D(D, sim):
+    """Threads per row: the power of two giving each thread at most 2 chunks of 8, up to 1024
+    (forward); beyond 16384 the rows are streamed by full 1024-thread blocks."""
+    x = torch.randn(2, D)
+    sim.forward(x, None, None, None, None, None, eps=1e-5, residual_scale=1.0,
+                branch_scale_value=1.0, is_rms=True, zero_centered_weight=False, store_h=False,
+                residual_dtype=torch.float32, out_dtype=torch.float32)
+    want = min(1024, 1 << math.ceil(math.log2(max(1, math.ceil(math.ceil(D / 8) / 2)))))
+    assert sim.last["fwd_threads_per_row"] == want
+
+
+def test_no_rows_gives_zero_parameter_gradients(cuda_sim):
+    x = torch.randn(0, 3, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    y, h = resfuse.add_layer_norm(x, torch.randn(0, 3, 64), w, b, backend="cuda")
+    (y.sum() + h.sum()).backward()
+    assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))

@@ -1,0 +1,119 @@
+"""Check what `make wheel` built: the wheel and sdist contents, ptxas's report of the wheel's
+kernels (every architecture, no register spills), and the wheel installed into a fresh
+virtualenv, imported from outside the source tree, with its CUDA extension loaded.
+
+    python tools/check_wheel.py dist --archs "8.0;8.6;8.9;9.0" --ptxas-log build/ptxas-wheel.log
+
+The fresh venv sees the dev venv's torch through a .pth file (no second multi-GB download);
+resfuse itself comes only from the wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import venv
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ptxas_report  # noqa: E402
+
+WHEEL_FILES = ["resfuse/__init__.py", "resfuse/cuda_ext.py", "resfuse/ops.py",
+               "resfuse/triton_kernels/launch.py", "resfuse/triton_kernels/add_norm_kernels.py"]
+EXTENSION_FILES = ["resfuse/_C.abi3.so", "resfuse/_cuda_build.json"]
+SDIST_FILES = ["setup.py", "MANIFEST.in", "README.md", "csrc/ops.cpp", "csrc/add_norm_fwd.cu",
+               "csrc/add_norm_bwd.cu", "csrc/add_norm_kernels.cuh", "csrc/common.cuh",
+               "csrc/add_norm_launch.h", "csrc/add_norm_params.h", "csrc/add_norm_api.h",
+               "csrc/cuda_launcher.cuh", "triton_kernels/launch.py"]
+
+IMPORT_CHECK = r"""
+import json, os, sys
+import torch
+import resfuse
+from resfuse import cuda_ext
+prefix = sys.argv[1]
+assert os.path.realpath(resfuse.__file__).startswith(os.path.realpath(prefix)), resfuse.__file__
+reason = cuda_ext._load()
+assert reason == "", reason
+assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_add_norm_fwd", "CUDA")
+assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_add_norm_bwd", "CUDA")
+print(json.dumps({"resfuse": resfuse.__file__, "torch": torch.__version__,
+                  "build": cuda_ext.build_info(), "backends": str(resfuse.backends())}))
+"""
+
+
+def fail(message: str):
+    sys.exit(f"check_wheel: {message}")
+
+
+def one(dist: Path, pattern: str) -> Path:
+    found = sorted(dist.glob(pattern))
+    if len(found) != 1:
+        fail(f"expected one {pattern} in {dist}, found {[p.name for p in found]}")
+    return found[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dist", type=Path)
+    ap.add_argument("--archs", required=True, help="the TORCH_CUDA_ARCH_LIST the wheel was built with")
+    ap.add_argument("--ptxas-log", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    wheel = one(args.dist, "resfuse-*.whl")
+    sdist = one(args.dist, "resfuse-*.tar.gz")
+    if not wheel.name.endswith("-cp310-abi3-linux_x86_64.whl"):
+        fail(f"{wheel.name}: expected a cp310-abi3 (limited API) wheel with the extension")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [f for f in WHEEL_FILES + EXTENSION_FILES if f not in names]
+    if missing:
+        fail(f"{wheel.name} lacks {missing}")
+    info = json.loads(zipfile.ZipFile(wheel).read("resfuse/_cuda_build.json"))
+    if info["arch_list"] != args.archs:
+        fail(f"wheel built for {info['arch_list']!r}, expected {args.archs!r}")
+    with tarfile.open(sdist) as tar:
+        members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
+    missing = [f for f in SDIST_FILES if f not in members]
+    if missing:
+        fail(f"{sdist.name} lacks {missing}")
+
+    kernels = ptxas_report.parse(args.ptxas_log.read_text()) if args.ptxas_log.exists() else []
+    want = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in args.archs.split(";")}
+    have = {k.arch for k in kernels}
+    if not want <= have:
+        fail(f"ptxas log {args.ptxas_log} covers {sorted(have)}, expected {sorted(want)}")
+    spilling = [k for k in kernels if k.spills or k.stack_bytes]
+    if spilling:
+        fail("register spills in the wheel's kernels:\n" + "\n".join(
+            f"  {k.arch} {k.short_name}: {k.spill_store_bytes}/{k.spill_load_bytes} B" for k in spilling))
+
+    with tempfile.TemporaryDirectory(prefix="resfuse-wheel-") as tmp:
+        env_dir = Path(tmp) / "venv"
+        venv.EnvBuilder(with_pip=True).create(env_dir)
+        python = env_dir / "bin" / "python"
+        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        # torch (and its CUDA libraries) from the dev venv; not its .pth files, so no editable resfuse
+        Path(site, "_dev_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel.resolve())], check=True)
+        proc = subprocess.run([python, "-c", IMPORT_CHECK, str(env_dir)], capture_output=True,
+                              text=True, cwd=tmp)
+        if proc.returncode != 0:
+            fail(f"the installed wheel does not import cleanly:\n{proc.stderr[-4000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"check_wheel: {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MiB) and {sdist.name} OK; "
+          f"kernels for {', '.join(sorted(want))}, {len(kernels)} reported by ptxas, no spills; "
+          f"installed in a fresh venv: loads on torch {result['torch']} (built with "
+          f"{result['build']['torch']}, stable ABI >= {result['build']['stable_abi_target']})")
+    print(result["backends"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
