@@ -54,7 +54,7 @@ PRESETS = {
     "quick": Preset("GPU: every op in bf16 at 16K rows, a smaller transformer",
                     dtypes=("bfloat16",), rows=(16384,), hidden=(1024, 2048, 4096, 8192, 16384),
                     transformer=transformer.GPU_DEFAULT.with_(layers=4, batch=4)),
-    # the LayerNorm sandwich is left to the GPU presets: each op adds about 45 s on CPU
+    # the LayerNorm sandwich is left to the GPU presets: each op adds about a minute on CPU
     "cpu": Preset("CPU: every op but the LayerNorm sandwich in bf16 at 4K rows x hidden "
                   "768-2K, a small transformer",
                   dtypes=("bfloat16",), rows=(4096,), hidden=(768, 1024, 2048),

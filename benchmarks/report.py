@@ -174,7 +174,8 @@ def _ops(results: dict) -> list[str]:
     return ["## Ops", "",
             "Norm_b is the branch norm, with its own weight w_b (and bias b_b); w, b are the "
             "output norm's. Moves: the tensors the minimal traffic counts, read → written, at "
-            "equal dtypes (full tensors in brackets; the rest are vectors of hidden).", "",
+            "equal dtypes (full tensors in brackets; the rest are vectors of hidden). The add "
+            "ops' dx serves as dresidual too; rms_norm_add's dresidual is dh itself.", "",
             _table(["op", "computes", "layout", "forward moves", "backward moves"], rows,
                    "lllll"), ""]
 
