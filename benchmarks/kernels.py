@@ -104,6 +104,7 @@ def make_inputs(op: str, dtype: torch.dtype, rows: int, hidden: int, device: tor
         return (t * scale + shift).to(dtype)
 
     params = spec(op).parameters
+
     def vector(name, shift):
         return randn(hidden, scale=0.1, shift=shift).requires_grad_() if name in params else None
 
