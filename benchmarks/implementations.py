@@ -3,8 +3,12 @@ and peer libraries found installed at run time (never required).
 
 Every implementation of an op is a function ``fn(x, residual, weight, bias) -> tuple`` of its
 outputs: ``(y, h)`` for the pre-norm add ops (``h = residual + x``, ``y = Norm(h)``), ``(y,)``
-for the plain norms; ``residual`` / ``bias`` are None where the op has none. Inputs are 2-D
-``(rows, hidden)`` and contiguous.
+for the plain norms. The ops with a branch norm take its parameters after those four,
+``fn(x, residual, weight, bias, branch_weight, branch_bias)``: ``(y, h)`` for the sandwich ops
+(``h = residual + Norm_b(x)``, ``y = Norm(h)``), ``(h,)`` for ``rms_norm_add`` (OLMo2).
+``traffic.Op.arguments`` / ``.outputs`` name them; an argument the op has no use for (the
+residual of a plain norm, an RMSNorm's bias, ``rms_norm_add``'s weight) is None. Inputs are
+2-D ``(rows, hidden)`` and contiguous.
 
 Baselines:
 
@@ -12,9 +16,15 @@ Baselines:
   by hand: Llama's ``LlamaRMSNorm`` (upcast, ``rsqrt(mean(h^2) + eps)``, round to the input
   dtype, multiply by the weight) and the same pattern for LayerNorm (upcast, centre,
   normalise, round, affine), as fp32-upcasting mixed-precision code writes it. Hugging Face's
-  GPT-2 / BERT call ``nn.LayerNorm`` directly: that is the ``eager-torch`` row.
+  GPT-2 / BERT call ``nn.LayerNorm`` directly: that is the ``eager-torch`` row. The sandwich
+  ops run as Gemma2's decoder layer does: the branch norm (``post_attention_layernorm``),
+  ``residual + ...``, then the next norm (``pre_feedforward_layernorm``), with the same norm
+  functions; OLMo2's layer stops after the add. Gemma's zero-centred weight (``1 + w``) is
+  left out here and everywhere in the benchmarks: one weight convention for every
+  implementation.
 * ``eager-torch``: ``residual + x`` then torch's own ``F.rms_norm`` / ``F.layer_norm``
-  (fused single kernels on CUDA in recent torch).
+  (fused single kernels on CUDA in recent torch); for the sandwich ops one on the branch,
+  the add, one on the sum.
 * ``torch.compile``: ``torch.compile`` of the ``eager-hf`` code (Inductor fuses the add, the
   upcast and the norm itself). Compiled once per (op, dtype, hidden) with the row count
   dynamic, so a sweep over rows does not recompile.
@@ -33,13 +43,13 @@ import torch.nn.functional as F
 import resfuse
 from resfuse import reference
 
-from .traffic import OPS, has_bias, has_residual
+from .traffic import spec
 
 EPS = {"rms": 1e-6, "layer": 1e-5}
 
 
 def norm_kind(op: str) -> str:
-    return "layer" if has_bias(op) else "rms"
+    return spec(op).norm
 
 
 class Unsupported(Exception):
@@ -87,8 +97,10 @@ NORMS = {
 
 def _add_then_norm(op: str, norm: Callable) -> Callable:
     """``h = residual + x; y = norm(h)`` (or the plain norm) from a norm function."""
+    if spec(op).branch_norm:
+        raise ValueError(f"{op} normalises the branch before the add: see _norm_then_add")
     eps = EPS[norm_kind(op)]
-    if has_residual(op):
+    if spec(op).residual:
         def add_norm(x, residual, weight, bias):
             h = residual + x
             return norm(h, weight, bias, eps), h
@@ -99,27 +111,53 @@ def _add_then_norm(op: str, norm: Callable) -> Callable:
     return plain_norm
 
 
+def _norm_then_add(op: str, norm: Callable) -> Callable:
+    """Gemma2's decoder layer, ``h = residual + norm(x, w_b, b_b); y = norm(h, w, b)``, or
+    OLMo2's (``h`` alone), from a norm function."""
+    eps = EPS[norm_kind(op)]
+    if spec(op).output_norm:
+        def norm_add_norm(x, residual, weight, bias, branch_weight, branch_bias):
+            h = residual + norm(x, branch_weight, branch_bias, eps)
+            return norm(h, weight, bias, eps), h
+        return norm_add_norm
+
+    def norm_add(x, residual, weight, bias, branch_weight, branch_bias):
+        return (residual + norm(x, branch_weight, branch_bias, eps),)
+    return norm_add
+
+
+def unfused(op: str, norm: Callable) -> Callable:
+    """``op`` as models write it, one torch op after another, from a norm function."""
+    return (_norm_then_add if spec(op).branch_norm else _add_then_norm)(op, norm)
+
+
 def eager(variant: str) -> Callable[[str], Callable]:
     def make(op: str) -> Callable:
-        return _add_then_norm(op, NORMS[variant][norm_kind(op)])
+        return unfused(op, NORMS[variant][norm_kind(op)])
     return make
 
 
 def compiled(op: str) -> Callable:
-    fn = torch.compile(_add_then_norm(op, NORMS["eager-hf"][norm_kind(op)]))
+    fn = torch.compile(unfused(op, NORMS["eager-hf"][norm_kind(op)]))
 
-    def run(x, residual, weight, bias):
+    def run(x, residual, *params):
         # the row count is dynamic: one compile serves every row count of a hidden size
         torch._dynamo.mark_dynamic(x, 0)
         if residual is not None:
             torch._dynamo.mark_dynamic(residual, 0)
-        return fn(x, residual, weight, bias)
+        return fn(x, residual, *params)
     return run
 
 
 def resfuse_backend(backend: str) -> Callable[[str], Callable]:
     def make(op: str) -> Callable:
-        eps = EPS[norm_kind(op)]
+        eps, kind = EPS[norm_kind(op)], norm_kind(op)
+        if spec(op).branch_norm and spec(op).output_norm:
+            return lambda x, r, w, b, wb, bb: resfuse.norm_add_norm(
+                x, r, wb, w, eps, norm=kind, branch_bias=bb, bias=b, backend=backend)
+        if spec(op).branch_norm:
+            return lambda x, r, w, b, wb, bb: (resfuse.norm_add(
+                x, r, wb, eps, norm=kind, branch_bias=bb, backend=backend),)
         if op == "add_rms_norm":
             return lambda x, r, w, b: resfuse.add_rms_norm(x, r, w, eps, backend=backend)
         if op == "add_layer_norm":
@@ -133,7 +171,17 @@ def resfuse_backend(backend: str) -> Callable[[str], Callable]:
 # --------------------------------------------------------------------------- peers
 
 
+def _fused_branch_norm(op: str, peer: str, what_it_fuses: str) -> None:
+    """None of the peers normalises the branch inside its fused add (read in their sources):
+    running its norms one after another would be the eager baselines' pattern, not a fused
+    op, so the sandwich ops are not theirs to measure."""
+    if spec(op).branch_norm:
+        raise Unsupported(f"{peer} has no fused norm of the branch before the add "
+                          f"({what_it_fuses})")
+
+
 def _liger(op: str) -> Callable:
+    _fused_branch_norm(op, "Liger", "its fused add + RMSNorm normalises the sum only")
     eps = EPS[norm_kind(op)]
     # in_place=False: Liger's default writes dx into dy, which would change the gradient
     # buffer between the repeated backward calls of a measurement
@@ -149,6 +197,8 @@ def _liger(op: str) -> Callable:
 
 
 def _flash_attn(op: str) -> Callable:
+    _fused_branch_norm(op, "flash-attn", "layer_norm_fn normalises the residual sum; its x1 / "
+                       "weight1 are a parallel second branch, not a branch norm")
     from flash_attn.ops.triton.layer_norm import layer_norm_fn, rms_norm_fn
     eps = EPS[norm_kind(op)]
     if op == "add_rms_norm":
@@ -161,6 +211,7 @@ def _flash_attn(op: str) -> Callable:
 
 
 def _quack(op: str) -> Callable:
+    _fused_branch_norm(op, "quack", "its rmsnorm with a residual normalises the sum only")
     if norm_kind(op) == "layer":
         raise Unsupported("quack's LayerNorm has no backward")
     from quack.rmsnorm import rmsnorm
@@ -171,6 +222,7 @@ def _quack(op: str) -> Callable:
 
 
 def _apex(op: str) -> Callable:
+    _fused_branch_norm(op, "Apex", "it has no fused residual add")
     from apex.normalization.fused_layer_norm import (fused_layer_norm_affine,
                                                      fused_rms_norm_affine)
     # Apex has no fused residual add: add, then its norm
@@ -224,10 +276,12 @@ def _peer(module: str) -> Callable[[torch.device], Optional[str]]:
 
 IMPLEMENTATIONS = (
     Implementation("eager-hf", "baseline", "residual + x, then the norm in fp32 as Hugging Face "
-                   "writes it (LlamaRMSNorm; the same pattern for LayerNorm)",
+                   "writes it (LlamaRMSNorm; the same pattern for LayerNorm); the sandwich ops "
+                   "as Gemma2's layer: that norm on the branch, the add, the norm of the sum",
                    eager("eager-hf"), _always),
     Implementation("eager-torch", "baseline", "residual + x, then torch's F.rms_norm / "
-                   "F.layer_norm", eager("eager-torch"), _always),
+                   "F.layer_norm (sandwich ops: one on the branch, the add, one on the sum)",
+                   eager("eager-torch"), _always),
     Implementation("torch.compile", "baseline", "torch.compile of the eager-hf code",
                    compiled, _always),
     Implementation("resfuse-triton", "resfuse", "resfuse, backend='triton'",
@@ -268,36 +322,51 @@ def availability(impls: list[Implementation], device: torch.device) -> dict[str,
 # --------------------------------------------------------------------------- correctness
 
 
-def reference_outputs(op: str, x, residual, weight, bias, grads):
-    """Outputs and gradients (x, residual, weight, bias) of ``op`` in float64 from
-    ``resfuse.reference``, the specification every implementation is checked against."""
-    leaves = [t.detach().double().requires_grad_(True) if t is not None else None
-              for t in (x, residual, weight, bias)]
-    y, h = reference.add_norm(*leaves, EPS[norm_kind(op)], norm=norm_kind(op),
-                                      compute_dtype=torch.float64)
-    outs = (y, h) if has_residual(op) else (y,)
-    used = [t for t in leaves if t is not None]
+def _named(op: str, args) -> dict:
+    names = spec(op).arguments
+    if len(args) != len(names):
+        raise ValueError(f"{op} takes {len(names)} arguments {names}, got {len(args)}")
+    return dict(zip(names, args))
+
+
+def reference_outputs(op: str, args, grads):
+    """Outputs and gradients (of every argument that is not None, in order) of ``op`` in
+    float64 from ``resfuse.reference``, the specification every implementation is checked
+    against. ``args`` in the functions' convention; ``grads``: upstream gradients of the
+    outputs, in order."""
+    s = spec(op)
+    leaves = {n: t.detach().double().requires_grad_(True) if t is not None else None
+              for n, t in _named(op, args).items()}
+    eps = EPS[s.norm]
+    if s.branch_norm:
+        y, h = reference.norm_add_norm(
+            leaves["x"], leaves["residual"], leaves["branch_weight"], leaves["weight"], eps,
+            norm=s.norm, branch_bias=leaves["branch_bias"], bias=leaves["bias"],
+            compute_dtype=torch.float64)
+    else:
+        y, h = reference.add_norm(leaves["x"], leaves["residual"], leaves["weight"],
+                                  leaves["bias"], eps, norm=s.norm, compute_dtype=torch.float64)
+    outs = tuple({"y": y, "h": h}[o] for o in s.outputs)
+    used = [t for t in leaves.values() if t is not None]
     return outs, torch.autograd.grad(outs, used, [g.double() for g in grads[:len(outs)]])
 
 
-def check(op: str, fn: Callable, x, residual, weight, bias, grads) -> Optional[str]:
-    """None when ``fn`` computes ``op`` (outputs and every gradient within a few ulps of the
-    dtype, relative to each tensor's largest magnitude); else what is wrong. Run before an
-    implementation is timed, so a misconfigured peer cannot post a number."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    leaves = [t for t in (x, residual, weight, bias) if t is not None]
-    outs = fn(x, residual, weight, bias)
-    expected_outs, expected_grads = reference_outputs(op, x, residual, weight, bias, grads)
+def check(op: str, fn: Callable, args, grads) -> Optional[str]:
+    """None when ``fn(*args)`` computes ``op`` (outputs and every gradient within a few ulps
+    of the dtype, relative to each tensor's largest magnitude); else what is wrong. ``grads``:
+    the upstream gradients of the op's outputs, in order (``kernels.CaseInputs.grads``). Run
+    before an implementation is timed, so a misconfigured peer cannot post a number."""
+    named = _named(op, args)
+    leaves = [t for t in named.values() if t is not None]
+    outs = fn(*args)
+    expected_outs, expected_grads = reference_outputs(op, args, grads)
     if len(outs) != len(expected_outs):
         return f"returned {len(outs)} outputs, expected {len(expected_outs)}"
     got_grads = torch.autograd.grad(outs, leaves, grads[:len(outs)], allow_unused=True)
     # 4 ulps at the tensor's scale: HF-style code rounds twice, weight grads sum many rows
     tolerance = {torch.float32: 1e-5, torch.float16: 4 * 2.0 ** -11,
-                 torch.bfloat16: 4 * 2.0 ** -8}[x.dtype]
-    names = list(("y", "h")[:len(outs)]) + [
-        n for n, t in zip(("dx", "dresidual", "dweight", "dbias"), (x, residual, weight, bias))
-        if t is not None]
+                 torch.bfloat16: 4 * 2.0 ** -8}[named["x"].dtype]
+    names = list(spec(op).outputs) + ["d" + n for n, t in named.items() if t is not None]
     for name, got, want in zip(names, list(outs) + list(got_grads),
                                list(expected_outs) + list(expected_grads)):
         if got is None:

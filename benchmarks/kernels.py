@@ -6,8 +6,9 @@ What each direction times (inputs and parameters require grad, as in training):
 
 * ``fwd``: the forward call (it also saves what its backward needs);
 * ``bwd``: ``torch.autograd.grad`` of the outputs of a forward (run untimed before each
-  timed call), with upstream gradients for every output (``dy`` and, for the pre-norm ops,
-  ``dh``), to x, residual, weight and bias;
+  timed call), with upstream gradients for every output (``dy`` and, for the pre-norm and
+  sandwich ops, ``dh``; ``dh`` alone for ``rms_norm_add``), to every input: x, residual and
+  the parameters of both norms;
 * ``fwd+bwd``: both, as a training step runs them.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from . import implementations as impls_mod
 from .timing import TimerSettings, time_fn
-from .traffic import DIRECTIONS, OPS, has_bias, has_residual, minimal_bytes
+from .traffic import DIRECTIONS, OPS, minimal_bytes, spec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -68,39 +69,52 @@ def plan(ops: Iterable[str], dtypes: Iterable[str], rows: Iterable[int], hidden:
 
 @dataclass
 class CaseInputs:
+    op: str
     x: torch.Tensor
     residual: Optional[torch.Tensor]
-    weight: torch.Tensor
+    weight: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]
+    branch_weight: Optional[torch.Tensor]
+    branch_bias: Optional[torch.Tensor]
     dy: torch.Tensor
     dh: torch.Tensor
 
     @property
     def args(self) -> tuple:
-        return self.x, self.residual, self.weight, self.bias
+        """The op's arguments in the implementations' convention (``traffic.Op.arguments``)."""
+        return tuple(getattr(self, name) for name in spec(self.op).arguments)
 
     @property
     def leaves(self) -> tuple:
         return tuple(t for t in self.args if t is not None)
 
-    def grads(self, n_outputs: int) -> tuple:
-        return (self.dy, self.dh)[:n_outputs]
+    def grads(self, n_outputs: Optional[int] = None) -> tuple:
+        """The upstream gradients of the op's outputs (``dy`` for y, ``dh`` for h), in order."""
+        return tuple({"y": self.dy, "h": self.dh}[o] for o in spec(self.op).outputs)[:n_outputs]
 
 
 def make_inputs(op: str, dtype: torch.dtype, rows: int, hidden: int, device: torch.device,
                 seed: int = 0) -> CaseInputs:
-    """Activations of unit scale, weight near 1 and bias near 0 (all leaves requiring grad)."""
+    """Activations of unit scale, weights near 1 and biases near 0, every one its own draw
+    (so a swapped weight is caught); all leaves require grad."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0, shift=0.0):
         t = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
         return (t * scale + shift).to(dtype)
 
+    params = spec(op).parameters
+
+    def vector(name, shift):
+        return randn(hidden, scale=0.1, shift=shift).requires_grad_() if name in params else None
+
     x = randn(rows, hidden).requires_grad_()
-    residual = randn(rows, hidden).requires_grad_() if has_residual(op) else None
-    weight = randn(hidden, scale=0.1, shift=1.0).requires_grad_()
-    bias = randn(hidden, scale=0.1).requires_grad_() if has_bias(op) else None
-    return CaseInputs(x, residual, weight, bias, randn(rows, hidden), randn(rows, hidden))
+    residual = randn(rows, hidden).requires_grad_() if spec(op).residual else None
+    # drawn in this order so that the inputs of the ops without a branch norm are unchanged
+    weight, bias = vector("weight", 1.0), vector("bias", 0.0)
+    branch_weight, branch_bias = vector("branch_weight", 1.0), vector("branch_bias", 0.0)
+    return CaseInputs(op, x, residual, weight, bias, branch_weight, branch_bias,
+                      randn(rows, hidden), randn(rows, hidden))
 
 
 def timed_call(fn: Callable, inputs: CaseInputs, direction: str) -> tuple[Callable, Optional[Callable]]:
@@ -216,7 +230,7 @@ def _prepare(case: KernelCase, impls, device) -> tuple[dict, dict]:
             errors[impl.name] = f"unavailable: {_short(e)}"
             continue
         try:
-            wrong = impls_mod.check(case.op, fn, *small.args, small.grads(2))
+            wrong = impls_mod.check(case.op, fn, small.args, small.grads())
         except Exception as e:
             wrong = _short(e)
         if wrong is not None:

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 
 from .implementations import BY_NAME
 from .kernels import TARGET_HIDDEN, TARGET_MIN_ELEMENTS, TARGETS, in_target_range
-from .traffic import DIRECTIONS, OPS, full_tensors_moved
+from .traffic import DIRECTIONS, OPS, SPECS, full_tensors_moved, tensors_moved
 from .transformer import AGREEMENT_TOLERANCE
 
 JSON_NAME = "results.json"
@@ -144,8 +144,9 @@ def _how_to_read(results: dict) -> list[str]:
             "a kernel as fast as a copy of the same bytes.",
             "* **fwd** times the training forward (inputs require grad); **bwd** the backward "
             "alone (its forward runs untimed before each call), with gradients flowing into "
-            "both outputs of the pre-norm ops; **fwd+bwd** both. Every implementation is "
-            "checked against resfuse's float64 reference before it is timed.",
+            "every output (both y and h of the pre-norm and sandwich ops) and out to every "
+            "input and parameter; **fwd+bwd** both. Every implementation is checked against "
+            "resfuse's float64 reference (outputs and every gradient) before it is timed.",
             f"* **×{BASELINE}** / **×{COMPILED}**: how many times faster than those baselines "
             "(their median time over the implementation's).",
             f"* Targets (GPU): forward ≥ {TARGETS['fwd']:.0%} and backward ≥ {TARGETS['bwd']:.0%}"
@@ -155,6 +156,28 @@ def _how_to_read(results: dict) -> list[str]:
             "forward and backward (saved-tensor hooks, each storage once, parameters excluded): "
             "exact, and the same on any device. **Peak** is `torch.cuda.max_memory_allocated` "
             "during a step, above what was resident before it (CUDA only).", ""]
+
+
+def _ops(results: dict) -> list[str]:
+    """What each op of the run computes and the tensors its minimal traffic counts."""
+    measured = {r["op"] for r in results["kernels"]}
+    rows = []
+    for op in (o for o in OPS if o in measured):
+        moves = []
+        for direction in ("fwd", "bwd"):
+            reads, writes = tensors_moved(op, direction)
+            moves.append(f"{', '.join(reads)} → {', '.join(writes)} "
+                         f"({full_tensors_moved(op, direction)})")
+        rows.append([f"`{op}`", SPECS[op].computes, SPECS[op].layout, *moves])
+    if not rows:
+        return []
+    return ["## Ops", "",
+            "Norm_b is the branch norm, with its own weight w_b (and bias b_b); w, b are the "
+            "output norm's. Moves: the tensors the minimal traffic counts, read → written, at "
+            "equal dtypes (full tensors in brackets; the rest are vectors of hidden). The add "
+            "ops' dx serves as dresidual too; rms_norm_add's dresidual is dh itself.", "",
+            _table(["op", "computes", "layout", "forward moves", "backward moves"], rows,
+                   "lllll"), ""]
 
 
 def _implementations(results: dict) -> list[str]:
@@ -304,7 +327,7 @@ def _problems(results: dict) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    parts = (_header(results) + _how_to_read(results) + _implementations(results)
+    parts = (_header(results) + _how_to_read(results) + _ops(results) + _implementations(results)
              + _targets(results) + _transformer_sections(results) + _kernel_sections(results)
              + _plots(results) + _problems(results))
     return "\n".join(parts).rstrip() + "\n"

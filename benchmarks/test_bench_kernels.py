@@ -32,7 +32,7 @@ def _prepare(op, dtype, rows, hidden, impl_name):
         pytest.skip(f"{impl_name}: {e}")
     torch_dtype = kernels.DTYPES[dtype]
     small = kernels.make_inputs(op, torch_dtype, kernels.CHECK_ROWS, hidden, device, seed=1)
-    wrong = implementations.check(op, fn, *small.args, small.grads(2))
+    wrong = implementations.check(op, fn, small.args, small.grads())
     assert wrong is None, f"{impl_name} computes {op} wrongly: {wrong}"
     return fn, kernels.make_inputs(op, torch_dtype, rows, hidden, device)
 

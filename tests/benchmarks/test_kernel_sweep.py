@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks import implementations, kernels, timing
-from benchmarks.traffic import DIRECTIONS, OPS, minimal_bytes
+from benchmarks.traffic import DIRECTIONS, OPS, SPECS, minimal_bytes
 
 CPU = torch.device("cpu")
 FAST = timing.TimerSettings(cpu_budget_s=0.0, cpu_min_calls=1)
@@ -31,13 +31,42 @@ def test_target_range():
     assert not kernels.in_target_range(4096, 32768)   # hidden above 16K
 
 
+EXPECTED_LEAVES = {  # written out, not derived from the specs
+    "add_rms_norm": ("x", "residual", "weight"),
+    "add_layer_norm": ("x", "residual", "weight", "bias"),
+    "norm_add_rms_norm": ("x", "residual", "weight", "branch_weight"),
+    "norm_add_layer_norm": ("x", "residual", "weight", "bias", "branch_weight", "branch_bias"),
+    "rms_norm_add": ("x", "residual", "branch_weight"),
+    "rms_norm": ("x", "weight"),
+    "layer_norm": ("x", "weight", "bias"),
+}
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_inputs_are_the_leaves_the_op_needs(op):
     inputs = kernels.make_inputs(op, torch.bfloat16, 8, 16, CPU)
-    assert (inputs.residual is not None) == op.startswith("add_")
-    assert (inputs.bias is not None) == op.endswith("layer_norm")
+    names = ("x", "residual", "weight", "bias", "branch_weight", "branch_bias")
+    assert tuple(n for n in names if getattr(inputs, n) is not None) == EXPECTED_LEAVES[op]
+    assert len(inputs.args) == (6 if "branch_weight" in EXPECTED_LEAVES[op] else 4)
+    assert len(inputs.leaves) == len(EXPECTED_LEAVES[op])
     assert all(t.requires_grad and t.dtype == torch.bfloat16 for t in inputs.leaves)
     assert inputs.x.shape == inputs.dy.shape == inputs.dh.shape == (8, 16)
+    # one upstream gradient per output: dh alone for OLMo2's norm + add
+    upstream = {"rms_norm_add": ("dh",), "rms_norm": ("dy",), "layer_norm": ("dy",)}
+    expected = tuple(getattr(inputs, g) for g in upstream.get(op, ("dy", "dh")))
+    assert len(inputs.grads()) == len(expected)
+    assert all(got is want for got, want in zip(inputs.grads(), expected))
+
+
+def test_the_two_weights_of_a_sandwich_differ_and_old_inputs_are_unchanged():
+    inputs = kernels.make_inputs("norm_add_rms_norm", torch.float32, 8, 16, CPU)
+    assert not torch.equal(inputs.weight, inputs.branch_weight)
+    # a new op's draws must not move the inputs of the existing ops (comparable runs)
+    old = kernels.make_inputs("add_rms_norm", torch.float32, 8, 16, CPU)
+    g = torch.Generator().manual_seed(0)
+    draws = [torch.randn(*shape, generator=g) for shape in ((8, 16), (8, 16), (16,))]
+    assert torch.equal(old.x, draws[0]) and torch.equal(old.residual, draws[1])
+    assert torch.equal(old.weight, draws[2] * 0.1 + 1.0)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -66,25 +95,25 @@ def test_timed_call_runs_forward_backward_or_both(direction):
 def test_cpu_implementations_pass_the_correctness_check(impl, op, dtype):
     inputs = kernels.make_inputs(op, dtype, 16, 48, CPU)
     fn = implementations.BY_NAME[impl].make(op)
-    assert implementations.check(op, fn, *inputs.args, inputs.grads(2)) is None
+    assert implementations.check(op, fn, inputs.args, inputs.grads()) is None
 
 
 def test_the_correctness_check_catches_wrong_implementations():
     inputs = kernels.make_inputs("add_layer_norm", torch.bfloat16, 16, 48, CPU)
-    args, grads = inputs.args, inputs.grads(2)
+    args, grads = inputs.args, inputs.grads()
     good = implementations.BY_NAME["eager-hf"].make("add_layer_norm")
     swapped = lambda *a: good(*a)[::-1]  # noqa: E731  (h, y) instead of (y, h)
     no_bias = lambda x, r, w, b: good(x, r, w, torch.zeros_like(b) + 0 * b)  # noqa: E731
     rms = lambda x, r, w, b: (implementations.hf_rms_norm(r + x, w, None, 1e-5), r + x)  # noqa: E731
     only_y = lambda *a: good(*a)[:1]  # noqa: E731
-    assert implementations.check("add_layer_norm", good, *args, grads) is None
-    assert "y:" in implementations.check("add_layer_norm", swapped, *args, grads)
-    assert "y:" in implementations.check("add_layer_norm", no_bias, *args, grads)
-    assert "y:" in implementations.check("add_layer_norm", rms, *args, grads)
+    assert implementations.check("add_layer_norm", good, args, grads) is None
+    assert "y:" in implementations.check("add_layer_norm", swapped, args, grads)
+    assert "y:" in implementations.check("add_layer_norm", no_bias, args, grads)
+    assert "y:" in implementations.check("add_layer_norm", rms, args, grads)
     detached_bias = lambda x, r, w, b: good(x, r, w, b.detach())  # noqa: E731
-    assert "dbias: no gradient" in implementations.check("add_layer_norm", detached_bias, *args,
+    assert "dbias: no gradient" in implementations.check("add_layer_norm", detached_bias, args,
                                                          grads)
-    assert "outputs" in implementations.check("add_layer_norm", only_y, *args, grads)
+    assert "outputs" in implementations.check("add_layer_norm", only_y, args, grads)
 
     # a backward that drops the gradient flowing into h
     class NoDh(torch.autograd.Function):
@@ -99,7 +128,91 @@ def test_the_correctness_check_catches_wrong_implementations():
     def broken_dh(x, r, w, b):
         y, h = good(x, r, w, b)
         return y, NoDh.apply(h)
-    assert "dx:" in implementations.check("add_layer_norm", broken_dh, *args, grads)
+    assert "dx:" in implementations.check("add_layer_norm", broken_dh, args, grads)
+
+
+class _NoGrad(torch.autograd.Function):
+    """The identity, with a backward that loses the gradient: a kernel that forgets one."""
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+@pytest.mark.parametrize("op", ["norm_add_rms_norm", "norm_add_layer_norm"])
+def test_the_correctness_check_catches_wrong_sandwiches(op):
+    inputs = kernels.make_inputs(op, torch.bfloat16, 16, 48, CPU)
+    args, grads = inputs.args, inputs.grads()
+    hf = implementations.NORMS["eager-hf"][SPECS[op].norm]
+    eps = implementations.EPS[SPECS[op].norm]
+    good = implementations.BY_NAME["eager-hf"].make(op)
+
+    def sandwich(branch):  # h = r + branch(x, ...), y = norm(h)
+        def fn(x, r, w, b, wb, bb):
+            h = r + branch(x, w, b, wb, bb)
+            return hf(h, w, b, eps), h
+        return fn
+
+    def check(fn):
+        return implementations.check(op, fn, args, grads)
+
+    assert check(good) is None
+    # the branch added raw, as add + norm would (y is compared first)
+    assert check(sandwich(lambda x, w, b, wb, bb: x)).startswith("y:")
+    # the output norm's weight on the branch and the branch's on the output
+    swapped = lambda x, r, w, b, wb, bb: good(x, r, wb, bb, w, b)  # noqa: E731
+    assert check(swapped).startswith("y:")
+    # the outputs in the wrong order, or only one of them
+    assert check(lambda *a: good(*a)[::-1]).startswith("y:")
+    assert "outputs" in check(lambda *a: good(*a)[:1])
+    # the branch weight detached: its gradient is missing
+    assert "dbranch_weight: no gradient" in check(
+        lambda x, r, w, b, wb, bb: good(x, r, w, b, wb.detach(), bb))
+    # the gradient reaching h lost on its way to the residual: dresidual is dh_total
+    assert check(lambda x, r, w, b, wb, bb: good(x, _NoGrad.apply(r), w, b, wb, bb)
+                 ).startswith("dresidual:")
+    # the upstream dh dropped: every gradient of the branch is wrong, dx first
+    assert check(lambda *a: (good(*a)[0], _NoGrad.apply(good(*a)[1]))).startswith("dx:")
+    if op == "norm_add_layer_norm":
+        # the branch bias left out of h
+        assert check(sandwich(lambda x, w, b, wb, bb: hf(x, wb, torch.zeros_like(bb) + 0 * bb,
+                                                          eps))).startswith("y:")
+    else:
+        # a LayerNorm on the branch instead of an RMSNorm
+        ln = implementations.hf_layer_norm
+        assert check(sandwich(lambda x, w, b, wb, bb: ln(x, wb, torch.zeros_like(wb), eps))
+                     ).startswith("y:")
+
+
+def test_the_correctness_check_catches_a_wrong_norm_add():
+    op = "rms_norm_add"
+    inputs = kernels.make_inputs(op, torch.bfloat16, 16, 48, CPU)
+    args, grads = inputs.args, inputs.grads()
+    good = implementations.BY_NAME["eager-torch"].make(op)
+    hf = implementations.hf_rms_norm
+    assert implementations.check(op, good, args, grads) is None
+    wrong = {
+        "no branch norm": lambda x, r, w, b, wb, bb: (r + x,),
+        "normalised after the add": lambda x, r, w, b, wb, bb: (hf(r + x, wb, None, 1e-6),),
+        "returns (y, h)": lambda x, r, w, b, wb, bb: (r + hf(x, wb, None, 1e-6),) * 2,
+        "loses dresidual": lambda x, r, w, b, wb, bb: (_NoGrad.apply(r) + hf(x, wb, None, 1e-6),),
+    }
+    expected = {"no branch norm": "h:", "normalised after the add": "h:",
+                "returns (y, h)": "returned 2 outputs", "loses dresidual": "dresidual:"}
+    for what, fn in wrong.items():
+        assert implementations.check(op, fn, args, grads).startswith(expected[what]), what
+    with pytest.raises(ValueError, match="takes 6 arguments"):
+        implementations.check(op, good, args[:4], grads)
+
+
+def test_peers_do_not_offer_the_sandwich_ops():
+    for peer in ("liger", "flash-attn", "quack", "apex"):
+        for op in ("norm_add_rms_norm", "norm_add_layer_norm", "rms_norm_add"):
+            with pytest.raises(implementations.Unsupported, match="no fused norm of the branch"):
+                implementations.BY_NAME[peer].make(op)
 
 
 def test_run_records_every_measurement_and_the_failures():
@@ -164,6 +277,15 @@ def test_compiled_baseline_is_correct_and_compiles_once_for_all_row_counts():
     fn = implementations.BY_NAME["torch.compile"].make("add_rms_norm")
     for rows in (16, 40):
         inputs = kernels.make_inputs("add_rms_norm", torch.float32, rows, 32, CPU)
-        assert implementations.check("add_rms_norm", fn, *inputs.args, inputs.grads(2)) is None
+        assert implementations.check("add_rms_norm", fn, inputs.args, inputs.grads()) is None
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("op", ["norm_add_rms_norm", "norm_add_layer_norm", "rms_norm_add"])
+def test_resfuse_triton_sandwich_under_the_interpreter_passes_the_check(op):
+    # the benchmark's call of the Triton kernels (argument order, outputs), on CPU tensors
+    # under TRITON_INTERPRET=1 (tests/conftest.py)
+    inputs = kernels.make_inputs(op, torch.float32, 16, 48, CPU)
+    fn = implementations.BY_NAME["resfuse-triton"].make(op)
+    assert implementations.check(op, fn, inputs.args, inputs.grads()) is None

@@ -186,3 +186,98 @@ def test_write_all_on_gpu_results(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "![activation_memory](activation_memory.png)" in text
     assert "### llama: hidden 32, 1 layers" in text and "### bert: hidden 32" in text
+
+
+# --------------------------------------------------------------------------- the sandwich ops
+
+
+def test_cli_measures_the_sandwich_ops(tiny_run):
+    results, out_dir = tiny_run
+    measured = {(r["op"], r["impl"]) for r in results["kernels"] if r["error"] is None}
+    for op in ("norm_add_rms_norm", "norm_add_layer_norm", "rms_norm_add"):
+        assert {(op, i) for i in ("eager-hf", "eager-torch", "resfuse-torch")} <= measured
+    text = (out_dir / "report.md").read_text()
+    for heading in ("## Ops", "### norm_add_rms_norm · backward · bfloat16",
+                    "### norm_add_layer_norm · forward + backward · bfloat16",
+                    "### rms_norm_add · forward · bfloat16"):
+        assert heading in text, heading
+    ops = text[text.index("## Ops"):text.index("## Implementations")]
+    assert ("| `norm_add_rms_norm` | h = residual + RMSNorm_b(x); y = RMSNorm(h) | sandwich "
+            "(Gemma2/3) | x, residual, w_b, w → y, h (4) | dy, dh, h, x, w_b, w → dx, "
+            "dresidual, dw_b, dw (6) |") in ops
+    assert "| dh, x, w_b → dx, dw_b (3) |" in ops  # rms_norm_add: dresidual is dh itself
+    # the tables follow traffic.OPS: the sandwich ops between the add ops and the plain norms
+    order = [text.index(f"### {op} · forward · bfloat16") for op in
+             ("add_layer_norm", "norm_add_rms_norm", "norm_add_layer_norm", "rms_norm_add",
+              "rms_norm")]
+    assert order == sorted(order)
+    assert "Minimal traffic: 6 full tensors" in text[text.index(
+        "### norm_add_rms_norm · backward"):text.index("### norm_add_rms_norm · forward + b")]
+
+
+def _sandwich_results():
+    """The GPU results above plus the Gemma2 and OLMo2 ops: eager-hf at 20% of copy, compile
+    at 40%, resfuse-triton at 90%, Liger unsupported."""
+    results = _gpu_results()
+    for op in ("norm_add_rms_norm", "rms_norm_add"):
+        for direction in DIRECTIONS:
+            floor_ms = minimal_bytes(op, direction, 4096, 8192,
+                                     kernels.DTYPES["bfloat16"]) / COPY * 1e3
+            for impl, frac in (("eager-hf", 0.2), ("torch.compile", 0.4),
+                               ("resfuse-triton", 0.9)):
+                results["kernels"].append(_record(op, direction, 4096, 8192, impl,
+                                                  floor_ms / frac))
+            results["kernels"].append(_record(
+                op, direction, 4096, 8192, "liger", None,
+                error="unsupported: Liger has no fused norm of the branch before the add"))
+    return results
+
+
+def test_markdown_tables_of_the_sandwich_ops():
+    text = report.markdown(_sandwich_results())
+    bwd = text[text.index("### norm_add_rms_norm · backward · bfloat16"):
+               text.index("### norm_add_rms_norm · forward + backward")]
+    assert "Minimal traffic: 6 full tensors" in bwd
+    # 6 x 2 bytes x 4096 x 8192 plus w_b and w read, dw_b and dw written: 402.7 MB
+    assert "| 4,096 × 8,192 | 402.7 | 600 (20%) | 1,200 (40%) | 2,700 (90%) |" in bwd
+    assert "| 4.50 | 2.25 |" in bwd  # 90% over 20% and over 40%
+    fwd = text[text.index("### rms_norm_add · forward · bfloat16"):
+               text.index("### rms_norm_add · backward")]
+    assert "Minimal traffic: 3 full tensors" in fwd
+    # 3 x 2 x 4096 x 8192 + w_b: 201.3 MB
+    assert "| 4,096 × 8,192 | 201.3 |" in fwd
+    targets = text[text.index("## Targets"):text.index("## Kernels")]
+    assert "| norm_add_rms_norm | forward | bfloat16 | `resfuse-triton` | 1 | 90% | 90% | 92% | missed |" in targets
+    assert "| rms_norm_add | backward | bfloat16 | `resfuse-triton` | 1 | 90% | 90% | 88% | **met** |" in targets
+    problems = text[text.index("## Not measured"):]
+    assert "unsupported: Liger has no fused norm of the branch before the add | 6 |" in problems
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header.startswith(PNG)
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_plots_give_the_sandwich_ops_their_own_panels(tmp_path):
+    results = _sandwich_results()
+    series = plots.bandwidth_series(results["kernels"], "bfloat16")
+    assert series[("norm_add_rms_norm", "bwd")]["resfuse-triton"] == [
+        (8192, pytest.approx(0.9 * COPY / 1e9))]
+    assert "liger" not in series[("rms_norm_add", "fwd")]
+    # one row of panels per op: add_rms_norm alone, then with the two sandwich ops
+    alone = plots.plot_bandwidth(_gpu_results(), "bfloat16", tmp_path / "alone.png")
+    both = plots.plot_bandwidth(results, "bfloat16", tmp_path / "both.png")
+    (w1, h1), (w3, h3) = _png_size(alone), _png_size(both)
+    assert w1 == w3 and h3 > 2.5 * h1
+
+
+def test_cli_ops_and_presets_know_the_sandwich_ops():
+    args = cli.build_parser().parse_args(["--ops", "norm_add_rms_norm", "rms_norm_add",
+                                          "norm_add_layer_norm"])
+    assert args.ops == ["norm_add_rms_norm", "rms_norm_add", "norm_add_layer_norm"]
+    sandwich = {"norm_add_rms_norm", "norm_add_layer_norm", "rms_norm_add"}
+    assert sandwich <= set(cli.PRESETS["full"].ops) and sandwich <= set(cli.PRESETS["quick"].ops)
+    # the CPU default keeps Gemma2's and OLMo2's ops (the LayerNorm one costs its minutes)
+    assert {"norm_add_rms_norm", "rms_norm_add"} <= set(cli.PRESETS["cpu"].ops)
+    assert sandwich <= set(cli.PRESETS["tiny"].ops)
