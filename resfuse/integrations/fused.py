@@ -325,17 +325,18 @@ def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
     if target is not None:
         sub, f = pending
         scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
+        fused = None
         # the target's hooks still run: it is called as usual, and returns the carried y
         if sub.branch_norm is not None:
             branch = getattr(layer, sub.branch_norm)
             if _can_fuse_branch(branch, target, f, residual, check_hooks=False):
-                y, h = branch.resfuse_norm_add(f, residual, target)
-                target.__dict__[CARRY] = (h, h._version, y)
-                return h
+                fused = branch.resfuse_norm_add(f, residual, target)
         elif _can_fuse(target, f, residual, scales, check_hooks=False):
             branch_scale, rowscale = _fused_scales(scales, f)
-            y, h = target.resfuse_add_norm(f, residual, branch_scale=branch_scale,
-                                           rowscale=rowscale)
+            fused = target.resfuse_add_norm(f, residual, branch_scale=branch_scale,
+                                            rowscale=rowscale)
+        if fused is not None:
+            y, h = fused
             target.__dict__[CARRY] = (h, h._version, y)
             return h
     return _add(layer, pending, residual, None)[0]
