@@ -21,9 +21,10 @@ RESFUSE_HOST_DEVICE inline constexpr int dtype_bytes(DType t) { return t == DTyp
 constexpr int kChunk = 8;  // elements per thread access: 16 bytes of a 16-bit type, 32 of fp32
 
 // Registers per thread: the forward keeps kFwdChunks chunks of h (16 fp32 values) of its row
-// in registers, the backward kBwdChunks chunks of h and dy plus the parameter-gradient
-// accumulators. Threads per row scale with D up to the maximum block; longer rows stream
-// tiles of that size in two passes. The row then fits in registers up to
+// in registers (x, then f, then h, in place), the backward kBwdChunks chunks of h and dy (then
+// of df and x with the branch norm) plus the parameter-gradient accumulators. Threads per row
+// scale with D up to the maximum block; longer rows stream tiles of that size in two passes
+// (three with the branch norm). The row then fits in registers up to
 //   forward  1024 threads x 2 chunks x 8 = 16384 elements (<= 64 registers at 1024 threads),
 //   backward  512 threads x 2 chunks x 8 =  8192 elements (<= 128 registers at 512 threads),
 // which ptxas allocates without spills for sm_80 and sm_90 (tests/test_cuda_build.py checks);
