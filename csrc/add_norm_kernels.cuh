@@ -482,7 +482,8 @@ __device__ __forceinline__ void prefetch_row_l2(const BwdParams& p, const Operan
 
 // Dynamic shared memory of the backward, in floats: the staging area of write_partials (when
 // a block holds several row groups), then the branch norm's bias accumulator (when there is
-// one). At most 512 threads x 16 floats = 32 KiB: within the default 48 KiB.
+// one and the rows are in registers). At most 512 threads x 16 floats = 32 KiB, or 256 x 24
+// = 24 KiB: within the default 48 KiB.
 RESFUSE_HOST_DEVICE inline int bwd_scratch_floats(const RowLayout& L) {
   return L.rows_per_block > 1 ? L.block_threads * kChunk : 0;
 }

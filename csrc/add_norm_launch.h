@@ -103,7 +103,9 @@ void with_bwd_kernel(const BwdParams& p, Fn&& fn) {
 }
 
 inline size_t bwd_smem_bytes(const BwdParams& p) {
-  return static_cast<size_t>(bwd_smem_floats(p.layout, p.branch_norm && p.has_branch_bias)) * sizeof(float);
+  // the streamed path adds its branch-bias terms to the partial rows directly
+  const bool smem_accumulator = p.branch_norm && p.has_branch_bias && p.layout.single_tile;
+  return static_cast<size_t>(bwd_smem_floats(p.layout, smem_accumulator)) * sizeof(float);
 }
 
 template <bool kBranchNorm, class Launcher>
