@@ -23,7 +23,8 @@ DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0"
 # The extension uses PyTorch's stable ABI as of this release: one build serves every
 # torch >= 2.10 with the same CUDA major version (csrc/ops.cpp).
 STABLE_ABI_TARGET = (2, 10)
-SOURCES = ["csrc/ops.cpp", "csrc/add_norm_fwd.cu", "csrc/add_norm_bwd.cu"]
+SOURCES = ["csrc/ops.cpp", "csrc/add_norm_fwd.cu", "csrc/add_norm_bwd.cu",
+           "csrc/add_norm_bwd_branch_norm.cu"]
 
 
 def _flag(name: str) -> bool:

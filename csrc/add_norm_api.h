@@ -13,7 +13,7 @@ void launch_forward(const FwdParams& p, void* stream);
 void plan_backward(BwdParams& p);
 
 // p.*_part point at (programs, D) fp32 buffers for the gradients wanted; the outputs are (D,).
-void launch_backward(const BwdParams& p, float* dweight, float* dbias, float* dbranch, void* stream);
+void launch_backward(const BwdParams& p, const ParamGrads& grads, void* stream);
 
 // Whether this build holds kernels that run on the current device (its compute capability
 // against the TORCH_CUDA_ARCH_LIST the extension was compiled for).

@@ -1,29 +1,35 @@
 // CUDA kernels of the fused residual add + RMSNorm/LayerNorm, forward and backward.
 //
-//   h = residual_scale * residual + ((x * branch_scale_value) * branch_scale[col]) * rowscale[row]
+//   f = x, or with the branch norm (sandwich layouts)  f = normalize(x) * w_b' (+ b_b)
+//   h = residual_scale * residual + ((f * branch_scale_value) * branch_scale[col]) * rowscale[row]
 //   y = normalize(h) * w' (+ bias),   w' = 1 + weight if zero_centered else weight
 //
-// The semantics are those of resfuse/reference.py and of the Triton kernels
-// (triton_kernels/add_norm_kernels.py), operation for operation: every load is widened to
-// fp32, all arithmetic is fp32, each output is rounded once at its store. The forward
-// normalises the fp32 h before rounding it to the residual dtype. The backward differentiates
-// the norm at the *stored* h: it recomputes the row statistics from the values it reads (the
-// forward's LayerNorm mean serves only as a shift that keeps the variance free of
-// cancellation), so its Jacobian is exactly that of the tensor it sees; rstd is not saved.
+// (without the output norm there is no y: OLMo2's h = r + norm(x)). The semantics are those of
+// resfuse/reference.py and of the Triton kernels (triton_kernels/add_norm_kernels.py),
+// operation for operation: every load is widened to fp32, all arithmetic is fp32, each output
+// is rounded once at its store. The forward normalises the fp32 h before rounding it to the
+// residual dtype. The backward differentiates each norm at the tensor it reads (the stored h,
+// and x): it recomputes the row statistics from those values (the forward's LayerNorm means
+// serve only as shifts that keep the variance free of cancellation), so its Jacobian is
+// exactly that of the tensor it sees; rstd is not saved.
 //
 // Specialisation: template arguments are the dtype set (TX: x and dx, TR: residual and
-// dresidual, TH: h and dh, TY: y and dy; `Dyn` = each operand's dtype read at run time) and
-// RMS vs LayerNorm. Everything else (presence of residual / weight / bias / branch scale /
-// rowscale / dh / dresidual, zero-centred weight, D, strides, scales, the row layout) is a
-// run-time value: warp-uniform branches cost nothing next to the memory traffic, and a
-// handful of instantiations then cover every call.
+// dresidual, TH: h and dh, TY: y and dy; `Dyn` = each operand's dtype read at run time),
+// RMS vs LayerNorm, and in the backward the branch norm (its x row and two more parameter-
+// gradient accumulators live in registers next to the output norm's: a run-time flag would
+// cost every call that register budget). Everything else (presence of residual / weights /
+// biases / branch scale / rowscale / dh / dresidual / output norm, zero-centred weight, D,
+// strides, scales, the row layout) is a run-time value: warp-uniform branches cost nothing
+// next to the memory traffic, and a handful of instantiations then cover every call.
 //
 // Layout (add_norm_params.h): `threads_per_row` threads share a row, each owning the 8-element
 // chunks lane, lane + t, lane + 2t, ... (consecutive threads touch consecutive 16-byte words:
 // coalesced 128-bit accesses). Several rows per block for small D. Rows longer than the
-// register budget stream tiles of a full block in two passes; the second pass re-reads the
-// row, which was just read, from L2.
+// register budget stream tiles of a full block in several passes; the later passes re-read
+// the row, which was just read, from L2.
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -39,13 +45,136 @@ __device__ __forceinline__ void zero(float (&v)[kChunk]) {
   for (int e = 0; e < kChunk; ++e) v[e] = 0.0f;
 }
 
+// Zero past the row's end (the n valid elements of a chunk stay): row sums then count only
+// the row's elements.
+__device__ __forceinline__ void mask_tail(int n, float (&v)[kChunk]) {
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) v[e] = e < n ? v[e] : 0.0f;
+}
+
+__device__ __forceinline__ void copy(const float (&from)[kChunk], float (&to)[kChunk]) {
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) to[e] = from[e];
+}
+
+// A compiler-only memory barrier: a load after it is a load again, not the values of an
+// earlier load of the same address kept alive in registers.
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+// A norm's row statistics: LayerNorm's mean (0 for RMSNorm) and rstd.
+struct RowStats {
+  float mean, rstd;
+};
+
+// Statistics of a row held in registers, C chunks per thread, zero past the row's end.
+// RMSNorm: one reduction; LayerNorm: two over the registers (the mean, then the centred
+// squares: no cancellation).
+template <bool kRms, int C>
+__device__ __forceinline__ RowStats register_row_stats(const float (&v)[C][kChunk], int lane, int t,
+                                                       int D, bool row_ok, float eps, RowReducer& red) {
+  float s[1] = {0.0f};
+#pragma unroll
+  for (int c = 0; c < C; ++c)
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) s[0] += kRms ? v[c][e] * v[c][e] : v[c][e];
+  red.sum(s);
+  if (kRms) return {0.0f, fast_rsqrt(s[0] / D + eps)};
+  const float mean = s[0] / D;
+  float q[1] = {0.0f};
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const int n = row_ok ? chunk_len(D, (lane + c * t) * kChunk) : 0;
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      const float dev = e < n ? v[c][e] - mean : 0.0f;
+      q[0] += dev * dev;
+    }
+  }
+  red.sum(q);
+  return {mean, fast_rsqrt(q[0] / D + eps)};
+}
+
+// Statistics of a row streamed chunk by chunk: RMSNorm a sum of squares, LayerNorm a running
+// (count, mean, M2) merged per chunk with Chan et al.'s formula (no cancellation).
+struct StreamedMoments {
+  float count = 0.0f, mean = 0.0f, m2 = 0.0f;  // RMSNorm: m2 is the sum of squares
+
+  template <bool kRms>
+  __device__ __forceinline__ void add(const float (&v)[kChunk], int n) {
+    if (kRms) {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) m2 += v[e] * v[e];
+      return;
+    }
+    float chunk_sum = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) chunk_sum += v[e];
+    const float chunk_mean = chunk_sum / n;
+    float chunk_m2 = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      const float dev = e < n ? v[e] - chunk_mean : 0.0f;
+      chunk_m2 += dev * dev;
+    }
+    RowReducer::chan_merge(count, mean, m2, static_cast<float>(n), chunk_mean, chunk_m2);
+  }
+
+  template <bool kRms>
+  __device__ __forceinline__ RowStats finish(RowReducer& red, int D, float eps) {
+    if (kRms) {
+      float s[1] = {m2};
+      red.sum(s);
+      return {0.0f, fast_rsqrt(s[0] / D + eps)};
+    }
+    red.moments(count, mean, m2);
+    return {mean, fast_rsqrt(m2 / D + eps)};
+  }
+};
+
+// v <- normalize(v) * w' (+ b) for one chunk, given its row's statistics.
+template <bool kRms>
+__device__ __forceinline__ void normalize_affine(const ParamVector& weight, const ParamVector& bias,
+                                                 bool zero_centered, int col, int n,
+                                                 const RowStats& s, float (&v)[kChunk]) {
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) v[e] = kRms ? v[e] * s.rstd : (v[e] - s.mean) * s.rstd;
+  if (weight.ptr != nullptr) {
+    float w[kChunk];
+    load_param_chunk(weight, col, n, w);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) v[e] *= zero_centered ? w[e] + 1.0f : w[e];
+  }
+  if (bias.ptr != nullptr) {
+    float b[kChunk];
+    load_param_chunk(bias, col, n, b);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) v[e] += b[e];
+  }
+}
+
 // ------------------------------------------------------------------------------- forward
 
-// h of one chunk, fp32, in the order of the reference: ((x * s) * bs) * rowscale + a * r.
-template <class TX, class TR>
-__device__ __forceinline__ void residual_sum(const FwdParams& p, int64_t row, int col, int n,
+// The branch norm of one chunk of x (in place), zero past the row's end.
+template <bool kRms>
+__device__ __forceinline__ void normalize_branch(const FwdParams& p, int col, int n, const RowStats& bx,
+                                                 float (&f)[kChunk]) {
+  normalize_affine<kRms>(p.branch_weight, p.branch_bias, p.zero_centered, col, n, bx, f);
+  mask_tail(n, f);
+}
+
+// The branch value f of one chunk: x, or with the branch norm norm(x) * w_b' (+ b_b).
+template <class TX, bool kRms>
+__device__ __forceinline__ void branch_value(const FwdParams& p, int64_t row, int col, int n,
+                                             const RowStats& bx, float (&f)[kChunk]) {
+  load_row_chunk<TX>(p.x, row, col, n, f);
+  if (p.branch_norm) normalize_branch<kRms>(p, col, n, bx, f);
+}
+
+// h of one chunk from its branch value (in place), fp32, in the order of the reference:
+// ((f * s) * bs) * rowscale + a * r.
+template <class TR>
+__device__ __forceinline__ void add_residual(const FwdParams& p, int64_t row, int col, int n,
                                              float rowscale, float (&h)[kChunk]) {
-  load_row_chunk<TX>(p.x, row, col, n, h);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) h[e] *= p.branch_scale_value;
   if (p.branch_scale.ptr != nullptr) {
@@ -68,28 +197,15 @@ __device__ __forceinline__ void residual_sum(const FwdParams& p, int64_t row, in
 
 template <class TY, bool kRms>
 __device__ __forceinline__ void normalize_store(const FwdParams& p, int64_t row, int col, int n,
-                                                const float (&h)[kChunk], float mean, float rstd) {
-  float y[kChunk];
-#pragma unroll
-  for (int e = 0; e < kChunk; ++e) y[e] = kRms ? h[e] * rstd : (h[e] - mean) * rstd;
-  if (p.weight.ptr != nullptr) {
-    float w[kChunk];
-    load_param_chunk(p.weight, col, n, w);
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) y[e] *= p.zero_centered ? w[e] + 1.0f : w[e];
-  }
-  if (p.bias.ptr != nullptr) {
-    float b[kChunk];
-    load_param_chunk(p.bias, col, n, b);
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) y[e] += b[e];
-  }
-  store_row_chunk<TY>(p.y, row, col, n, y);
+                                                float (&h)[kChunk], const RowStats& s) {
+  normalize_affine<kRms>(p.weight, p.bias, p.zero_centered, col, n, s, h);
+  store_row_chunk<TY>(p.y, row, col, n, h);
 }
 
 template <class TX, class TR, class TH, class TY, bool kRms>
 __global__ void __launch_bounds__(kFwdMaxThreads) add_norm_fwd_kernel(const FwdParams p) {
   __shared__ float scratch[2 * RowReducer::kMaxWarps * RowReducer::kMaxValues];
+  constexpr int C = kFwdChunks;
   const int t = p.layout.threads_per_row;
   const int slot = threadIdx.x >> p.layout.row_shift;
   const int lane = threadIdx.x & (t - 1);
@@ -98,121 +214,118 @@ __global__ void __launch_bounds__(kFwdMaxThreads) add_norm_fwd_kernel(const FwdP
   const int D = p.D;
   const float rowscale = (p.rowscale != nullptr && row_ok) ? p.rowscale[row] : 1.0f;
   RowReducer red{scratch, t, slot};
-  float mean = 0.0f, rstd;
+  RowStats bx{0.0f, 0.0f}, hs{0.0f, 0.0f};  // the branch norm's and the output norm's
 
   if (p.layout.single_tile) {
-    float h[kFwdChunks][kChunk];
+    // x, normalised in place with the branch norm, then h: one row in registers throughout
+    float h[C][kChunk];
 #pragma unroll
-    for (int c = 0; c < kFwdChunks; ++c) {
+    for (int c = 0; c < C; ++c) {
+      const int col = (lane + c * t) * kChunk;
+      const int n = row_ok ? chunk_len(D, col) : 0;
+      if (n > 0)
+        load_row_chunk<TX>(p.x, row, col, n, h[c]);  // zero past the row's end
+      else
+        zero(h[c]);
+    }
+    if (p.branch_norm) {
+      bx = register_row_stats<kRms>(h, lane, t, D, row_ok, p.eps, red);
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int col = (lane + c * t) * kChunk;
+        const int n = row_ok ? chunk_len(D, col) : 0;
+        if (n > 0) normalize_branch<kRms>(p, col, n, bx, h[c]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
       const int col = (lane + c * t) * kChunk;
       const int n = row_ok ? chunk_len(D, col) : 0;
       if (n > 0) {
-        residual_sum<TX, TR>(p, row, col, n, rowscale, h[c]);  // zero past the row's end
+        add_residual<TR>(p, row, col, n, rowscale, h[c]);
         if (p.h.ptr != nullptr) store_row_chunk<TH>(p.h, row, col, n, h[c]);
-      } else {
-        zero(h[c]);
       }
     }
-    if (kRms) {
-      float s[1] = {0.0f};
+    if (p.output_norm) {
+      hs = register_row_stats<kRms>(h, lane, t, D, row_ok, p.eps, red);
 #pragma unroll
-      for (int c = 0; c < kFwdChunks; ++c)
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) s[0] += h[c][e] * h[c][e];
-      red.sum(s);
-      rstd = fast_rsqrt(s[0] / D + p.eps);
-    } else {
-      // two passes over registers: the mean, then the centred sum of squares
-      float s[1] = {0.0f};
-#pragma unroll
-      for (int c = 0; c < kFwdChunks; ++c)
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) s[0] += h[c][e];
-      red.sum(s);
-      mean = s[0] / D;
-      float q[1] = {0.0f};
-#pragma unroll
-      for (int c = 0; c < kFwdChunks; ++c) {
-        const int n = row_ok ? chunk_len(D, (lane + c * t) * kChunk) : 0;
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) {
-          const float dev = e < n ? h[c][e] - mean : 0.0f;
-          q[0] += dev * dev;
-        }
+      for (int c = 0; c < C; ++c) {
+        const int col = (lane + c * t) * kChunk;
+        const int n = row_ok ? chunk_len(D, col) : 0;
+        if (n > 0) normalize_store<TY, kRms>(p, row, col, n, h[c], hs);
       }
-      red.sum(q);
-      rstd = fast_rsqrt(q[0] / D + p.eps);
-    }
-#pragma unroll
-    for (int c = 0; c < kFwdChunks; ++c) {
-      const int col = (lane + c * t) * kChunk;
-      const int n = row_ok ? chunk_len(D, col) : 0;
-      if (n > 0) normalize_store<TY, kRms>(p, row, col, n, h[c], mean, rstd);
     }
   } else {
-    // Pass 1 streams the row for its statistics (and stores h); pass 2 recomputes h from x
-    // and the residual (L2 hits) rather than reading back the rounded h, so y is the same
-    // function of the fp32 h as in the single-tile path.
-    const int tile = t * kFwdChunks * kChunk;
-    float sum_sq = 0.0f, count = 0.0f, running_mean = 0.0f, m2 = 0.0f;
-    for (int start = 0; start < D; start += tile) {
+    // Streamed: (with the branch norm, a pass over x for its statistics), a pass for h's
+    // statistics that stores h, and a pass that recomputes h from x and the residual (L2
+    // hits) rather than reading back the rounded h, so y is the same function of the fp32 h
+    // as in the single-tile path.
+    const int tile = t * C * kChunk;
+    if (p.branch_norm) {
+      StreamedMoments m;
+      for (int start = 0; start < D; start += tile) {
 #pragma unroll
-      for (int c = 0; c < kFwdChunks; ++c) {
-        const int col = start + (lane + c * t) * kChunk;
-        const int n = row_ok ? chunk_len(D, col) : 0;
-        if (n == 0) continue;
-        float h[kChunk];
-        residual_sum<TX, TR>(p, row, col, n, rowscale, h);
-        if (p.h.ptr != nullptr) store_row_chunk<TH>(p.h, row, col, n, h);
-        if (kRms) {
-#pragma unroll
-          for (int e = 0; e < kChunk; ++e) sum_sq += h[e] * h[e];
-        } else {
-          float chunk_sum = 0.0f;
-#pragma unroll
-          for (int e = 0; e < kChunk; ++e) chunk_sum += h[e];
-          const float chunk_mean = chunk_sum / n;
-          float chunk_m2 = 0.0f;
-#pragma unroll
-          for (int e = 0; e < kChunk; ++e) {
-            const float dev = e < n ? h[e] - chunk_mean : 0.0f;
-            chunk_m2 += dev * dev;
-          }
-          RowReducer::chan_merge(count, running_mean, m2, static_cast<float>(n), chunk_mean, chunk_m2);
+        for (int c = 0; c < C; ++c) {
+          const int col = start + (lane + c * t) * kChunk;
+          const int n = row_ok ? chunk_len(D, col) : 0;
+          if (n == 0) continue;
+          float v[kChunk];
+          load_row_chunk<TX>(p.x, row, col, n, v);
+          m.add<kRms>(v, n);
         }
       }
+      bx = m.finish<kRms>(red, D, p.eps);
     }
-    if (kRms) {
-      float s[1] = {sum_sq};
-      red.sum(s);
-      rstd = fast_rsqrt(s[0] / D + p.eps);
-    } else {
-      red.moments(count, running_mean, m2);
-      mean = running_mean;
-      rstd = fast_rsqrt(m2 / D + p.eps);
-    }
+    StreamedMoments m;
     for (int start = 0; start < D; start += tile) {
 #pragma unroll
-      for (int c = 0; c < kFwdChunks; ++c) {
+      for (int c = 0; c < C; ++c) {
         const int col = start + (lane + c * t) * kChunk;
         const int n = row_ok ? chunk_len(D, col) : 0;
         if (n == 0) continue;
         float h[kChunk];
-        residual_sum<TX, TR>(p, row, col, n, rowscale, h);
-        normalize_store<TY, kRms>(p, row, col, n, h, mean, rstd);
+        branch_value<TX, kRms>(p, row, col, n, bx, h);
+        add_residual<TR>(p, row, col, n, rowscale, h);
+        if (p.h.ptr != nullptr) store_row_chunk<TH>(p.h, row, col, n, h);
+        if (p.output_norm) m.add<kRms>(h, n);
+      }
+    }
+    if (p.output_norm) {
+      hs = m.finish<kRms>(red, D, p.eps);
+      for (int start = 0; start < D; start += tile) {
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const int col = start + (lane + c * t) * kChunk;
+          const int n = row_ok ? chunk_len(D, col) : 0;
+          if (n == 0) continue;
+          float h[kChunk];
+          branch_value<TX, kRms>(p, row, col, n, bx, h);
+          add_residual<TR>(p, row, col, n, rowscale, h);
+          normalize_store<TY, kRms>(p, row, col, n, h, hs);
+        }
       }
     }
   }
-  if (!kRms && lane == 0 && row_ok) p.mean[row] = mean;
+  if (!kRms && lane == 0 && row_ok) {
+    if (p.mean != nullptr) p.mean[row] = hs.mean;
+    if (p.mean_x != nullptr) p.mean_x[row] = bx.mean;
+  }
 }
 
 // ------------------------------------------------------------------------------ backward
 
-// Per-row coefficients of the norm's input gradient, from the row sums of d = h - shift, d^2,
-// g*d and g (g = dy * w'):  xhat = (d - mean_d) * rstd,  dh = rstd * (g - c1 * xhat - c2),
+// Per-row coefficients of a norm's input gradient, from the row sums of d = v - shift, d^2,
+// g*d and g (g = dout * w'):  xhat = (d - mean_d) * rstd,  dv = rstd * (g - c1 * xhat - c2),
 // with c1 = mean(g * xhat) and c2 = mean(g) (zero for RMSNorm, where mean_d = 0 too).
 struct GradCoefficients {
   float mean_d, rstd, c1, c2;
+};
+
+// Row sums per norm kind: RMSNorm {d^2, g*d}, LayerNorm {d, d^2, g*d, g}.
+template <bool kRms>
+struct GradSums {
+  static constexpr int N = kRms ? 2 : 4;
+  float s[N] = {};
 };
 
 template <bool kRms>
@@ -228,25 +341,27 @@ __device__ __forceinline__ GradCoefficients grad_coefficients(const float* s, in
   return {mean_d, rstd, rstd * (s[2] / D - mean_d * s[3] / D), s[3] / D};
 }
 
-__device__ __forceinline__ void times_weight(const BwdParams& p, int col, int n,
-                                             const float (&dy)[kChunk], float (&g)[kChunk]) {
-  if (p.weight.ptr != nullptr && n > 0) {
-    load_param_chunk(p.weight, col, n, g);
+// g = dout * w' (w' = 1 + w with zero-centred weights): the gradient reaching the normalised
+// values.
+__device__ __forceinline__ void times_weight(const ParamVector& weight, bool zero_centered, int col,
+                                             int n, const float (&dout)[kChunk], float (&g)[kChunk]) {
+  if (weight.ptr != nullptr && n > 0) {
+    load_param_chunk(weight, col, n, g);
 #pragma unroll
-    for (int e = 0; e < kChunk; ++e) g[e] = dy[e] * (p.zero_centered ? g[e] + 1.0f : g[e]);
+    for (int e = 0; e < kChunk; ++e) g[e] = dout[e] * (zero_centered ? g[e] + 1.0f : g[e]);
   } else {
 #pragma unroll
-    for (int e = 0; e < kChunk; ++e) g[e] = dy[e];
+    for (int e = 0; e < kChunk; ++e) g[e] = dout[e];
   }
 }
 
-// Adds one chunk's terms to the row sums; d and dy are zero past the row's end.
+// Adds one chunk's terms to a norm's row sums; d and dout are zero past the row's end.
 template <bool kRms>
-__device__ __forceinline__ void add_row_sums(const BwdParams& p, int col, int n,
-                                             const float (&d)[kChunk], const float (&dy)[kChunk],
-                                             float* s) {
+__device__ __forceinline__ void add_row_sums(const ParamVector& weight, bool zero_centered, int col,
+                                             int n, const float (&d)[kChunk],
+                                             const float (&dout)[kChunk], float* s) {
   float g[kChunk];
-  times_weight(p, col, n, dy, g);
+  times_weight(weight, zero_centered, col, n, dout, g);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) {
     if (kRms) {
@@ -261,35 +376,51 @@ __device__ __forceinline__ void add_row_sums(const BwdParams& p, int col, int n,
   }
 }
 
-// d = h - shift for the valid elements of a chunk (zero past the row's end).
+// d = v - shift for the valid elements of a chunk (zero past the row's end).
 __device__ __forceinline__ void subtract_shift(int n, float shift, float (&d)[kChunk]) {
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) d[e] = e < n ? d[e] - shift : 0.0f;
 }
 
-// One chunk of the input gradients: the norm's dh plus h's own upstream gradient, stored as
-// dresidual (scaled) and dx (through the branch scales); accumulates the parameter gradients.
-template <class TX, class TR, class TH, bool kRms>
-__device__ __forceinline__ void input_grads_chunk(const BwdParams& p, int64_t row, int col, int n,
-                                                  const float (&d)[kChunk], const float (&dy)[kChunk],
-                                                  const GradCoefficients& k, float rowscale,
-                                                  float (&acc_dw)[kChunk], float (&acc_db)[kChunk],
-                                                  float (&acc_dbs)[kChunk]) {
+// One chunk of a norm's backward, given its row's coefficients: xhat (for the weight's
+// gradient, dout * xhat) and the input gradient dv. Past the row's end dv is not zero for
+// LayerNorm: callers that sum it mask it.
+template <bool kRms>
+__device__ __forceinline__ void norm_backward_chunk(const ParamVector& weight, bool zero_centered,
+                                                    int col, int n, const float (&d)[kChunk],
+                                                    const float (&dout)[kChunk],
+                                                    const GradCoefficients& k, float (&xhat)[kChunk],
+                                                    float (&dv)[kChunk]) {
   float g[kChunk];
-  times_weight(p, col, n, dy, g);
-  float dh[kChunk];
+  times_weight(weight, zero_centered, col, n, dout, g);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) {
-    const float xhat = kRms ? d[e] * k.rstd : (d[e] - k.mean_d) * k.rstd;
-    dh[e] = kRms ? (g[e] - xhat * k.c1) * k.rstd : (g[e] - xhat * k.c1 - k.c2) * k.rstd;
-    acc_dw[e] += dy[e] * xhat;  // dy is zero past the row's end
-    if (!kRms) acc_db[e] += dy[e];  // RMSNorm has no bias
+    xhat[e] = kRms ? d[e] * k.rstd : (d[e] - k.mean_d) * k.rstd;
+    dv[e] = kRms ? (g[e] - xhat[e] * k.c1) * k.rstd : (g[e] - xhat[e] * k.c1 - k.c2) * k.rstd;
   }
+}
+
+__device__ __forceinline__ void add_products(float (&acc)[kChunk], const float (&a)[kChunk],
+                                             const float (&b)[kChunk]) {
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) acc[e] += a[e] * b[e];
+}
+
+__device__ __forceinline__ void add_values(float (&acc)[kChunk], const float (&a)[kChunk]) {
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) acc[e] += a[e];
+}
+
+// h's gradient (the output norm's plus h's own upstream gradient, in dh) leaves through the
+// residual (stored as dresidual, scaled, when asked for) and the branch: dh becomes the
+// gradient reaching the branch value f, df = dh * branch_scale_value.
+template <class TH, class TR>
+__device__ __forceinline__ void residual_and_branch_grad(const BwdParams& p, int64_t row, int col, int n,
+                                                         float (&dh)[kChunk]) {
   if (p.dh.ptr != nullptr) {
     float up[kChunk];
     load_row_chunk<TH>(p.dh, row, col, n, up);
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) dh[e] += up[e];
+    add_values(dh, up);
   }
   if (p.dr.ptr != nullptr) {
     float dr[kChunk];
@@ -297,12 +428,19 @@ __device__ __forceinline__ void input_grads_chunk(const BwdParams& p, int64_t ro
     for (int e = 0; e < kChunk; ++e) dr[e] = dh[e] * p.residual_scale;
     store_row_chunk<TR>(p.dr, row, col, n, dr);
   }
-  float dx[kChunk];
 #pragma unroll
-  for (int e = 0; e < kChunk; ++e) dx[e] = dh[e] * p.branch_scale_value;
+  for (int e = 0; e < kChunk; ++e) dh[e] *= p.branch_scale_value;
+}
+
+// dx of the plain branch (f = x, scaled by the rowscale and the branch-scale tensor): stored;
+// the branch scale's gradient terms go into acc_dbs.
+template <class TX>
+__device__ __forceinline__ void plain_branch_grad(const BwdParams& p, int64_t row, int col, int n,
+                                                  float rowscale, float (&df)[kChunk],
+                                                  float (&acc_dbs)[kChunk]) {
   if (p.rowscale != nullptr) {
 #pragma unroll
-    for (int e = 0; e < kChunk; ++e) dx[e] *= rowscale;
+    for (int e = 0; e < kChunk; ++e) df[e] *= rowscale;
   }
   if (p.branch_scale.ptr != nullptr) {
     float xv[kChunk], bs[kChunk];
@@ -310,29 +448,47 @@ __device__ __forceinline__ void input_grads_chunk(const BwdParams& p, int64_t ro
     load_param_chunk(p.branch_scale, col, n, bs);
 #pragma unroll
     for (int e = 0; e < kChunk; ++e) {
-      acc_dbs[e] += dx[e] * xv[e];  // d h / d bs = branch_scale_value * rowscale * x
-      dx[e] *= bs[e];
+      acc_dbs[e] += df[e] * xv[e];  // d h / d bs = branch_scale_value * rowscale * x
+      df[e] *= bs[e];
     }
   }
-  store_row_chunk<TX>(p.dx, row, col, n, dx);
+  store_row_chunk<TX>(p.dx, row, col, n, df);
 }
 
-// Asks L2 for a row's h and dy ahead of time: the persistent loop's next loads then hit L2.
-// (Holding the next row in registers instead would make the kernel spill.)
-__device__ __forceinline__ void prefetch_grad_row_l2(const BwdParams& p, int64_t row, int lane) {
+// x - shift_x for one chunk (LayerNorm's branch norm; zero past the row's end).
+template <class TX, bool kRms>
+__device__ __forceinline__ void load_shifted_x(const BwdParams& p, int64_t row, int col, int n,
+                                               float shift_x, float (&xs)[kChunk]) {
+  load_row_chunk<TX>(p.x, row, col, n, xs);
+  if (!kRms) subtract_shift(n, shift_x, xs);
+}
+
+// Asks L2 for one operand's chunks of a row ahead of time: the persistent loop's next loads
+// then hit L2. (Holding the next row in registers instead would make the kernel spill.)
+__device__ __forceinline__ void prefetch_row_l2(const BwdParams& p, const Operand& op, int64_t row,
+                                                int lane) {
 #ifndef RESFUSE_SIMT
-  if (row >= p.rows) return;
+  if (op.ptr == nullptr || row >= p.rows) return;
   const int t = p.layout.threads_per_row;
 #pragma unroll
   for (int c = 0; c < kBwdChunks; ++c) {
     const int col = (lane + c * t) * kChunk;
     if (chunk_len(p.D, col) == 0) continue;
-    const char* h = static_cast<const char*>(p.h.ptr) + (row * p.h.row_stride + col) * dtype_bytes(p.h.dtype);
-    const char* dy = static_cast<const char*>(p.dy.ptr) + (row * p.dy.row_stride + col) * dtype_bytes(p.dy.dtype);
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(h));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(dy));
+    const char* a = static_cast<const char*>(op.ptr) + (row * op.row_stride + col) * dtype_bytes(op.dtype);
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
   }
 #endif
+}
+
+// Dynamic shared memory of the backward, in floats: the staging area of write_partials (when
+// a block holds several row groups), then the branch norm's bias accumulator (when there is
+// one and the rows are in registers). At most 512 threads x 16 floats = 32 KiB, or 256 x 24
+// = 24 KiB: within the default 48 KiB.
+RESFUSE_HOST_DEVICE inline int bwd_scratch_floats(const RowLayout& L) {
+  return L.rows_per_block > 1 ? L.block_threads * kChunk : 0;
+}
+RESFUSE_HOST_DEVICE inline int bwd_smem_floats(const RowLayout& L, bool smem_accumulator) {
+  return bwd_scratch_floats(L) + (smem_accumulator ? L.block_threads * kBwdChunks * kChunk : 0);
 }
 
 // The block's row of one partial-sum buffer: the sum of its row groups' accumulators, added
@@ -373,64 +529,195 @@ __device__ __forceinline__ void write_partials(const BwdParams& p, float* part,
   }
 }
 
+// A parameter-gradient accumulator in shared memory: element (c, e) of each thread's chunks
+// at [(c * kChunk + e) * block_threads + threadIdx.x] (conflict-free). Only its thread touches
+// it until write_smem_partials, so the row loop needs no barriers.
+struct SmemAccumulator {
+  float* base;  // nullptr: not used in this call
+  int stride;   // block_threads
+
+  __device__ __forceinline__ float& at(int c, int e) const {
+    return base[(c * kChunk + e) * stride + threadIdx.x];
+  }
+  __device__ __forceinline__ void zero_all() const {
+#pragma unroll
+    for (int c = 0; c < kBwdChunks; ++c)
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) at(c, e) = 0.0f;
+  }
+  __device__ __forceinline__ void add(int c, const float (&v)[kChunk]) const {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) at(c, e) += v[e];
+  }
+};
+
+// write_partials for an accumulator in shared memory: the block's row groups summed in slot
+// order (the same order as write_partials), read straight from the accumulator.
+__device__ __forceinline__ void write_smem_partials(const BwdParams& p, float* part,
+                                                    const SmemAccumulator& acc, int slot, int lane) {
+  const int t = p.layout.threads_per_row;
+  float* out = part + static_cast<int64_t>(blockIdx.x) * p.D;
+  const bool vec = (p.D & 3) == 0;
+  __syncthreads();  // block-uniform: the other row groups' accumulators are complete
+  if (slot != 0) return;
+#pragma unroll
+  for (int c = 0; c < kBwdChunks; ++c) {
+    const int col = (lane + c * t) * kChunk;
+    const int n = chunk_len(p.D, col);
+    if (n == 0) continue;
+    float s[kChunk];
+    zero(s);
+    for (int r = 0; r < p.layout.rows_per_block; ++r)
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) s[e] += acc.base[(c * kChunk + e) * acc.stride + r * t + lane];
+    ChunkIO<float>::store(out, col, DType::kFloat32, n, vec, s);
+  }
+}
+
 // Rows that fit in registers: each row group walks rows blockIdx.x * rows_per_block + slot,
-// + grid * rows_per_block, ... (persistent grid), reading h and dy once, with the next row
-// requested into L2 while it reduces and writes the current one. The parameter gradients
-// accumulate in registers over all of the program's rows: partial buffers are
-// O(programs x D), not O(rows x D).
-template <class TX, class TR, class TH, class TY, bool kRms>
+// + grid * rows_per_block, ... (persistent grid), reading each operand once, with the next
+// row requested into L2 while it reduces and writes the current one. Per row: the output
+// norm's backward from h and dy (one reduction), the gradient reaching h and the branch
+// value f; then either dx of the plain branch, or the branch norm's backward from x and df
+// (a second reduction). The parameter gradients accumulate in registers over all of the
+// program's rows: partial buffers are O(programs x D), not O(rows x D).
+template <class TX, class TR, class TH, class TY, bool kRms, bool kBranchNorm>
 __device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowReducer& red,
                                                       int slot, int lane, float* smem) {
   constexpr int C = kBwdChunks;
+  // Rows of dy and x stay in registers, except in the branch-norm kernel with run-time dtypes
+  // (its loads take more registers): that one reads each chunk again where it is needed,
+  // rather than spill.
+  constexpr bool kLean = kBranchNorm && std::is_same<TX, Dyn>::value;
   const int t = p.layout.threads_per_row, D = p.D;
   const int64_t step = static_cast<int64_t>(gridDim.x) * p.layout.rows_per_block;
-  float acc_dw[C][kChunk], acc_db[C][kChunk], acc_dbs[C][kChunk];
+  // Parameter-gradient accumulators: the output norm's weight and bias, then the branch's:
+  // the branch-scale tensor (plain), or the branch norm's weight and bias. The branch norm's
+  // bias accumulator sits in shared memory (bwd_smem_floats): a fourth one in registers, next
+  // to the rows of h, dy and x, would spill.
+  float acc_dw[C][kChunk], acc_db[C][kChunk], acc_dbranch[C][kChunk];
 #pragma unroll
-  for (int c = 0; c < C; ++c) zero(acc_dw[c]), zero(acc_db[c]), zero(acc_dbs[c]);
+  for (int c = 0; c < C; ++c) zero(acc_dw[c]), zero(acc_db[c]), zero(acc_dbranch[c]);
+  const SmemAccumulator acc_dbranch_bias{
+      kBranchNorm && p.has_branch_bias ? smem + bwd_scratch_floats(p.layout) : nullptr,
+      p.layout.block_threads};
+  if (acc_dbranch_bias.base != nullptr) acc_dbranch_bias.zero_all();
 
   int64_t row = static_cast<int64_t>(blockIdx.x) * p.layout.rows_per_block + slot;
   // the loop bound is block-uniform (the block's first row), so every thread reaches the
   // same barriers; row groups past the end compute on zeros and store nothing
   for (int64_t base = row - slot; base < p.rows; base += step, row += step) {
     const bool row_ok = row < p.rows;
-    float d[C][kChunk], dy[C][kChunk];  // h (then h - shift) and dy, fp32, zero past the end
+    float df[C][kChunk];  // the gradient reaching h, then the branch value f
+    if (p.output_norm) {
+      // h - shift and dy, fp32, zero past the end. The lean variant reads dy's chunks again
+      // where they are needed (by the same thread, moments after the first read: L1 hits).
+      float d[C][kChunk], dy_row[kLean ? 1 : C][kChunk];
+      const float shift = (!kRms && row_ok) ? p.mean[row] : 0.0f;
+      GradSums<kRms> s;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int col = (lane + c * t) * kChunk;
+        const int n = row_ok ? chunk_len(D, col) : 0;
+        float dy[kChunk];
+        if (n > 0) {
+          load_row_chunk<TH>(p.h, row, col, n, d[c]);
+          load_row_chunk<TY>(p.dy, row, col, n, dy);
+        } else {
+          zero(d[c]), zero(dy);
+        }
+        if (!kRms) subtract_shift(n, shift, d[c]);
+        add_row_sums<kRms>(p.weight, p.zero_centered, col, n, d[c], dy, s.s);
+        if constexpr (!kLean) copy(dy, dy_row[c]);
+      }
+      prefetch_row_l2(p, p.h, row + step, lane);
+      prefetch_row_l2(p, p.dy, row + step, lane);
+      red.sum(s.s);
+      const GradCoefficients k = grad_coefficients<kRms>(s.s, D, p.eps);
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const int col = (lane + c * t) * kChunk;
+        const int n = row_ok ? chunk_len(D, col) : 0;
+        float dy[kChunk], xhat[kChunk];
+        if constexpr (!kLean) {
+          copy(dy_row[c], dy);
+        } else if (n > 0) {
+          compiler_fence();
+          load_row_chunk<TY>(p.dy, row, col, n, dy);
+        } else {
+          zero(dy);
+        }
+        norm_backward_chunk<kRms>(p.weight, p.zero_centered, col, n, d[c], dy, k, xhat, df[c]);
+        add_products(acc_dw[c], dy, xhat);  // dy is zero past the row's end
+        if (p.has_bias) add_values(acc_db[c], dy);
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < C; ++c) zero(df[c]);
+    }
+    if (kBranchNorm) {
+      prefetch_row_l2(p, p.x, row + step, lane);
+      if (!p.output_norm) prefetch_row_l2(p, p.dh, row + step, lane);
+    }
+    const float rowscale = (!kBranchNorm && p.rowscale != nullptr && row_ok) ? p.rowscale[row] : 1.0f;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       const int col = (lane + c * t) * kChunk;
       const int n = row_ok ? chunk_len(D, col) : 0;
       if (n > 0) {
-        load_row_chunk<TH>(p.h, row, col, n, d[c]);
-        load_row_chunk<TY>(p.dy, row, col, n, dy[c]);
-      } else {
-        zero(d[c]), zero(dy[c]);
+        residual_and_branch_grad<TH, TR>(p, row, col, n, df[c]);
+        if (!kBranchNorm) plain_branch_grad<TX>(p, row, col, n, rowscale, df[c], acc_dbranch[c]);
       }
     }
-    prefetch_grad_row_l2(p, row + step, lane);
-    const float shift = (!kRms && row_ok) ? p.mean[row] : 0.0f;
-    float s[kRms ? 2 : 4] = {};
+    if (kBranchNorm) {
+      // the branch norm's backward at x, for the upstream gradient df
+      constexpr bool kHoldX = !kLean;
+      const float shift_x = (!kRms && row_ok) ? p.mean_x[row] : 0.0f;
+      float xs_row[kHoldX ? C : 1][kChunk];  // x - shift_x, zero past the end
+      GradSums<kRms> s;
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const int n = row_ok ? chunk_len(D, (lane + c * t) * kChunk) : 0;
-      if (!kRms) subtract_shift(n, shift, d[c]);
-      add_row_sums<kRms>(p, (lane + c * t) * kChunk, n, d[c], dy[c], s);
-    }
-    red.sum(s);
-    const GradCoefficients k = grad_coefficients<kRms>(s, D, p.eps);
-    const float rowscale = (p.rowscale != nullptr && row_ok) ? p.rowscale[row] : 1.0f;
+      for (int c = 0; c < C; ++c) {
+        const int col = (lane + c * t) * kChunk;
+        const int n = row_ok ? chunk_len(D, col) : 0;
+        mask_tail(n, df[c]);  // LayerNorm's dh is not zero there
+        float xs[kChunk];
+        if (n > 0)
+          load_shifted_x<TX, kRms>(p, row, col, n, shift_x, xs);
+        else
+          zero(xs);
+        add_row_sums<kRms>(p.branch_weight, p.zero_centered, col, n, xs, df[c], s.s);
+        if constexpr (kHoldX) copy(xs, xs_row[c]);
+      }
+      red.sum(s.s);
+      const GradCoefficients kb = grad_coefficients<kRms>(s.s, D, p.eps);
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const int col = (lane + c * t) * kChunk;
-      const int n = row_ok ? chunk_len(D, col) : 0;
-      if (n > 0)
-        input_grads_chunk<TX, TR, TH, kRms>(p, row, col, n, d[c], dy[c], k, rowscale, acc_dw[c],
-                                            acc_db[c], acc_dbs[c]);
+      for (int c = 0; c < C; ++c) {
+        const int col = (lane + c * t) * kChunk;
+        const int n = row_ok ? chunk_len(D, col) : 0;
+        if (n == 0) continue;
+        float xs[kChunk], xhat[kChunk], dx[kChunk];
+        if constexpr (kHoldX) {
+          copy(xs_row[c], xs);
+        } else {
+          compiler_fence();
+          load_shifted_x<TX, kRms>(p, row, col, n, shift_x, xs);
+        }
+        norm_backward_chunk<kRms>(p.branch_weight, p.zero_centered, col, n, xs, df[c], kb, xhat, dx);
+        add_products(acc_dbranch[c], df[c], xhat);
+        if (acc_dbranch_bias.base != nullptr) acc_dbranch_bias.add(c, df[c]);
+        store_row_chunk<TX>(p.dx, row, col, n, dx);
+      }
     }
   }
   if (p.dweight_part != nullptr) write_partials(p, p.dweight_part, acc_dw, slot, lane, smem);
-  if (!kRms && p.dbias_part != nullptr) write_partials(p, p.dbias_part, acc_db, slot, lane, smem);
-  if (p.dbranch_part != nullptr) write_partials(p, p.dbranch_part, acc_dbs, slot, lane, smem);
+  if (p.dbias_part != nullptr) write_partials(p, p.dbias_part, acc_db, slot, lane, smem);
+  if (kBranchNorm) {
+    if (p.dbranch_weight_part != nullptr) write_partials(p, p.dbranch_weight_part, acc_dbranch, slot, lane, smem);
+    if (p.dbranch_bias_part != nullptr) write_smem_partials(p, p.dbranch_bias_part, acc_dbranch_bias, slot, lane);
+  } else if (p.dbranch_part != nullptr) {
+    write_partials(p, p.dbranch_part, acc_dbranch, slot, lane, smem);
+  }
 }
-
 __device__ __forceinline__ void add_to_partial(float* part_row, int col, int n, bool vec,
                                                const float (&v)[kChunk]) {
   if (part_row == nullptr) return;
@@ -441,19 +728,45 @@ __device__ __forceinline__ void add_to_partial(float* part_row, int col, int n, 
   ChunkIO<float>::store(part_row, col, DType::kFloat32, n, vec, a);
 }
 
+// The gradient reaching h for one streamed chunk: the output norm's (from its row
+// coefficients; dy and xhat are returned for the parameter gradients), then through
+// residual_and_branch_grad the gradient reaching f. Zero past the row's end.
+template <class TR, class TH, class TY, bool kRms>
+__device__ __forceinline__ void streamed_branch_grad(const BwdParams& p, int64_t row, int col, int n,
+                                                     float shift, const GradCoefficients& k,
+                                                     float (&dy)[kChunk], float (&xhat)[kChunk],
+                                                     float (&df)[kChunk]) {
+  if (p.output_norm) {
+    float d[kChunk];
+    load_row_chunk<TH>(p.h, row, col, n, d);
+    load_row_chunk<TY>(p.dy, row, col, n, dy);
+    if (!kRms) subtract_shift(n, shift, d);
+    norm_backward_chunk<kRms>(p.weight, p.zero_centered, col, n, d, dy, k, xhat, df);
+    mask_tail(n, df);
+  } else {
+    zero(dy), zero(xhat), zero(df);
+  }
+  residual_and_branch_grad<TH, TR>(p, row, col, n, df);
+}
+
 // Rows longer than the register budget (one row per block, rows_per_block == 1): pass 1
-// streams the row's tiles for the four row sums, pass 2 re-reads them (L2 hits) for the input
-// gradients and adds each chunk's parameter gradients into the block's own row of the
-// partial buffers. Every element of that row is owned by one thread for the whole kernel, so
-// the read-modify-writes need no synchronisation, and the row stays in L2.
-template <class TX, class TR, class TH, class TY, bool kRms>
+// streams the row's tiles for the output norm's row sums (and the branch norm's statistics
+// of x); pass 2 re-reads them (L2 hits) for the input gradients and adds each chunk's
+// parameter gradients into the block's own row of the partial buffers. With the branch norm
+// its gradient sums are complete only after pass 2, so pass 3 recomputes df and writes dx.
+// Every element of the partial rows is owned by one thread for the whole kernel, so the
+// read-modify-writes need no synchronisation, and the row stays in L2.
+template <class TX, class TR, class TH, class TY, bool kRms, bool kBranchNorm>
 __device__ __forceinline__ void bwd_rows_streamed(const BwdParams& p, RowReducer& red, int lane) {
   const int t = p.layout.threads_per_row, D = p.D;
   const int tile = t * kBwdChunks * kChunk;
   const int64_t part_offset = static_cast<int64_t>(blockIdx.x) * D;
-  float* dw_row = p.dweight_part != nullptr ? p.dweight_part + part_offset : nullptr;
-  float* db_row = p.dbias_part != nullptr ? p.dbias_part + part_offset : nullptr;
-  float* dbs_row = p.dbranch_part != nullptr ? p.dbranch_part + part_offset : nullptr;
+  const auto part_row = [&](float* part) { return part != nullptr ? part + part_offset : nullptr; };
+  float* dw_row = part_row(p.dweight_part);
+  float* db_row = part_row(p.dbias_part);
+  float* dbs_row = kBranchNorm ? nullptr : part_row(p.dbranch_part);
+  float* dbw_row = kBranchNorm ? part_row(p.dbranch_weight_part) : nullptr;
+  float* dbb_row = kBranchNorm ? part_row(p.dbranch_bias_part) : nullptr;
   const bool vec = (D & 3) == 0;
   float zeros[kChunk];
   zero(zeros);
@@ -463,53 +776,114 @@ __device__ __forceinline__ void bwd_rows_streamed(const BwdParams& p, RowReducer
       const int col = start + (lane + c * t) * kChunk;
       const int n = chunk_len(D, col);
       if (n == 0) continue;
-      if (dw_row != nullptr) ChunkIO<float>::store(dw_row, col, DType::kFloat32, n, vec, zeros);
-      if (db_row != nullptr) ChunkIO<float>::store(db_row, col, DType::kFloat32, n, vec, zeros);
-      if (dbs_row != nullptr) ChunkIO<float>::store(dbs_row, col, DType::kFloat32, n, vec, zeros);
+      float* const parts[] = {dw_row, db_row, dbs_row, dbw_row, dbb_row};
+#pragma unroll
+      for (int i = 0; i < kMaxParamGrads; ++i)
+        if (parts[i] != nullptr) ChunkIO<float>::store(parts[i], col, DType::kFloat32, n, vec, zeros);
     }
   }
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {  // block-uniform
-    const float shift = kRms ? 0.0f : p.mean[row];
-    float s[kRms ? 2 : 4] = {};
+    const float shift = (!kRms && p.output_norm) ? p.mean[row] : 0.0f;
+    const float shift_x = (!kRms && kBranchNorm) ? p.mean_x[row] : 0.0f;
+    GradSums<kRms> s, sb;  // the output norm's and the branch norm's
     for (int start = 0; start < D; start += tile) {
 #pragma unroll
       for (int c = 0; c < kBwdChunks; ++c) {
         const int col = start + (lane + c * t) * kChunk;
         const int n = chunk_len(D, col);
         if (n == 0) continue;
-        float d[kChunk], dy[kChunk];
-        load_row_chunk<TH>(p.h, row, col, n, d);
-        load_row_chunk<TY>(p.dy, row, col, n, dy);
-        if (!kRms) subtract_shift(n, shift, d);
-        add_row_sums<kRms>(p, col, n, d, dy, s);
+        if (p.output_norm) {
+          float d[kChunk], dy[kChunk];
+          load_row_chunk<TH>(p.h, row, col, n, d);
+          load_row_chunk<TY>(p.dy, row, col, n, dy);
+          if (!kRms) subtract_shift(n, shift, d);
+          add_row_sums<kRms>(p.weight, p.zero_centered, col, n, d, dy, s.s);
+        }
+        if (kBranchNorm) {
+          float xs[kChunk], none[kChunk];
+          load_shifted_x<TX, kRms>(p, row, col, n, shift_x, xs);
+          zero(none);  // the terms of df come in pass 2
+          add_row_sums<kRms>(ParamVector{}, false, col, n, xs, none, sb.s);
+        }
       }
     }
-    red.sum(s);
-    const GradCoefficients k = grad_coefficients<kRms>(s, D, p.eps);
-    const float rowscale = p.rowscale != nullptr ? p.rowscale[row] : 1.0f;
+    GradCoefficients k{}, kb{};
+    if (p.output_norm) {
+      red.sum(s.s);
+      k = grad_coefficients<kRms>(s.s, D, p.eps);
+    }
+    if (kBranchNorm) {
+      red.sum(sb.s);
+      kb = grad_coefficients<kRms>(sb.s, D, p.eps);  // mean_d and rstd of x; c1, c2 after pass 2
+    }
+    const float rowscale = (!kBranchNorm && p.rowscale != nullptr) ? p.rowscale[row] : 1.0f;
+    GradSums<kRms> sg;  // the branch norm's sums of g * d and g (the others stay zero)
     for (int start = 0; start < D; start += tile) {
 #pragma unroll
       for (int c = 0; c < kBwdChunks; ++c) {
         const int col = start + (lane + c * t) * kChunk;
         const int n = chunk_len(D, col);
         if (n == 0) continue;
-        float d[kChunk], dy[kChunk];
-        load_row_chunk<TH>(p.h, row, col, n, d);
-        load_row_chunk<TY>(p.dy, row, col, n, dy);
-        if (!kRms) subtract_shift(n, shift, d);
-        float dw[kChunk], db[kChunk], dbs[kChunk];
-        zero(dw), zero(db), zero(dbs);
-        input_grads_chunk<TX, TR, TH, kRms>(p, row, col, n, d, dy, k, rowscale, dw, db, dbs);
-        add_to_partial(dw_row, col, n, vec, dw);
-        add_to_partial(db_row, col, n, vec, db);
-        add_to_partial(dbs_row, col, n, vec, dbs);
+        float dy[kChunk], xhat[kChunk], df[kChunk], terms[kChunk];
+        streamed_branch_grad<TR, TH, TY, kRms>(p, row, col, n, shift, k, dy, xhat, df);
+        if (dw_row != nullptr) {
+          zero(terms);
+          add_products(terms, dy, xhat);
+          add_to_partial(dw_row, col, n, vec, terms);
+        }
+        add_to_partial(db_row, col, n, vec, dy);
+        if (!kBranchNorm) {
+          zero(terms);
+          plain_branch_grad<TX>(p, row, col, n, rowscale, df, terms);
+          add_to_partial(dbs_row, col, n, vec, terms);
+        } else {
+          float xs[kChunk], xhat_b[kChunk], unused[kChunk];
+          load_shifted_x<TX, kRms>(p, row, col, n, shift_x, xs);
+          float g[kChunk];
+          times_weight(p.branch_weight, p.zero_centered, col, n, df, g);
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) {
+            if (kRms) {
+              sg.s[1] += g[e] * xs[e];
+            } else {
+              sg.s[2] += g[e] * xs[e];
+              sg.s[3] += g[e];
+            }
+          }
+          norm_backward_chunk<kRms>(ParamVector{}, false, col, n, xs, df, kb, xhat_b, unused);
+          if (dbw_row != nullptr) {
+            zero(terms);
+            add_products(terms, df, xhat_b);
+            add_to_partial(dbw_row, col, n, vec, terms);
+          }
+          add_to_partial(dbb_row, col, n, vec, df);
+        }
+      }
+    }
+    if (kBranchNorm) {
+      red.sum(sg.s);
+#pragma unroll
+      for (int i = 0; i < GradSums<kRms>::N; ++i) sb.s[i] += sg.s[i];
+      kb = grad_coefficients<kRms>(sb.s, D, p.eps);
+      for (int start = 0; start < D; start += tile) {
+#pragma unroll
+        for (int c = 0; c < kBwdChunks; ++c) {
+          const int col = start + (lane + c * t) * kChunk;
+          const int n = chunk_len(D, col);
+          if (n == 0) continue;
+          float dy[kChunk], xhat[kChunk], df[kChunk], xs[kChunk], dx[kChunk];
+          streamed_branch_grad<TR, TH, TY, kRms>(p, row, col, n, shift, k, dy, xhat, df);
+          load_shifted_x<TX, kRms>(p, row, col, n, shift_x, xs);
+          norm_backward_chunk<kRms>(p.branch_weight, p.zero_centered, col, n, xs, df, kb, xhat, dx);
+          store_row_chunk<TX>(p.dx, row, col, n, dx);
+        }
       }
     }
   }
 }
 
-template <class TX, class TR, class TH, class TY, bool kRms>
+template <class TX, class TR, class TH, class TY, bool kRms, bool kBranchNorm>
 __global__ void __launch_bounds__(kBwdMaxThreads) add_norm_bwd_kernel(const BwdParams p) {
   __shared__ float scratch[2 * RowReducer::kMaxWarps * RowReducer::kMaxValues];
 #ifdef RESFUSE_SIMT
@@ -522,9 +896,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads) add_norm_bwd_kernel(const BwdP
   const int lane = threadIdx.x & (t - 1);
   RowReducer red{scratch, t, slot};
   if (p.layout.single_tile)
-    bwd_rows_in_registers<TX, TR, TH, TY, kRms>(p, red, slot, lane, smem);
+    bwd_rows_in_registers<TX, TR, TH, TY, kRms, kBranchNorm>(p, red, slot, lane, smem);
   else
-    bwd_rows_streamed<TX, TR, TH, TY, kRms>(p, red, lane);
+    bwd_rows_streamed<TX, TR, TH, TY, kRms, kBranchNorm>(p, red, lane);
 }
 
 // Second step of the parameter gradients: a (kReduceSlices x kReduceCols) block sums
@@ -537,8 +911,11 @@ __global__ void __launch_bounds__(kReduceCols * kSlices) reduce_partials_kernel(
   const int k = blockIdx.y;
   // selects rather than s.part[k]: a dynamic index into the parameter struct would put
   // it on the stack
-  const float* part = k == 0 ? s.part[0] : (k == 1 ? s.part[1] : s.part[2]);
-  float* out = k == 0 ? s.out[0] : (k == 1 ? s.out[1] : s.out[2]);
+  const float* part = s.part[0];
+  float* out = s.out[0];
+#pragma unroll
+  for (int i = 1; i < kMaxParamGrads; ++i)
+    if (k == i) part = s.part[i], out = s.out[i];
   const int col = blockIdx.x * kReduceCols + threadIdx.x;
   float acc = 0.0f;
   if (col < s.D)

@@ -89,17 +89,39 @@ void run_forward(FwdParams p, Launcher& launch, int max_threads = kFwdMaxThreads
 inline int bwd_dtype_x(const BwdParams& p) { return unify(dtype_code(p.dx), dtype_code(p.x)); }
 inline int bwd_dtype_h(const BwdParams& p) { return unify(dtype_code(p.h), dtype_code(p.dh)); }
 
-template <class Fn>
+// The backward's two kernel families, plain and with the branch norm. The host code that
+// sizes and launches each is a template of its own, instantiated for the CUDA launcher in
+// its own translation unit (csrc/add_norm_bwd.cu, csrc/add_norm_bwd_branch_norm.cu): the
+// two families, the bulk of the build, compile in parallel.
+template <bool kBranchNorm, class Fn>
 void with_bwd_kernel(const BwdParams& p, Fn&& fn) {
   with_dtype_set(bwd_dtype_x(p), dtype_code(p.dr), bwd_dtype_h(p), dtype_code(p.dy), [&](auto set) {
     using S = decltype(set);
-    fn(p.is_rms ? &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true>
-                : &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false>);
+    fn(p.is_rms ? &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true, kBranchNorm>
+                : &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false, kBranchNorm>);
   });
 }
 
-inline size_t bwd_smem_bytes(const RowLayout& L) {
-  return L.rows_per_block > 1 ? static_cast<size_t>(L.block_threads) * kChunk * sizeof(float) : 0;
+inline size_t bwd_smem_bytes(const BwdParams& p) {
+  // the streamed path adds its branch-bias terms to the partial rows directly
+  const bool smem_accumulator = p.branch_norm && p.has_branch_bias && p.layout.single_tile;
+  return static_cast<size_t>(bwd_smem_floats(p.layout, smem_accumulator)) * sizeof(float);
+}
+
+template <bool kBranchNorm, class Launcher>
+int bwd_blocks_per_sm(const BwdParams& p, Launcher& launch) {
+  int per_sm = 1;
+  with_bwd_kernel<kBranchNorm>(p, [&](auto kernel) {
+    per_sm = launch.blocks_per_sm(kernel, p.layout.block_threads, bwd_smem_bytes(p));
+  });
+  return per_sm;
+}
+
+template <bool kBranchNorm, class Launcher>
+void launch_bwd_kernel(const BwdParams& p, Launcher& launch) {
+  with_bwd_kernel<kBranchNorm>(p, [&](auto kernel) {
+    launch(kernel, dim3(p.programs), dim3(p.layout.block_threads), bwd_smem_bytes(p), p);
+  });
 }
 
 // Sets the backward's layout and persistent grid size (programs = rows of each partial
@@ -109,29 +131,29 @@ template <class Launcher>
 void plan_backward(BwdParams& p, Launcher& launch, int max_threads = kBwdMaxThreads) {
   p.layout = row_layout(p.D, kBwdChunks, max_threads, kBwdMinBlock);
   const int64_t groups = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
-  int per_sm = 1;
-  with_bwd_kernel(p, [&](auto kernel) {
-    per_sm = launch.blocks_per_sm(kernel, p.layout.block_threads, bwd_smem_bytes(p.layout));
-  });
+  const int per_sm = p.branch_norm ? bwd_blocks_per_sm<true>(p, launch) : bwd_blocks_per_sm<false>(p, launch);
   const int64_t resident = static_cast<int64_t>(launch.sm_count()) * std::max(per_sm, 1);
   p.programs = static_cast<int>(std::min(groups, resident));
 }
 
 // The kernel writes per-program partial sums into p.*_part; the second step reduces them into
-// the (D,) fp32 outputs (nullptr where not needed; zeros when there are no rows).
+// the (D,) fp32 outputs of `grads` (nullptr where not needed; zeros when there are no rows).
 template <class Launcher>
-void run_backward(const BwdParams& p, float* dweight, float* dbias, float* dbranch, Launcher& launch) {
+void run_backward(const BwdParams& p, const ParamGrads& grads, Launcher& launch) {
   if (p.rows > 0) {
-    with_bwd_kernel(p, [&](auto kernel) {
-      launch(kernel, dim3(p.programs), dim3(p.layout.block_threads), bwd_smem_bytes(p.layout), p);
-    });
+    if (p.branch_norm)
+      launch_bwd_kernel<true>(p, launch);
+    else
+      launch_bwd_kernel<false>(p, launch);
   }
   PartialSums s;
   s.programs = p.rows > 0 ? p.programs : 0;
   s.D = p.D;
-  const float* parts[3] = {p.dweight_part, p.dbias_part, p.dbranch_part};
-  float* outs[3] = {dweight, dbias, dbranch};
-  for (int i = 0; i < 3; ++i) {
+  const float* parts[kMaxParamGrads] = {p.dweight_part, p.dbias_part, p.dbranch_part,
+                                        p.dbranch_weight_part, p.dbranch_bias_part};
+  float* outs[kMaxParamGrads] = {grads.weight, grads.bias, grads.branch_scale, grads.branch_weight,
+                                 grads.branch_bias};
+  for (int i = 0; i < kMaxParamGrads; ++i) {
     if (outs[i] == nullptr) continue;
     s.part[s.count] = parts[i];
     s.out[s.count] = outs[i];

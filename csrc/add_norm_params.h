@@ -21,9 +21,10 @@ RESFUSE_HOST_DEVICE inline constexpr int dtype_bytes(DType t) { return t == DTyp
 constexpr int kChunk = 8;  // elements per thread access: 16 bytes of a 16-bit type, 32 of fp32
 
 // Registers per thread: the forward keeps kFwdChunks chunks of h (16 fp32 values) of its row
-// in registers, the backward kBwdChunks chunks of h and dy plus the parameter-gradient
-// accumulators. Threads per row scale with D up to the maximum block; longer rows stream
-// tiles of that size in two passes. The row then fits in registers up to
+// in registers (x, then f, then h, in place), the backward kBwdChunks chunks of h and dy (then
+// of df and x with the branch norm) plus the parameter-gradient accumulators. Threads per row
+// scale with D up to the maximum block; longer rows stream tiles of that size in two passes
+// (three with the branch norm). The row then fits in registers up to
 //   forward  1024 threads x 2 chunks x 8 = 16384 elements (<= 64 registers at 1024 threads),
 //   backward  512 threads x 2 chunks x 8 =  8192 elements (<= 128 registers at 512 threads),
 // which ptxas allocates without spills for sm_80 and sm_90 (tests/test_cuda_build.py checks);
@@ -83,43 +84,69 @@ struct RowLayout {
 };
 
 struct FwdParams {
-  Operand x, residual, y, h;  // residual: absent for plain norms; h: absent when not stored
+  Operand x, residual, y, h;  // residual: absent for plain norms; h: absent when not stored;
+                              // y: absent without the output norm (norm_add)
   ParamVector weight, bias, branch_scale;
+  ParamVector branch_weight, branch_bias;  // the branch norm's affine (either may be absent)
   const float* rowscale = nullptr;  // fp32, one per row
-  float* mean = nullptr;            // LayerNorm row means (the backward's shift)
+  float* mean = nullptr;            // LayerNorm row means of h (the backward's shift)
+  float* mean_x = nullptr;          // LayerNorm row means of x, with the branch norm
   int64_t rows = 0;
   int D = 0;
   float eps = 0.0f, residual_scale = 1.0f, branch_scale_value = 1.0f;
   bool is_rms = true;  // selects the instantiation; the kernels take it as a template argument
   bool zero_centered = false;
+  // The sandwich layouts: the branch value is norm(x) * w_b' (+ b_b) instead of x (same norm
+  // kind, eps and weight convention as the output norm; never with a branch-scale tensor or
+  // rowscale), and without the output norm there is no y (OLMo2: h = r + norm(x)).
+  bool branch_norm = false;
+  bool output_norm = true;
   RowLayout layout;
 };
 
 struct BwdParams {
-  Operand dy, dh, h, x, dx, dr;  // dh: absent when h got no gradient; x: only for a tensor
-                                 // branch scale; dr: absent when dx serves as dresidual
-  ParamVector weight, branch_scale;
+  Operand dy, dh, h, x, dx, dr;  // dy, h: absent without the output norm; dh: absent when h got
+                                 // no gradient; x: for a tensor branch scale or the branch
+                                 // norm; dr: absent when dx or dh serves as dresidual
+  ParamVector weight, branch_scale, branch_weight;
   const float* rowscale = nullptr;
-  const float* mean = nullptr;  // LayerNorm: the forward's row means, a shift for the stats
+  const float* mean = nullptr;    // LayerNorm: the forward's row means of h, a shift for the stats
+  const float* mean_x = nullptr;  // LayerNorm with the branch norm: the row means of x, likewise
   // Per-program fp32 partial sums, (programs, D) each; nullptr when that gradient is not needed
   float* dweight_part = nullptr;
   float* dbias_part = nullptr;
-  float* dbranch_part = nullptr;
+  float* dbranch_part = nullptr;  // the branch scale tensor
+  float* dbranch_weight_part = nullptr;
+  float* dbranch_bias_part = nullptr;
   int64_t rows = 0;
   int D = 0;
   float eps = 0.0f, residual_scale = 1.0f, branch_scale_value = 1.0f;
   bool is_rms = true;
   bool zero_centered = false;
   bool has_bias = false;
+  bool has_branch_bias = false;
+  bool branch_norm = false;  // selects the instantiation (a template argument of the kernels)
+  bool output_norm = true;
   RowLayout layout;
   int programs = 1;  // persistent grid size
 };
 
+// Where the backward's parameter gradients go: (D,) fp32 vectors, nullptr when not wanted.
+struct ParamGrads {
+  float* weight = nullptr;
+  float* bias = nullptr;
+  float* branch_scale = nullptr;
+  float* branch_weight = nullptr;
+  float* branch_bias = nullptr;
+};
+
 // Second step of the parameter gradients: out[k][col] = sum over programs of part[k][p][col],
 // in a fixed order (bitwise reproducible; no atomics anywhere).
+constexpr int kMaxParamGrads = 5;
+
 struct PartialSums {
-  const float* part[3] = {nullptr, nullptr, nullptr};
-  float* out[3] = {nullptr, nullptr, nullptr};
+  const float* part[kMaxParamGrads] = {};
+  float* out[kMaxParamGrads] = {};
   int count = 0;  // how many of part/out are used
   int programs = 0;
   int D = 0;

@@ -1,7 +1,8 @@
 // The CUDA backend's torch.library ops, in the `resfuse` namespace with CUDA kernels:
 //
-//   resfuse::cuda_add_norm_fwd(...) -> (y, h, mean)
-//   resfuse::cuda_add_norm_bwd(...) -> (dx, dresidual, dweight, dbias, dbranch_scale)
+//   resfuse::cuda_add_norm_fwd(...) -> (y, h, mean, mean_x)
+//   resfuse::cuda_add_norm_bwd(...) -> (dx, dresidual, dweight, dbias, dbranch_scale,
+//                                       dbranch_weight, dbranch_bias)
 //   resfuse::cuda_device_supported(int device) -> bool
 //
 // with the arguments of triton_kernels/launch.py's forward/backward (resfuse/cuda_ext.py
@@ -111,16 +112,23 @@ void check_dims(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxD, "resfuse CUDA: the normalized size must be in [1, 2^30]");
 }
 
-std::tuple<Tensor, Tensor, Tensor> add_norm_fwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd(
     Tensor x, std::optional<Tensor> residual, std::optional<Tensor> weight,
     std::optional<Tensor> bias, std::optional<Tensor> branch_scale, std::optional<Tensor> rowscale,
-    double eps, double residual_scale, double branch_scale_value, bool is_rms,
-    bool zero_centered_weight, bool store_h, ScalarType residual_dtype, ScalarType out_dtype) {
+    std::optional<Tensor> branch_weight, std::optional<Tensor> branch_bias, double eps,
+    double residual_scale, double branch_scale_value, bool is_rms, bool zero_centered_weight,
+    bool branch_norm, bool output_norm, bool store_h, ScalarType residual_dtype,
+    ScalarType out_dtype) {
   check_dims(x, "x");
   STD_TORCH_CHECK(x.is_cuda(), "resfuse CUDA: x must be a CUDA tensor");
   const int32_t device = x.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   const int64_t rows = x.size(0), D = x.size(1);
+  STD_TORCH_CHECK(!branch_norm || (!branch_scale.has_value() && !rowscale.has_value()),
+                  "resfuse CUDA: the branch norm does not combine with branch_scale tensors or rowscale");
+  STD_TORCH_CHECK(branch_norm || (!branch_weight.has_value() && !branch_bias.has_value()),
+                  "resfuse CUDA: branch_weight / branch_bias need branch_norm");
+  STD_TORCH_CHECK(output_norm || store_h, "resfuse CUDA: without the output norm h is the output: store_h");
 
   resfuse::FwdParams p;
   p.x = activation(x, "x", rows, D, device);
@@ -129,15 +137,20 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd(
   p.bias = param(bias, "bias", D, device);
   p.branch_scale = param(branch_scale, "branch_scale", D, device);
   p.rowscale = row_vector(rowscale, "rowscale", rows, device);
+  p.branch_weight = param(branch_weight, "branch_weight", D, device);
+  p.branch_bias = param(branch_bias, "branch_bias", D, device);
   to_dtype(residual_dtype, "residual_dtype");
   to_dtype(out_dtype, "out_dtype");
 
-  Tensor y = empty({rows, D}, out_dtype, x);
+  const auto rows_or_empty = [&](bool wanted) { return empty({wanted ? rows : 0}, ScalarType::Float, x); };
+  Tensor y = output_norm ? empty({rows, D}, out_dtype, x) : empty({0}, out_dtype, x);
   Tensor h = store_h ? empty({rows, D}, residual_dtype, x) : empty({0}, residual_dtype, x);
-  Tensor mean = is_rms ? empty({0}, ScalarType::Float, x) : empty({rows}, ScalarType::Float, x);
-  p.y = activation(y, "y", rows, D, device);
+  Tensor mean = rows_or_empty(!is_rms && output_norm);
+  Tensor mean_x = rows_or_empty(!is_rms && branch_norm);
+  if (output_norm) p.y = activation(y, "y", rows, D, device);
   if (store_h) p.h = activation(h, "h", rows, D, device);
-  p.mean = is_rms ? nullptr : static_cast<float*>(mean.data_ptr());
+  if (!is_rms && output_norm) p.mean = static_cast<float*>(mean.data_ptr());
+  if (!is_rms && branch_norm) p.mean_x = static_cast<float*>(mean_x.data_ptr());
   p.rows = rows;
   p.D = static_cast<int>(D);
   p.eps = static_cast<float>(eps);
@@ -145,45 +158,63 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd(
   p.branch_scale_value = static_cast<float>(branch_scale_value);
   p.is_rms = is_rms;
   p.zero_centered = zero_centered_weight;
+  p.branch_norm = branch_norm;
+  p.output_norm = output_norm;
   resfuse::launch_forward(p, current_stream(device));
-  return {y, h, mean};
+  return {y, h, mean, mean_x};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
-    Tensor dy, std::optional<Tensor> dh, Tensor h, std::optional<Tensor> x,
-    std::optional<Tensor> weight, std::optional<Tensor> branch_scale,
-    std::optional<Tensor> rowscale, std::optional<Tensor> mean, double eps, double residual_scale,
-    double branch_scale_value, bool is_rms, bool zero_centered_weight, bool has_bias,
-    bool store_dresidual, ScalarType x_dtype, ScalarType residual_dtype) {
-  check_dims(h, "h");
-  STD_TORCH_CHECK(h.is_cuda(), "resfuse CUDA: h must be a CUDA tensor");
-  const int32_t device = h.get_device_index();
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
+    std::optional<Tensor> dy, std::optional<Tensor> dh, std::optional<Tensor> h,
+    std::optional<Tensor> x, std::optional<Tensor> weight, std::optional<Tensor> branch_scale,
+    std::optional<Tensor> rowscale, std::optional<Tensor> branch_weight, std::optional<Tensor> mean,
+    std::optional<Tensor> mean_x, double eps, double residual_scale, double branch_scale_value,
+    bool is_rms, bool zero_centered_weight, bool has_bias, bool has_branch_bias, bool branch_norm,
+    bool output_norm, bool store_dresidual, ScalarType x_dtype, ScalarType residual_dtype) {
+  // With the output norm it is differentiated at h, for dy; without it (norm_add) the
+  // gradient reaching h is dh alone.
+  STD_TORCH_CHECK(output_norm ? (dy.has_value() && h.has_value()) : dh.has_value(),
+                  "resfuse CUDA: the backward needs dy and h with the output norm, dh without it");
+  const Tensor& like = output_norm ? *h : *dh;
+  check_dims(like, output_norm ? "h" : "dh");
+  STD_TORCH_CHECK(like.is_cuda(), "resfuse CUDA: ", output_norm ? "h" : "dh", " must be a CUDA tensor");
+  const int32_t device = like.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  const int64_t rows = h.size(0), D = h.size(1);
+  const int64_t rows = like.size(0), D = like.size(1);
 
   resfuse::BwdParams p;
-  p.dy = activation(dy, "dy", rows, D, device);
+  if (output_norm) {
+    p.dy = activation(*dy, "dy", rows, D, device);
+    p.h = activation(*h, "h", rows, D, device);
+  }
   p.dh = optional_activation(dh, "dh", rows, D, device);
-  p.h = activation(h, "h", rows, D, device);
   p.x = optional_activation(x, "x", rows, D, device);
-  p.weight = param(weight, "weight", D, device);
+  p.weight = output_norm ? param(weight, "weight", D, device) : resfuse::ParamVector{};
   p.branch_scale = param(branch_scale, "branch_scale", D, device);
-  STD_TORCH_CHECK(!branch_scale.has_value() || x.has_value(),
-                  "resfuse CUDA: the branch_scale gradient needs x");
+  p.branch_weight = param(branch_weight, "branch_weight", D, device);
+  STD_TORCH_CHECK(!(branch_scale.has_value() || branch_norm) || x.has_value(),
+                  "resfuse CUDA: the branch_scale gradient and the branch norm need x");
+  STD_TORCH_CHECK(!branch_norm || (!branch_scale.has_value() && !rowscale.has_value()),
+                  "resfuse CUDA: the branch norm does not combine with branch_scale tensors or rowscale");
+  STD_TORCH_CHECK(branch_norm || (!branch_weight.has_value() && !has_branch_bias),
+                  "resfuse CUDA: branch_weight / branch_bias need branch_norm");
   p.rowscale = row_vector(rowscale, "rowscale", rows, device);
-  p.mean = row_vector(mean, "mean", rows, device);
-  STD_TORCH_CHECK(is_rms || p.mean != nullptr, "resfuse CUDA: the LayerNorm backward needs the row means");
+  if (output_norm) p.mean = row_vector(mean, "mean", rows, device);
+  if (branch_norm) p.mean_x = row_vector(mean_x, "mean_x", rows, device);
+  STD_TORCH_CHECK(is_rms || !output_norm || p.mean != nullptr,
+                  "resfuse CUDA: the LayerNorm backward needs the row means of h");
+  STD_TORCH_CHECK(is_rms || !branch_norm || p.mean_x != nullptr,
+                  "resfuse CUDA: the LayerNorm backward needs the row means of x");
   to_dtype(x_dtype, "x_dtype");
   to_dtype(residual_dtype, "residual_dtype");
 
-  Tensor dx = empty({rows, D}, x_dtype, h);
-  Tensor dr = store_dresidual ? empty({rows, D}, residual_dtype, h) : empty({0}, residual_dtype, h);
-  const auto vector_or_empty = [&](bool wanted) {
-    return empty({wanted ? D : 0}, ScalarType::Float, h);
-  };
-  Tensor dw = vector_or_empty(weight.has_value());
-  Tensor db = vector_or_empty(has_bias);
-  Tensor dbs = vector_or_empty(branch_scale.has_value());
+  const bool want[resfuse::kMaxParamGrads] = {output_norm && weight.has_value(), output_norm && has_bias,
+                                              branch_scale.has_value(), branch_weight.has_value(),
+                                              branch_norm && has_branch_bias};
+  Tensor dx = empty({rows, D}, x_dtype, like);
+  Tensor dr = store_dresidual ? empty({rows, D}, residual_dtype, like) : empty({0}, residual_dtype, like);
+  std::vector<Tensor> grads;
+  for (bool wanted : want) grads.push_back(empty({wanted ? D : 0}, ScalarType::Float, like));
   p.dx = activation(dx, "dx", rows, D, device);
   if (store_dresidual) p.dr = activation(dr, "dresidual", rows, D, device);
   p.rows = rows;
@@ -193,24 +224,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
   p.branch_scale_value = static_cast<float>(branch_scale_value);
   p.is_rms = is_rms;
   p.zero_centered = zero_centered_weight;
-  p.has_bias = has_bias;
+  p.has_bias = want[1];
+  p.has_branch_bias = want[4];
+  p.branch_norm = branch_norm;
+  p.output_norm = output_norm;
   resfuse::plan_backward(p);
 
   // One workspace for the per-program partial sums of every gradient wanted.
-  const int64_t wanted = int64_t{weight.has_value()} + int64_t{has_bias} + int64_t{branch_scale.has_value()};
+  int64_t wanted = 0;
+  for (bool w : want) wanted += w;
   const int64_t part_size = static_cast<int64_t>(p.programs) * D;
-  Tensor workspace = empty({wanted * part_size}, ScalarType::Float, h);
+  Tensor workspace = empty({wanted * part_size}, ScalarType::Float, like);
   float* next = static_cast<float*>(workspace.data_ptr());
-  if (weight.has_value()) p.dweight_part = next, next += part_size;
-  if (has_bias) p.dbias_part = next, next += part_size;
-  if (branch_scale.has_value()) p.dbranch_part = next;
-
-  const auto data_or_null = [](Tensor& t) { return t.numel() > 0 ? static_cast<float*>(t.data_ptr()) : nullptr; };
-  resfuse::launch_backward(p, weight.has_value() ? data_or_null(dw) : nullptr,
-                           has_bias ? data_or_null(db) : nullptr,
-                           branch_scale.has_value() ? data_or_null(dbs) : nullptr,
-                           current_stream(device));
-  return {dx, dr, dw, db, dbs};
+  float** parts[resfuse::kMaxParamGrads] = {&p.dweight_part, &p.dbias_part, &p.dbranch_part,
+                                            &p.dbranch_weight_part, &p.dbranch_bias_part};
+  resfuse::ParamGrads out;
+  float** outs[resfuse::kMaxParamGrads] = {&out.weight, &out.bias, &out.branch_scale,
+                                           &out.branch_weight, &out.branch_bias};
+  for (int i = 0; i < resfuse::kMaxParamGrads; ++i) {
+    if (!want[i]) continue;
+    *parts[i] = next, next += part_size;
+    *outs[i] = static_cast<float*>(grads[i].data_ptr());
+  }
+  resfuse::launch_backward(p, out, current_stream(device));
+  return {dx, dr, grads[0], grads[1], grads[2], grads[3], grads[4]};
 }
 
 bool device_supported(int64_t device) {
@@ -222,14 +259,16 @@ bool device_supported(int64_t device) {
 
 STABLE_TORCH_LIBRARY_FRAGMENT(resfuse, m) {
   m.def("cuda_add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
-        "Tensor? branch_scale, Tensor? rowscale, float eps, float residual_scale, "
-        "float branch_scale_value, bool is_rms, bool zero_centered_weight, bool store_h, "
-        "ScalarType residual_dtype, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)");
-  m.def("cuda_add_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? x, Tensor? weight, "
-        "Tensor? branch_scale, Tensor? rowscale, Tensor? mean, float eps, float residual_scale, "
-        "float branch_scale_value, bool is_rms, bool zero_centered_weight, bool has_bias, "
-        "bool store_dresidual, ScalarType x_dtype, ScalarType residual_dtype) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? branch_bias, "
+        "float eps, float residual_scale, float branch_scale_value, bool is_rms, "
+        "bool zero_centered_weight, bool branch_norm, bool output_norm, bool store_h, "
+        "ScalarType residual_dtype, ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_add_norm_bwd(Tensor? dy, Tensor? dh, Tensor? h, Tensor? x, Tensor? weight, "
+        "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? mean, "
+        "Tensor? mean_x, float eps, float residual_scale, float branch_scale_value, bool is_rms, "
+        "bool zero_centered_weight, bool has_bias, bool has_branch_bias, bool branch_norm, "
+        "bool output_norm, bool store_dresidual, ScalarType x_dtype, ScalarType residual_dtype) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_device_supported(int device) -> bool");
 }
 

@@ -94,26 +94,33 @@ def unavailable_reason() -> str:
 
 def _register_fakes():
     @torch.library.register_fake("resfuse::cuda_add_norm_fwd")
-    def _fwd_fake(x, residual, weight, bias, branch_scale, rowscale, eps, residual_scale,
-                  branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
-                  out_dtype):
+    def _fwd_fake(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias,
+                  eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
+                  branch_norm, output_norm, store_h, residual_dtype, out_dtype):
         rows, D = x.shape
-        return (x.new_empty((rows, D), dtype=out_dtype),
-                x.new_empty((rows, D) if store_h else (0,), dtype=residual_dtype),
-                x.new_empty((0,) if is_rms else (rows,), dtype=torch.float32))
+
+        def like(present, shape, dtype=torch.float32):
+            return x.new_empty(shape if present else (0,), dtype=dtype)
+
+        return (like(output_norm, (rows, D), out_dtype), like(store_h, (rows, D), residual_dtype),
+                like(not is_rms and output_norm, (rows,)), like(not is_rms and branch_norm, (rows,)))
 
     @torch.library.register_fake("resfuse::cuda_add_norm_bwd")
-    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, mean, eps, residual_scale,
-                  branch_scale_value, is_rms, zero_centered_weight, has_bias, store_dresidual,
-                  x_dtype, residual_dtype):
-        rows, D = h.shape
+    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x, eps,
+                  residual_scale, branch_scale_value, is_rms, zero_centered_weight, has_bias,
+                  has_branch_bias, branch_norm, output_norm, store_dresidual, x_dtype,
+                  residual_dtype):
+        like = h if output_norm else dh
+        rows, D = like.shape
 
         def vec(present):
-            return h.new_empty((D,) if present else (0,), dtype=torch.float32)
+            return like.new_empty((D,) if present else (0,), dtype=torch.float32)
 
-        return (h.new_empty((rows, D), dtype=x_dtype),
-                h.new_empty((rows, D) if store_dresidual else (0,), dtype=residual_dtype),
-                vec(weight is not None), vec(has_bias), vec(branch_scale is not None))
+        return (like.new_empty((rows, D), dtype=x_dtype),
+                like.new_empty((rows, D) if store_dresidual else (0,), dtype=residual_dtype),
+                vec(output_norm and weight is not None), vec(output_norm and has_bias),
+                vec(branch_scale is not None), vec(branch_weight is not None),
+                vec(branch_norm and has_branch_bias))
 
     @torch.library.register_fake("resfuse::cuda_device_supported")
     def _supported_fake(device):
@@ -127,14 +134,8 @@ def _ops():
     return _state
 
 
-# The sandwich layouts (norm_add_norm / norm_add) are not in these kernels yet: "auto" sends
-# them to Triton, and backend="cuda" says so.
-SUPPORTS_BRANCH_NORM = False
-
-
-def _check_layout(branch_norm: bool, output_norm: bool) -> None:
-    if (branch_norm or not output_norm) and not SUPPORTS_BRANCH_NORM:
-        raise NotImplementedError("the cuda backend does not implement norm_add_norm / norm_add")
+# The sandwich layouts (norm_add_norm / norm_add) run here too ("auto" picks this backend).
+SUPPORTS_BRANCH_NORM = True
 
 
 def forward(
@@ -158,19 +159,22 @@ def forward(
     branch_bias: Optional[torch.Tensor] = None,
     output_norm: bool = True,
 ):
-    """(y, h or None, mean or None, mean_x = None) for 2-D (rows, D) inputs with unit column
-    stride."""
-    _check_layout(branch_norm, output_norm)
-    y, h, mean = _ops()["fwd"](x, residual, weight, bias, branch_scale, rowscale, eps,
-                               residual_scale, branch_scale_value, is_rms, zero_centered_weight,
-                               store_h, residual_dtype, out_dtype)
-    return y, (h if store_h else None), (None if is_rms else mean), None
+    """(y or None, h or None, mean or None, mean_x or None) for 2-D (rows, D) inputs with unit
+    column stride; the LayerNorm row means of h and (with the branch norm) of x are the
+    backward's shifts."""
+    y, h, mean, mean_x = _ops()["fwd"](
+        x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
+        residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
+        output_norm, store_h, residual_dtype, out_dtype)
+    return ((y if output_norm else None), (h if store_h else None),
+            (mean if not is_rms and output_norm else None),
+            (mean_x if not is_rms and branch_norm else None))
 
 
 def backward(
-    dy: torch.Tensor,
+    dy: Optional[torch.Tensor],
     dh: Optional[torch.Tensor],
-    h: torch.Tensor,
+    h: Optional[torch.Tensor],
     x: Optional[torch.Tensor],
     weight: Optional[torch.Tensor],
     branch_scale: Optional[torch.Tensor],
@@ -192,12 +196,16 @@ def backward(
     mean_x: Optional[torch.Tensor] = None,
     output_norm: bool = True,
 ):
-    """(dx, dresidual or None, dweight, dbias, dbranch_scale, None, None): the parameter
-    gradients as fp32 sums over rows (None when not asked for)."""
-    _check_layout(branch_norm, output_norm)
-    dx, dr, dw, db, dbs = _ops()["bwd"](dy, dh, h, x, weight, branch_scale, rowscale, mean, eps,
-                                        residual_scale, branch_scale_value, is_rms,
-                                        zero_centered_weight, has_bias, store_dresidual, x_dtype,
-                                        residual_dtype)
-    return (dx, dr if store_dresidual else None, dw if weight is not None else None,
-            db if has_bias else None, dbs if branch_scale is not None else None, None, None)
+    """(dx, dresidual or None, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias):
+    the parameter gradients as fp32 sums over rows (None when not asked for)."""
+    grads = _ops()["bwd"](dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x,
+                          eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
+                          has_bias, has_branch_bias, branch_norm, output_norm, store_dresidual,
+                          x_dtype, residual_dtype)
+    dx, dr, dw, db, dbs, dbw, dbb = grads
+    return (dx, dr if store_dresidual else None,
+            dw if output_norm and weight is not None else None,
+            db if output_norm and has_bias else None,
+            dbs if branch_scale is not None else None,
+            dbw if branch_weight is not None else None,
+            dbb if branch_norm and has_branch_bias else None)

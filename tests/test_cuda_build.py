@@ -26,7 +26,8 @@ LOAD_ERROR = cuda_ext._load()
 needs_extension = pytest.mark.skipif(bool(LOAD_ERROR) and not REQUIRED,
                                      reason=f"CUDA extension not loaded: {LOAD_ERROR}")
 ARCHS = ("sm_80", "sm_90")
-KERNELS_PER_DIRECTION = 12  # 6 dtype sets x {RMSNorm, LayerNorm}
+# 6 dtype sets x {RMSNorm, LayerNorm}; the backward also x {plain, branch norm}
+KERNELS = {"fwd": 12, "bwd": 24}
 
 
 def test_extension_loads_when_required():
@@ -78,27 +79,37 @@ def test_extension_is_limited_api_and_links_no_libtorch_python():
 @needs_extension
 def test_fake_implementations_give_output_metadata():
     from torch._subclasses.fake_tensor import FakeTensorMode
+    fwd, bwd = torch.ops.resfuse.cuda_add_norm_fwd, torch.ops.resfuse.cuda_add_norm_bwd
     with FakeTensorMode():
         x = torch.empty(6, 40, device="cuda", dtype=torch.bfloat16)
         w = torch.empty(40, device="cuda")
-        y, h, mean = torch.ops.resfuse.cuda_add_norm_fwd(
-            x, x, w, w, None, None, 1e-5, 1.0, 1.0, False, False, True, torch.float32, torch.float16)
+        y, h, mean, mean_x = fwd(x, x, w, w, None, None, None, None, 1e-5, 1.0, 1.0, False, False,
+                                 False, True, True, torch.float32, torch.float16)
         assert (y.shape, y.dtype, y.device.type) == ((6, 40), torch.float16, "cuda")
         assert (h.shape, h.dtype) == ((6, 40), torch.float32)
         assert (mean.shape, mean.dtype) == ((6,), torch.float32)
-        grads = torch.ops.resfuse.cuda_add_norm_bwd(
-            y, None, h, x, w, w, None, mean, 1e-5, 1.0, 1.0, False, False, True, False,
-            torch.bfloat16, torch.float32)
+        assert mean_x.shape == (0,)
+        grads = bwd(y, None, h, x, w, w, None, None, mean, None, 1e-5, 1.0, 1.0, False, False, True,
+                    False, False, True, False, torch.bfloat16, torch.float32)
         shapes = [(tuple(g.shape), g.dtype) for g in grads]
         assert shapes == [((6, 40), torch.bfloat16), ((0,), torch.float32), ((40,), torch.float32),
-                          ((40,), torch.float32), ((40,), torch.float32)]
+                          ((40,), torch.float32), ((40,), torch.float32), ((0,), torch.float32),
+                          ((0,), torch.float32)]
+        # norm_add (LayerNorm, branch bias): no y, no mean of h; h, mean_x; dx, dbranch_*
+        y, h, mean, mean_x = fwd(x, x, None, None, None, None, w, w, 1e-5, 1.0, 1.0, False, False,
+                                 True, False, True, torch.bfloat16, torch.bfloat16)
+        assert [tuple(t.shape) for t in (y, h, mean, mean_x)] == [(0,), (6, 40), (0,), (6,)]
+        grads = bwd(None, h, None, x, None, None, None, w, None, mean_x, 1e-5, 1.0, 1.0, False,
+                    False, False, True, True, False, False, torch.bfloat16, torch.bfloat16)
+        assert [tuple(g.shape) for g in grads] == [(6, 40), (0,), (0,), (0,), (0,), (40,), (40,)]
 
 
 @needs_extension
 def test_the_op_rejects_cpu_tensors():
     with pytest.raises(NotImplementedError, match="CPU"):
-        torch.ops.resfuse.cuda_add_norm_fwd(torch.randn(2, 8), None, None, None, None, None, 1e-5,
-                                            1.0, 1.0, True, False, False, torch.float32, torch.float32)
+        torch.ops.resfuse.cuda_add_norm_fwd(torch.randn(2, 8), None, None, None, None, None, None,
+                                            None, 1e-5, 1.0, 1.0, True, False, False, True, False,
+                                            torch.float32, torch.float32)
 
 
 def test_backend_cuda_on_cpu_tensors_is_a_clear_error():
@@ -142,6 +153,9 @@ def test_auto_picks_cuda_for_cuda_tensors_when_available(monkeypatch):
     monkeypatch.setattr(cuda_ext, "available", lambda: True)
     assert backend_registry.resolve("auto", torch.device("cuda")) == "cuda"
     assert backend_registry.resolve("auto", torch.device("cpu")) == "torch"
+    # the sandwich layouts (norm_add_norm / norm_add) run on the cuda backend too
+    assert cuda_ext.SUPPORTS_BRANCH_NORM
+    assert backend_registry.resolve("auto", torch.device("cuda"), sandwich=True) == "cuda"
 
 
 def test_import_never_fails_without_the_extension():
@@ -189,7 +203,7 @@ def test_kernels_compile_for_sm80_and_sm90(ptxas_kernels):
     for arch in ARCHS:
         for direction in ("fwd", "bwd"):
             found = {k.name for k in kernels if k.arch == arch and _direction(k) == direction}
-            assert len(found) == KERNELS_PER_DIRECTION, (source, arch, direction, sorted(found))
+            assert len(found) == KERNELS[direction], (source, arch, direction, sorted(found))
 
 
 def test_no_register_spills_in_forward_and_backward_kernels(ptxas_kernels):

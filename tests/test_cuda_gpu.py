@@ -1,14 +1,16 @@
 """The CUDA backend on a GPU (skipped without one): odd sizes, misaligned and non-contiguous
 inputs, cross-checks against Triton and the reference, a non-default stream, CUDA-graph
 capture and replay of forward and backward, no host synchronisation, determinism, opcheck
-and torch.compile. The whole numerical matrix of test_add_norm.py / test_ops.py also runs
-with backend="cuda" under `make test-gpu` (RESFUSE_TEST_DEVICE=cuda)."""
+and torch.compile; the same for the sandwich layouts (norm_add_norm / norm_add). The whole
+numerical matrices of test_add_norm.py / test_norm_add_norm.py / test_ops.py also run with
+backend="cuda" under `make test-gpu` (RESFUSE_TEST_DEVICE=cuda)."""
 
 import pytest
 import torch
 
 import resfuse
 from numerics import DTYPES, Case, run_case
+from test_norm_add_norm import LAYOUT_IDS, LAYOUTS, PERI_LN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -204,23 +206,36 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
 
 
-def _fwd_args(dtype=torch.bfloat16, rows=64, D=1000, is_rms=False):
+def _fwd_args(dtype=torch.bfloat16, rows=64, D=1000, is_rms=False, branch_norm=False, output_norm=True):
     x = torch.randn(rows, D, device="cuda", dtype=dtype)
     w = torch.randn(D, device="cuda")
-    return (x, torch.randn_like(x), w, None if is_rms else torch.randn(D, device="cuda"),
-            torch.randn(D, device="cuda"), torch.rand(rows, device="cuda"), 1e-5, 0.5, 1.5, is_rms,
-            True, True, torch.float32, torch.bfloat16)
+
+    def vec():
+        return torch.randn(D, device="cuda")
+
+    plain = not branch_norm
+    return (x, torch.randn_like(x), w if output_norm else None,
+            vec() if not is_rms and output_norm else None, vec() if plain else None,
+            torch.rand(rows, device="cuda") if plain else None, vec() if branch_norm else None,
+            vec() if branch_norm and not is_rms else None, 1e-5, 0.5 if plain else 1.0,
+            1.5 if plain else 1.0, is_rms, True, branch_norm, output_norm, True, torch.float32,
+            torch.bfloat16)
 
 
 @needs_cuda_ext
+@pytest.mark.parametrize("layout", [(False, True), (True, True), (True, False)],
+                         ids=["add_norm", "norm_add_norm", "norm_add"])
 @pytest.mark.parametrize("is_rms", [True, False])
-def test_opcheck(is_rms):
-    args = _fwd_args(is_rms=is_rms)
+def test_opcheck(is_rms, layout):
+    branch_norm, output_norm = layout
+    args = _fwd_args(is_rms=is_rms, branch_norm=branch_norm, output_norm=output_norm)
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_fwd.default, args)
-    y, h, mean = torch.ops.resfuse.cuda_add_norm_fwd(*args)
-    x, _, w, b, bs, rs = args[:6]
-    bwd = (torch.randn_like(y), torch.randn_like(h), h, x, w, bs, rs, None if is_rms else mean,
-           1e-5, 0.5, 1.5, is_rms, True, b is not None, True, x.dtype, torch.bfloat16)
+    y, h, mean, mean_x = torch.ops.resfuse.cuda_add_norm_fwd(*args)
+    x, _, w, b, bs, rs, wb, bb = args[:8]
+    bwd = (torch.randn_like(y) if output_norm else None, torch.randn_like(h),
+           h if output_norm else None, x, w, bs, rs, wb, mean if not is_rms and output_norm else None,
+           mean_x if not is_rms and branch_norm else None, 1e-5, args[9], args[10], is_rms, True,
+           b is not None, bb is not None, branch_norm, output_norm, True, x.dtype, torch.bfloat16)
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_bwd.default, bwd)
 
 
@@ -240,6 +255,183 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(block, fullgraph=True)
     out = compiled(x, r, w)
     grads = torch.autograd.grad(out, (x, r, w))
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- sandwich layouts
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D", [1, 7, 8, 1000, 4096, 4097, 8192, 8193, 16384, 16385, 65536])
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_odd_and_boundary_sizes(base, D, dtype):
+    # 8192/8193: the backward's switch to streamed rows (three passes with the branch norm);
+    # 16384/16385: the forward's (a pass over x for the branch norm's statistics first)
+    rows = 64 if D <= 8192 else 6
+    run_case(base.replace(dtype=dtype, shape=(rows, D)), "cuda", "cuda")
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("shape", [(1 << 20, 64), (300_000, 7), (4096, 768), (5, 3, 4096)], ids=str)
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_many_rows(base, shape):
+    run_case(base.replace(dtype=torch.bfloat16, shape=shape), "cuda", "cuda")
+
+
+def _sandwich_inputs(norm, D, dtype, rows=512, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+    return dict(x=randn(rows, D, dtype=dtype), residual=randn(rows, D, dtype=dtype),
+                branch_weight=randn(D), weight=randn(D),
+                branch_bias=randn(D) if norm == "layer" else None,
+                bias=randn(D) if norm == "layer" else None)
+
+
+def _sandwich(t, norm, backend, output_norm=True):
+    """(outputs, leaves) of norm_add_norm (or norm_add) on the tensors of t."""
+    if output_norm:
+        out = resfuse.norm_add_norm(t["x"], t["residual"], t["branch_weight"], t["weight"], norm=norm,
+                                    branch_bias=t["branch_bias"], bias=t["bias"], backend=backend)
+        leaves = [t[k] for k in ("x", "residual", "branch_weight", "weight", "branch_bias", "bias")]
+    else:
+        out = (resfuse.norm_add(t["x"], t["residual"], t["branch_weight"], norm=norm,
+                                branch_bias=t["branch_bias"], backend=backend),)
+        leaves = [t[k] for k in ("x", "residual", "branch_weight", "branch_bias")]
+    return out, [v for v in leaves if v is not None]
+
+
+@needs_cuda_ext
+@pytest.mark.skipif(not TRITON, reason="triton not available")
+@pytest.mark.parametrize("output_norm", [True, False], ids=["norm_add_norm", "norm_add"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D", [768, 4608, 12288])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_sandwich_agrees_with_triton(norm, D, dtype, output_norm):
+    """y, h and every gradient within the output dtype's rounding of Triton's."""
+    inputs = _sandwich_inputs(norm, D, dtype)
+    grads_out = [torch.randn(512, D, device="cuda", dtype=dtype) for _ in range(2)]
+
+    def run(backend):
+        t = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+        out, leaves = _sandwich(t, norm, backend, output_norm)
+        return out, torch.autograd.grad(out, leaves, grads_out[:len(out)])
+
+    out_c, grads_c = run("cuda")
+    out_t, grads_t = run("triton")
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for a, b in zip(out_c, out_t):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    for a, b in zip(grads_c, grads_t):
+        torch.testing.assert_close(a.float(), b.float(), atol=4 * tol, rtol=4 * tol)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("output_norm", [True, False], ids=["norm_add_norm", "norm_add"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_sandwich_misaligned_inputs_match_aligned_bitwise(norm, dtype, output_norm):
+    inputs = _sandwich_inputs(norm, 1024, dtype, rows=128)
+    grads_out = [torch.randn(128, 1024, device="cuda", dtype=dtype) for _ in range(2)]
+
+    def run(shift):
+        t = {k: None if v is None else (_offset(v, 1) if shift else v.clone()).requires_grad_()
+             for k, v in inputs.items()}
+        out, leaves = _sandwich(t, norm, "cuda", output_norm)
+        return list(out) + list(torch.autograd.grad(out, leaves, grads_out[:len(out)]))
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_non_contiguous(base, layout):
+    run_case(base.replace(dtype=torch.bfloat16, shape=(16, 8, 520), layout=layout), "cuda", "cuda")
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("output_norm", [True, False], ids=["norm_add_norm", "norm_add"])
+def test_sandwich_cuda_graph_capture_and_replay(output_norm):
+    inputs = {k: None if v is None else v.requires_grad_()
+              for k, v in _sandwich_inputs("layer", 4096, torch.bfloat16, rows=256).items()}
+    gy = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out, leaves = _sandwich(inputs, "layer", "cuda", output_norm)
+        loss = (out[0] * gy).float().sum() + (out[1].float().sum() if output_norm else 0)
+        return tuple(out) + torch.autograd.grad(loss, leaves)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            inputs["x"].copy_(torch.randn_like(inputs["x"]))
+            gy.copy_(torch.randn_like(gy))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(captured, step()):
+            assert torch.equal(got, want)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("base", [PERI_LN, LAYOUTS[2].replace(norm="layer", branch_bias=True)],
+                         ids=["peri_ln", "norm_add_layer"])
+def test_sandwich_backward_is_bitwise_deterministic(base):
+    case = base.replace(dtype=torch.bfloat16, shape=(8192, 2048))
+    first = run_case(case, "cuda", "cuda", seed=1)
+    second = run_case(case, "cuda", "cuda", seed=1)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
+
+
+@needs_cuda_ext
+def test_sandwich_no_host_synchronisation():
+    inputs = {k: None if v is None else v.requires_grad_()
+              for k, v in _sandwich_inputs("layer", 4096, torch.bfloat16, rows=1024).items()}
+    _sandwich(inputs, "layer", "cuda")  # first call outside: one-time queries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for output_norm in (True, False):
+            out, _ = _sandwich(inputs, "layer", "cuda", output_norm)
+            torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda_ext
+def test_sandwich_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(4, 128, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    wb = torch.randn(1024, device="cuda", requires_grad=True)
+    w = torch.randn(1024, device="cuda", requires_grad=True)
+
+    def block(x, r, wb, w):
+        y, h = resfuse.norm_add_norm(x, r, wb, w, zero_centered_weight=True, backend="cuda")
+        h2 = resfuse.norm_add(y, h, wb, backend="cuda")
+        return (y.float() * 2).sum() + h2.float().sum()
+
+    eager = block(x, r, wb, w)
+    eager_grads = torch.autograd.grad(eager, (x, r, wb, w))
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x, r, wb, w)
+    grads = torch.autograd.grad(out, (x, r, wb, w))
     torch.testing.assert_close(out, eager)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)

@@ -1,7 +1,9 @@
 """The CUDA kernels' own source (csrc/) on CPU tensors, through the SIMT emulator
-(tests/simt/simt.h): the numerical matrix of test_add_norm.py with backend="cuda", and the
-paths the kernels special-case: scalar tails and misaligned operands (bitwise equal to the
-vector path), rows streamed in two passes, the persistent backward loop, partial sums.
+(tests/simt/simt.h): the numerical matrices of test_add_norm.py and (the sandwich layouts
+norm_add_norm / norm_add) test_norm_add_norm.py with backend="cuda", and the paths the
+kernels special-case: scalar tails and misaligned operands (bitwise equal to the vector
+path), rows streamed in several passes, the persistent backward loop, partial sums (in
+registers and, for the branch norm's bias, in shared memory).
 
 The launch heuristics and dtype dispatch are the real ones (csrc/add_norm_launch.h); every
 output sits between guard bands that must come back untouched. What the emulator cannot
@@ -15,6 +17,10 @@ import torch
 
 from numerics import DTYPES, Case, run_case
 from test_add_norm import FLAG_CASES, FLAG_DTYPE_CASES, FULL, MIXED, SHAPE_CASES
+from test_norm_add_norm import CASES as SANDWICH_CASES
+from test_norm_add_norm import LAYOUT_IDS, LAYOUTS, PERI_LN, SHAPES
+from test_norm_add_norm import MIXED as SANDWICH_MIXED
+from test_norm_add_norm import mixed_case
 
 import resfuse
 from resfuse import backend_registry
@@ -196,3 +202,149 @@ def test_no_rows_gives_zero_parameter_gradients(cuda_sim):
     y, h = resfuse.add_layer_norm(x, torch.randn(0, 3, 64), w, b, backend="cuda")
     (y.sum() + h.sum()).backward()
     assert torch.equal(w.grad, torch.zeros(64)) and torch.equal(b.grad, torch.zeros(64))
+
+
+def test_rms_norm_with_a_bias_gets_its_bias_gradient(cuda_sim):
+    """RMSNorm + bias (the API allows it through the core op): the backward's bias
+    accumulator follows has_bias, not the norm kind (it once left dbias unwritten)."""
+    from resfuse import ops
+    g = torch.Generator().manual_seed(0)
+    for D in (40, 9000):  # rows in registers, streamed rows
+        x, r = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g)
+        w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+        grads = {}
+        for backend in ("cuda", "torch"):
+            leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            y, h = ops.add_norm(*leaves, 1e-5, is_rms=True, backend=backend)
+            grads[backend] = torch.autograd.grad([y, h], leaves, [torch.ones_like(y), torch.ones_like(h)])
+        for name, a, e in zip(("x", "residual", "weight", "bias"), grads["cuda"], grads["torch"]):
+            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=f"d{name}, D={D}")
+
+
+# --------------------------------------------------------------------------- sandwich layouts
+# norm_add_norm (Gemma2/3, Peri-LN) and norm_add (OLMo2): the branch norm in the forward
+# kernel (run-time flag) and the backward's branch-norm instantiations.
+
+
+@pytest.mark.parametrize("case", SANDWICH_CASES, ids=_id)
+def test_sandwich_every_flag_combination(case, cuda_sim):
+    # (2, 3, 40): several row groups per block (the branch bias's shared-memory accumulator
+    # summed across them)
+    run_case(case, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", [c for c in SANDWICH_CASES if c.dtype == torch.float32][::4], ids=_id)
+def test_sandwich_flag_combinations_one_row_group_per_warp(case, dtype, cuda_sim):
+    run_case(case.replace(dtype=dtype, shape=(3, 300)), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_shapes(base, shape, dtype, cuda_sim):
+    # 1000 and 4097: reductions across warps; 4097: one row per block, a tail of one element
+    run_case(base.replace(dtype=dtype, shape=shape), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("D,dtype", [(9000, torch.float32), (20000, torch.bfloat16),
+                                     (65536 - 7, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_long_rows(base, D, dtype, cuda_sim):
+    # 9000: the backward streams its rows (three passes with the branch norm); 20000 and
+    # ~64K: the forward too (a pass over x for the branch norm's statistics first)
+    run_case(base.replace(dtype=dtype, shape=(3, D)), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_rows_streamed_in_tiles(base, dtype, sim, use):
+    """Small thread caps: the streamed paths at small D, several tiles per row, reductions
+    within a warp."""
+    use(sim.configured(max_threads_fwd=32, max_threads_bwd=32))
+    run_case(base.replace(dtype=dtype, shape=(3, 2, 1100)), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_non_contiguous(base, layout, cuda_sim):
+    run_case(base.replace(dtype=torch.bfloat16, shape=(3, 4, 72), layout=layout), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("mixed", SANDWICH_MIXED, ids=lambda m: str(Case(**m)))
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_mixed_dtypes(base, mixed, cuda_sim):
+    # the run-time dtype set (its lean branch-norm kernel re-reads dy and x), and the
+    # 16-bit branch with an fp32 residual stream
+    run_case(mixed_case(base, mixed), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("D", [130, 9000], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("programs", [1, 3, 8])
+@pytest.mark.parametrize("base", [PERI_LN, LAYOUTS[2].replace(norm="layer", branch_bias=True)],
+                         ids=["peri_ln", "norm_add_layer"])
+def test_sandwich_persistent_loop_and_partial_sums(base, programs, D, sim, use):
+    """The branch norm's weight and bias gradients: per-program partials (registers and
+    shared memory, or rows of the partial buffers when streamed), summed in a fixed order."""
+    backend = use(sim.configured(sms=programs, per_sm=1))
+    rows = 128 if D < 1000 else 8
+    grads = run_case(base.replace(shape=(rows, D)), "cuda", "cpu")
+    assert backend.last["bwd_programs"] == programs
+    expected = {"x", "residual", "branch_weight", "branch_bias"}
+    assert set(grads) == (expected | {"weight", "bias"} if base.output_norm else expected)
+
+
+def test_sandwich_backward_is_deterministic(cuda_sim):
+    case = PERI_LN.replace(shape=(64, 130))
+    first = run_case(case, "cuda", "cpu", seed=3)
+    second = run_case(case, "cuda", "cpu", seed=3)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
+
+
+@pytest.mark.parametrize("output_norm", [True, False], ids=["norm_add_norm", "norm_add"])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_sandwich_misaligned_operands_match_the_vector_path_bitwise(dtype, norm, output_norm, sim):
+    g = torch.Generator().manual_seed(0)
+    rows, D = 6, 256
+    x = torch.randn(rows, D, generator=g).to(dtype)
+    r = torch.randn(rows, D, generator=g).to(dtype)
+    w, b, wb, bb = (torch.randn(D, generator=g).to(dtype) for _ in range(4))
+    if not output_norm:
+        w = b = None
+    dy = torch.randn(rows, D, generator=g).to(dtype) if output_norm else None
+    dh = torch.randn(rows, D, generator=g).to(dtype)
+    common = dict(eps=1e-5, residual_scale=1.0, branch_scale_value=1.0, is_rms=norm == "rms",
+                  zero_centered_weight=True)
+
+    def run(shift):
+        o = (lambda t: None if t is None else _offset_view(t, 1)) if shift else (lambda t: t)
+        y, h, mean, mean_x = sim.forward(o(x), o(r), o(w), o(b), None, None, store_h=True,
+                                         residual_dtype=dtype, out_dtype=dtype, branch_norm=True,
+                                         branch_weight=o(wb), branch_bias=o(bb),
+                                         output_norm=output_norm, **common)
+        grads = sim.backward(o(dy), o(dh), o(h) if output_norm else None, o(x), o(w), None, None,
+                             o(mean), has_bias=b is not None, store_dresidual=True, x_dtype=dtype,
+                             residual_dtype=dtype, branch_norm=True, branch_weight=o(wb),
+                             has_branch_bias=True, mean_x=o(mean_x), output_norm=output_norm,
+                             **common)
+        return (y, h, mean, mean_x, *grads)
+
+    names = ("y", "h", "mean", "mean_x", "dx", "dr", "dw", "db", "dbs", "dbw", "dbb")
+    for name, a, m in zip(names, run(False), run(True)):
+        assert (a is None) == (m is None), name
+        if a is not None:
+            assert torch.equal(a, m), f"{name}: the scalar path differs from the vector path"
+
+
+def test_sandwich_misaligned_inputs_through_the_api(cuda_sim):
+    torch.manual_seed(0)
+    x = _offset_view(torch.randn(4, 3, 256, dtype=torch.bfloat16), 1).requires_grad_()
+    r = _offset_view(torch.randn(4, 3, 256, dtype=torch.bfloat16), 3).requires_grad_()
+    wb, w = torch.randn(256, requires_grad=True), torch.randn(256, requires_grad=True)
+    for fn in (lambda be: resfuse.norm_add_norm(x, r, wb, w, norm="layer", backend=be),
+               lambda be: (resfuse.norm_add(x, r, wb, backend=be),)):
+        got, want = fn("cuda"), fn("torch")
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a.float(), e.float(), atol=1.6e-2, rtol=1.6e-2)

@@ -12,7 +12,9 @@ from conftest import DEVICE
 from numerics import DTYPES, Case, run_case
 from test_ops import SavedBytes
 
-BACKENDS = ["triton", "torch"]
+# on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
+BACKENDS = ["triton", "torch"] + (
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
 
 
 def flag_cases():
@@ -43,12 +45,25 @@ GEMMA = Case(norm="rms", branch_norm=True, zero_centered=True)
 PERI_LN = Case(norm="layer", branch_norm=True, branch_bias=True, bias=True)
 OLMO2 = Case(norm="rms", branch_norm=True, weight=False, output_norm=False)
 LAYOUTS = [GEMMA, PERI_LN, OLMO2]
+LAYOUT_IDS = ["gemma", "peri_ln", "olmo2"]
+SHAPES = [(7,), (1, 1), (5, 7), (3, 5, 64), (2, 2, 3, 1000), (3, 4097)]
+MIXED = [
+    dict(dtype=torch.bfloat16, residual="fp32"),
+    dict(dtype=torch.bfloat16, residual="same", residual_dtype=torch.float32),
+    dict(dtype=torch.float16, residual="same", out_dtype=torch.float32),
+]
+
+
+def mixed_case(base, mixed):
+    if not base.output_norm and "out_dtype" in mixed:
+        mixed = {k: v for k, v in mixed.items() if k != "out_dtype"}
+    return base.replace(shape=(4, 3, 96), **mixed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", [(7,), (1, 1), (5, 7), (3, 5, 64), (2, 2, 3, 1000), (3, 4097)], ids=str)
-@pytest.mark.parametrize("base", LAYOUTS, ids=["gemma", "peri_ln", "olmo2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
 def test_shapes(base, shape, dtype, backend):
     run_case(base.replace(dtype=dtype, shape=shape), backend, DEVICE)
 
@@ -56,7 +71,7 @@ def test_shapes(base, shape, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D,dtype", [(6000, torch.float32), (6000, torch.bfloat16),
                                      (65536 - 7, torch.bfloat16)], ids=str)
-@pytest.mark.parametrize("base", LAYOUTS, ids=["gemma", "peri_ln", "olmo2"])
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
 def test_long_rows(base, D, dtype, backend):
     # 6000: the backward streams chunks (three passes); ~64K: the forward too
     run_case(base.replace(dtype=dtype, shape=(3, D)), backend, DEVICE)
@@ -64,22 +79,16 @@ def test_long_rows(base, D, dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
-@pytest.mark.parametrize("base", LAYOUTS, ids=["gemma", "peri_ln", "olmo2"])
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
 def test_non_contiguous(base, layout, backend):
     run_case(base.replace(dtype=torch.bfloat16, shape=(3, 4, 72), layout=layout), backend, DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mixed", [
-    dict(dtype=torch.bfloat16, residual="fp32"),
-    dict(dtype=torch.bfloat16, residual="same", residual_dtype=torch.float32),
-    dict(dtype=torch.float16, residual="same", out_dtype=torch.float32),
-], ids=lambda m: str(Case(**m)))
-@pytest.mark.parametrize("base", LAYOUTS, ids=["gemma", "peri_ln", "olmo2"])
+@pytest.mark.parametrize("mixed", MIXED, ids=lambda m: str(Case(**m)))
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
 def test_mixed_dtypes(base, mixed, backend):
-    if not base.output_norm and "out_dtype" in mixed:
-        mixed = {k: v for k, v in mixed.items() if k != "out_dtype"}
-    run_case(base.replace(shape=(4, 3, 96), **mixed), backend, DEVICE)
+    run_case(mixed_case(base, mixed), backend, DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

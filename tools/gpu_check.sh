@@ -8,9 +8,12 @@
 #             dir and run it against the reference on this torch: the stable-ABI claim
 #   build     build the extension from source for this GPU (editable, with line info)
 #   test      the GPU tests of the cuda backend (RESFUSE_REQUIRE_CUDA_EXT=1: a missing
-#             extension fails), then the shared matrix with backend=cuda
+#             extension fails), then the shared matrices (add + norm and the sandwich
+#             layouts) with backend=cuda
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck, initcheck on every kernel path
-#   bench     first bandwidth figures, cuda against triton (benchmarks/cuda_bandwidth.py)
+#             (the sandwich layouts' included)
+#   bench     first bandwidth figures, cuda against triton, add + norm and the sandwich
+#             layouts (benchmarks/cuda_bandwidth.py)
 #
 # Logs and a summary go to $OUT (default build/gpu-check). Exit status: failed steps.
 set -uo pipefail
@@ -62,6 +65,14 @@ torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
 g = torch.autograd.grad(y.float().sum(), (x, w)); g_ref = torch.autograd.grad(y_ref.float().sum(), (x, w))
 for a, b in zip(g, g_ref):
     torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=2e-2)
+wb = torch.randn(4096, device="cuda", requires_grad=True)  # the sandwich layouts' kernels
+y, h = resfuse.norm_add_norm(x, r, wb, w, backend="cuda")
+y_ref, h_ref = resfuse.norm_add_norm(x, r, wb, w, backend="torch")
+torch.testing.assert_close(h.float(), h_ref.float(), atol=2e-2, rtol=2e-2)
+torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+g = torch.autograd.grad(y.float().sum(), (x, wb)); g_ref = torch.autograd.grad(y_ref.float().sum(), (x, wb))
+for a, b in zip(g, g_ref):
+    torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=2e-2)
 print("the wheel's kernels run and agree with the reference on this torch")
 PYEOF
   )
@@ -78,7 +89,8 @@ step_test() {
   export RESFUSE_TEST_DEVICE=cuda RESFUSE_REQUIRE_CUDA_EXT=1
   $PY -m pytest -q -p no:cacheprovider tests/test_cuda_gpu.py tests/test_gpu.py \
     tests/test_cuda_build.py -k "not spills and not compile_for" || return 1
-  $PY -m pytest -q -p no:cacheprovider tests/test_add_norm.py tests/test_ops.py tests/test_modules.py -k "cuda"
+  $PY -m pytest -q -p no:cacheprovider tests/test_add_norm.py tests/test_norm_add_norm.py \
+    tests/test_ops.py tests/test_modules.py -k "cuda"
 }
 
 step_sanitize() {

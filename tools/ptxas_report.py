@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_SOURCES = ["csrc/add_norm_fwd.cu", "csrc/add_norm_bwd.cu"]
+KERNEL_SOURCES = ["csrc/add_norm_fwd.cu", "csrc/add_norm_bwd.cu", "csrc/add_norm_bwd_branch_norm.cu"]
 
 _FUNCTION = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
 _PROPS = re.compile(r"Function properties for (\S+)")

@@ -65,6 +65,11 @@ class SimTensor(ctypes.Structure):
     _fields_ = [("ptr", ctypes.c_void_p), ("row_stride", ctypes.c_int64), ("dtype", ctypes.c_int32)]
 
 
+class SimFlags(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in
+                ("is_rms", "zero_centered", "branch_norm", "output_norm", "has_bias", "has_branch_bias")]
+
+
 def _operand(t: Optional[torch.Tensor]) -> SimTensor:
     if t is None:
         return SimTensor(None, 0, 0)
@@ -128,58 +133,61 @@ class SimBackend:
     def _fail(self, what: str):
         raise RuntimeError(f"{what}: {self.lib.resfuse_sim_last_error().decode()}")
 
-    SUPPORTS_BRANCH_NORM = False  # as resfuse.cuda_ext: the kernels have no sandwich layouts yet
+    SUPPORTS_BRANCH_NORM = True  # as resfuse.cuda_ext
 
     def forward(self, x, residual, weight, bias, branch_scale, rowscale, *, eps, residual_scale,
                 branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
                 out_dtype, branch_norm=False, branch_weight=None, branch_bias=None,
                 output_norm=True):
-        if branch_norm or not output_norm:
-            raise NotImplementedError("the CUDA kernels have no norm_add_norm / norm_add")
+        if branch_norm and (branch_scale is not None or rowscale is not None):
+            raise NotImplementedError("the branch norm does not combine with branch_scale tensors or rowscale")
         n_rows, D = x.shape
         out = _Guarded()
-        y = out.empty((n_rows, D), out_dtype)
+        y = out.empty((n_rows, D), out_dtype) if output_norm else None
         h = out.empty((n_rows, D), residual_dtype) if store_h else None
-        mean = None if is_rms else out.empty((n_rows,), torch.float32)
-        tensors = (SimTensor * 7)(_operand(x), _operand(residual), _operand(y), _operand(h),
-                                  _param(weight), _param(bias), _param(branch_scale))
+        mean = out.empty((n_rows,), torch.float32) if not is_rms and output_norm else None
+        mean_x = out.empty((n_rows,), torch.float32) if not is_rms and branch_norm else None
+        tensors = (SimTensor * 9)(_operand(x), _operand(residual), _operand(y), _operand(h),
+                                  _param(weight), _param(bias), _param(branch_scale),
+                                  _param(branch_weight), _param(branch_bias))
+        flags = SimFlags(is_rms, zero_centered_weight, branch_norm, output_norm,
+                         bias is not None, branch_bias is not None)
         threads = ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_forward(
-            tensors, _ptr(rowscale), _ptr(mean), ctypes.c_int64(n_rows), ctypes.c_int32(D),
-            ctypes.c_float(eps), ctypes.c_float(residual_scale), ctypes.c_float(branch_scale_value),
-            ctypes.c_int32(is_rms), ctypes.c_int32(zero_centered_weight),
-            ctypes.c_int32(self.max_threads_fwd), ctypes.byref(threads))
+            tensors, _ptr(rowscale), _ptr(mean), _ptr(mean_x), ctypes.c_int64(n_rows),
+            ctypes.c_int32(D), ctypes.c_float(eps), ctypes.c_float(residual_scale),
+            ctypes.c_float(branch_scale_value), flags, ctypes.c_int32(self.max_threads_fwd),
+            ctypes.byref(threads))
         if rc:
             self._fail("forward")
         out.check("forward")
         self.last["fwd_threads_per_row"] = threads.value
-        return y, h, mean, None
+        return y, h, mean, mean_x
 
     def backward(self, dy, dh, h, x, weight, branch_scale, rowscale, mean, *, eps, residual_scale,
                  branch_scale_value, is_rms, zero_centered_weight, has_bias, store_dresidual,
                  x_dtype, residual_dtype, branch_norm=False, branch_weight=None,
                  has_branch_bias=False, mean_x=None, output_norm=True):
-        if branch_norm or not output_norm:
-            raise NotImplementedError("the CUDA kernels have no norm_add_norm / norm_add")
-        n_rows, D = h.shape
+        n_rows, D = (h if output_norm else dh).shape
         out = _Guarded()
         dx = out.empty((n_rows, D), x_dtype)
         dr = out.empty((n_rows, D), residual_dtype) if store_dresidual else None
-        dw = out.empty((D,), torch.float32) if weight is not None else None
-        db = out.empty((D,), torch.float32) if has_bias else None
-        dbs = out.empty((D,), torch.float32) if branch_scale is not None else None
-        tensors = (SimTensor * 8)(_operand(dy), _operand(dh), _operand(h), _operand(x),
-                                  _operand(dx), _operand(dr), _param(weight), _param(branch_scale))
+        wanted = (output_norm and weight is not None, output_norm and has_bias,
+                  branch_scale is not None, branch_weight is not None, branch_norm and has_branch_bias)
+        grads = [out.empty((D,), torch.float32) if w else None for w in wanted]
+        tensors = (SimTensor * 9)(_operand(dy), _operand(dh), _operand(h), _operand(x),
+                                  _operand(dx), _operand(dr), _param(weight if output_norm else None),
+                                  _param(branch_scale), _param(branch_weight))
+        flags = SimFlags(is_rms, zero_centered_weight, branch_norm, output_norm, wanted[1], wanted[4])
         programs = ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_backward(
-            tensors, _ptr(rowscale), _ptr(mean), _ptr(dw), _ptr(db), _ptr(dbs),
+            tensors, _ptr(rowscale), _ptr(mean), _ptr(mean_x), (ctypes.c_void_p * 5)(*map(_ptr, grads)),
             ctypes.c_int64(n_rows), ctypes.c_int32(D), ctypes.c_float(eps),
-            ctypes.c_float(residual_scale), ctypes.c_float(branch_scale_value),
-            ctypes.c_int32(is_rms), ctypes.c_int32(zero_centered_weight),
+            ctypes.c_float(residual_scale), ctypes.c_float(branch_scale_value), flags,
             ctypes.c_int32(self.max_threads_bwd), ctypes.c_int32(self.sms),
             ctypes.c_int32(self.per_sm), ctypes.byref(programs))
         if rc:
             self._fail("backward")
         out.check("backward")
         self.last["bwd_programs"] = programs.value
-        return dx, dr, dw, db, dbs, None, None
+        return (dx, dr, *grads)

@@ -40,10 +40,16 @@ struct SimTensor {
 
 const char* resfuse_sim_last_error() { return last_error.c_str(); }
 
-// tensors: x, residual, y, h, weight, bias, branch_scale (ptr == nullptr when absent)
-int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, int64_t rows,
-                        int32_t D, float eps, float residual_scale, float branch_scale_value,
-                        int32_t is_rms, int32_t zero_centered, int32_t max_threads,
+// Flags of a call (the kernels' run-time options that are not tensors).
+struct SimFlags {
+  int32_t is_rms, zero_centered, branch_norm, output_norm, has_bias, has_branch_bias;
+};
+
+// tensors: x, residual, y, h, weight, bias, branch_scale, branch_weight, branch_bias
+// (ptr == nullptr when absent)
+int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, float* mean_x,
+                        int64_t rows, int32_t D, float eps, float residual_scale,
+                        float branch_scale_value, SimFlags flags, int32_t max_threads,
                         int32_t* threads_per_row) {
   try {
     using namespace resfuse;
@@ -55,15 +61,20 @@ int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, 
     p.weight = make_param(t[4].ptr, DType(t[4].dtype));
     p.bias = make_param(t[5].ptr, DType(t[5].dtype));
     p.branch_scale = make_param(t[6].ptr, DType(t[6].dtype));
+    p.branch_weight = make_param(t[7].ptr, DType(t[7].dtype));
+    p.branch_bias = make_param(t[8].ptr, DType(t[8].dtype));
     p.rowscale = rowscale;
     p.mean = mean;
+    p.mean_x = mean_x;
     p.rows = rows;
     p.D = D;
     p.eps = eps;
     p.residual_scale = residual_scale;
     p.branch_scale_value = branch_scale_value;
-    p.is_rms = is_rms != 0;
-    p.zero_centered = zero_centered != 0;
+    p.is_rms = flags.is_rms != 0;
+    p.zero_centered = flags.zero_centered != 0;
+    p.branch_norm = flags.branch_norm != 0;
+    p.output_norm = flags.output_norm != 0;
     SimLauncher launch;
     run_forward(p, launch, max_threads);
     *threads_per_row = row_layout(D, kFwdChunks, max_threads, kFwdMinBlock).threads_per_row;
@@ -74,13 +85,14 @@ int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, 
   }
 }
 
-// tensors: dy, dh, h, x, dx, dr, weight, branch_scale. The partial buffers are allocated here
-// and filled with NaN: a program that skipped writing its row would poison the sums.
+// tensors: dy, dh, h, x, dx, dr, weight, branch_scale, branch_weight; grads: dweight, dbias,
+// dbranch_scale, dbranch_weight, dbranch_bias (nullptr when not wanted). The partial buffers
+// are allocated here and filled with NaN: a program that skipped writing its row would poison
+// the sums.
 int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float* mean,
-                         float* dweight, float* dbias, float* dbranch, int64_t rows, int32_t D,
-                         float eps, float residual_scale, float branch_scale_value, int32_t is_rms,
-                         int32_t zero_centered, int32_t max_threads, int32_t sms, int32_t per_sm,
-                         int32_t* programs) {
+                         const float* mean_x, float* const* grads, int64_t rows, int32_t D,
+                         float eps, float residual_scale, float branch_scale_value, SimFlags flags,
+                         int32_t max_threads, int32_t sms, int32_t per_sm, int32_t* programs) {
   try {
     using namespace resfuse;
     BwdParams p;
@@ -92,26 +104,38 @@ int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float*
     p.dr = make_operand(t[5].ptr, t[5].row_stride, DType(t[5].dtype), rows);
     p.weight = make_param(t[6].ptr, DType(t[6].dtype));
     p.branch_scale = make_param(t[7].ptr, DType(t[7].dtype));
+    p.branch_weight = make_param(t[8].ptr, DType(t[8].dtype));
     p.rowscale = rowscale;
     p.mean = mean;
+    p.mean_x = mean_x;
     p.rows = rows;
     p.D = D;
     p.eps = eps;
     p.residual_scale = residual_scale;
     p.branch_scale_value = branch_scale_value;
-    p.is_rms = is_rms != 0;
-    p.zero_centered = zero_centered != 0;
-    p.has_bias = dbias != nullptr;
+    p.is_rms = flags.is_rms != 0;
+    p.zero_centered = flags.zero_centered != 0;
+    p.branch_norm = flags.branch_norm != 0;
+    p.output_norm = flags.output_norm != 0;
+    p.has_bias = flags.has_bias != 0;
+    p.has_branch_bias = flags.has_branch_bias != 0;
     SimLauncher launch;
     launch.sms = sms;
     launch.per_sm = per_sm;
     plan_backward(p, launch, max_threads);
     const size_t part_size = static_cast<size_t>(p.programs) * D;
-    std::vector<float> parts(3 * part_size, std::nanf(""));
-    if (dweight != nullptr) p.dweight_part = parts.data();
-    if (dbias != nullptr) p.dbias_part = parts.data() + part_size;
-    if (dbranch != nullptr) p.dbranch_part = parts.data() + 2 * part_size;
-    run_backward(p, dweight, dbias, dbranch, launch);
+    std::vector<float> parts(kMaxParamGrads * part_size, std::nanf(""));
+    float** part_ptrs[kMaxParamGrads] = {&p.dweight_part, &p.dbias_part, &p.dbranch_part,
+                                         &p.dbranch_weight_part, &p.dbranch_bias_part};
+    for (int i = 0; i < kMaxParamGrads; ++i)
+      if (grads[i] != nullptr) *part_ptrs[i] = parts.data() + i * part_size;
+    ParamGrads out;
+    out.weight = grads[0];
+    out.bias = grads[1];
+    out.branch_scale = grads[2];
+    out.branch_weight = grads[3];
+    out.branch_bias = grads[4];
+    run_backward(p, out, launch);
     *programs = p.programs;
     return 0;
   } catch (const std::exception& e) {
