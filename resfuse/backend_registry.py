@@ -120,14 +120,13 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device, *, sandwich: bool = False) -> str:
-    """The concrete backend that runs a call on ``device``; raises if it cannot.
-    ``sandwich``: the call is a norm_add_norm / norm_add (not every backend has them)."""
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs a call on ``device``; raises if it cannot."""
     backend = requested_backend(backend)
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return _auto(device.type, sandwich)
+        return _auto(device.type)
     if backend == "cuda":
         mod, err = _cuda_module()
         if mod is None or not mod.available():
@@ -136,10 +135,6 @@ def resolve(backend: str, device: torch.device, *, sandwich: bool = False) -> st
                 + (err or mod.unavailable_reason()) + " (see resfuse.backends())")
         if device.type != "cuda":
             raise BackendUnavailableError(f"backend='cuda' runs on CUDA tensors only, got {device}")
-        if sandwich and not mod.SUPPORTS_BRANCH_NORM:
-            raise BackendUnavailableError(
-                "backend='cuda' does not implement norm_add_norm / norm_add yet: use "
-                "backend='triton' (or 'auto')")
         return "cuda"
     # triton
     mod, err = _triton_module()
@@ -152,11 +147,11 @@ def resolve(backend: str, device: torch.device, *, sandwich: bool = False) -> st
     return "triton"
 
 
-def _auto(device_type: str, sandwich: bool = False) -> str:
+def _auto(device_type: str) -> str:
     if device_type != "cuda":
         return "torch"
     mod, _ = _cuda_module()
-    if mod is not None and mod.available() and (mod.SUPPORTS_BRANCH_NORM or not sandwich):
+    if mod is not None and mod.available():
         return "cuda"
     mod, _ = _triton_module()
     return "triton" if mod is not None else "torch"

@@ -134,10 +134,6 @@ def _ops():
     return _state
 
 
-# The sandwich layouts (norm_add_norm / norm_add) run here too ("auto" picks this backend).
-SUPPORTS_BRANCH_NORM = True
-
-
 def forward(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],

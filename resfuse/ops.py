@@ -273,7 +273,7 @@ def _run(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branc
     The ops see 2-D (rows, D) tensors: the reshapes happen out here, where autograd tracks
     them, so y and h are ordinary views the caller may edit in place (a custom autograd
     function returning several views of its outputs forbids that)."""
-    backend = _backends.resolve(backend, x.device, sandwich=branch_norm or not output_norm)
+    backend = _backends.resolve(backend, x.device)
     shape, D = x.shape, x.shape[-1]
     x = _rows(x, D)
     residual = _rows(residual, D) if residual is not None else None

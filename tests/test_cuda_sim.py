@@ -45,7 +45,7 @@ def use(monkeypatch):
         monkeypatch.setitem(backend_registry._IMPORTED, "resfuse.cuda_ext", (module, ""))
         real = backend_registry.resolve
         monkeypatch.setattr(backend_registry, "resolve",
-                            lambda backend, device, **kw: "cuda" if backend == "cuda" else real(backend, device, **kw))
+                            lambda backend, device: "cuda" if backend == "cuda" else real(backend, device))
         return module
     return install
 

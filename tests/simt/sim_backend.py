@@ -133,7 +133,6 @@ class SimBackend:
     def _fail(self, what: str):
         raise RuntimeError(f"{what}: {self.lib.resfuse_sim_last_error().decode()}")
 
-    SUPPORTS_BRANCH_NORM = True  # as resfuse.cuda_ext
 
     def forward(self, x, residual, weight, bias, branch_scale, rowscale, *, eps, residual_scale,
                 branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
