@@ -44,6 +44,13 @@ test-gpu: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# after a GPU `make bench`: install the run's measured table for backend="auto" into the
+# package, make auto-table RESULTS=benchmarks/results/<gpu>/results.json
+.PHONY: auto-table
+auto-table: $(VENV)/.installed
+	@test -n "$(RESULTS)" || { echo "usage: make auto-table RESULTS=benchmarks/results/<gpu>/results.json"; exit 2; }
+	$(PY) -m benchmarks.auto_table $(RESULTS)
+
 # wheel (cp310-abi3: any CPython >= 3.10, torch >= 2.10 with the same CUDA major) and sdist
 wheel: $(VENV)/.installed
 	rm -rf dist

@@ -172,6 +172,8 @@ setup(
                  # would be a generic name to squat on); `python -m benchmarks` still works
                  # from a checkout
                  "resfuse.benchmarks": "benchmarks"},
+    # backend="auto"'s measured tables, one per GPU model (resfuse/auto_table.py)
+    package_data={"resfuse": ["auto_tables/*.json"]},
     # the compiled extension's stable-ABI floor; the pure-Python package runs on older torch
     install_requires=["torch>=2.10" if extension is not None else "torch>=2.4"],
     extras_require={"triton": ["triton>=3.0"],

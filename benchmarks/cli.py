@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Optional
 import torch
 
 import resfuse
+from resfuse.auto_table import slug  # the name auto's tables go by, too
 
 from . import implementations, kernels, report, transformer
 from .timing import TimerSettings, copy_bandwidth
@@ -72,10 +72,6 @@ PRESETS = {
 
 
 # --------------------------------------------------------------------------- device facts
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def cpu_name() -> str:

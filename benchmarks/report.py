@@ -17,12 +17,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+from . import auto_table
 from .implementations import BY_NAME
 from .kernels import TARGET_HIDDEN, TARGET_MIN_ELEMENTS, TARGETS, in_target_range
 from .traffic import DIRECTIONS, OPS, SPECS, full_tensors_moved, tensors_moved
 from .transformer import AGREEMENT_TOLERANCE
 
 JSON_NAME = "results.json"
+AUTO_TABLE_NAME = "auto_table.json"
 REPORT_NAME = "report.md"
 BASELINE = "eager-hf"
 COMPILED = "torch.compile"
@@ -217,6 +219,24 @@ def _targets(results: dict) -> list[str]:
                           "median", "target", ""], rows, "llllrrrrl"), ""]
 
 
+def _auto_choice(table: Optional[dict]) -> list[str]:
+    """Which backend ``backend="auto"`` would pick, from this run's measurements."""
+    if table is None:
+        return []
+    rows = [[e["op"], e["dtype"], DIRECTION_NAMES[e["direction"]], f"{e['hidden']:,}",
+             f"{e['cuda_ms']:.3f}", f"{e['triton_ms']:.3f}", f"`{e['backend']}`"]
+            for e in table["entries"]]
+    return ["## auto's choice", "",
+            f"Where both `resfuse-cuda` and `resfuse-triton` were measured, `{AUTO_TABLE_NAME}` "
+            "(next to this report) records the faster: " + auto_table.AGGREGATE + " (the sums "
+            "below). "
+            "`make auto-table RESULTS=<this folder>/results.json` installs it into the package, "
+            "and `backend=\"auto\"` then picks per op, dtype and direction at the nearest "
+            "measured hidden size.", "",
+            _table(["op", "dtype", "direction", "hidden", "cuda ms (sum)", "triton ms (sum)",
+                    "auto picks"], rows, "lllrrrl"), ""]
+
+
 def _kernel_sections(results: dict) -> list[str]:
     if not results["kernels"]:
         return []
@@ -328,7 +348,8 @@ def _problems(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     parts = (_header(results) + _how_to_read(results) + _ops(results) + _implementations(results)
-             + _targets(results) + _transformer_sections(results) + _kernel_sections(results)
+             + _targets(results) + _auto_choice(auto_table.build(results))
+             + _transformer_sections(results) + _kernel_sections(results)
              + _plots(results) + _problems(results))
     return "\n".join(parts).rstrip() + "\n"
 
@@ -352,5 +373,8 @@ def write_all(results: dict, out_dir: os.PathLike) -> dict[str, Path]:
         results["plots"] = []
         results["meta"]["plots_skipped"] = f"{e} (pip install matplotlib)"
     written["json"] = write_json(results, out_dir / JSON_NAME)
+    table = auto_table.build(results)
+    if table is not None:  # both resfuse-cuda and resfuse-triton were measured: a GPU run
+        written["auto_table"] = auto_table.write(table, out_dir / AUTO_TABLE_NAME)
     written["report"] = write_markdown(results, out_dir / REPORT_NAME)
     return written

@@ -257,9 +257,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
-def _resolved_backend(backend: str, device: torch.device) -> str:
-    from resfuse import backend_registry
-    return backend_registry.resolve(backend, device)
+def _resolved_backend(backend: str, device: torch.device, cfg: "TransformerConfig") -> str:
+    """The backend of the fused variant's add + norm calls (auto's pick for a training call)."""
+    from resfuse import auto_table, backend_registry
+    key = ("add_norm", cfg.norm == "rms", auto_table.DTYPES[cfg.dtype], cfg.hidden, True)
+    return backend_registry.resolve(backend, device, key)
 
 
 def _output_and_grads(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, variant: str,
@@ -343,7 +345,7 @@ def compare(cfg: TransformerConfig, device: torch.device, variants=VARIANTS,
         del tensors
         worst = max(errors, key=errors.get)
         row = {"variant": variant,
-               "backend": _resolved_backend(backend, device) if variant == "fused" else None,
+               "backend": _resolved_backend(backend, device, cfg) if variant == "fused" else None,
                "saved_bytes": ledger.bytes, "saved_tensors": ledger.tensors,
                "saved_bytes_per_layer": ledger.bytes / cfg.layers,
                "allocated_after_forward_bytes": held,

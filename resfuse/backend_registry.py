@@ -7,8 +7,11 @@ import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Optional
 
 import torch
+
+from . import auto_table
 
 BACKEND_NAMES = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "RESFUSE_BACKEND"
@@ -93,9 +96,10 @@ def backends() -> BackendReport:
         report["triton"] = BackendStatus("triton", True, f"triton {_triton_version()}, {where}")
 
     report["torch"] = BackendStatus("torch", True, "PyTorch reference, any device")
-    auto = "CUDA tensors: " + ("cuda" if report["cuda"].available else
-                               "triton" if report["triton"].available else "torch")
-    report["auto"] = BackendStatus("auto", True, auto + "; CPU tensors: torch")
+    fallback = ("cuda" if report["cuda"].available else
+                "triton" if report["triton"].available else "torch")
+    report["auto"] = BackendStatus(
+        "auto", True, f"CUDA tensors: {auto_table.describe(fallback)}; CPU tensors: torch")
     return report
 
 
@@ -120,13 +124,15 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs a call on ``device``; raises if it cannot."""
+def resolve(backend: str, device: torch.device, key: Optional[tuple] = None) -> str:
+    """The concrete backend that runs a call on ``device``; raises if it cannot. ``key``,
+    ``(family, is_rms, dtype, hidden, needs_grad)`` of the call (``auto_table``), lets
+    ``"auto"`` choose per the measured table; without it auto takes its fallback rule."""
     backend = requested_backend(backend)
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return _auto(device.type)
+        return _auto(device.type, key)
     if backend == "cuda":
         mod, err = _cuda_module()
         if mod is None or not mod.available():
@@ -147,14 +153,29 @@ def resolve(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-def _auto(device_type: str) -> str:
+def _cuda_loads() -> bool:
+    mod, _ = _cuda_module()
+    return mod is not None and mod.available()
+
+
+def _triton_loads() -> bool:
+    return _triton_module()[0] is not None
+
+
+_LOADS = {"cuda": _cuda_loads, "triton": _triton_loads}
+
+
+def _auto(device_type: str, key: Optional[tuple] = None) -> str:
+    """The measured table's choice for ``key`` when it has one and that backend loads; else
+    cuda when the extension loads, else triton (CUDA tensors). CPU tensors: the reference."""
     if device_type != "cuda":
         return "torch"
-    mod, _ = _cuda_module()
-    if mod is not None and mod.available():
+    measured = auto_table.measured_backend(key) if key is not None else None
+    if measured is not None and _LOADS[measured]():
+        return measured
+    if _cuda_loads():
         return "cuda"
-    mod, _ = _triton_module()
-    return "triton" if mod is not None else "torch"
+    return "triton" if _triton_loads() else "torch"
 
 
 def implementation(name: str) -> ModuleType:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import auto_table
 from . import backend_registry as _backends
 from . import checks
 
@@ -273,13 +274,20 @@ def _run(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branc
     The ops see 2-D (rows, D) tensors: the reshapes happen out here, where autograd tracks
     them, so y and h are ordinary views the caller may edit in place (a custom autograd
     function returning several views of its outputs forbids that)."""
-    backend = _backends.resolve(backend, x.device)
     shape, D = x.shape, x.shape[-1]
+    tensors = (x, residual, weight, bias, branch_scale, branch_weight, branch_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if backend == "auto":  # auto's measured choice depends on the call (auto_table)
+        key = (auto_table.family(residual is not None, branch_norm, output_norm), is_rms,
+               x.dtype, D, needs_grad)
+        if torch.compiler.is_compiling() and not auto_table.known_at_trace(D):
+            key = None  # the choice is a constant of the graph: a symbolic D gets the rule
+        backend = _backends.resolve(backend, x.device, key)
+    else:
+        backend = _backends.resolve(backend, x.device)
     x = _rows(x, D)
     residual = _rows(residual, D) if residual is not None else None
     rowscale = rowscale.reshape(-1) if rowscale is not None else None
-    tensors = (x, residual, weight, bias, branch_scale, branch_weight, branch_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     h_is_x = (residual is None and branch_scale is None and branch_scale_value == 1.0
               and rowscale is None and not branch_norm and residual_dtype == x.dtype)
     # h is written when returned, or when the output norm's backward needs it and it is not x
