@@ -30,7 +30,7 @@ from resfuse import backend_registry
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (rows, D): about 64 M elements each, from per-head norms to very wide rows
 SHAPES = [(65536, 1024), (32768, 2048), (16384, 4096), (8192, 8192), (4096, 16384),
-          (2048, 32768), (16384, 768), (4096, 12288), (262144, 128)]
+          (2048, 32768), (512, 131072), (16384, 768), (4096, 12288), (262144, 128)]
 
 
 def timed(fn, warmup: int = 3, reps: int = 20) -> float:
@@ -91,9 +91,19 @@ def bench_shape(backend: str, rows: int, D: int, dtype: torch.dtype, norm: str,
     fwd_tensors, bwd_tensors = TENSORS_MOVED[layout]
     fwd_bytes = fwd_tensors * rows * D * elem
     bwd_bytes = bwd_tensors * rows * D * elem
-    return {"backend": backend, "layout": layout, "norm": norm, "rows": rows, "D": D,
-            "dtype": str(dtype).split(".")[-1], "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
-            "fwd_GBps": fwd_bytes / fwd_ms / 1e6, "bwd_GBps": bwd_bytes / bwd_ms / 1e6}
+    out = {"backend": backend, "layout": layout, "norm": norm, "rows": rows, "D": D,
+           "dtype": str(dtype).split(".")[-1], "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+           "fwd_GBps": fwd_bytes / fwd_ms / 1e6, "bwd_GBps": bwd_bytes / bwd_ms / 1e6}
+    if backend == "cuda":  # which path ran: rows in one block, across a cluster, or streamed
+        out["fwd_path"] = row_path(impl.row_layout(D))
+        out["bwd_path"] = row_path(impl.row_layout(D, backward=True, branch_norm=branch_norm))
+    return out
+
+
+def row_path(layout: dict) -> str:
+    if layout["cluster_blocks"] > 1:
+        return f"cluster x{layout['cluster_blocks']}"
+    return "block" if layout["single_tile"] else "streamed"
 
 
 def host_overhead_us(backend: str, calls: int = 300) -> dict:
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
     print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
           f"device-to-device copy {copy:.0f} GB/s (read + write)")
     print(f"{'backend':<7} {'layout':<13} {'norm':<5} {'rows x D':>14} {'fwd ms':>8} {'fwd GB/s':>9} "
-          f"{'of copy':>7} {'bwd ms':>8} {'bwd GB/s':>9} {'of copy':>7}")
+          f"{'of copy':>7} {'bwd ms':>8} {'bwd GB/s':>9} {'of copy':>7}  cuda path fwd / bwd")
     overhead = {b: host_overhead_us(b) for b in backends}
     for b, o in overhead.items():
         print(f"host path per call, 8x1024 bf16 add_rms_norm: {b:<7} {o['no_grad']:6.1f} us "
@@ -149,7 +159,8 @@ def main(argv=None) -> int:
                     results.append(res)
                     print(f"{backend:<7} {layout:<13} {norm:<5} {f'{rows}x{D}':>14} "
                           f"{res['fwd_ms']:8.3f} {res['fwd_GBps']:9.0f} {res['fwd_GBps'] / copy:7.0%} "
-                          f"{res['bwd_ms']:8.3f} {res['bwd_GBps']:9.0f} {res['bwd_GBps'] / copy:7.0%}",
+                          f"{res['bwd_ms']:8.3f} {res['bwd_GBps']:9.0f} {res['bwd_GBps'] / copy:7.0%}"
+                          + (f"  {res['fwd_path']} / {res['bwd_path']}" if "fwd_path" in res else ""),
                           flush=True)
                     torch.cuda.empty_cache()
     if args.json:

@@ -6,12 +6,22 @@
 namespace resfuse {
 
 // The branch-norm kernels are compiled by add_norm_bwd_branch_norm.cu, in parallel with these.
-extern template int bwd_blocks_per_sm<true, CudaLauncher>(const BwdParams&, CudaLauncher&);
+extern template void plan_backward_kernel<true, CudaLauncher>(BwdParams&, CudaLauncher&, int);
 extern template void launch_bwd_kernel<true, CudaLauncher>(const BwdParams&, CudaLauncher&);
 
 void plan_backward(BwdParams& p) {
   CudaLauncher launch;
   plan_backward(p, launch);
+}
+
+RowLayout backward_layout(int64_t D, bool branch_norm) {
+  CudaLauncher launch;
+  BwdParams p;
+  p.D = static_cast<int>(D);
+  p.rows = 1;
+  p.branch_norm = branch_norm;
+  plan_backward(p, launch);
+  return p.layout;
 }
 
 void launch_backward(const BwdParams& p, const ParamGrads& grads, void* stream) {

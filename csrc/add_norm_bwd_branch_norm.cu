@@ -5,7 +5,7 @@
 
 namespace resfuse {
 
-template int bwd_blocks_per_sm<true, CudaLauncher>(const BwdParams&, CudaLauncher&);
+template void plan_backward_kernel<true, CudaLauncher>(BwdParams&, CudaLauncher&, int);
 template void launch_bwd_kernel<true, CudaLauncher>(const BwdParams&, CudaLauncher&);
 
 }  // namespace resfuse

@@ -12,6 +12,13 @@ void launch_forward(const FwdParams& p, void* stream) {
   run_forward(p, launch);
 }
 
+RowLayout forward_layout(int64_t D) {
+  CudaLauncher launch;
+  FwdParams p;  // no operands: the first dtype set; no rows: plans, launches nothing
+  p.D = static_cast<int>(D);
+  return run_forward(p, launch);
+}
+
 bool current_device_supported() {
   cudaFuncAttributes attributes;
   const cudaError_t err = cudaFuncGetAttributes(&attributes, &reduce_partials_kernel<kReduceSlices>);

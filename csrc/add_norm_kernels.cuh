@@ -24,9 +24,12 @@
 //
 // Layout (add_norm_params.h): `threads_per_row` threads share a row, each owning the 8-element
 // chunks lane, lane + t, lane + 2t, ... (consecutive threads touch consecutive 16-byte words:
-// coalesced 128-bit accesses). Several rows per block for small D. Rows longer than the
-// register budget stream tiles of a full block in several passes; the later passes re-read
-// the row, which was just read, from L2.
+// coalesced 128-bit accesses). Several rows per block for small D. Rows longer than one
+// block's register budget span the blocks of a thread-block cluster on sm_90 (the chunks
+// dealt across the cluster's threads as if one block, the row sums exchanged through
+// distributed shared memory: still one read and one write per element); elsewhere, and for
+// rows too long even for a cluster, they stream tiles of a full block in several passes,
+// the later passes re-reading the row, which was just read, from L2.
 #pragma once
 
 #include <type_traits>
@@ -60,6 +63,37 @@ __device__ __forceinline__ void copy(const float (&from)[kChunk], float (&to)[kC
 // A compiler-only memory barrier: a load after it is a load again, not the values of an
 // earlier load of the same address kept alive in registers.
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+// Where a thread works, from the launch indices and the layout only (values the compiler
+// can re-derive at any point rather than hold in registers): its row group's `row_threads`
+// threads (threads_per_row, times the blocks of a cluster), its lane among them (its chunks
+// are lane, lane + row_threads, ...), and its program: the block, or cluster, that rows are
+// dealt to and whose row of the partial-sum buffers it writes. A cluster's blocks are
+// consecutive along x, so a block's rank in it is blockIdx.x mod cluster_blocks.
+// kClusters = false: for a kernel never launched with clusters (one register fewer).
+template <bool kClusters = true>
+__device__ __forceinline__ int row_lane(const RowLayout& L) {
+  const int rank = kClusters ? static_cast<int>(blockIdx.x) & (L.cluster_blocks - 1) : 0;
+  return (rank << L.row_shift) + static_cast<int>(threadIdx.x & (L.threads_per_row - 1));
+}
+template <bool kClusters = true>
+__device__ __forceinline__ int row_threads(const RowLayout& L) {
+  return kClusters ? L.row_threads : L.threads_per_row;  // (the same value as the reducer's)
+}
+template <bool kClusters = true>
+__device__ __forceinline__ unsigned row_program(const RowLayout& L) {
+  return kClusters ? blockIdx.x >> L.cluster_shift : blockIdx.x;
+}
+template <bool kClusters = true>
+__device__ __forceinline__ unsigned row_programs(const RowLayout& L) {
+  return kClusters ? gridDim.x >> L.cluster_shift : gridDim.x;
+}
+
+__device__ __forceinline__ RowReducer row_reducer(const RowLayout& L, float* scratch) {
+  RowReducer red{scratch, L.threads_per_row, static_cast<int>(threadIdx.x >> L.row_shift)};
+  red.cluster_blocks = L.cluster_blocks;
+  return red;
+}
 
 // A norm's row statistics: LayerNorm's mean (0 for RMSNorm) and rstd.
 struct RowStats {
@@ -204,16 +238,16 @@ __device__ __forceinline__ void normalize_store(const FwdParams& p, int64_t row,
 
 template <class TX, class TR, class TH, class TY, bool kRms>
 __global__ void __launch_bounds__(kFwdMaxThreads) add_norm_fwd_kernel(const FwdParams p) {
-  __shared__ float scratch[2 * RowReducer::kMaxWarps * RowReducer::kMaxValues];
+  RESFUSE_SHARED_ARRAY(float, scratch, RowReducer::kScratchFloats);
   constexpr int C = kFwdChunks;
-  const int t = p.layout.threads_per_row;
+  const int t = p.layout.row_threads;
   const int slot = threadIdx.x >> p.layout.row_shift;
-  const int lane = threadIdx.x & (t - 1);
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * p.layout.rows_per_block + slot;
+  const int lane = row_lane(p.layout);
+  const int64_t row = static_cast<int64_t>(row_program(p.layout)) * p.layout.rows_per_block + slot;
   const bool row_ok = row < p.rows;  // rows past the end still join the reductions
   const int D = p.D;
   const float rowscale = (p.rowscale != nullptr && row_ok) ? p.rowscale[row] : 1.0f;
-  RowReducer red{scratch, t, slot};
+  RowReducer red = row_reducer(p.layout, scratch);
   RowStats bx{0.0f, 0.0f}, hs{0.0f, 0.0f};  // the branch norm's and the output norm's
 
   if (p.layout.single_tile) {
@@ -310,6 +344,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads) add_norm_fwd_kernel(const FwdP
     if (p.mean != nullptr) p.mean[row] = hs.mean;
     if (p.mean_x != nullptr) p.mean_x[row] = bx.mean;
   }
+  red.leave_cluster();
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -466,10 +501,9 @@ __device__ __forceinline__ void load_shifted_x(const BwdParams& p, int64_t row, 
 // Asks L2 for one operand's chunks of a row ahead of time: the persistent loop's next loads
 // then hit L2. (Holding the next row in registers instead would make the kernel spill.)
 __device__ __forceinline__ void prefetch_row_l2(const BwdParams& p, const Operand& op, int64_t row,
-                                                int lane) {
+                                                int lane, int t) {
 #ifndef RESFUSE_SIMT
   if (op.ptr == nullptr || row >= p.rows) return;
-  const int t = p.layout.threads_per_row;
 #pragma unroll
   for (int c = 0; c < kBwdChunks; ++c) {
     const int col = (lane + c * t) * kChunk;
@@ -493,13 +527,14 @@ RESFUSE_HOST_DEVICE inline int bwd_smem_floats(const RowLayout& L, bool smem_acc
 
 // The block's row of one partial-sum buffer: the sum of its row groups' accumulators, added
 // in slot order (deterministic). `smem` holds block_threads * kChunk floats.
+template <bool kClusters>
 __device__ __forceinline__ void write_partials(const BwdParams& p, float* part,
                                                float (&acc)[kBwdChunks][kChunk], int slot, int lane,
                                                float* smem) {
-  const int t = p.layout.threads_per_row, rows_per_block = p.layout.rows_per_block;
-  float* out = part + static_cast<int64_t>(blockIdx.x) * p.D;
+  const int t = row_threads<kClusters>(p.layout), rows_per_block = p.layout.rows_per_block;
+  float* out = part + static_cast<int64_t>(row_program<kClusters>(p.layout)) * p.D;
   const bool vec = (p.D & 3) == 0;  // the buffer's rows are then 16-byte aligned
-  if (rows_per_block == 1) {
+  if (rows_per_block == 1) {  // (the only case with clusters: t, lane span the cluster)
 #pragma unroll
     for (int c = 0; c < kBwdChunks; ++c) {
       const int col = (lane + c * t) * kChunk;
@@ -553,10 +588,14 @@ struct SmemAccumulator {
 
 // write_partials for an accumulator in shared memory: the block's row groups summed in slot
 // order (the same order as write_partials), read straight from the accumulator.
+template <bool kClusters>
 __device__ __forceinline__ void write_smem_partials(const BwdParams& p, float* part,
                                                     const SmemAccumulator& acc, int slot, int lane) {
-  const int t = p.layout.threads_per_row;
-  float* out = part + static_cast<int64_t>(blockIdx.x) * p.D;
+  const int t = row_threads<kClusters>(p.layout);  // lane, t: the columns (across a cluster)
+  // the accumulator's index: the thread's place in its block
+  const int block_t = kClusters ? p.layout.threads_per_row : t;
+  const int block_lane = kClusters ? static_cast<int>(threadIdx.x & (block_t - 1)) : lane;
+  float* out = part + static_cast<int64_t>(row_program<kClusters>(p.layout)) * p.D;
   const bool vec = (p.D & 3) == 0;
   __syncthreads();  // block-uniform: the other row groups' accumulators are complete
   if (slot != 0) return;
@@ -569,13 +608,22 @@ __device__ __forceinline__ void write_smem_partials(const BwdParams& p, float* p
     zero(s);
     for (int r = 0; r < p.layout.rows_per_block; ++r)
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) s[e] += acc.base[(c * kChunk + e) * acc.stride + r * t + lane];
+      for (int e = 0; e < kChunk; ++e) s[e] += acc.base[(c * kChunk + e) * acc.stride + r * block_t + block_lane];
     ChunkIO<float>::store(out, col, DType::kFloat32, n, vec, s);
   }
 }
 
-// Rows that fit in registers: each row group walks rows blockIdx.x * rows_per_block + slot,
-// + grid * rows_per_block, ... (persistent grid), reading each operand once, with the next
+// Rows of dy and x stay in registers, except in the branch-norm kernel with run-time dtypes
+// (its loads take more registers): that one reads each chunk again where it is needed rather
+// than spill, and has no cluster layout (cluster_sum's registers would make it spill; it
+// streams long rows instead: a rare dtype mix at a rare width).
+template <class TX, bool kBranchNorm>
+RESFUSE_HOST_DEVICE constexpr bool lean_bwd_kernel() {
+  return kBranchNorm && std::is_same<TX, Dyn>::value;
+}
+
+// Rows that fit in registers: each row group walks rows program * rows_per_block + slot,
+// + programs * rows_per_block, ... (persistent grid; a program is a block, or a cluster), reading each operand once, with the next
 // row requested into L2 while it reduces and writes the current one. Per row: the output
 // norm's backward from h and dy (one reduction), the gradient reaching h and the branch
 // value f; then either dx of the plain branch, or the branch norm's backward from x and df
@@ -585,12 +633,10 @@ template <class TX, class TR, class TH, class TY, bool kRms, bool kBranchNorm>
 __device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowReducer& red,
                                                       int slot, int lane, float* smem) {
   constexpr int C = kBwdChunks;
-  // Rows of dy and x stay in registers, except in the branch-norm kernel with run-time dtypes
-  // (its loads take more registers): that one reads each chunk again where it is needed,
-  // rather than spill.
-  constexpr bool kLean = kBranchNorm && std::is_same<TX, Dyn>::value;
-  const int t = p.layout.threads_per_row, D = p.D;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * p.layout.rows_per_block;
+  constexpr bool kLean = lean_bwd_kernel<TX, kBranchNorm>();
+  constexpr bool kClusters = !kLean;
+  const int t = row_threads<kClusters>(p.layout), D = p.D;
+  const int64_t step = static_cast<int64_t>(row_programs<kClusters>(p.layout)) * p.layout.rows_per_block;
   // Parameter-gradient accumulators: the output norm's weight and bias, then the branch's:
   // the branch-scale tensor (plain), or the branch norm's weight and bias. The branch norm's
   // bias accumulator sits in shared memory (bwd_smem_floats): a fourth one in registers, next
@@ -603,9 +649,9 @@ __device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowRed
       p.layout.block_threads};
   if (acc_dbranch_bias.base != nullptr) acc_dbranch_bias.zero_all();
 
-  int64_t row = static_cast<int64_t>(blockIdx.x) * p.layout.rows_per_block + slot;
-  // the loop bound is block-uniform (the block's first row), so every thread reaches the
-  // same barriers; row groups past the end compute on zeros and store nothing
+  int64_t row = static_cast<int64_t>(row_program<kClusters>(p.layout)) * p.layout.rows_per_block + slot;
+  // the loop bound is block- (and cluster-) uniform (the program's first row), so every
+  // thread reaches the same barriers; row groups past the end compute on zeros, store nothing
   for (int64_t base = row - slot; base < p.rows; base += step, row += step) {
     const bool row_ok = row < p.rows;
     float df[C][kChunk];  // the gradient reaching h, then the branch value f
@@ -630,8 +676,8 @@ __device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowRed
         add_row_sums<kRms>(p.weight, p.zero_centered, col, n, d[c], dy, s.s);
         if constexpr (!kLean) copy(dy, dy_row[c]);
       }
-      prefetch_row_l2(p, p.h, row + step, lane);
-      prefetch_row_l2(p, p.dy, row + step, lane);
+      prefetch_row_l2(p, p.h, row + step, lane, t);
+      prefetch_row_l2(p, p.dy, row + step, lane, t);
       red.sum(s.s);
       const GradCoefficients k = grad_coefficients<kRms>(s.s, D, p.eps);
 #pragma unroll
@@ -656,8 +702,8 @@ __device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowRed
       for (int c = 0; c < C; ++c) zero(df[c]);
     }
     if (kBranchNorm) {
-      prefetch_row_l2(p, p.x, row + step, lane);
-      if (!p.output_norm) prefetch_row_l2(p, p.dh, row + step, lane);
+      prefetch_row_l2(p, p.x, row + step, lane, t);
+      if (!p.output_norm) prefetch_row_l2(p, p.dh, row + step, lane, t);
     }
     const float rowscale = (!kBranchNorm && p.rowscale != nullptr && row_ok) ? p.rowscale[row] : 1.0f;
 #pragma unroll
@@ -709,13 +755,13 @@ __device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowRed
       }
     }
   }
-  if (p.dweight_part != nullptr) write_partials(p, p.dweight_part, acc_dw, slot, lane, smem);
-  if (p.dbias_part != nullptr) write_partials(p, p.dbias_part, acc_db, slot, lane, smem);
+  if (p.dweight_part != nullptr) write_partials<kClusters>(p, p.dweight_part, acc_dw, slot, lane, smem);
+  if (p.dbias_part != nullptr) write_partials<kClusters>(p, p.dbias_part, acc_db, slot, lane, smem);
   if (kBranchNorm) {
-    if (p.dbranch_weight_part != nullptr) write_partials(p, p.dbranch_weight_part, acc_dbranch, slot, lane, smem);
-    if (p.dbranch_bias_part != nullptr) write_smem_partials(p, p.dbranch_bias_part, acc_dbranch_bias, slot, lane);
+    if (p.dbranch_weight_part != nullptr) write_partials<kClusters>(p, p.dbranch_weight_part, acc_dbranch, slot, lane, smem);
+    if (p.dbranch_bias_part != nullptr) write_smem_partials<kClusters>(p, p.dbranch_bias_part, acc_dbranch_bias, slot, lane);
   } else if (p.dbranch_part != nullptr) {
-    write_partials(p, p.dbranch_part, acc_dbranch, slot, lane, smem);
+    write_partials<kClusters>(p, p.dbranch_part, acc_dbranch, slot, lane, smem);
   }
 }
 __device__ __forceinline__ void add_to_partial(float* part_row, int col, int n, bool vec,
@@ -885,20 +931,22 @@ __device__ __forceinline__ void bwd_rows_streamed(const BwdParams& p, RowReducer
 
 template <class TX, class TR, class TH, class TY, bool kRms, bool kBranchNorm>
 __global__ void __launch_bounds__(kBwdMaxThreads) add_norm_bwd_kernel(const BwdParams p) {
-  __shared__ float scratch[2 * RowReducer::kMaxWarps * RowReducer::kMaxValues];
+  RESFUSE_SHARED_ARRAY(float, scratch, RowReducer::kScratchFloats);
 #ifdef RESFUSE_SIMT
   float* smem = reinterpret_cast<float*>(simt::dynamic_smem());
 #else
   extern __shared__ float smem[];  // rows_per_block > 1: block_threads * kChunk floats
 #endif
-  const int t = p.layout.threads_per_row;
   const int slot = threadIdx.x >> p.layout.row_shift;
-  const int lane = threadIdx.x & (t - 1);
-  RowReducer red{scratch, t, slot};
+  constexpr bool kClusters = !lean_bwd_kernel<TX, kBranchNorm>();
+  const int lane = row_lane<kClusters>(p.layout);
+  RowReducer red = row_reducer(p.layout, scratch);
+  if (!kClusters) red.cluster_blocks = 1;  // compiles cluster_sum out
   if (p.layout.single_tile)
     bwd_rows_in_registers<TX, TR, TH, TY, kRms, kBranchNorm>(p, red, slot, lane, smem);
   else
     bwd_rows_streamed<TX, TR, TH, TY, kRms, kBranchNorm>(p, red, lane);
+  red.leave_cluster();
 }
 
 // Second step of the parameter gradients: a (kReduceSlices x kReduceCols) block sums

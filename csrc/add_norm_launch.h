@@ -4,8 +4,14 @@
 //
 // A Launcher provides
 //   operator()(kernel, dim3 grid, dim3 block, size_t smem_bytes, params)
+//   cluster(kernel, dim3 grid, dim3 block, int cluster_blocks, size_t smem_bytes, params):
+//       the same with thread-block clusters of cluster_blocks blocks along x
 //   int sm_count()
 //   int blocks_per_sm(kernel, int block_threads, size_t smem_bytes)
+//   int max_cluster_blocks(kernel): 1 where the device (or the kernel's loaded binary)
+//       has no clusters
+//   int clusters_resident(kernel, int block_threads, size_t smem_bytes, int cluster_blocks):
+//       how many such clusters the GPU holds at once (0: they cannot launch)
 #pragma once
 
 #include <algorithm>
@@ -17,9 +23,12 @@
 namespace resfuse {
 
 // Threads per row: the power of two that gives each thread at most `chunks_per_thread`
-// chunks; capped at `max_threads`, past which the row streams tiles (single_tile = false)
-// with one row per block. Short rows share a block of at least `min_block` threads.
-inline RowLayout row_layout(int64_t D, int chunks_per_thread, int max_threads, int min_block) {
+// chunks; capped at `max_threads`, past which the row spans a cluster of up to
+// `max_cluster` such blocks (the fewest that hold it: the smaller the cluster, the cheaper its
+// barriers and the easier it is to place), or, longer still, streams tiles (single_tile =
+// false) with one row per block. Short rows share a block of at least `min_block` threads.
+inline RowLayout row_layout(int64_t D, int chunks_per_thread, int max_threads, int min_block,
+                            int max_cluster = 1) {
   const int64_t chunks = (D + kChunk - 1) / kChunk;
   const int64_t want = (chunks + chunks_per_thread - 1) / chunks_per_thread;
   RowLayout L;
@@ -30,9 +39,49 @@ inline RowLayout row_layout(int64_t D, int chunks_per_thread, int max_threads, i
     ++L.row_shift;
   }
   L.single_tile = want <= L.threads_per_row;
+  L.row_threads = L.threads_per_row;
+  if (!L.single_tile && L.threads_per_row >= 32) {  // (cluster_sum's gather is one warp)
+    int blocks = 1, shift = 0;
+    while (static_cast<int64_t>(blocks) * L.threads_per_row < want && blocks < max_cluster) blocks <<= 1, ++shift;
+    if (static_cast<int64_t>(blocks) * L.threads_per_row >= want) {
+      L.cluster_blocks = blocks;
+      L.cluster_shift = shift;
+      L.row_threads = blocks * L.threads_per_row;
+      L.single_tile = true;
+      L.block_threads = L.threads_per_row;
+      L.rows_per_block = 1;
+      return L;
+    }
+  }
   L.block_threads = L.single_tile ? std::max(L.threads_per_row, min_block) : L.threads_per_row;
   L.rows_per_block = L.block_threads / L.threads_per_row;
   return L;
+}
+
+// row_layout with clusters where the kernel has them and the device launches them for it
+// (with smem_bytes(layout) of dynamic shared memory), else without.
+template <class Launcher, class Kernel, class SmemBytes>
+RowLayout fitted_layout(Launcher& launch, Kernel kernel, int64_t D, int chunks_per_thread, int max_threads,
+                        int min_block, SmemBytes&& smem_bytes, bool kernel_has_clusters = true) {
+  const int max_cluster =
+      kernel_has_clusters ? std::min(launch.max_cluster_blocks(kernel), kMaxClusterBlocks) : 1;
+  RowLayout L = row_layout(D, chunks_per_thread, max_threads, min_block, max_cluster);
+  if (L.cluster_blocks > 1 &&
+      launch.clusters_resident(kernel, L.block_threads, smem_bytes(L), L.cluster_blocks) == 0)
+    L = row_layout(D, chunks_per_thread, max_threads, min_block, 1);
+  return L;
+}
+
+// Launches `programs` programs of the layout: blocks, or clusters of its blocks.
+template <class Launcher, class Kernel, class Params>
+void launch_programs(Launcher& launch, Kernel kernel, const RowLayout& L, int64_t programs, size_t smem,
+                     const Params& p) {
+  const int64_t blocks = programs * L.cluster_blocks;
+  if (blocks > 0x7fffffff) throw std::runtime_error("resfuse CUDA: too many rows for one launch");
+  if (L.cluster_blocks > 1)
+    launch.cluster(kernel, dim3(static_cast<unsigned>(blocks)), dim3(L.block_threads), L.cluster_blocks, smem, p);
+  else
+    launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(L.block_threads), smem, p);
 }
 
 template <class X, class R, class H, class Y>
@@ -70,20 +119,22 @@ void with_dtype_set(int x, int r, int h, int y, Fn&& fn) {
   return fn(DTypeSet<Dyn, Dyn, Dyn, Dyn>{});
 }
 
+// One program per row group; returns the layout it launched with.
 template <class Launcher>
-void run_forward(FwdParams p, Launcher& launch, int max_threads = kFwdMaxThreads) {
-  if (p.rows == 0) return;
-  p.layout = row_layout(p.D, kFwdChunks, max_threads, kFwdMinBlock);
-  const int64_t blocks = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
-  if (blocks > 0x7fffffff) throw std::runtime_error("resfuse CUDA: too many rows for one launch");
+RowLayout run_forward(FwdParams p, Launcher& launch, int max_threads = kFwdMaxThreads) {
   with_dtype_set(dtype_code(p.x), dtype_code(p.residual), dtype_code(p.h), dtype_code(p.y),
                  [&](auto set) {
                    using S = decltype(set);
                    const auto kernel =
                        p.is_rms ? &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true>
                                 : &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false>;
-                   launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(p.layout.block_threads), 0, p);
+                   p.layout = fitted_layout(launch, kernel, p.D, kFwdChunks, max_threads, kFwdMinBlock,
+                                            [](const RowLayout&) { return size_t{0}; });
+                   if (p.rows == 0) return;
+                   const int64_t groups = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
+                   launch_programs(launch, kernel, p.layout, groups, 0, p);
                  });
+  return p.layout;
 }
 
 inline int bwd_dtype_x(const BwdParams& p) { return unify(dtype_code(p.dx), dtype_code(p.x)); }
@@ -93,47 +144,55 @@ inline int bwd_dtype_h(const BwdParams& p) { return unify(dtype_code(p.h), dtype
 // sizes and launches each is a template of its own, instantiated for the CUDA launcher in
 // its own translation unit (csrc/add_norm_bwd.cu, csrc/add_norm_bwd_branch_norm.cu): the
 // two families, the bulk of the build, compile in parallel.
+// fn(kernel, has_clusters)
 template <bool kBranchNorm, class Fn>
 void with_bwd_kernel(const BwdParams& p, Fn&& fn) {
   with_dtype_set(bwd_dtype_x(p), dtype_code(p.dr), bwd_dtype_h(p), dtype_code(p.dy), [&](auto set) {
     using S = decltype(set);
     fn(p.is_rms ? &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true, kBranchNorm>
-                : &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false, kBranchNorm>);
+                : &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false, kBranchNorm>,
+       !lean_bwd_kernel<typename S::TX, kBranchNorm>());
   });
 }
 
-inline size_t bwd_smem_bytes(const BwdParams& p) {
+inline size_t bwd_smem_bytes(const BwdParams& p, const RowLayout& L) {
   // the streamed path adds its branch-bias terms to the partial rows directly
-  const bool smem_accumulator = p.branch_norm && p.has_branch_bias && p.layout.single_tile;
-  return static_cast<size_t>(bwd_smem_floats(p.layout, smem_accumulator)) * sizeof(float);
+  const bool smem_accumulator = p.branch_norm && p.has_branch_bias && L.single_tile;
+  return static_cast<size_t>(bwd_smem_floats(L, smem_accumulator)) * sizeof(float);
 }
 
+// Sets the backward's layout and persistent grid size (programs = rows of each partial
+// buffer, which the caller allocates before run_backward): enough programs (blocks, or
+// clusters) to fill every SM at the kernel's occupancy, never more than there are row groups.
 template <bool kBranchNorm, class Launcher>
-int bwd_blocks_per_sm(const BwdParams& p, Launcher& launch) {
-  int per_sm = 1;
-  with_bwd_kernel<kBranchNorm>(p, [&](auto kernel) {
-    per_sm = launch.blocks_per_sm(kernel, p.layout.block_threads, bwd_smem_bytes(p));
+void plan_backward_kernel(BwdParams& p, Launcher& launch, int max_threads) {
+  with_bwd_kernel<kBranchNorm>(p, [&](auto kernel, bool has_clusters) {
+    const auto smem_bytes = [&](const RowLayout& L) { return bwd_smem_bytes(p, L); };
+    p.layout = fitted_layout(launch, kernel, p.D, kBwdChunks, max_threads, kBwdMinBlock, smem_bytes, has_clusters);
+    const RowLayout& L = p.layout;
+    const int64_t groups = (p.rows + L.rows_per_block - 1) / L.rows_per_block;
+    const int64_t resident =
+        L.cluster_blocks > 1
+            ? launch.clusters_resident(kernel, L.block_threads, smem_bytes(L), L.cluster_blocks)
+            : static_cast<int64_t>(launch.sm_count()) *
+                  std::max(launch.blocks_per_sm(kernel, L.block_threads, smem_bytes(L)), 1);
+    p.programs = static_cast<int>(std::min(groups, std::max<int64_t>(resident, 1)));
   });
-  return per_sm;
 }
 
 template <bool kBranchNorm, class Launcher>
 void launch_bwd_kernel(const BwdParams& p, Launcher& launch) {
-  with_bwd_kernel<kBranchNorm>(p, [&](auto kernel) {
-    launch(kernel, dim3(p.programs), dim3(p.layout.block_threads), bwd_smem_bytes(p), p);
+  with_bwd_kernel<kBranchNorm>(p, [&](auto kernel, bool) {
+    launch_programs(launch, kernel, p.layout, p.programs, bwd_smem_bytes(p, p.layout), p);
   });
 }
 
-// Sets the backward's layout and persistent grid size (programs = rows of each partial
-// buffer, which the caller allocates before run_backward): enough blocks to fill every SM
-// at the kernel's occupancy, never more than there are row groups.
 template <class Launcher>
 void plan_backward(BwdParams& p, Launcher& launch, int max_threads = kBwdMaxThreads) {
-  p.layout = row_layout(p.D, kBwdChunks, max_threads, kBwdMinBlock);
-  const int64_t groups = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
-  const int per_sm = p.branch_norm ? bwd_blocks_per_sm<true>(p, launch) : bwd_blocks_per_sm<false>(p, launch);
-  const int64_t resident = static_cast<int64_t>(launch.sm_count()) * std::max(per_sm, 1);
-  p.programs = static_cast<int>(std::min(groups, resident));
+  if (p.branch_norm)
+    plan_backward_kernel<true>(p, launch, max_threads);
+  else
+    plan_backward_kernel<false>(p, launch, max_threads);
 }
 
 // The kernel writes per-program partial sums into p.*_part; the second step reduces them into

@@ -23,12 +23,14 @@ constexpr int kChunk = 8;  // elements per thread access: 16 bytes of a 16-bit t
 // Registers per thread: the forward keeps kFwdChunks chunks of h (16 fp32 values) of its row
 // in registers (x, then f, then h, in place), the backward kBwdChunks chunks of h and dy (then
 // of df and x with the branch norm) plus the parameter-gradient accumulators. Threads per row
-// scale with D up to the maximum block; longer rows stream tiles of that size in two passes
-// (three with the branch norm). The row then fits in registers up to
+// scale with D up to the maximum block. One block then holds a row in registers up to
 //   forward  1024 threads x 2 chunks x 8 = 16384 elements (<= 64 registers at 1024 threads),
 //   backward  512 threads x 2 chunks x 8 =  8192 elements (<= 128 registers at 512 threads),
 // which ptxas allocates without spills for sm_80 and sm_90 (tests/test_cuda_build.py checks);
-// one instantiation per dtype set covers every D (no per-hidden-size kernels).
+// on sm_90 a cluster of up to kMaxClusterBlocks such blocks holds 8x that (RowLayout), and
+// longer rows, or any longer row elsewhere, stream tiles of a block in two passes (three with
+// the branch norm). One instantiation per dtype set covers every D (no per-hidden-size
+// kernels, and clusters are a run-time layout, not another instantiation).
 constexpr int kFwdChunks = 2;
 constexpr int kFwdMaxThreads = 1024;
 constexpr int kFwdMinBlock = 128;
@@ -75,13 +77,24 @@ inline ParamVector make_param(const void* ptr, DType dtype) {
 
 // How rows map onto threads: `threads_per_row` (a power of two) consecutive threads share a
 // row, a block holds `rows_per_block` of them. single_tile: the row fits in registers.
+// cluster_blocks > 1 (sm_90): a row too long for one block's registers spans the blocks of a
+// thread-block cluster (one row per block, each block a slice of the row's chunks; the row
+// sums go through distributed shared memory), instead of streaming tiles in several passes.
 struct RowLayout {
   int threads_per_row = 1;
   int row_shift = 0;  // log2(threads_per_row)
   int block_threads = 1;
   int rows_per_block = 1;
+  int cluster_blocks = 1;  // a power of two
+  int cluster_shift = 0;   // log2(cluster_blocks)
+  int row_threads = 1;     // threads_per_row * cluster_blocks: the threads sharing a row
   bool single_tile = true;
 };
+
+// The largest cluster the launch heuristics use: 8 is the portable maximum (16 needs an
+// opt-in per kernel and fits fewer clusters per GPC). With 1024 (forward) / 512 (backward)
+// threads per block that keeps rows of up to 131072 / 65536 elements in registers.
+constexpr int kMaxClusterBlocks = 8;
 
 struct FwdParams {
   Operand x, residual, y, h;  // residual: absent for plain norms; h: absent when not stored;

@@ -15,12 +15,60 @@
 #ifdef RESFUSE_SIMT
 #include "simt.h"
 #else
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #endif
 
 #include "add_norm_params.h"
 
+// A statically sized shared-memory array. On the emulator, an array of the running block
+// (blocks of one cluster run at the same time there, so a function static would be shared).
+#ifdef RESFUSE_SIMT
+#define RESFUSE_SHARED_ARRAY(T, name, count) \
+  static const char name##_tag = 0;          \
+  T* const name = simt::block_shared<T>(&name##_tag, (count))
+#else
+#define RESFUSE_SHARED_ARRAY(T, name, count) __shared__ T name[(count)]
+#endif
+
 namespace resfuse {
+
+// Thread-block clusters (sm_90): the blocks of a cluster sync with one barrier and read each
+// other's shared memory. Only launched with clusters where the loaded binary is sm_90 or newer
+// (the launcher checks), so the older architectures' builds never reach these.
+__device__ __forceinline__ int cluster_block_rank() {
+#if defined(RESFUSE_SIMT)
+  return static_cast<int>(simt::cluster_rank());
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return static_cast<int>(cooperative_groups::this_cluster().block_rank());
+#else
+  return 0;
+#endif
+}
+
+// A barrier over every thread of the cluster, ordering their shared-memory writes before it
+// ahead of the reads after it (release / acquire).
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(RESFUSE_SIMT)
+  simt::cluster_sync();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+// The address p (in this block's shared memory) in the shared memory of block `rank`.
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank) {
+#if defined(RESFUSE_SIMT)
+  return simt::map_shared_rank(p, static_cast<unsigned>(rank));
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, static_cast<unsigned>(rank));
+#else
+  return p;
+#endif
+}
 
 // A dtype only known at run time: the kernels' generic instantiation for rare dtype mixes.
 struct Dyn {};
@@ -166,18 +214,25 @@ __device__ __forceinline__ void load_param_chunk(const ParamVector& pv, int col,
 }
 
 // Sum over the threads of one row group (`threads_per_row` consecutive threads, a power of
-// two). Within a warp: an xor butterfly, whose result is bitwise identical in every lane
-// (each step adds the same two values). Across warps: one partial per warp in shared memory,
-// then every thread adds the row's partials in the same fixed order. Deterministic; one
-// __syncthreads per call, with the scratch alternating between two halves so that a warp
-// running ahead into the next reduction cannot overwrite partials still being read.
+// two; with a cluster, the whole block, and the row continues in the cluster's other blocks).
+// Within a warp: an xor butterfly, whose result is bitwise identical in every lane (each
+// step adds the same two values). Across warps: one partial per warp in shared memory, then
+// every thread adds the row's partials in the same fixed order. Across a cluster's blocks:
+// see cluster_sum. Deterministic; one __syncthreads per call (with a cluster, a cluster
+// barrier and a second __syncthreads), the scratch alternating between two halves so that a
+// warp (block) running ahead into the next reduction cannot overwrite partials still being
+// read: it would first have to pass the next call's barrier, which the readers reach only
+// after reading.
 struct RowReducer {
   static constexpr int kMaxWarps = 32;
   static constexpr int kMaxValues = 4;
-  float* scratch;       // __shared__ float[2 * kMaxWarps * kMaxValues]
+  // [parity][warp][value], then for clusters [parity][this block's partial, the total][value]
+  static constexpr int kScratchFloats = 2 * kMaxWarps * kMaxValues + 4 * kMaxValues;
+  float* scratch;       // shared, kScratchFloats
   int threads_per_row;  // block-uniform
   int row_slot;         // which row of the block this thread works on
-  int parity = 0;
+  int cluster_blocks = 1;  // > 1: the row spans the cluster (then one row per block)
+  int parity = 0, cluster_parity = 0;
 
   template <int N>
   __device__ __forceinline__ void sum(float (&v)[N]) {
@@ -205,6 +260,48 @@ struct RowReducer {
         v[i] = s;
       }
     }
+    if (cluster_blocks > 1) {
+      cluster_sum(v, cluster_parity);
+      cluster_parity ^= 1;
+    }
+  }
+
+  // The cluster step of sum: each block's partial goes to its shared memory; lane r of
+  // warp 0 reads block r's (one remote load per block and value, not one per thread), an
+  // xor butterfly adds them (the same bits in every lane, and in every block: each gets
+  // the same inputs), and the total reaches the block's threads through shared memory.
+  template <int N>
+  __device__ __forceinline__ void cluster_sum(float (&v)[N], int half) {
+    float* slots = scratch + 2 * kMaxWarps * kMaxValues + half * 2 * kMaxValues;  // [partial, total]
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) slots[i] = v[i];
+    }
+    cluster_barrier();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      float w[N];
+      const float* peer = cluster_peer(slots, lane < cluster_blocks ? lane : 0);
+#pragma unroll
+      for (int i = 0; i < N; ++i) w[i] = lane < cluster_blocks ? peer[i] : 0.0f;
+      for (int offset = kMaxClusterBlocks >> 1; offset > 0; offset >>= 1) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) w[i] += __shfl_xor_sync(0xffffffffu, w[i], offset);
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) slots[kMaxValues + i] = w[i];
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = slots[kMaxValues + i];
+  }
+
+  // Before a block of a cluster exits: its shared memory must outlive the other blocks'
+  // reads of the last reduction's partials.
+  __device__ __forceinline__ void leave_cluster() {
+    if (cluster_blocks > 1) cluster_barrier();
   }
 
   // Count, mean and sum of squared deviations of a row, merged with Chan et al.'s pairwise
@@ -239,7 +336,7 @@ struct RowReducer {
         chan_merge(n, mean, m2, on, omean, om2);
       }
     }
-    if (threads_per_row > 32) {
+    if (threads_per_row > 32) {  // (streamed rows only: never spans a cluster)
       float* buf = scratch + parity * (kMaxWarps * kMaxValues);
       parity ^= 1;
       const int warp = threadIdx.x >> 5;

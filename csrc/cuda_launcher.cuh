@@ -7,8 +7,11 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include <cuda_runtime.h>
+
+#include "add_norm_params.h"
 
 namespace resfuse {
 
@@ -32,6 +35,69 @@ struct CudaLauncher {
   void operator()(void (*kernel)(A...), dim3 grid, dim3 block, size_t smem, const A&... args) const {
     kernel<<<grid, block, smem, stream>>>(args...);
     check_cuda(cudaGetLastError(), "kernel launch");
+  }
+
+  // Thread-block clusters along x (sm_90), launched through cudaLaunchKernelEx.
+  template <class... A>
+  void cluster(void (*kernel)(A...), dim3 grid, dim3 block, int cluster_blocks, size_t smem,
+               const A&... args) const {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, args...), "cluster kernel launch");
+  }
+
+  // Clusters need a device that launches them and the kernel's sm_90+ binary: a build for
+  // older architectures only (its cluster code compiled out) must never be launched with them.
+  template <class Kernel>
+  int max_cluster_blocks(Kernel kernel) const {
+    static std::mutex mutex;
+    static std::map<std::pair<int, const void*>, int> cache;
+    const auto key = std::make_pair(device, reinterpret_cast<const void*>(kernel));
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    int cluster_launch = 0;
+    check_cuda(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device), "cluster support");
+    cudaFuncAttributes attributes;
+    check_cuda(cudaFuncGetAttributes(&attributes, kernel), "kernel attributes");
+    return cache[key] = (cluster_launch != 0 && attributes.binaryVersion >= 90) ? kMaxClusterBlocks : 1;
+  }
+
+  template <class Kernel>
+  int clusters_resident(Kernel kernel, int block_threads, size_t smem, int cluster_blocks) const {
+    static std::mutex mutex;
+    static std::map<std::tuple<int, const void*, int, size_t, int>, int> cache;
+    const auto key = std::make_tuple(device, reinterpret_cast<const void*>(kernel), block_threads, smem, cluster_blocks);
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(cluster_blocks));
+    config.blockDim = dim3(static_cast<unsigned>(block_threads));
+    config.dynamicSmemBytes = smem;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // "cannot place such a cluster" is an answer: no clusters
+      n = 0;
+    }
+    return cache[key] = n;
   }
 
   int sm_count() const {

@@ -4,6 +4,8 @@
 //   resfuse::cuda_add_norm_bwd(...) -> (dx, dresidual, dweight, dbias, dbranch_scale,
 //                                       dbranch_weight, dbranch_bias)
 //   resfuse::cuda_device_supported(int device) -> bool
+//   resfuse::cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]
+//       [threads_per_row, rows_per_block, cluster_blocks, single_tile]: the launch layout
 //
 // with the arguments of triton_kernels/launch.py's forward/backward (resfuse/cuda_ext.py
 // calls them and registers their fake implementations). Absent outputs are empty tensors.
@@ -255,6 +257,13 @@ bool device_supported(int64_t device) {
   return resfuse::current_device_supported();
 }
 
+std::vector<int64_t> row_layout(int64_t device, int64_t D, bool backward, bool branch_norm) {
+  STD_TORCH_CHECK(D >= 1 && D <= kMaxD, "resfuse CUDA: D must be in [1, 2^30], got ", D);
+  torch::stable::accelerator::DeviceGuard guard(static_cast<int32_t>(device));
+  const resfuse::RowLayout L = backward ? resfuse::backward_layout(D, branch_norm) : resfuse::forward_layout(D);
+  return {L.threads_per_row, L.rows_per_block, L.cluster_blocks, L.single_tile ? 1 : 0};
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(resfuse, m) {
@@ -270,6 +279,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(resfuse, m) {
         "bool output_norm, bool store_dresidual, ScalarType x_dtype, ScalarType residual_dtype) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_device_supported(int device) -> bool");
+  m.def("cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {
@@ -279,4 +289,5 @@ STABLE_TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {
 
 STABLE_TORCH_LIBRARY_IMPL(resfuse, CompositeExplicitAutograd, m) {
   m.impl("cuda_device_supported", TORCH_BOX(&device_supported));
+  m.impl("cuda_row_layout", TORCH_BOX(&row_layout));
 }

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "build_info", "forward", "backward"]
+__all__ = ["available", "unavailable_reason", "build_info", "row_layout", "forward", "backward"]
 
 _LIBRARY = "resfuse._C"
 _state: dict = {}
@@ -45,6 +45,7 @@ def _load() -> str:
             _state["fwd"] = torch.ops.resfuse.cuda_add_norm_fwd.default
             _state["bwd"] = torch.ops.resfuse.cuda_add_norm_bwd.default
             _state["supported"] = torch.ops.resfuse.cuda_device_supported.default
+            _state["layout"] = torch.ops.resfuse.cuda_row_layout.default
             _register_fakes()
         except Exception as e:  # noqa: BLE001 - e.g. built for another CUDA major version
             info = build_info()
@@ -90,6 +91,17 @@ def unavailable_reason() -> str:
         return (f"the CUDA extension has no kernels for cuda:{index} (sm_{major}{minor}); it was "
                 f"built for TORCH_CUDA_ARCH_LIST={archs!r}: rebuild with {major}.{minor} in it")
     return ""
+
+
+def row_layout(D: int, *, backward: bool = False, branch_norm: bool = False,
+               device: Optional[int] = None) -> dict:
+    """How the kernels lay out rows of D elements on a GPU (default: the current one):
+    threads per row, rows per block, blocks per thread-block cluster (> 1: the row spans a
+    cluster, sm_90), and whether the row is held in registers (else streamed in tiles)."""
+    index = torch.cuda.current_device() if device is None else int(device)
+    tpr, rpb, cluster, single = _ops()["layout"](index, int(D), bool(backward), bool(branch_norm))
+    return {"threads_per_row": tpr, "rows_per_block": rpb, "cluster_blocks": cluster,
+            "single_tile": bool(single)}
 
 
 def _register_fakes():

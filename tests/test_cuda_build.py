@@ -43,6 +43,10 @@ def test_ops_are_registered_with_cuda_kernels():
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"resfuse::{name}", "CPU"), name
     # the core's Python custom ops share the namespace and are still there
     assert torch.ops.resfuse.add_norm.default and torch.ops.resfuse.add_norm_backward.default
+    # the launch-layout query (tests/test_cuda_gpu.py, benchmark reports)
+    schema = str(torch.ops.resfuse.cuda_row_layout.default._schema)
+    assert schema == ("resfuse::cuda_row_layout(int device, int D, bool backward, "
+                      "bool branch_norm) -> int[]"), schema
 
 
 @needs_extension

@@ -42,6 +42,45 @@ def test_odd_and_boundary_sizes(norm, D, dtype):
     run_case(Case(norm=norm, dtype=dtype, shape=(rows, D), bias=norm == "layer", **FULL), "cuda", "cuda")
 
 
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+needs_sm90 = pytest.mark.skipif(not SM90, reason="thread-block clusters need sm_90 or newer")
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("D,fwd_blocks,bwd_blocks", [(8192, 1, 1), (8193, 1, 2), (16385, 2, 4),
+                                                     (32768, 2, 4), (65536, 4, 8), (131072, 8, 1)])
+def test_long_rows_span_clusters_on_sm90(D, fwd_blocks, bwd_blocks):
+    """Rows too long for one block's registers span a thread-block cluster on sm_90 (one read
+    and write per element); 131072 is too long for an 8-block backward cluster: streamed.
+    Elsewhere (sm_80) every such row is streamed in tiles."""
+    from resfuse import cuda_ext
+    fwd, bwd = cuda_ext.row_layout(D), cuda_ext.row_layout(D, backward=True)
+    if not SM90:
+        fwd_blocks = bwd_blocks = 1
+    assert (fwd["cluster_blocks"], bwd["cluster_blocks"]) == (fwd_blocks, bwd_blocks)
+    assert fwd["single_tile"] == (fwd_blocks > 1 or D <= 16384)
+    assert bwd["single_tile"] == (bwd_blocks > 1 or D <= 8192)
+    assert cuda_ext.row_layout(D, backward=True, branch_norm=True)["cluster_blocks"] == bwd_blocks
+
+
+@needs_cuda_ext
+@needs_sm90
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D", [9000, 20000, 32768, 65536 - 7, 131072])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_cluster_rows_against_the_reference(norm, D, dtype):
+    # rows % programs != 0 and more rows than resident clusters: the persistent loop too
+    run_case(Case(norm=norm, dtype=dtype, shape=(333, D), bias=norm == "layer", **FULL), "cuda", "cuda")
+
+
+@needs_cuda_ext
+@needs_sm90
+@pytest.mark.parametrize("D", [20000, 65536])
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_cluster_rows_against_the_reference(base, D):
+    run_case(base.replace(dtype=torch.bfloat16, shape=(70, D)), "cuda", "cuda")
+
+
 @needs_cuda_ext
 @pytest.mark.parametrize("shape", [(1 << 20, 64), (300_000, 7), (4096, 768), (5, 3, 4096)], ids=str)
 def test_many_rows(shape):

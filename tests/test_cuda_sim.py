@@ -82,11 +82,26 @@ def test_shapes(base, lead, D, dtype, cuda_sim):
     run_case(case, "cuda", "cpu")
 
 
-@pytest.mark.parametrize("D", [9000, 20000, 65536], ids=lambda d: f"D{d}")
+# Rows longer than one block's registers, per device kind: (forward, backward) blocks per
+# cluster on an sm_90 GPU (8-block clusters), streamed tiles without clusters (sm_80).
+LONG_ROWS = {9000: (1, 2), 20000: (2, 4), 65536: (4, 8)}
+GPU_KINDS = {"sm90": 8, "sm80": 1}
+
+
+def _expect_layout(backend, D, max_cluster, table=LONG_ROWS):
+    fwd, bwd = table[D] if max_cluster > 1 else (1, 1)
+    assert (backend.last["fwd_cluster_blocks"], backend.last["bwd_cluster_blocks"]) == (fwd, bwd)
+
+
+@pytest.mark.parametrize("gpu", GPU_KINDS)
+@pytest.mark.parametrize("D", LONG_ROWS, ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
-def test_long_rows(base, D, cuda_sim):
-    # 9000: the backward streams its rows; 20000 and 65536: both directions do
+def test_long_rows(base, D, gpu, sim, use):
+    # sm80: 9000: the backward streams its rows; 20000 and 65536: both directions do.
+    # sm90: those rows span clusters of 1024- (forward) and 512-thread (backward) blocks.
+    backend = use(sim.configured(max_cluster=GPU_KINDS[gpu], sms=4, per_sm=2))  # room for 8
     run_case(base.replace(dtype=torch.bfloat16, shape=(3, D)), "cuda", "cpu")
+    _expect_layout(backend, D, GPU_KINDS[gpu])
 
 
 @pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
@@ -106,9 +121,35 @@ def test_mixed_dtypes(base, mixed, cuda_sim):
 @pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
 def test_rows_streamed_in_tiles(base, dtype, sim, use):
     """Small thread caps force the two-pass (streamed) paths at small D, several tiles per row,
-    with warp-level reductions (at the default caps they reduce across warps)."""
-    use(sim.configured(max_threads_fwd=32, max_threads_bwd=32))
+    with warp-level reductions (at the default caps they reduce across warps); no clusters."""
+    backend = use(sim.configured(max_threads_fwd=32, max_threads_bwd=32, max_cluster=1))
     run_case(base.replace(dtype=dtype, shape=(3, 2, 1100)), "cuda", "cpu")
+    assert backend.last["fwd_cluster_blocks"] == backend.last["bwd_cluster_blocks"] == 1
+
+
+# D -> blocks per cluster with 32-thread blocks (both directions: 2 chunks of 8 per thread)
+SMALL_CLUSTERS = {520: 2, 1100: 4, 4000: 8}
+
+
+@pytest.mark.parametrize("D", SMALL_CLUSTERS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("base", SHAPE_CASES, ids=lambda c: c.norm)
+def test_rows_span_a_cluster(base, dtype, D, sim, use):
+    """Small thread caps put rows across the blocks of a thread-block cluster at small D:
+    the chunks dealt across the cluster, the row sums exchanged through distributed shared
+    memory; in the backward 3 persistent clusters walk 6 rows."""
+    backend = use(sim.configured(max_threads_fwd=32, max_threads_bwd=32, sms=3, per_sm=SMALL_CLUSTERS[D]))
+    run_case(base.replace(dtype=dtype, shape=(3, 2, D)), "cuda", "cpu")
+    blocks = SMALL_CLUSTERS[D]
+    assert backend.last["fwd_cluster_blocks"] == backend.last["bwd_cluster_blocks"] == blocks
+    assert backend.last["bwd_programs"] == 3
+
+
+def test_a_cluster_that_cannot_be_placed_falls_back_to_streaming(sim, use):
+    # one SM holding one block: no room for a 2-block cluster
+    backend = use(sim.configured(sms=1, per_sm=1))
+    run_case(SHAPE_CASES[0].replace(dtype=torch.bfloat16, shape=(2, 20000)), "cuda", "cpu")
+    assert backend.last["fwd_cluster_blocks"] == backend.last["bwd_cluster_blocks"] == 1
 
 
 @pytest.mark.parametrize("programs", [1, 3, 5, 8])
@@ -186,13 +227,14 @@ def test_misaligned_inputs_through_the_api(cuda_sim):
 @pytest.mark.parametrize("D", [1, 7, 16, 17, 64, 1000, 4096, 4097, 8192, 16384, 16385, 65536])
 def test_threads_per_row_scale_with_D(D, sim):
     """Threads per row: the power of two giving each thread at most 2 chunks of 8, up to 1024
-    (forward); beyond 16384 the rows are streamed by full 1024-thread blocks."""
+    (forward); beyond 16384 the rows span clusters of 1024-thread blocks (sm_90)."""
     x = torch.randn(2, D)
     sim.forward(x, None, None, None, None, None, eps=1e-5, residual_scale=1.0,
                 branch_scale_value=1.0, is_rms=True, zero_centered_weight=False, store_h=False,
                 residual_dtype=torch.float32, out_dtype=torch.float32)
-    want = min(1024, 1 << math.ceil(math.log2(max(1, math.ceil(math.ceil(D / 8) / 2)))))
-    assert sim.last["fwd_threads_per_row"] == want
+    threads = 1 << math.ceil(math.log2(max(1, math.ceil(math.ceil(D / 8) / 2))))
+    assert sim.last["fwd_threads_per_row"] == min(1024, threads)
+    assert sim.last["fwd_cluster_blocks"] == max(1, threads // 1024)
 
 
 def test_no_rows_gives_zero_parameter_gradients(cuda_sim):
@@ -250,19 +292,34 @@ def test_sandwich_shapes(base, shape, dtype, cuda_sim):
 @pytest.mark.parametrize("D,dtype", [(9000, torch.float32), (20000, torch.bfloat16),
                                      (65536 - 7, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_sandwich_long_rows(base, D, dtype, cuda_sim):
-    # 9000: the backward streams its rows (three passes with the branch norm); 20000 and
-    # ~64K: the forward too (a pass over x for the branch norm's statistics first)
+@pytest.mark.parametrize("gpu", GPU_KINDS)
+def test_sandwich_long_rows(base, D, dtype, gpu, sim, use):
+    # sm80: 9000: the backward streams its rows (three passes with the branch norm); 20000
+    # and ~64K: the forward too (a pass over x for the branch norm's statistics first).
+    # sm90: clusters, as in test_long_rows.
+    backend = use(sim.configured(max_cluster=GPU_KINDS[gpu], sms=4, per_sm=2))  # room for 8
     run_case(base.replace(dtype=dtype, shape=(3, D)), "cuda", "cpu")
+    _expect_layout(backend, D, GPU_KINDS[gpu], {9000: (1, 2), 20000: (2, 4), 65536 - 7: (4, 8)})
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
 def test_sandwich_rows_streamed_in_tiles(base, dtype, sim, use):
     """Small thread caps: the streamed paths at small D, several tiles per row, reductions
-    within a warp."""
-    use(sim.configured(max_threads_fwd=32, max_threads_bwd=32))
+    within a warp (no clusters)."""
+    use(sim.configured(max_threads_fwd=32, max_threads_bwd=32, max_cluster=1))
     run_case(base.replace(dtype=dtype, shape=(3, 2, 1100)), "cuda", "cpu")
+
+
+@pytest.mark.parametrize("D", SMALL_CLUSTERS, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
+def test_sandwich_rows_span_a_cluster(base, dtype, D, sim, use):
+    """The branch norm's statistics and gradient sums through the cluster too (two or three
+    cluster-wide reductions per row)."""
+    backend = use(sim.configured(max_threads_fwd=32, max_threads_bwd=32, sms=3, per_sm=SMALL_CLUSTERS[D]))
+    run_case(base.replace(dtype=dtype, shape=(3, 2, D)), "cuda", "cpu")
+    assert backend.last["fwd_cluster_blocks"] == backend.last["bwd_cluster_blocks"] == SMALL_CLUSTERS[D]
 
 
 @pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
@@ -279,17 +336,20 @@ def test_sandwich_mixed_dtypes(base, mixed, cuda_sim):
     run_case(mixed_case(base, mixed), "cuda", "cpu")
 
 
+@pytest.mark.parametrize("gpu", GPU_KINDS)
 @pytest.mark.parametrize("D", [130, 9000], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("programs", [1, 3, 8])
 @pytest.mark.parametrize("base", [PERI_LN, LAYOUTS[2].replace(norm="layer", branch_bias=True)],
                          ids=["peri_ln", "norm_add_layer"])
-def test_sandwich_persistent_loop_and_partial_sums(base, programs, D, sim, use):
+def test_sandwich_persistent_loop_and_partial_sums(base, programs, D, gpu, sim, use):
     """The branch norm's weight and bias gradients: per-program partials (registers and
-    shared memory, or rows of the partial buffers when streamed), summed in a fixed order."""
-    backend = use(sim.configured(sms=programs, per_sm=1))
+    shared memory, or rows of the partial buffers when streamed), summed in a fixed order.
+    At D = 9000 on sm90 a program is a 2-block cluster, each block its slice of the columns."""
+    blocks = 2 if D == 9000 and gpu == "sm90" else 1
+    backend = use(sim.configured(sms=programs * blocks, per_sm=1, max_cluster=GPU_KINDS[gpu]))
     rows = 128 if D < 1000 else 8
     grads = run_case(base.replace(shape=(rows, D)), "cuda", "cpu")
-    assert backend.last["bwd_programs"] == programs
+    assert (backend.last["bwd_programs"], backend.last["bwd_cluster_blocks"]) == (programs, blocks)
     expected = {"x", "residual", "branch_weight", "branch_bias"}
     assert set(grads) == (expected | {"weight", "bias"} if base.output_norm else expected)
 

@@ -1,7 +1,9 @@
 """Forward + backward of the cuda backend through every kernel path once, small enough for
 compute-sanitizer (tools/gpu_check.sh runs it under memcheck, racecheck, synccheck and
 initcheck): D % 8 tails, misaligned operands, several rows per block, one row per block,
-streamed rows (forward and backward), the persistent loop, the run-time dtype set; and the
+rows spanning thread-block clusters (sm_90: 9000 and 20000), streamed rows (forward and
+backward; on sm_90 only past what a cluster holds: 140000), the persistent loop, the run-time
+dtype set; and the
 same for the sandwich layouts (norm_add_norm / norm_add: the branch-norm kernels, the branch
 bias's shared-memory accumulator, the three-pass streamed backward)."""
 
@@ -24,6 +26,7 @@ CASES = [  # (shape, x dtype, residual dtype, norm, misaligned, keywords)
     ((4, 4097), torch.bfloat16, torch.float32, "rms", False, dict(zero_centered_weight=True)),
     ((2, 9000), torch.bfloat16, torch.bfloat16, "layer", False, {}),
     ((2, 20000), torch.float32, torch.float32, "rms", True, {}),
+    ((2, 140000), torch.bfloat16, torch.bfloat16, "layer", False, {}),
     ((3000, 130), torch.bfloat16, torch.bfloat16, "layer", False, dict(out_dtype=torch.float32)),
     ((7, 3, 768), torch.float16, torch.bfloat16, "layer", False, dict(residual_dtype=torch.float32)),
 ]
@@ -39,6 +42,7 @@ SANDWICH_CASES = [
     ((2, 9000), torch.bfloat16, torch.bfloat16, "layer", False, True, {}),
     ((2, 9000), torch.bfloat16, torch.bfloat16, "layer", False, False, {}),
     ((2, 20000), torch.float32, torch.float32, "rms", True, True, {}),
+    ((2, 140000), torch.bfloat16, torch.bfloat16, "layer", False, True, {}),
     ((3000, 130), torch.bfloat16, torch.bfloat16, "layer", False, True, dict(out_dtype=torch.float32)),
     ((7, 3, 768), torch.float16, torch.bfloat16, "layer", False, True, dict(residual_dtype=torch.float32)),
     ((7, 3, 768), torch.float16, torch.bfloat16, "layer", False, False, dict(residual_dtype=torch.float32)),

@@ -110,17 +110,20 @@ class _Guarded:
 
 class SimBackend:
     """``forward`` / ``backward`` of resfuse.cuda_ext on CPU tensors. ``max_threads_*``
-    lower the threads per row (forcing the streamed two-pass path for small D); ``sms`` and
-    ``per_sm`` set the backward's persistent grid (programs = min(row groups, sms * per_sm))."""
+    lower the threads per block (forcing the cluster or streamed paths for small D); ``sms``
+    and ``per_sm`` set the backward's persistent grid (programs = min(row groups, sms *
+    per_sm), or that many blocks' worth of clusters); ``max_cluster`` is the largest
+    thread-block cluster the emulated GPU launches (8 like sm_90; 1: none, like sm_80)."""
 
     def __init__(self, lib_path: Path, *, max_threads_fwd: int = 1024, max_threads_bwd: int = 512,
-                 sms: int = 3, per_sm: int = 2):
+                 sms: int = 3, per_sm: int = 2, max_cluster: int = 8):
         self.lib = ctypes.CDLL(str(lib_path))
         self.lib.resfuse_sim_last_error.restype = ctypes.c_char_p
         self.max_threads_fwd = max_threads_fwd
         self.max_threads_bwd = max_threads_bwd
         self.sms = sms
         self.per_sm = per_sm
+        self.max_cluster = max_cluster
         self.last = {}  # layout of the last call, for the tests
 
     def configured(self, **kw) -> "SimBackend":
@@ -151,16 +154,18 @@ class SimBackend:
                                   _param(branch_weight), _param(branch_bias))
         flags = SimFlags(is_rms, zero_centered_weight, branch_norm, output_norm,
                          bias is not None, branch_bias is not None)
-        threads = ctypes.c_int32(0)
+        threads, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_forward(
             tensors, _ptr(rowscale), _ptr(mean), _ptr(mean_x), ctypes.c_int64(n_rows),
             ctypes.c_int32(D), ctypes.c_float(eps), ctypes.c_float(residual_scale),
             ctypes.c_float(branch_scale_value), flags, ctypes.c_int32(self.max_threads_fwd),
-            ctypes.byref(threads))
+            ctypes.c_int32(self.sms), ctypes.c_int32(self.per_sm), ctypes.c_int32(self.max_cluster),
+            ctypes.byref(threads), ctypes.byref(blocks))
         if rc:
             self._fail("forward")
         out.check("forward")
         self.last["fwd_threads_per_row"] = threads.value
+        self.last["fwd_cluster_blocks"] = blocks.value
         return y, h, mean, mean_x
 
     def backward(self, dy, dh, h, x, weight, branch_scale, rowscale, mean, *, eps, residual_scale,
@@ -178,15 +183,17 @@ class SimBackend:
                                   _operand(dx), _operand(dr), _param(weight if output_norm else None),
                                   _param(branch_scale), _param(branch_weight))
         flags = SimFlags(is_rms, zero_centered_weight, branch_norm, output_norm, wanted[1], wanted[4])
-        programs = ctypes.c_int32(0)
+        programs, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_backward(
             tensors, _ptr(rowscale), _ptr(mean), _ptr(mean_x), (ctypes.c_void_p * 5)(*map(_ptr, grads)),
             ctypes.c_int64(n_rows), ctypes.c_int32(D), ctypes.c_float(eps),
             ctypes.c_float(residual_scale), ctypes.c_float(branch_scale_value), flags,
             ctypes.c_int32(self.max_threads_bwd), ctypes.c_int32(self.sms),
-            ctypes.c_int32(self.per_sm), ctypes.byref(programs))
+            ctypes.c_int32(self.per_sm), ctypes.c_int32(self.max_cluster), ctypes.byref(programs),
+            ctypes.byref(blocks))
         if rc:
             self._fail("backward")
         out.check("backward")
         self.last["bwd_programs"] = programs.value
+        self.last["bwd_cluster_blocks"] = blocks.value
         return (dx, dr, *grads)

@@ -11,9 +11,12 @@
 
 namespace {
 
+// A GPU of `sms` SMs that holds `per_sm` blocks each and launches clusters of up to
+// `max_cluster` blocks (1: none, like a pre-sm_90 device).
 struct SimLauncher {
   int sms = 1;
   int per_sm = 1;
+  int max_cluster = 1;
   int launches = 0;
 
   template <class... A>
@@ -21,9 +24,21 @@ struct SimLauncher {
     ++launches;
     simt::launch(grid, block, smem, [&] { kernel(args...); });
   }
+  template <class... A>
+  void cluster(void (*kernel)(A...), dim3 grid, dim3 block, int cluster_blocks, size_t smem,
+               const A&... args) {
+    ++launches;
+    simt::launch_cluster(grid, block, smem, static_cast<unsigned>(cluster_blocks), [&] { kernel(args...); });
+  }
   int sm_count() const { return sms; }
   template <class K>
   int blocks_per_sm(K, int, size_t) const { return per_sm; }
+  template <class K>
+  int max_cluster_blocks(K) const { return max_cluster; }
+  template <class K>
+  int clusters_resident(K, int, size_t, int cluster_blocks) const {
+    return sms * per_sm / cluster_blocks;
+  }
 };
 
 thread_local std::string last_error;
@@ -50,7 +65,8 @@ struct SimFlags {
 int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, float* mean_x,
                         int64_t rows, int32_t D, float eps, float residual_scale,
                         float branch_scale_value, SimFlags flags, int32_t max_threads,
-                        int32_t* threads_per_row) {
+                        int32_t sms, int32_t per_sm, int32_t max_cluster, int32_t* threads_per_row,
+                        int32_t* cluster_blocks) {
   try {
     using namespace resfuse;
     FwdParams p;
@@ -76,8 +92,12 @@ int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, 
     p.branch_norm = flags.branch_norm != 0;
     p.output_norm = flags.output_norm != 0;
     SimLauncher launch;
-    run_forward(p, launch, max_threads);
-    *threads_per_row = row_layout(D, kFwdChunks, max_threads, kFwdMinBlock).threads_per_row;
+    launch.sms = sms;
+    launch.per_sm = per_sm;
+    launch.max_cluster = max_cluster;
+    const RowLayout layout = run_forward(p, launch, max_threads);
+    *threads_per_row = layout.threads_per_row;
+    *cluster_blocks = layout.cluster_blocks;
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();
@@ -92,7 +112,8 @@ int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, 
 int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float* mean,
                          const float* mean_x, float* const* grads, int64_t rows, int32_t D,
                          float eps, float residual_scale, float branch_scale_value, SimFlags flags,
-                         int32_t max_threads, int32_t sms, int32_t per_sm, int32_t* programs) {
+                         int32_t max_threads, int32_t sms, int32_t per_sm, int32_t max_cluster,
+                         int32_t* programs, int32_t* cluster_blocks) {
   try {
     using namespace resfuse;
     BwdParams p;
@@ -122,6 +143,7 @@ int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float*
     SimLauncher launch;
     launch.sms = sms;
     launch.per_sm = per_sm;
+    launch.max_cluster = max_cluster;
     plan_backward(p, launch, max_threads);
     const size_t part_size = static_cast<size_t>(p.programs) * D;
     std::vector<float> parts(kMaxParamGrads * part_size, std::nanf(""));
@@ -137,6 +159,7 @@ int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float*
     out.branch_bias = grads[4];
     run_backward(p, out, launch);
     *programs = p.programs;
+    *cluster_blocks = p.layout.cluster_blocks;
     return 0;
   } catch (const std::exception& e) {
     last_error = e.what();
