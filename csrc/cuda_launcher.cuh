@@ -37,22 +37,30 @@ struct CudaLauncher {
     check_cuda(cudaGetLastError(), "kernel launch");
   }
 
-  // Thread-block clusters along x (sm_90), launched through cudaLaunchKernelEx.
-  template <class... A>
-  void cluster(void (*kernel)(A...), dim3 grid, dim3 block, int cluster_blocks, size_t smem,
-               const A&... args) const {
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
+  // A launch configuration with thread-block clusters of cluster_blocks blocks along x;
+  // `attribute` must outlive the configuration.
+  cudaLaunchConfig_t cluster_config(dim3 grid, dim3 block, size_t smem, int cluster_blocks,
+                                    cudaLaunchAttribute& attribute) const {
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    config.attrs = attribute;
+    config.attrs = &attribute;
     config.numAttrs = 1;
+    return config;
+  }
+
+  // Thread-block clusters (sm_90), launched through cudaLaunchKernelEx.
+  template <class... A>
+  void cluster(void (*kernel)(A...), dim3 grid, dim3 block, int cluster_blocks, size_t smem,
+               const A&... args) const {
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config = cluster_config(grid, block, smem, cluster_blocks, attribute);
     check_cuda(cudaLaunchKernelEx(&config, kernel, args...), "cluster kernel launch");
   }
 
@@ -81,17 +89,10 @@ struct CudaLauncher {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_blocks);
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(cluster_blocks));
-    config.blockDim = dim3(static_cast<unsigned>(block_threads));
-    config.dynamicSmemBytes = smem;
-    config.attrs = attribute;
-    config.numAttrs = 1;
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config =
+        cluster_config(dim3(static_cast<unsigned>(cluster_blocks)), dim3(static_cast<unsigned>(block_threads)),
+                       smem, cluster_blocks, attribute);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
       (void)cudaGetLastError();  // "cannot place such a cluster" is an answer: no clusters
