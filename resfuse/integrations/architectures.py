@@ -73,13 +73,15 @@ REORDERED = Chain(
                Sublayer("mlp", None, steps=(("post_feedforward_layernorm", "norm"),))),
 )
 
+_KV_CACHE = ("cache", "past_key_values")  # transformers 5.24 / before its rename
+
 GPT2_BLOCK = Chain(
     input="hidden_states",
     sublayers=(
-        Sublayer("attn", "ln_1", Call(args=("cache", "attention_mask", "use_cache"),
+        Sublayer("attn", "ln_1", Call(args=(_KV_CACHE, "attention_mask", "use_cache"),
                                       var_kwargs=True, output="first")),
         Sublayer("crossattention", "ln_cross_attn",
-                 Call(args=("cache", "attention_mask", "encoder_hidden_states",
+                 Call(args=(_KV_CACHE, "attention_mask", "encoder_hidden_states",
                             "encoder_attention_mask"), output="first"),
                  when="encoder_hidden_states"),
         Sublayer("mlp", "ln_2"),
@@ -168,6 +170,9 @@ STEP_CLASSES = {
 
 # Code the fused forwards reproduce, with the digests of the releases the tests verified
 # (sources.source_digest). A class whose source matches none is left as it is and reported.
+# transformers 5.17.0 (the GPU machines' release) differs from 5.24.0 in the decoder layers
+# only by the KV-cache argument's name (past_key_values, renamed cache in 5.24 behind a
+# deprecation wrapper): the fused forwards bind arguments by the layer's own names.
 # torch.nn classes are not pinned: their semantics are torch's documented API.
 PINS: dict[str, dict[str, str]] = {
     "timm.layers.norm:LayerNorm": {"9a97b1b8a854d400": "timm 1.0.31"},
@@ -180,15 +185,24 @@ PINS: dict[str, dict[str, str]] = {
     _T + "gemma2.modeling_gemma2:Gemma2RMSNorm": {"5c2e9225c5b8d85b": "transformers 5.24.0"},
     _T + "gemma3.modeling_gemma3:Gemma3RMSNorm": {"163839cb86636dc9": "transformers 5.24.0"},
     _T + "t5.modeling_t5:T5LayerNorm": {"b9a9b44f110a9096": "transformers 5.24.0"},
-    _T + "llama.modeling_llama:LlamaDecoderLayer": {"fbf05eae5547447b": "transformers 5.24.0"},
-    _T + "mistral.modeling_mistral:MistralDecoderLayer": {"4ef429e49b9781be": "transformers 5.24.0"},
-    _T + "qwen2.modeling_qwen2:Qwen2DecoderLayer": {"1adf1c20ba98a886": "transformers 5.24.0"},
-    _T + "qwen3.modeling_qwen3:Qwen3DecoderLayer": {"2fa6e2f9ea098623": "transformers 5.24.0"},
-    _T + "gemma.modeling_gemma:GemmaDecoderLayer": {"b1290d543863fb6c": "transformers 5.24.0"},
-    _T + "gemma2.modeling_gemma2:Gemma2DecoderLayer": {"0a0f3034d2dede17": "transformers 5.24.0"},
-    _T + "gemma3.modeling_gemma3:Gemma3DecoderLayer": {"21c921f5142dba06": "transformers 5.24.0"},
-    _T + "olmo2.modeling_olmo2:Olmo2DecoderLayer": {"b5fdb6fcb3c0c175": "transformers 5.24.0"},
-    _T + "gpt2.modeling_gpt2:GPT2Block": {"5f48931a1af69920": "transformers 5.24.0"},
+    _T + "llama.modeling_llama:LlamaDecoderLayer": {"fbf05eae5547447b": "transformers 5.24.0",
+                                                    "6166aa4110fd0e82": "transformers 5.17.0"},
+    _T + "mistral.modeling_mistral:MistralDecoderLayer": {"4ef429e49b9781be": "transformers 5.24.0",
+                                                          "efab84b341e2abab": "transformers 5.17.0"},
+    _T + "qwen2.modeling_qwen2:Qwen2DecoderLayer": {"1adf1c20ba98a886": "transformers 5.24.0",
+                                                    "9765b2bf0357a18e": "transformers 5.17.0"},
+    _T + "qwen3.modeling_qwen3:Qwen3DecoderLayer": {"2fa6e2f9ea098623": "transformers 5.24.0",
+                                                    "f3d23d2fbd8500be": "transformers 5.17.0"},
+    _T + "gemma.modeling_gemma:GemmaDecoderLayer": {"b1290d543863fb6c": "transformers 5.24.0",
+                                                    "7812c0d3888dd4d6": "transformers 5.17.0"},
+    _T + "gemma2.modeling_gemma2:Gemma2DecoderLayer": {"0a0f3034d2dede17": "transformers 5.24.0",
+                                                       "3cc974a2c0a17ca2": "transformers 5.17.0"},
+    _T + "gemma3.modeling_gemma3:Gemma3DecoderLayer": {"21c921f5142dba06": "transformers 5.24.0",
+                                                       "74738223ee83506a": "transformers 5.17.0"},
+    _T + "olmo2.modeling_olmo2:Olmo2DecoderLayer": {"b5fdb6fcb3c0c175": "transformers 5.24.0",
+                                                    "85ce15ff32d73c7d": "transformers 5.17.0"},
+    _T + "gpt2.modeling_gpt2:GPT2Block": {"5f48931a1af69920": "transformers 5.24.0",
+                                          "4bb8f390e59e5b3c": "transformers 5.17.0"},
     _T + "gpt_neox.modeling_gpt_neox:GPTNeoXLayer": {"4d9ce63725b63373": "transformers 5.24.0"},
     _T + "bert.modeling_bert:BertSelfOutput": {"727debaa5ff1743f": "transformers 5.24.0"},
     _T + "bert.modeling_bert:BertOutput": {"692ae64ffebcf2dc": "transformers 5.24.0"},

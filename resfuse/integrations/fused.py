@@ -345,8 +345,8 @@ def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
 def _call(module: nn.Module, x: Tensor, call: Call, layer_input: str, bound: dict, extra: dict):
     if call.args == "all":
         kwargs = {k: v for k, v in bound.items() if k != layer_input}
-    else:
-        kwargs = {k: bound[k] for k in call.args}
+    else:  # (bound holds every named argument of the layer, defaults included)
+        kwargs = {k: bound[k] for k in call.arg_names(bound)}
     if call.var_kwargs:
         kwargs.update(extra)
     out = module(x, **kwargs) if call.input is None else module(**{call.input: x}, **kwargs)

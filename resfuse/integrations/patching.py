@@ -159,7 +159,8 @@ def _check_layer(module: nn.Module, spec) -> Optional[str]:
         if sub.when is not None and sub.when not in binder.names:
             return f"its forward has no argument `{sub.when}`"
         if isinstance(sub.call.args, tuple):
-            missing = [a for a in sub.call.args if a not in binder.names]
+            names = sub.call.arg_names(binder.names)
+            missing = [a for a, name in zip(sub.call.args, names) if name is None]
             if missing:
                 return f"its forward has no argument(s) {missing}"
         if sub.call.var_kwargs and not binder.var_kwargs:

@@ -92,14 +92,17 @@ class Call:
 
     ``input``: None passes the normalized stream positionally, a name passes it by keyword.
     ``args``: the layer's own arguments forwarded by name (same name on both sides), or
-    ``"all"`` for every named argument of the layer other than its input.
+    ``"all"`` for every named argument of the layer other than its input. An entry may be a
+    tuple of alternative names, for an argument a release renamed in the layer and its
+    sublayers alike (transformers' ``past_key_values`` -> ``cache``): the one the layer's
+    forward takes.
     ``var_kwargs``: forward the layer's ``**kwargs`` too.
     ``output``: "tensor", or "first" when the module returns a tuple whose first item is
     the branch output (attention modules returning weights).
     """
 
     input: Optional[str] = None
-    args: Union[str, tuple[str, ...]] = ()
+    args: Union[str, tuple[Union[str, tuple[str, ...]], ...]] = ()
     var_kwargs: bool = False
     output: str = "tensor"
 
@@ -108,6 +111,15 @@ class Call:
             raise ValueError(f"Call.output must be 'tensor' or 'first', got {self.output!r}")
         if isinstance(self.args, str) and self.args != "all":
             raise ValueError(f"Call.args must be a tuple of names or 'all', got {self.args!r}")
+
+    def arg_names(self, available) -> tuple[Optional[str], ...]:
+        """``args`` with each set of alternatives resolved against the names the layer's
+        forward takes (None where it takes none of them)."""
+        def pick(entry):
+            if isinstance(entry, str):
+                return entry if entry in available else None
+            return next((name for name in entry if name in available), None)
+        return tuple(pick(entry) for entry in self.args)
 
 
 @dataclass(frozen=True)

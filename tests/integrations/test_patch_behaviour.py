@@ -174,6 +174,18 @@ def test_every_pinned_entry_matches_the_installed_release():
         assert sources.source_digest(sources.resolve(key)) in architectures.PINS[key], key
 
 
+def test_renamed_arguments_bind_to_the_name_the_layer_takes():
+    """GPT-2's KV-cache argument is `cache` in transformers 5.24 and `past_key_values`
+    before: the spec lists both and the layer's own name is forwarded (the suite passes on
+    either release; this checks the resolution itself)."""
+    call = architectures.GPT2_BLOCK.sublayers[0].call
+    assert call.arg_names({"hidden_states", "cache", "attention_mask", "use_cache"}) == (
+        "cache", "attention_mask", "use_cache")
+    assert call.arg_names({"past_key_values", "attention_mask", "use_cache"}) == (
+        "past_key_values", "attention_mask", "use_cache")
+    assert call.arg_names({"attention_mask", "use_cache"})[0] is None  # patch reports it
+
+
 # --------------------------------------------------------------------------- all or nothing
 
 
@@ -303,12 +315,20 @@ def test_deepcopy_of_a_patched_model_is_patched():
 # --------------------------------------------------------------------------- training features
 
 
+def _checkpointing(model, enable: bool, kwargs=None):
+    # transformers 5.24 names it activation_checkpointing_*; 5.17 (the GPU machines')
+    # gradient_checkpointing_* (a deprecated alias in 5.24)
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    method = getattr(model, f"{prefix}_checkpointing_{'enable' if enable else 'disable'}")
+    return method(kwargs) if enable else method()
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("mode", [True, "across_layers"])
 def test_transformers_gradient_checkpointing(mode, use_reentrant, count_fused):
     spec, model, reference = _pair()
     for m in (model, reference):
-        m.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+        _checkpointing(m, True, {"use_reentrant": use_reentrant})
         m.train()
     resfuse.patch(model, fuse_residual=mode)
     inputs = spec.example()
@@ -316,8 +336,8 @@ def test_transformers_gradient_checkpointing(mode, use_reentrant, count_fused):
     # the patched layers ran under checkpointing: forward + recompute, 1 fused add each
     # (no carry across layers while checkpointing)
     assert count_fused["add_norm"] == 2 * 2
-    model.activation_checkpointing_disable()  # and the patched layers work without it again
-    reference.activation_checkpointing_disable()
+    _checkpointing(model, False)  # and the patched layers work without it again
+    _checkpointing(reference, False)
     _assert_same_training(model, reference, inputs)
 
 
