@@ -15,7 +15,7 @@ DEV_CUDA_ARCHS   ?= 8.0;9.0
 WHEEL_CUDA_ARCHS ?= 8.0;8.6;8.9;9.0
 HAVE_NVCC := $(shell test -x "$(CUDA_HOME)/bin/nvcc" && echo 1 || echo 0)
 
-.PHONY: test test-gpu install clean wheel wheel-check gpu-check
+.PHONY: test test-gpu install clean wheel wheel-check wheel-check-torch gpu-check
 
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,15 @@ wheel: $(VENV)/.installed
 # the wheel installed into a fresh venv and imported, its kernels spill-free for every arch
 wheel-check: wheel
 	$(PY) tools/check_wheel.py dist --archs "$(WHEEL_CUDA_ARCHS)" --ptxas-log build/ptxas-wheel.log
+
+# the same wheel against another torch release (default 2.11.0, the GPU machines' one): a
+# venv with that torch under build/ (a multi-GB download, so not part of `make test`)
+OTHER_TORCH ?= 2.11.0
+wheel-check-torch: wheel
+	test -x build/venv-torch$(OTHER_TORCH)/bin/python || { $(PYTHON) -m venv build/venv-torch$(OTHER_TORCH) && \
+	  build/venv-torch$(OTHER_TORCH)/bin/pip install -q torch==$(OTHER_TORCH); }
+	$(PY) tools/check_wheel.py dist --archs "$(WHEEL_CUDA_ARCHS)" --ptxas-log build/ptxas-wheel.log \
+	  --other-torch build/venv-torch$(OTHER_TORCH)/bin/python
 
 # on a GPU machine: install the carried wheel and build from source, GPU tests,
 # compute-sanitizer, first bandwidth figures (see tools/gpu_check.sh)

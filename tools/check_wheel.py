@@ -3,9 +3,13 @@ kernels (every architecture, no register spills), and the wheel installed into a
 virtualenv, imported from outside the source tree, with its CUDA extension loaded.
 
     python tools/check_wheel.py dist --archs "8.0;8.6;8.9;9.0" --ptxas-log build/ptxas-wheel.log
+        [--other-torch OTHER_VENV/bin/python ...]
 
 The fresh venv sees the dev venv's torch through a .pth file (no second multi-GB download);
-resfuse itself comes only from the wheel.
+resfuse itself comes only from the wheel. --other-torch repeats the install and import check
+against another interpreter's torch (`make wheel-check-torch OTHER_TORCH=2.11.0`): the
+stable-ABI claim, one wheel for every torch >= 2.10, without a GPU (the kernels themselves
+need one).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ reason = cuda_ext._load()
 assert reason == "", reason
 assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_add_norm_fwd", "CUDA")
 assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_add_norm_bwd", "CUDA")
+assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_row_layout",
+                                                      "CompositeExplicitAutograd")
 print(json.dumps({"resfuse": resfuse.__file__, "torch": torch.__version__,
                   "build": cuda_ext.build_info(), "backends": str(resfuse.backends())}))
 """
@@ -65,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("dist", type=Path)
     ap.add_argument("--archs", required=True, help="the TORCH_CUDA_ARCH_LIST the wheel was built with")
     ap.add_argument("--ptxas-log", type=Path, required=True)
+    ap.add_argument("--other-torch", action="append", default=[], metavar="PYTHON",
+                    help="also install and import the wheel against this interpreter's torch")
     args = ap.parse_args(argv)
 
     wheel = one(args.dist, "resfuse-*.whl")
@@ -94,26 +102,41 @@ def main(argv=None) -> int:
         fail("register spills in the wheel's kernels:\n" + "\n".join(
             f"  {k.arch} {k.short_name}: {k.spill_store_bytes}/{k.spill_load_bytes} B" for k in spilling))
 
-    with tempfile.TemporaryDirectory(prefix="resfuse-wheel-") as tmp:
-        env_dir = Path(tmp) / "venv"
-        venv.EnvBuilder(with_pip=True).create(env_dir)
-        python = env_dir / "bin" / "python"
-        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        # torch (and its CUDA libraries) from the dev venv; not its .pth files, so no editable resfuse
-        Path(site, "_dev_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel.resolve())], check=True)
-        proc = subprocess.run([python, "-c", IMPORT_CHECK, str(env_dir)], capture_output=True,
-                              text=True, cwd=tmp)
-        if proc.returncode != 0:
-            fail(f"the installed wheel does not import cleanly:\n{proc.stderr[-4000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = install_and_import(wheel, sys.executable)
     print(f"check_wheel: {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MiB) and {sdist.name} OK; "
           f"kernels for {', '.join(sorted(want))}, {len(kernels)} reported by ptxas, no spills; "
           f"installed in a fresh venv: loads on torch {result['torch']} (built with "
           f"{result['build']['torch']}, stable ABI >= {result['build']['stable_abi_target']})")
     print(result["backends"])
+    for other in args.other_torch:
+        result = install_and_import(wheel, other)
+        print(f"check_wheel: the same wheel loads on torch {result['torch']} ({other}) and "
+              f"registers its ops")
     return 0
+
+
+def install_and_import(wheel: Path, torch_python) -> dict:
+    """Install the wheel into a fresh venv that sees `torch_python`'s torch, import it from
+    outside the source tree and load the extension; returns IMPORT_CHECK's report."""
+    with tempfile.TemporaryDirectory(prefix="resfuse-wheel-") as tmp:
+        env_dir = Path(tmp) / "venv"
+        venv.EnvBuilder(with_pip=True).create(env_dir)
+        python = env_dir / "bin" / "python"
+
+        def purelib(interpreter) -> str:
+            return subprocess.run([interpreter, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+
+        # torch (and its CUDA libraries) from that environment; not its .pth files, so no
+        # editable resfuse
+        Path(purelib(python), "_dev_torch.pth").write_text(purelib(torch_python) + "\n")
+        subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel.resolve())], check=True)
+        proc = subprocess.run([python, "-c", IMPORT_CHECK, str(env_dir)], capture_output=True,
+                              text=True, cwd=tmp)
+        if proc.returncode != 0:
+            fail(f"the installed wheel does not import cleanly on {torch_python}'s torch:\n"
+                 f"{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
