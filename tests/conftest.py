@@ -13,6 +13,33 @@ import torch
 
 from resfuse import reference
 
+
+def _interpreter_index_fix():
+    """triton < 3.7's interpreter takes a scalar tensor as an index (the backward's
+    ``range(row_start, row_end, BLOCK_M)``) through ``int()`` of its 1-element array, which
+    NumPy 2 rejects; later releases read the element. Same fix here, for CPU runs with the
+    GPU machines' triton 3.6."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_interpreter_index_fix()
+
 DEVICE = os.environ.get("RESFUSE_TEST_DEVICE", "cpu")
 
 # Tolerances per dtype, written down once, as (atol, rtol) against the float64 oracle:
