@@ -35,16 +35,8 @@ namespace resfuse {
 
 // Thread-block clusters (sm_90): the blocks of a cluster sync with one barrier and read each
 // other's shared memory. Only launched with clusters where the loaded binary is sm_90 or newer
-// (the launcher checks), so the older architectures' builds never reach these.
-__device__ __forceinline__ int cluster_block_rank() {
-#if defined(RESFUSE_SIMT)
-  return static_cast<int>(simt::cluster_rank());
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return static_cast<int>(cooperative_groups::this_cluster().block_rank());
-#else
-  return 0;
-#endif
-}
+// (the launcher checks), so the older architectures' builds never reach these. (A block's
+// rank in its cluster comes from blockIdx: see row_lane.)
 
 // A barrier over every thread of the cluster, ordering their shared-memory writes before it
 // ahead of the reads after it (release / acquire).

@@ -131,8 +131,6 @@ inline void wait(unsigned b) {
   if (_setjmp(F.resume) == 0) _longjmp(L.scheduler, 1);
 }
 
-inline unsigned cluster_size() { return current->cluster; }
-inline unsigned cluster_rank() { return block_rank; }
 inline void cluster_sync() { wait(current->cluster_barrier()); }
 
 // p, an address in the running block's shared memory, in block `rank`'s shared memory.
