@@ -59,17 +59,19 @@ inline RowLayout row_layout(int64_t D, int chunks_per_thread, int max_threads, i
 }
 
 // row_layout with clusters where the kernel has them and the device launches them for it
-// (with smem_bytes(layout) of dynamic shared memory), else without.
+// (with smem_bytes(layout) of dynamic shared memory), else without. Rows that fit one block
+// ask the launcher nothing (its queries take a lock: not on every call's path).
 template <class Launcher, class Kernel, class SmemBytes>
 RowLayout fitted_layout(Launcher& launch, Kernel kernel, int64_t D, int chunks_per_thread, int max_threads,
                         int min_block, SmemBytes&& smem_bytes, bool kernel_has_clusters = true) {
-  const int max_cluster =
-      kernel_has_clusters ? std::min(launch.max_cluster_blocks(kernel), kMaxClusterBlocks) : 1;
-  RowLayout L = row_layout(D, chunks_per_thread, max_threads, min_block, max_cluster);
-  if (L.cluster_blocks > 1 &&
-      launch.clusters_resident(kernel, L.block_threads, smem_bytes(L), L.cluster_blocks) == 0)
-    L = row_layout(D, chunks_per_thread, max_threads, min_block, 1);
-  return L;
+  const RowLayout L = row_layout(D, chunks_per_thread, max_threads, min_block);
+  if (L.single_tile || !kernel_has_clusters) return L;
+  const int max_cluster = std::min(launch.max_cluster_blocks(kernel), kMaxClusterBlocks);
+  if (max_cluster <= 1) return L;
+  const RowLayout C = row_layout(D, chunks_per_thread, max_threads, min_block, max_cluster);
+  const bool placed = C.cluster_blocks > 1 &&
+                      launch.clusters_resident(kernel, C.block_threads, smem_bytes(C), C.cluster_blocks) > 0;
+  return placed ? C : L;
 }
 
 // Launches `programs` programs of the layout: blocks, or clusters of its blocks.
