@@ -144,6 +144,24 @@ class Progress:
 # --------------------------------------------------------------------------- run
 
 
+def new_results(device: torch.device, info: dict, preset_name: str, command: str,
+                impls: list) -> dict:
+    """An empty run (report.py's format): what ran where, with which backends and
+    implementations; the measurements are added to it."""
+    backend_status = resfuse.backends()
+    return {
+        "meta": {**info, **versions(), "preset": preset_name, "command": command,
+                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                 "backends": {n: {"available": s.available, "reason": s.reason}
+                              for n, s in backend_status.items()},
+                 "backends_summary": ", ".join(f"{n}: {'yes' if s.available else 'no'}"
+                                               for n, s in backend_status.items() if n != "auto")},
+        "implementations": {i.name: {"family": i.family, "description": i.description,
+                                     "unavailable": i.unavailable(device)} for i in impls},
+        "kernels": [], "transformer": [], "plots": [],
+    }
+
+
 def parse_config(base: transformer.TransformerConfig, items: list[str]):
     changes = {}
     for item in items:
@@ -220,18 +238,8 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
     if argv is None and not sys.argv[0].endswith(".py"):
         program = Path(sys.argv[0]).name  # the resfuse-bench console script
     command = program + " " + shlex.join(sys.argv[1:] if argv is None else argv)
-    backend_status = resfuse.backends()
-    results = {
-        "meta": {**info, **versions(), "preset": preset_name, "command": command.strip(),
-                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                 "backends": {n: {"available": s.available, "reason": s.reason}
-                              for n, s in backend_status.items()},
-                 "backends_summary": ", ".join(f"{n}: {'yes' if s.available else 'no'}"
-                                               for n, s in backend_status.items() if n != "auto")},
-        "implementations": {i.name: {"family": i.family, "description": i.description,
-                                     "unavailable": i.unavailable(device)} for i in impls},
-        "kernels": kept, "transformer": [], "plots": [],
-    }
+    results = new_results(device, info, preset_name, command.strip(), impls)
+    results["kernels"] = kept
     n_kernel = sum(1 for c in cases for i in impls for d in directions
                    if kernels.record_key(c, i.name, d) not in skip)
     n_transformer = len(transformer.VARIANTS) * sum(1 for s in styles if s not in done_styles)

@@ -157,11 +157,14 @@ def run(cases: list[KernelCase], impls: list[impls_mod.Implementation],
         directions: Iterable[str], device: torch.device, copy_bytes_per_s: float,
         settings: TimerSettings = TimerSettings(), progress: Optional[Callable[[str], None]] = None,
         skip: Optional[set] = None,
-        checkpoint: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+        checkpoint: Optional[Callable[[list[dict]], None]] = None,
+        stop: Optional[Callable[[], bool]] = None) -> list[dict]:
     """Measure every (case, implementation, direction); one record each (see ``record_key``).
     Failures (not supported, wrong results, out of memory) become records with an ``error``
     instead of stopping the run. ``skip``: keys already measured (a resumed run);
-    ``checkpoint(records)`` is called after each case, so an interrupted run loses little."""
+    ``checkpoint(records)`` is called after each case, so an interrupted run loses little;
+    ``stop()``, asked before each measurement, ends the run early when true (a deadline):
+    what was not measured has no record."""
     directions = list(directions)
     skip = skip or set()
     records: list[dict] = []
@@ -173,16 +176,20 @@ def run(cases: list[KernelCase], impls: list[impls_mod.Implementation],
                 if record_key(case, impl.name, d) not in skip]
         if not todo:
             continue
+        if stop is not None and stop():
+            break
         dtype = DTYPES[case.dtype]
         if case.group != group:
             group = case.group
-            fns, errors = _prepare(case, impls, device)
+            fns, errors = prepare(case, impls, device)
         try:
             inputs = make_inputs(case.op, dtype, case.rows, case.hidden, device)
         except Exception as e:  # the shape does not fit: every implementation fails alike
             inputs, input_error = None, _short(e)
             _free(device)
         for impl, direction in todo:
+            if stop is not None and stop():
+                break
             nbytes = minimal_bytes(case.op, direction, case.rows, case.hidden, dtype)
             rec = {**asdict(case), "direction": direction, "impl": impl.name, "bytes": nbytes,
                    "median_ms": None, "q20_ms": None, "q80_ms": None, "gbps": None,
@@ -209,9 +216,11 @@ def run(cases: list[KernelCase], impls: list[impls_mod.Implementation],
     return records
 
 
-def _prepare(case: KernelCase, impls, device) -> tuple[dict, dict]:
+def prepare(case: KernelCase, impls, device) -> tuple[dict, dict]:
     """Build each implementation's function for this (op, dtype, hidden) and check it against
-    the reference on a few rows; returns the functions and the errors of those that failed."""
+    the reference on a few rows; returns the functions and the errors of those that failed.
+    (This compiles what an implementation compiles: the GPU campaign's warm-up runs it in
+    worker processes to fill the on-disk compile caches before timing.)"""
     with contextlib.suppress(Exception):
         torch._dynamo.reset()  # fresh compiled code (and cache) per group
     fns, errors = {}, {}

@@ -328,6 +328,53 @@ def _transformer_sections(results: dict) -> list[str]:
     return out
 
 
+def _latency_section(results: dict) -> list[str]:
+    """One small call without autograd (a decode step): host-bound back to back, and the
+    GPU's own time per call when replayed from a CUDA graph."""
+    lat = results.get("latency")
+    if not lat or not lat.get("records"):
+        return []
+    rows = []
+    for rec in lat["records"]:
+        def us(key):
+            return f"{rec[key]:,.1f}" if rec.get(key) is not None else "—"
+        note = rec.get("error") or rec.get("graph_note") or ""
+        rows.append([f"`{rec['impl']}`", us("eager_us"), us("graph_us"), note.replace("|", "\\|")])
+    return ["## Small-batch latency", "",
+            f"`{lat['op']}` of {lat['rows']:,} × {lat['hidden']:,} {lat['dtype']} without "
+            f"autograd: microseconds per call, {lat['calls']} calls back to back from Python "
+            "(launch overhead and host work included), and replayed from a CUDA graph of 20 "
+            "calls (the GPU's time per call).", "",
+            _table(["implementation", "eager µs", "CUDA graph µs", "note"], rows, "lrrl"), ""]
+
+
+def _patched_models_section(results: dict) -> list[str]:
+    """A Hugging Face model unpatched and after ``resfuse.patch`` (the GPU campaign's model
+    phase): forward + backward, the optimizer step apart, memory, agreement."""
+    models = results.get("patched_models") or []
+    out = []
+    for m in models:
+        cfg = m["config"]
+        out += [f"## resfuse.patch on {m['model']} (transformers {m['transformers']})", "",
+                f"hidden {cfg['hidden_size']:,}, {cfg['num_hidden_layers']} layers, "
+                f"{cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV), ffn "
+                f"{cfg['intermediate_size']:,}; batch {m['batch']} × seq {m['seq']:,}, "
+                f"{m['dtype']}, {m['params'] / 1e6:,.1f}M parameters, random weights. "
+                "Relative error: against the unpatched model on the same weights and input, "
+                "the worst over the output and every parameter gradient.", ""]
+        rows = []
+        for v in m["variants"]:
+            def ms(key):
+                return f"{v[key]:,.1f}" if v.get(key) is not None else "—"
+            err = f"{v['max_rel_err']:.1e} ({v['worst']})" if "max_rel_err" in v else "—"
+            rows.append([f"`{v['variant']}`", ms("fwd_bwd_ms"), ms("step_ms"),
+                         _size(v.get("peak_step_bytes")), _size(v.get("saved_bytes")), err,
+                         v.get("error") or ("yes" if v.get("agrees", True) else "**NO**")])
+        out += [_table(["variant", "fwd+bwd ms", "step ms (AdamW)", "peak", "saved for backward",
+                        "rel. error vs unpatched", "agrees"], rows, "lrrrrll"), ""]
+    return out
+
+
 def _plots(results: dict) -> list[str]:
     names = results.get("plots") or []
     if not names:
@@ -349,7 +396,8 @@ def _problems(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     parts = (_header(results) + _how_to_read(results) + _ops(results) + _implementations(results)
              + _targets(results) + _auto_choice(auto_table.build(results))
-             + _transformer_sections(results) + _kernel_sections(results)
+             + _patched_models_section(results) + _transformer_sections(results)
+             + _latency_section(results) + _kernel_sections(results)
              + _plots(results) + _problems(results))
     return "\n".join(parts).rstrip() + "\n"
 

@@ -289,3 +289,19 @@ def test_resfuse_triton_sandwich_under_the_interpreter_passes_the_check(op):
     inputs = kernels.make_inputs(op, torch.float32, 16, 48, CPU)
     fn = implementations.BY_NAME["resfuse-triton"].make(op)
     assert implementations.check(op, fn, inputs.args, inputs.grads()) is None
+
+
+def test_run_stops_when_asked_and_leaves_no_record_for_the_rest():
+    cases = kernels.plan(["add_rms_norm", "rms_norm"], ["bfloat16"], [16], [32, 64])
+    impls = implementations.select(["eager-hf", "eager-torch"])
+    asked = []
+
+    def stop():  # asked before the first case, then before each measurement: a deadline
+        asked.append(1)  # that passes after four of them
+        return len(asked) > 5
+
+    records = kernels.run(cases, impls, DIRECTIONS, CPU, 1e10, FAST, stop=stop)
+    assert len(records) == 4 and all(r["error"] is None for r in records)
+    assert [kernels.key_of(r) for r in records] == [
+        (cases[0].op, "bfloat16", 16, cases[0].hidden, i, d)
+        for i in ("eager-hf", "eager-torch") for d in DIRECTIONS][:4]

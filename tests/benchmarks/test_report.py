@@ -281,3 +281,30 @@ def test_cli_ops_and_presets_know_the_sandwich_ops():
     # the CPU default keeps Gemma2's and OLMo2's ops (the LayerNorm one costs its minutes)
     assert {"norm_add_rms_norm", "rms_norm_add"} <= set(cli.PRESETS["cpu"].ops)
     assert sandwich <= set(cli.PRESETS["tiny"].ops)
+
+
+def test_markdown_latency_and_patched_model_sections():
+    results = _gpu_results()
+    results["latency"] = {"op": "add_rms_norm", "dtype": "bfloat16", "rows": 1, "hidden": 4096,
+                          "calls": 200, "records": [
+                              {"impl": "resfuse-cuda", "eager_us": 12.34, "graph_us": 2.5, "error": None},
+                              {"impl": "liger", "eager_us": None, "graph_us": None,
+                               "error": "not installed | (python package)"}]}
+    results["patched_models"] = [{
+        "model": "transformers.LlamaModel", "transformers": "5.17.0", "batch": 4, "seq": 2048,
+        "dtype": "bfloat16", "params": 330e6,
+        "config": {"hidden_size": 2048, "num_hidden_layers": 4, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "intermediate_size": 8192},
+        "variants": [{"variant": "unpatched", "fwd_bwd_ms": 80.0, "step_ms": 90.0,
+                      "peak_step_bytes": 3 << 30, "saved_bytes": 2 << 30},
+                     {"variant": "patched", "fwd_bwd_ms": 70.0, "step_ms": 80.0,
+                      "peak_step_bytes": 2 << 30, "saved_bytes": 1 << 30, "max_rel_err": 0.01,
+                      "worst": "output", "agrees": True},
+                     {"variant": "patched across_layers", "error": "not run: out of time"}]}]
+    text = report.markdown(results)
+    lat = text[text.index("## Small-batch latency"):text.index("## Kernels")]
+    assert "| `resfuse-cuda` | 12.3 | 2.5 |  |" in lat
+    assert "| `liger` | — | — | not installed \\| (python package) |" in lat
+    model = text[text.index("## resfuse.patch on transformers.LlamaModel (transformers 5.17.0)"):]
+    assert "| `patched` | 70.0 | 80.0 | 2.0 GiB | 1.0 GiB | 1.0e-02 (output) | yes |" in model
+    assert "| `patched across_layers` | — | — | — | — | — | not run: out of time |" in model
