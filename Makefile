@@ -15,7 +15,7 @@ DEV_CUDA_ARCHS   ?= 8.0;9.0
 WHEEL_CUDA_ARCHS ?= 8.0;8.6;8.9;9.0
 HAVE_NVCC := $(shell test -x "$(CUDA_HOME)/bin/nvcc" && echo 1 || echo 0)
 
-.PHONY: test test-gpu install clean wheel wheel-check wheel-check-torch gpu-check
+.PHONY: test test-gpu install clean wheel wheel-check wheel-check-torch
 
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ test: $(VENV)/.installed
 	RESFUSE_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest tests -q
 ifeq ($(HAVE_NVCC),1)
 	$(MAKE) wheel-check
+	$(MAKE) gpu-campaign-rehearsal
 endif
 
 # on a machine with a CUDA GPU: the same suite on CUDA tensors, plus the GPU-only tests
@@ -70,10 +71,31 @@ wheel-check-torch: wheel
 	$(PY) tools/check_wheel.py dist --archs "$(WHEEL_CUDA_ARCHS)" --ptxas-log build/ptxas-wheel.log \
 	  --other-torch build/venv-torch$(OTHER_TORCH)/bin/python
 
-# on a GPU machine: install the carried wheel and build from source, GPU tests,
-# compute-sanitizer, first bandwidth figures (see tools/gpu_check.sh)
-gpu-check:
-	tools/gpu_check.sh
+# The GPU campaign (tools/gpu_campaign.py's header says it all): `make gpu-carry` here fills
+# build/carry/ (under 64 MiB with the tree); `make gpu-campaign` on the GPU machine, with
+# build/carry/ carried and a 9-minute limit, measures and checks everything in 8 minutes;
+# `make gpu-campaign-import FROM=<returned files>` here puts its results under
+# benchmarks/results/<gpu>/ and auto's table into resfuse/auto_tables/.
+.PHONY: gpu-carry gpu-campaign gpu-campaign-rehearsal gpu-campaign-import
+gpu-carry: $(VENV)/.installed
+	$(PY) tools/campaign/carry.py
+
+# on the GPU machine: its own python3 (torch, triton, pytest there), no venv, no set-up
+gpu-campaign:
+	$(PYTHON) tools/gpu_campaign.py
+
+# CPU (part of `make test`): the same script end to end, Triton interpreter, tiny shapes,
+# every phase and output file, the fallback source build included; then the checks of what
+# it wrote, the deadlines and the carry's size
+REHEARSAL_OUT ?= build/campaign-rehearsal/out
+gpu-campaign-rehearsal: gpu-carry
+	RESFUSE_CAMPAIGN_REHEARSE_BUILD=$(HAVE_NVCC) $(PY) tools/gpu_campaign.py --rehearsal \
+	  --out $(REHEARSAL_OUT) --run-dir build/campaign-rehearsal/run
+	$(PY) tools/campaign/check.py $(REHEARSAL_OUT)
+
+gpu-campaign-import: $(VENV)/.installed
+	@test -n "$(FROM)" || { echo "usage: make gpu-campaign-import FROM=<folder with campaign.tar.gz>"; exit 2; }
+	$(PY) tools/campaign/importer.py $(FROM)
 
 clean:
 	rm -rf build dist *.egg-info $(VENV) resfuse/_C*.so resfuse/_cuda_build.json

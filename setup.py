@@ -149,7 +149,8 @@ extension = cuda_extension()
 extra = {}
 if extension is not None:
     cmdclass = {"build_ext": build_ext_class()}
-    if "editable_wheel" in sys.argv or "develop" in sys.argv:
+    # editable installs and `setup.py build_ext --inplace` (the GPU campaign's fallback build)
+    if "editable_wheel" in sys.argv or "develop" in sys.argv or "--inplace" in sys.argv:
         _write_build_info(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resfuse"))
     else:  # a wheel: next to the extension in the build tree, not into the sources
         cmdclass["build_py"] = build_py_class()
