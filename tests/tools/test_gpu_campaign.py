@@ -300,3 +300,16 @@ def test_campaign_code_has_no_undefined_names():
              *sorted((ROOT / "tools" / "campaign").glob("*.py"))]
     found = sum(pyflakes.checkPath(str(f), pyflakes_reporter.Reporter(out, out)) for f in files)
     assert found == 0, out.getvalue()
+
+
+def test_check_finds_bandwidth_paths_the_run_skipped(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    _fake_run(run_dir)
+    common.write_json(run_dir / "results.json", {"kernels": [
+        {"op": "add_rms_norm", "impl": "eager-hf", "direction": "fwd"}]})
+    gpu_campaign.Publisher(run_dir, out, tmp_path / "results").publish()
+    found = check._coverage(out / plan.ARCHIVE_NAME)
+    assert any(f.startswith("bandwidth pass resfuse: no record") for f in found)
+    assert any(f.startswith("bandwidth pass compile: no record") for f in found)
+    assert "results.json: no latency records" in found
+    assert "report.md: no section '## Small-batch latency'" in found

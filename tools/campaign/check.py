@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
     from campaign import carry, common, plan  # noqa: E402
 else:
     from . import carry, common, plan
@@ -53,6 +53,7 @@ def problems(out_dir: Path, carry_dir: Path) -> list[str]:
         for phase in plan.PHASES:
             if f"{common.PHASE_DIR}/logs/{phase.name}.log" not in names:
                 found.append(f"{plan.ARCHIVE_NAME}: no log of {phase.name}")
+        found += _coverage(tar_path=archive)
     campaign_json = out_dir / "campaign.json"
     if campaign_json.exists():
         campaign = common.read_json(campaign_json)
@@ -64,6 +65,38 @@ def problems(out_dir: Path, carry_dir: Path) -> list[str]:
     summary = out_dir / "summary.md"
     if summary.exists() and "| phase | status |" not in summary.read_text():
         found.append("summary.md has no phase table")
+    return found
+
+
+# the report's sections a run that reached every phase has (benchmarks/report.py)
+REPORT_SECTIONS = ("## Implementations", "## resfuse.patch on transformers.LlamaModel",
+                   "## Reference transformer", "## Small-batch latency", "## Kernels")
+
+
+def _coverage(tar_path: Path) -> list[str]:
+    """Every (op, implementation, direction) of the bandwidth plan has a record (measured or
+    with the reason it was not), and the report has its sections: no code path of the
+    bandwidth phase was skipped."""
+    import json
+    from campaign import bandwidth
+    found = []
+    with tarfile.open(tar_path) as tar:
+        members = {Path(*Path(n).parts[1:]).as_posix(): n for n in tar.getnames()}
+        if "results.json" not in members or "report.md" not in members:
+            return []
+        results = json.loads(tar.extractfile(members["results.json"]).read())
+        text = tar.extractfile(members["report.md"]).read().decode()
+    have = {(r["op"], r["impl"], r["direction"]) for r in results.get("kernels", [])}
+    for name, impls, cases, directions in bandwidth.main_cases(plan.bandwidth_scale(True)):
+        missing = sorted({(c.op, i, d) for c in cases for i in impls for d in directions} - have)
+        if missing:
+            found.append(f"bandwidth pass {name}: no record for {missing[:4]}"
+                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    if not results.get("latency", {}).get("records"):
+        found.append("results.json: no latency records")
+    for section in REPORT_SECTIONS:
+        if section not in text:
+            found.append(f"report.md: no section {section!r}")
     return found
 
 
