@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from resfuse import auto_table
+from resfuse.spec import family
 
 from .traffic import OPS, spec
 
@@ -54,7 +55,7 @@ def build(results: dict) -> Optional[dict]:
         op_spec = spec(op)
         entries.append({
             "op": op,
-            "family": auto_table.family(op_spec.residual, op_spec.branch_norm, op_spec.output_norm),
+            "family": family(op_spec.residual, op_spec.branch_norm, op_spec.output_norm),
             "norm": op_spec.norm, "dtype": dtype, "direction": direction, "hidden": hidden,
             "backend": min(total, key=lambda b: (total[b], b)),
             **{f"{b}_ms": round(t, 6) for b, t in total.items()}, "rows": rows})

@@ -21,6 +21,7 @@ import torch
 
 import resfuse
 from resfuse import backend_registry
+from resfuse.spec import AddNormSpec, Forward, Grads
 
 
 @contextmanager
@@ -29,11 +30,11 @@ def null_backend(D: int, rows: int):
     y = torch.empty(rows, D)
     h = torch.empty(rows, D)
 
-    def forward(x, residual, *args, store_h, **kw):
-        return y, (h if store_h else None), None, None
+    def forward(spec, ops):  # built as the real backends build it (tuple.__new__)
+        return tuple.__new__(Forward, (y, h if spec.store_h else None, None, None))
 
-    def backward(dy, dh, h_, *args, **kw):
-        return y, None, torch.zeros(D), None, None, None, None
+    def backward(spec, inputs):
+        return Grads(y, None, torch.zeros(D), None, None, None, None)
 
     null = types.SimpleNamespace(forward=forward, backward=backward)
     original = backend_registry.implementation
@@ -62,11 +63,8 @@ def measure(iters: int = 2000, D: int = 64, rows: int = 8) -> dict[str, float]:
     r = torch.randn(rows, D)
     w = torch.ones(D)
     wg = torch.ones(D, requires_grad=True)
-    # x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
-    # residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
-    # output_norm, store_h, residual_dtype, out_dtype, backend
-    op_args = (x, r, w, None, None, None, None, None, 1e-6, 1.0, 1.0, True, False, False, True,
-               True, torch.float32, torch.float32, "torch")
+    # the registered op's arguments: the operands, the spec's flat form, the backend
+    op_args = (x, r, w, None, None, None, None, None, *AddNormSpec().flat(), "torch")
     results = {}
     with null_backend(D, rows):
         with torch.no_grad():

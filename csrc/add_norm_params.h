@@ -20,6 +20,25 @@ RESFUSE_HOST_DEVICE inline constexpr int dtype_bytes(DType t) { return t == DTyp
 
 constexpr int kChunk = 8;  // elements per thread access: 16 bytes of a 16-bit type, 32 of fp32
 
+// The booleans of a call, packed in one integer: the `flags` argument of the ops
+// (csrc/ops.cpp, and the CPU emulator of the tests). The same bits as resfuse/spec.py's
+// Flag (tests/test_spec.py checks); unpack_flags below turns them into the parameters' fields.
+enum Flag : uint32_t {
+  kFlagRms = 1u << 0,
+  kFlagZeroCentered = 1u << 1,
+  kFlagBranchNorm = 1u << 2,
+  kFlagOutputNorm = 1u << 3,
+  kFlagStoreH = 1u << 4,
+  kFlagResidual = 1u << 5,  // the operands that may be absent (the kernels test the pointers)
+  kFlagWeight = 1u << 6,
+  kFlagBias = 1u << 7,
+  kFlagBranchScale = 1u << 8,
+  kFlagRowscale = 1u << 9,
+  kFlagBranchWeight = 1u << 10,
+  kFlagBranchBias = 1u << 11,
+  kFlagStoreDresidual = 1u << 12,
+};
+
 // Registers per thread: the forward keeps kFwdChunks chunks of h (16 fp32 values) of its row
 // in registers (x, then f, then h, in place), the backward kBwdChunks chunks of h and dy (then
 // of df and x with the branch norm) plus the parameter-gradient accumulators. Threads per row
@@ -143,6 +162,24 @@ struct BwdParams {
   RowLayout layout;
   int programs = 1;  // persistent grid size
 };
+
+// The flags' booleans into the parameters (the operands' presence comes from their pointers).
+inline void unpack_flags(FwdParams& p, uint32_t flags) {
+  p.is_rms = (flags & kFlagRms) != 0;
+  p.zero_centered = (flags & kFlagZeroCentered) != 0;
+  p.branch_norm = (flags & kFlagBranchNorm) != 0;
+  p.output_norm = (flags & kFlagOutputNorm) != 0;
+}
+
+inline void unpack_flags(BwdParams& p, uint32_t flags) {
+  p.is_rms = (flags & kFlagRms) != 0;
+  p.zero_centered = (flags & kFlagZeroCentered) != 0;
+  p.branch_norm = (flags & kFlagBranchNorm) != 0;
+  p.output_norm = (flags & kFlagOutputNorm) != 0;
+  // the bias gradients of a norm that exists
+  p.has_bias = p.output_norm && (flags & kFlagBias) != 0;
+  p.has_branch_bias = p.branch_norm && (flags & kFlagBranchBias) != 0;
+}
 
 // Where the backward's parameter gradients go: (D,) fp32 vectors, nullptr when not wanted.
 struct ParamGrads {

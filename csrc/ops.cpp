@@ -7,8 +7,12 @@
 //   resfuse::cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]
 //       [threads_per_row, rows_per_block, cluster_blocks, single_tile]: the launch layout
 //
-// with the arguments of triton_kernels/launch.py's forward/backward (resfuse/cuda_ext.py
-// calls them and registers their fake implementations). Absent outputs are empty tensors.
+// whose arguments are the tensors of resfuse/spec.py's Operands (forward) or BackwardInputs
+// (backward) and the spec's flat form, AddNormSpec.flat(): eps, residual_scale,
+// branch_scale_value, flags (the booleans, add_norm_params.h's Flag bits), and the dtypes of
+// x, the residual, h and y (resfuse/cuda_ext.py calls them and registers their fake
+// implementations). Absent outputs are empty tensors. A new boolean of the computation is a
+// bit: these signatures do not change.
 //
 // Written against PyTorch's stable ABI (torch/csrc/stable, TORCH_TARGET_VERSION = 2.10): the
 // library talks to libtorch through its C shim only, so one build loads into every torch
@@ -118,14 +122,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd(
     Tensor x, std::optional<Tensor> residual, std::optional<Tensor> weight,
     std::optional<Tensor> bias, std::optional<Tensor> branch_scale, std::optional<Tensor> rowscale,
     std::optional<Tensor> branch_weight, std::optional<Tensor> branch_bias, double eps,
-    double residual_scale, double branch_scale_value, bool is_rms, bool zero_centered_weight,
-    bool branch_norm, bool output_norm, bool store_h, ScalarType residual_dtype,
-    ScalarType out_dtype) {
+    double residual_scale, double branch_scale_value, int64_t flags, ScalarType x_dtype,
+    ScalarType residual_dtype, ScalarType h_dtype, ScalarType out_dtype) {
   check_dims(x, "x");
   STD_TORCH_CHECK(x.is_cuda(), "resfuse CUDA: x must be a CUDA tensor");
   const int32_t device = x.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   const int64_t rows = x.size(0), D = x.size(1);
+  const bool is_rms = (flags & resfuse::kFlagRms) != 0;
+  const bool branch_norm = (flags & resfuse::kFlagBranchNorm) != 0;
+  const bool output_norm = (flags & resfuse::kFlagOutputNorm) != 0;
+  const bool store_h = (flags & resfuse::kFlagStoreH) != 0;
   STD_TORCH_CHECK(!branch_norm || (!branch_scale.has_value() && !rowscale.has_value()),
                   "resfuse CUDA: the branch norm does not combine with branch_scale tensors or rowscale");
   STD_TORCH_CHECK(branch_norm || (!branch_weight.has_value() && !branch_bias.has_value()),
@@ -141,12 +148,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd(
   p.rowscale = row_vector(rowscale, "rowscale", rows, device);
   p.branch_weight = param(branch_weight, "branch_weight", D, device);
   p.branch_bias = param(branch_bias, "branch_bias", D, device);
+  to_dtype(x_dtype, "x_dtype");
   to_dtype(residual_dtype, "residual_dtype");
+  to_dtype(h_dtype, "h_dtype");
   to_dtype(out_dtype, "out_dtype");
 
   const auto rows_or_empty = [&](bool wanted) { return empty({wanted ? rows : 0}, ScalarType::Float, x); };
   Tensor y = output_norm ? empty({rows, D}, out_dtype, x) : empty({0}, out_dtype, x);
-  Tensor h = store_h ? empty({rows, D}, residual_dtype, x) : empty({0}, residual_dtype, x);
+  Tensor h = store_h ? empty({rows, D}, h_dtype, x) : empty({0}, h_dtype, x);
   Tensor mean = rows_or_empty(!is_rms && output_norm);
   Tensor mean_x = rows_or_empty(!is_rms && branch_norm);
   if (output_norm) p.y = activation(y, "y", rows, D, device);
@@ -158,10 +167,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd(
   p.eps = static_cast<float>(eps);
   p.residual_scale = static_cast<float>(residual_scale);
   p.branch_scale_value = static_cast<float>(branch_scale_value);
-  p.is_rms = is_rms;
-  p.zero_centered = zero_centered_weight;
-  p.branch_norm = branch_norm;
-  p.output_norm = output_norm;
+  resfuse::unpack_flags(p, static_cast<uint32_t>(flags));
   resfuse::launch_forward(p, current_stream(device));
   return {y, h, mean, mean_x};
 }
@@ -171,8 +177,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
     std::optional<Tensor> x, std::optional<Tensor> weight, std::optional<Tensor> branch_scale,
     std::optional<Tensor> rowscale, std::optional<Tensor> branch_weight, std::optional<Tensor> mean,
     std::optional<Tensor> mean_x, double eps, double residual_scale, double branch_scale_value,
-    bool is_rms, bool zero_centered_weight, bool has_bias, bool has_branch_bias, bool branch_norm,
-    bool output_norm, bool store_dresidual, ScalarType x_dtype, ScalarType residual_dtype) {
+    int64_t flags, ScalarType x_dtype, ScalarType residual_dtype, ScalarType h_dtype,
+    ScalarType out_dtype) {
+  const bool is_rms = (flags & resfuse::kFlagRms) != 0;
+  const bool branch_norm = (flags & resfuse::kFlagBranchNorm) != 0;
+  const bool output_norm = (flags & resfuse::kFlagOutputNorm) != 0;
+  const bool store_dresidual = (flags & resfuse::kFlagStoreDresidual) != 0;
+  const bool has_bias = (flags & resfuse::kFlagBias) != 0;
+  const bool has_branch_bias = (flags & resfuse::kFlagBranchBias) != 0;
   // With the output norm it is differentiated at h, for dy; without it (norm_add) the
   // gradient reaching h is dh alone.
   STD_TORCH_CHECK(output_norm ? (dy.has_value() && h.has_value()) : dh.has_value(),
@@ -209,6 +221,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
                   "resfuse CUDA: the LayerNorm backward needs the row means of x");
   to_dtype(x_dtype, "x_dtype");
   to_dtype(residual_dtype, "residual_dtype");
+  to_dtype(h_dtype, "h_dtype");
+  to_dtype(out_dtype, "out_dtype");
 
   const bool want[resfuse::kMaxParamGrads] = {output_norm && weight.has_value(), output_norm && has_bias,
                                               branch_scale.has_value(), branch_weight.has_value(),
@@ -224,12 +238,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
   p.eps = static_cast<float>(eps);
   p.residual_scale = static_cast<float>(residual_scale);
   p.branch_scale_value = static_cast<float>(branch_scale_value);
-  p.is_rms = is_rms;
-  p.zero_centered = zero_centered_weight;
-  p.has_bias = want[1];
-  p.has_branch_bias = want[4];
-  p.branch_norm = branch_norm;
-  p.output_norm = output_norm;
+  resfuse::unpack_flags(p, static_cast<uint32_t>(flags));
   resfuse::plan_backward(p);
 
   // One workspace for the per-program partial sums of every gradient wanted.
@@ -267,17 +276,18 @@ std::vector<int64_t> row_layout(int64_t device, int64_t D, bool backward, bool b
 }  // namespace
 
 STABLE_TORCH_LIBRARY_FRAGMENT(resfuse, m) {
+  // the spec's flat form after the tensors (resfuse/spec.py, AddNormSpec.flat)
+#define RESFUSE_SPEC_ARGS                                                                      \
+  "float eps, float residual_scale, float branch_scale_value, int flags, ScalarType x_dtype, " \
+  "ScalarType residual_dtype, ScalarType h_dtype, ScalarType out_dtype"
   m.def("cuda_add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
         "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? branch_bias, "
-        "float eps, float residual_scale, float branch_scale_value, bool is_rms, "
-        "bool zero_centered_weight, bool branch_norm, bool output_norm, bool store_h, "
-        "ScalarType residual_dtype, ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+        RESFUSE_SPEC_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_add_norm_bwd(Tensor? dy, Tensor? dh, Tensor? h, Tensor? x, Tensor? weight, "
         "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? mean, "
-        "Tensor? mean_x, float eps, float residual_scale, float branch_scale_value, bool is_rms, "
-        "bool zero_centered_weight, bool has_bias, bool has_branch_bias, bool branch_norm, "
-        "bool output_norm, bool store_dresidual, ScalarType x_dtype, ScalarType residual_dtype) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? mean_x, " RESFUSE_SPEC_ARGS
+        ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+#undef RESFUSE_SPEC_ARGS
   m.def("cuda_device_supported(int device) -> bool");
   m.def("cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]");
 }

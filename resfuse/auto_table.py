@@ -33,11 +33,11 @@ from typing import Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .spec import FAMILIES, NORMS
+
 FORMAT = 1
 TABLE_DIR = Path(__file__).resolve().parent / "auto_tables"
 BACKENDS = ("cuda", "triton")
-FAMILIES = ("add_norm", "norm", "norm_add_norm", "norm_add")
-NORMS = {"rms": True, "layer": False}  # -> is_rms
 DIRECTIONS = {False: "fwd", True: "fwd+bwd"}  # needs_grad -> the benchmark direction
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -48,19 +48,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def family(has_residual: bool, branch_norm: bool, output_norm: bool) -> str:
-    """The op family of a call (or of a benchmark op, ``traffic.Op``'s flags)."""
-    if branch_norm:
-        return "norm_add_norm" if output_norm else "norm_add"
-    return "add_norm" if has_residual else "norm"
-
-
 def table_path(device_slug: str) -> Path:
     return TABLE_DIR / f"{device_slug}.json"
 
 
 class Table:
-    """A parsed table: for each (family, is_rms, dtype, needs_grad), the measured hidden
+    """A parsed table: for each (family, norm, dtype, needs_grad), the measured hidden
     sizes in order and the faster backend at each."""
 
     def __init__(self, data: dict):
@@ -74,7 +67,9 @@ class Table:
                     or e["direction"] not in DIRECTIONS.values()):
                 raise ValueError(f"bad entry {e}")
             needs_grad = e["direction"] == "fwd+bwd"
-            group = (e["family"], NORMS[e["norm"]], DTYPES[e["dtype"]], needs_grad)
+            if e["norm"] not in NORMS:
+                raise ValueError(f"bad entry {e}")
+            group = (e["family"], e["norm"], DTYPES[e["dtype"]], needs_grad)
             points.setdefault(group, []).append((int(e["hidden"]), e["backend"]))
         self._index = {}
         for group, pts in points.items():
@@ -84,13 +79,13 @@ class Table:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def choose(self, family: str, is_rms: bool, dtype: torch.dtype, hidden: int,
+    def choose(self, family: str, norm: str, dtype: torch.dtype, hidden: int,
                needs_grad: bool) -> Optional[str]:
         """The faster backend at the measured hidden size nearest to ``hidden`` on a log
         scale, None when nothing was measured for this family, norm, dtype and direction.
         Nearest-neighbour is enough: the time is smooth in hidden between the layout
         changes the kernels make at powers of two, and the benchmarks measure at those."""
-        group = self._index.get((family, is_rms, dtype, needs_grad))
+        group = self._index.get((family, norm, dtype, needs_grad))
         if group is None:
             return None
         logs, backends = group
@@ -153,7 +148,7 @@ def known_at_trace(n) -> bool:
 # the table, fixed for the process.
 @torch.compiler.assume_constant_result
 def measured_backend(key: tuple) -> Optional[str]:
-    """The table's backend for ``key = (family, is_rms, dtype, hidden, needs_grad)``, None
+    """The table's backend for ``key = (family, norm, dtype, hidden, needs_grad)``, None
     where it has none."""
     choice = _choices.get(key, _UNSEEN)
     if choice is _UNSEEN:

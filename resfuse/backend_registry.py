@@ -126,7 +126,7 @@ def requested_backend(backend: str) -> str:
 
 def resolve(backend: str, device: torch.device, key: Optional[tuple] = None) -> str:
     """The concrete backend that runs a call on ``device``; raises if it cannot. ``key``,
-    ``(family, is_rms, dtype, hidden, needs_grad)`` of the call (``auto_table``), lets
+    ``(family, norm, dtype, hidden, needs_grad)`` of the call (``auto_table``), lets
     ``"auto"`` choose per the measured table; without it auto takes its fallback rule."""
     backend = requested_backend(backend)
     if backend == "torch":
@@ -180,9 +180,9 @@ def _auto(device_type: str, key: Optional[tuple] = None) -> str:
 
 def implementation(name: str) -> ModuleType:
     """The module with ``forward`` / ``backward`` for a concrete backend name."""
-    if name == "torch":
-        from . import torch_backend
-        return torch_backend
+    if name == "torch":  # the reference itself, behind the backend interface
+        from . import reference
+        return reference
     mod, err = (_triton_module() if name == "triton" else _cuda_module())
     if mod is None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {err}")

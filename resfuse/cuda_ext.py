@@ -17,6 +17,11 @@ from typing import Optional
 
 import torch
 
+from .spec import (AddNormSpec, BackwardInputs, Forward, Grads, Operands, absent_to_none,
+                   backward_outputs, backward_present, forward_outputs, forward_present)
+
+_new = tuple.__new__  # a NamedTuple from its fields in order (the per-call path)
+
 __all__ = ["available", "unavailable_reason", "build_info", "row_layout", "forward", "backward"]
 
 _LIBRARY = "resfuse._C"
@@ -105,34 +110,18 @@ def row_layout(D: int, *, backward: bool = False, branch_norm: bool = False,
 
 
 def _register_fakes():
+    # the CUDA schema takes the spec's flat form (csrc/ops.cpp): the fakes read it back
     @torch.library.register_fake("resfuse::cuda_add_norm_fwd")
     def _fwd_fake(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias,
-                  eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
-                  branch_norm, output_norm, store_h, residual_dtype, out_dtype):
-        rows, D = x.shape
-
-        def like(present, shape, dtype=torch.float32):
-            return x.new_empty(shape if present else (0,), dtype=dtype)
-
-        return (like(output_norm, (rows, D), out_dtype), like(store_h, (rows, D), residual_dtype),
-                like(not is_rms and output_norm, (rows,)), like(not is_rms and branch_norm, (rows,)))
+                  *flat):
+        return forward_outputs(AddNormSpec.from_flat(*flat), x, x.shape, x.shape[:1])
 
     @torch.library.register_fake("resfuse::cuda_add_norm_bwd")
-    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x, eps,
-                  residual_scale, branch_scale_value, is_rms, zero_centered_weight, has_bias,
-                  has_branch_bias, branch_norm, output_norm, store_dresidual, x_dtype,
-                  residual_dtype):
-        like = h if output_norm else dh
-        rows, D = like.shape
-
-        def vec(present):
-            return like.new_empty((D,) if present else (0,), dtype=torch.float32)
-
-        return (like.new_empty((rows, D), dtype=x_dtype),
-                like.new_empty((rows, D) if store_dresidual else (0,), dtype=residual_dtype),
-                vec(output_norm and weight is not None), vec(output_norm and has_bias),
-                vec(branch_scale is not None), vec(branch_weight is not None),
-                vec(branch_norm and has_branch_bias))
+    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x,
+                  *flat):
+        spec = AddNormSpec.from_flat(*flat)
+        like = h if spec.output_norm else dh
+        return backward_outputs(spec, like, like.shape)
 
     @torch.library.register_fake("resfuse::cuda_device_supported")
     def _supported_fake(device):
@@ -146,74 +135,17 @@ def _ops():
     return _state
 
 
-def forward(
-    x: torch.Tensor,
-    residual: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    branch_scale: Optional[torch.Tensor],
-    rowscale: Optional[torch.Tensor],
-    *,
-    eps: float,
-    residual_scale: float,
-    branch_scale_value: float,
-    is_rms: bool,
-    zero_centered_weight: bool,
-    store_h: bool,
-    residual_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-    branch_norm: bool = False,
-    branch_weight: Optional[torch.Tensor] = None,
-    branch_bias: Optional[torch.Tensor] = None,
-    output_norm: bool = True,
-):
-    """(y or None, h or None, mean or None, mean_x or None) for 2-D (rows, D) inputs with unit
-    column stride; the LayerNorm row means of h and (with the branch norm) of x are the
-    backward's shifts."""
-    y, h, mean, mean_x = _ops()["fwd"](
-        x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, eps,
-        residual_scale, branch_scale_value, is_rms, zero_centered_weight, branch_norm,
-        output_norm, store_h, residual_dtype, out_dtype)
-    return ((y if output_norm else None), (h if store_h else None),
-            (mean if not is_rms and output_norm else None),
-            (mean_x if not is_rms and branch_norm else None))
+def forward(spec: AddNormSpec, ops: Operands) -> Forward:
+    """(y, h, mean, mean_x), None where absent, for 2-D (rows, D) operands with unit column
+    stride; the LayerNorm row means of h and (with the branch norm) of x are the backward's
+    shifts."""
+    y, h, mean, mean_x = _ops()["fwd"](*ops, *spec.flat())
+    present = forward_present(spec)
+    return _new(Forward, (y if present[0] else None, h if present[1] else None,
+                          mean if present[2] else None, mean_x if present[3] else None))
 
 
-def backward(
-    dy: Optional[torch.Tensor],
-    dh: Optional[torch.Tensor],
-    h: Optional[torch.Tensor],
-    x: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    branch_scale: Optional[torch.Tensor],
-    rowscale: Optional[torch.Tensor],
-    mean: Optional[torch.Tensor],
-    *,
-    eps: float,
-    residual_scale: float,
-    branch_scale_value: float,
-    is_rms: bool,
-    zero_centered_weight: bool,
-    has_bias: bool,
-    store_dresidual: bool,
-    x_dtype: torch.dtype,
-    residual_dtype: torch.dtype,
-    branch_norm: bool = False,
-    branch_weight: Optional[torch.Tensor] = None,
-    has_branch_bias: bool = False,
-    mean_x: Optional[torch.Tensor] = None,
-    output_norm: bool = True,
-):
-    """(dx, dresidual or None, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias):
-    the parameter gradients as fp32 sums over rows (None when not asked for)."""
-    grads = _ops()["bwd"](dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x,
-                          eps, residual_scale, branch_scale_value, is_rms, zero_centered_weight,
-                          has_bias, has_branch_bias, branch_norm, output_norm, store_dresidual,
-                          x_dtype, residual_dtype)
-    dx, dr, dw, db, dbs, dbw, dbb = grads
-    return (dx, dr if store_dresidual else None,
-            dw if output_norm and weight is not None else None,
-            db if output_norm and has_bias else None,
-            dbs if branch_scale is not None else None,
-            dbw if branch_weight is not None else None,
-            dbb if branch_norm and has_branch_bias else None)
+def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
+    """(dx, dresidual, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias): the
+    parameter gradients as fp32 sums over rows, None where absent."""
+    return Grads(*absent_to_none(_ops()["bwd"](*inputs, *spec.flat()), backward_present(spec)))

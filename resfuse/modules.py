@@ -30,7 +30,7 @@ class _Norm(nn.Module):
     """Shared body of RMSNorm and LayerNorm: normalize over the trailing ``normalized_shape``
     dims (flattened into one row of D = prod(normalized_shape)), optional fused residual add."""
 
-    _is_rms: bool
+    _norm: str  # "rms" | "layer"
 
     def __init__(self, normalized_shape: _Shape, eps: Optional[float], elementwise_affine: bool,
                  bias: bool, zero_centered_weight: bool, device, dtype):
@@ -77,7 +77,7 @@ class _Norm(nn.Module):
             residual = residual.reshape(x.shape) if residual is not None else None
             weight = weight.reshape(D) if weight is not None else None
             bias = bias.reshape(D) if bias is not None else None
-        out = add_norm(x, residual, weight, bias, self._eps(x), is_rms=self._is_rms,
+        out = add_norm(x, residual, weight, bias, self._eps(x), norm=self._norm,
                        zero_centered_weight=self.zero_centered_weight,
                        prenorm=residual is not None)
         if k > 1:
@@ -96,7 +96,7 @@ class RMSNorm(_Norm):
     Also answers to ``variance_epsilon`` (the Hugging Face attribute name).
     """
 
-    _is_rms = True
+    _norm = "rms"
 
     def __init__(self, normalized_shape: _Shape, eps: Optional[float] = 1e-6,
                  elementwise_affine: bool = True, *, zero_centered_weight: bool = False,
@@ -119,7 +119,7 @@ class LayerNorm(_Norm):
     ``forward(x)`` -> y; ``forward(x, residual)`` -> ``(y, h)`` with ``h = residual + x``.
     """
 
-    _is_rms = False
+    _norm = "layer"
 
     def __init__(self, normalized_shape: _Shape, eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, *,
@@ -171,7 +171,7 @@ class AddNorm(nn.Module):
         return torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(keep) / keep
 
     def forward(self, x: Tensor, residual: Tensor):
-        return add_norm(x, residual, self.weight, self.bias, self.eps, is_rms=self.norm == "rms",
+        return add_norm(x, residual, self.weight, self.bias, self.eps, norm=self.norm,
                         residual_scale=self.residual_scale, branch_scale=self.layer_scale,
                         rowscale=self._drop_path_rowscale(x) if x.dim() >= 2 else None,
                         prenorm=self.prenorm)
@@ -236,7 +236,7 @@ class NormAddNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor]):
         b, n = self.branch_norm, self.norm
-        common = dict(norm="rms" if b._is_rms else "layer", branch_bias=b.bias,
+        common = dict(norm=b._norm, branch_bias=b.bias,
                       zero_centered_weight=b.zero_centered_weight)
         if n is None:
             return _functional.norm_add(x, residual, b.weight, b._eps(x), **common)

@@ -13,6 +13,11 @@ and the sandwich layout (Gemma2/3, Peri-LN; OLMo2 without the second norm)::
 
 Every backend is checked against this function; it is deliberately plain torch code with no
 tricks, so that it can be read as the specification.
+
+``forward`` / ``backward`` at the end run it in fp32 behind the backend interface
+(``spec.Backend``): that is the ``"torch"`` backend, on any device, and the CPU path of
+``"auto"``. Like the kernels, its backward differentiates each norm at the tensor it reads
+back (:func:`normalize_backward`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from .spec import AddNormSpec, BackwardInputs, Forward, Grads, Operands
 
 
 def residual_sum(
@@ -151,3 +158,56 @@ def norm_add_norm(
                   zero_centered_weight=zero_centered_weight)
     return add_norm(f, residual, weight, bias, eps, norm=norm,
                     zero_centered_weight=zero_centered_weight, compute_dtype=compute_dtype)
+
+
+# --------------------------------------------------------------------------- the "torch" backend
+
+
+def forward(spec: AddNormSpec, ops: Operands) -> Forward:
+    """The reference in fp32 behind the backend interface (2-D operands, ``spec.Operands``)."""
+    f = ops.x.float()
+    if spec.branch_norm:
+        f = normalize(f, ops.branch_weight, ops.branch_bias, spec.eps, norm=spec.norm,
+                      zero_centered_weight=spec.zero_centered_weight)
+    h = residual_sum(f, ops.residual, residual_scale=spec.residual_scale,
+                     branch_scale=ops.branch_scale if ops.branch_scale is not None else spec.branch_scale,
+                     rowscale=ops.rowscale)
+    y = None
+    if spec.output_norm:
+        y = normalize(h, ops.weight, ops.bias, spec.eps, norm=spec.norm,
+                      zero_centered_weight=spec.zero_centered_weight).to(spec.out_dtype)
+    # the row means are the kernels' shifts for the backward; unused here
+    layer = spec.norm == "layer"
+    return Forward(y, h.to(spec.h_dtype) if spec.store_h else None,
+                   h.mean(-1) if layer and spec.output_norm else None,
+                   ops.x.float().mean(-1) if layer and spec.branch_norm else None)
+
+
+def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
+    dweight = dbias = None
+    if spec.output_norm:
+        dh_total, dweight, dbias = normalize_backward(
+            inputs.h.float(), inputs.dy, inputs.weight, spec.eps, norm=spec.norm,
+            zero_centered_weight=spec.zero_centered_weight)
+        if inputs.dh is not None:
+            dh_total = dh_total + inputs.dh.float()
+        dbias = dbias if spec.has_bias else None
+    else:
+        dh_total = inputs.dh.float()
+
+    df = dh_total * spec.branch_scale
+    if inputs.rowscale is not None:
+        df = df * inputs.rowscale.float().unsqueeze(-1)
+    dbranch = dbranch_weight = dbranch_bias = None
+    if inputs.branch_scale is not None:
+        dbranch = (df * inputs.x.float()).sum(0)
+        df = df * inputs.branch_scale.float()
+    if spec.branch_norm:
+        df, dbranch_weight, dbranch_bias = normalize_backward(
+            inputs.x.float(), df, inputs.branch_weight, spec.eps, norm=spec.norm,
+            zero_centered_weight=spec.zero_centered_weight)
+        dbranch_bias = dbranch_bias if spec.has_branch_bias else None
+    dresidual = ((dh_total * spec.residual_scale).to(spec.residual_dtype)
+                 if spec.dresidual == "kernel" else None)
+    return Grads(df.to(spec.x_dtype), dresidual, dweight, dbias, dbranch, dbranch_weight,
+                 dbranch_bias)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import resfuse
-from resfuse import auto_table, backend_registry, torch_backend
+from resfuse import auto_table, backend_registry, reference
 
 DEVICE_NAME = "Test GPU 80GB"
 SLUG = "test-gpu-80gb"
@@ -27,8 +27,8 @@ def entry(hidden, backend, family="add_norm", norm="rms", dtype="float32", direc
             "rows": [4096]}
 
 
-def key(hidden, family="add_norm", is_rms=True, dtype=torch.float32, needs_grad=False):
-    return (family, is_rms, dtype, hidden, needs_grad)
+def key(hidden, family="add_norm", norm="rms", dtype=torch.float32, needs_grad=False):
+    return (family, norm, dtype, hidden, needs_grad)
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def fake_backends(monkeypatch):
                 return fn(*args, **kwargs)
             return run
         return types.SimpleNamespace(
-            forward=recording(torch_backend.forward, "forward"),
-            backward=recording(torch_backend.backward, "backward"),
+            forward=recording(reference.forward, "forward"),
+            backward=recording(reference.backward, "backward"),
             available=lambda: True, unavailable_reason=lambda: "")
 
     def set_loads(cuda=True, triton=True):
@@ -110,7 +110,7 @@ def test_nearest_measured_hidden_on_a_log_scale(tables):
 def test_other_family_norm_dtype_or_direction_has_no_entry(tables):
     tables([entry(1024, "triton")])
     assert auto_table.measured_backend(key(1024)) == "triton"
-    for other in (key(1024, family="norm_add_norm"), key(1024, is_rms=False),
+    for other in (key(1024, family="norm_add_norm"), key(1024, norm="layer"),
                   key(1024, dtype=torch.bfloat16), key(1024, needs_grad=True)):
         assert auto_table.measured_backend(other) is None, other
 
@@ -173,7 +173,7 @@ def test_auto_follows_the_table_where_it_has_an_entry(tables, fake_backends):
     assert backend_registry.resolve("auto", CUDA, key(1024, needs_grad=True)) == "cuda"
     assert backend_registry.resolve("auto", CUDA, key(8192)) == "cuda"
     # no entry, no key: the rule (cuda when it loads); CPU tensors: the reference
-    assert backend_registry.resolve("auto", CUDA, key(1024, is_rms=False)) == "cuda"
+    assert backend_registry.resolve("auto", CUDA, key(1024, norm="layer")) == "cuda"
     assert backend_registry.resolve("auto", CUDA) == "cuda"
     assert backend_registry.resolve("auto", torch.device("cpu"), key(1024)) == "torch"
 

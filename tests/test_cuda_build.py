@@ -16,6 +16,7 @@ import torch
 
 import resfuse
 from resfuse import backend_registry, cuda_ext
+from resfuse.spec import AddNormSpec, Operands
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -84,36 +85,38 @@ def test_extension_is_limited_api_and_links_no_libtorch_python():
 def test_fake_implementations_give_output_metadata():
     from torch._subclasses.fake_tensor import FakeTensorMode
     fwd, bwd = torch.ops.resfuse.cuda_add_norm_fwd, torch.ops.resfuse.cuda_add_norm_bwd
+    bf16, f32 = torch.bfloat16, torch.float32
     with FakeTensorMode():
-        x = torch.empty(6, 40, device="cuda", dtype=torch.bfloat16)
+        x = torch.empty(6, 40, device="cuda", dtype=bf16)
         w = torch.empty(40, device="cuda")
-        y, h, mean, mean_x = fwd(x, x, w, w, None, None, None, None, 1e-5, 1.0, 1.0, False, False,
-                                 False, True, True, torch.float32, torch.float16)
+        # LayerNorm with a bias and a LayerScale tensor, an fp32 h and an fp16 y
+        spec = AddNormSpec(norm="layer", eps=1e-5, has_bias=True, has_branch_scale=True,
+                           x_dtype=bf16, residual_dtype=bf16, h_dtype=f32, out_dtype=torch.float16)
+        y, h, mean, mean_x = fwd(x, x, w, w, w, None, None, None, *spec.flat())
         assert (y.shape, y.dtype, y.device.type) == ((6, 40), torch.float16, "cuda")
-        assert (h.shape, h.dtype) == ((6, 40), torch.float32)
-        assert (mean.shape, mean.dtype) == ((6,), torch.float32)
+        assert (h.shape, h.dtype) == ((6, 40), f32)
+        assert (mean.shape, mean.dtype) == ((6,), f32)
         assert mean_x.shape == (0,)
-        grads = bwd(y, None, h, x, w, w, None, None, mean, None, 1e-5, 1.0, 1.0, False, False, True,
-                    False, False, True, False, torch.bfloat16, torch.float32)
+        grads = bwd(y, None, h, x, w, w, None, None, mean, None, *spec.flat())
         shapes = [(tuple(g.shape), g.dtype) for g in grads]
-        assert shapes == [((6, 40), torch.bfloat16), ((0,), torch.float32), ((40,), torch.float32),
-                          ((40,), torch.float32), ((40,), torch.float32), ((0,), torch.float32),
-                          ((0,), torch.float32)]
+        assert shapes == [((6, 40), bf16), ((6, 40), bf16), ((40,), f32), ((40,), f32),
+                          ((40,), f32), ((0,), f32), ((0,), f32)]
         # norm_add (LayerNorm, branch bias): no y, no mean of h; h, mean_x; dx, dbranch_*
-        y, h, mean, mean_x = fwd(x, x, None, None, None, None, w, w, 1e-5, 1.0, 1.0, False, False,
-                                 True, False, True, torch.bfloat16, torch.bfloat16)
+        spec = AddNormSpec(norm="layer", eps=1e-5, branch_norm=True, output_norm=False,
+                           has_weight=False, has_branch_weight=True, has_branch_bias=True,
+                           x_dtype=bf16, residual_dtype=bf16, h_dtype=bf16, out_dtype=bf16)
+        y, h, mean, mean_x = fwd(x, x, None, None, None, None, w, w, *spec.flat())
         assert [tuple(t.shape) for t in (y, h, mean, mean_x)] == [(0,), (6, 40), (0,), (6,)]
-        grads = bwd(None, h, None, x, None, None, None, w, None, mean_x, 1e-5, 1.0, 1.0, False,
-                    False, False, True, True, False, False, torch.bfloat16, torch.bfloat16)
+        grads = bwd(None, h, None, x, None, None, None, w, None, mean_x, *spec.flat())
         assert [tuple(g.shape) for g in grads] == [(6, 40), (0,), (0,), (0,), (0,), (40,), (40,)]
 
 
 @needs_extension
 def test_the_op_rejects_cpu_tensors():
+    spec = AddNormSpec(has_residual=False, has_weight=False, store_h=False)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.resfuse.cuda_add_norm_fwd(torch.randn(2, 8), None, None, None, None, None, None,
-                                            None, 1e-5, 1.0, 1.0, True, False, False, True, False,
-                                            torch.float32, torch.float32)
+                                            None, *spec.flat())
 
 
 def test_backend_cuda_on_cpu_tensors_is_a_clear_error():
@@ -137,10 +140,8 @@ def test_backend_cuda_without_the_extension_says_why(monkeypatch):
     report = resfuse.backends()
     assert not report["cuda"].available and "not built" in report["cuda"].reason
     with pytest.raises(RuntimeError, match="not built"):
-        cuda_ext.forward(torch.randn(2, 8), None, None, None, None, None, eps=1e-5,
-                         residual_scale=1.0, branch_scale_value=1.0, is_rms=True,
-                         zero_centered_weight=False, store_h=False,
-                         residual_dtype=torch.float32, out_dtype=torch.float32)
+        cuda_ext.forward(AddNormSpec(has_residual=False, has_weight=False, store_h=False),
+                         Operands(torch.randn(2, 8)))
 
 
 def test_auto_falls_back_without_the_extension(monkeypatch):

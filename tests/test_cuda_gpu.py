@@ -10,6 +10,7 @@ import torch
 
 import resfuse
 from numerics import DTYPES, Case, run_case
+from resfuse.spec import AddNormSpec, Operands
 from test_norm_add_norm import LAYOUT_IDS, LAYOUTS, PERI_LN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -245,36 +246,42 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
 
 
-def _fwd_args(dtype=torch.bfloat16, rows=64, D=1000, is_rms=False, branch_norm=False, output_norm=True):
+def _call(dtype=torch.bfloat16, rows=64, D=1000, norm="layer", branch_norm=False, output_norm=True):
+    """(spec, operands) of a call with every feature its layout allows (an fp32 h, bf16 y)."""
     x = torch.randn(rows, D, device="cuda", dtype=dtype)
-    w = torch.randn(D, device="cuda")
 
     def vec():
         return torch.randn(D, device="cuda")
 
-    plain = not branch_norm
-    return (x, torch.randn_like(x), w if output_norm else None,
-            vec() if not is_rms and output_norm else None, vec() if plain else None,
-            torch.rand(rows, device="cuda") if plain else None, vec() if branch_norm else None,
-            vec() if branch_norm and not is_rms else None, 1e-5, 0.5 if plain else 1.0,
-            1.5 if plain else 1.0, is_rms, True, branch_norm, output_norm, True, torch.float32,
-            torch.bfloat16)
+    plain, layer = not branch_norm, norm == "layer"
+    ops = Operands(x, torch.randn_like(x), vec() if output_norm else None,
+                   vec() if layer and output_norm else None, vec() if plain else None,
+                   torch.rand(rows, device="cuda") if plain else None,
+                   vec() if branch_norm else None, vec() if branch_norm and layer else None)
+    spec = AddNormSpec(
+        norm=norm, eps=1e-5, residual_scale=0.5 if plain else 1.0,
+        branch_scale=1.5 if plain else 1.0, zero_centered_weight=True, branch_norm=branch_norm,
+        output_norm=output_norm, has_weight=output_norm, has_bias=layer and output_norm,
+        has_branch_scale=plain, has_rowscale=plain, has_branch_weight=branch_norm,
+        has_branch_bias=branch_norm and layer, x_dtype=dtype, residual_dtype=dtype,
+        h_dtype=torch.float32, out_dtype=torch.bfloat16)
+    return spec, ops
 
 
 @needs_cuda_ext
 @pytest.mark.parametrize("layout", [(False, True), (True, True), (True, False)],
                          ids=["add_norm", "norm_add_norm", "norm_add"])
-@pytest.mark.parametrize("is_rms", [True, False])
-def test_opcheck(is_rms, layout):
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_opcheck(norm, layout):
     branch_norm, output_norm = layout
-    args = _fwd_args(is_rms=is_rms, branch_norm=branch_norm, output_norm=output_norm)
-    torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_fwd.default, args)
-    y, h, mean, mean_x = torch.ops.resfuse.cuda_add_norm_fwd(*args)
-    x, _, w, b, bs, rs, wb, bb = args[:8]
+    spec, ops = _call(norm=norm, branch_norm=branch_norm, output_norm=output_norm)
+    torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_fwd.default, (*ops, *spec.flat()))
+    y, h, mean, mean_x = torch.ops.resfuse.cuda_add_norm_fwd(*ops, *spec.flat())
+    layer = norm == "layer"
     bwd = (torch.randn_like(y) if output_norm else None, torch.randn_like(h),
-           h if output_norm else None, x, w, bs, rs, wb, mean if not is_rms and output_norm else None,
-           mean_x if not is_rms and branch_norm else None, 1e-5, args[9], args[10], is_rms, True,
-           b is not None, bb is not None, branch_norm, output_norm, True, x.dtype, torch.bfloat16)
+           h if output_norm else None, ops.x, ops.weight, ops.branch_scale, ops.rowscale,
+           ops.branch_weight, mean if layer and output_norm else None,
+           mean_x if layer and branch_norm else None, *spec.flat())
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_bwd.default, bwd)
 
 

@@ -24,6 +24,7 @@ from test_norm_add_norm import mixed_case
 
 import resfuse
 from resfuse import backend_registry
+from resfuse.spec import AddNormSpec, BackwardInputs, Operands
 
 sim_backend = pytest.importorskip("simt.sim_backend", reason="emulator sources missing")
 
@@ -194,16 +195,17 @@ def test_misaligned_operands_match_the_vector_path_bitwise(norm, dtype, sim):
     rs = torch.rand(rows, generator=g)
     dy = torch.randn(rows, D, generator=g).to(dtype)
     dh = torch.randn(rows, D, generator=g).to(dtype)
-    fwd = dict(eps=1e-5, residual_scale=0.5, branch_scale_value=1.5, is_rms=norm == "rms",
-               zero_centered_weight=True, store_h=True, residual_dtype=dtype, out_dtype=dtype)
+    spec = AddNormSpec(norm=norm, eps=1e-5, residual_scale=0.5, branch_scale=1.5,
+                       zero_centered_weight=True, has_bias=b is not None, has_branch_scale=True,
+                       has_rowscale=True, x_dtype=dtype, residual_dtype=dtype, h_dtype=dtype,
+                       out_dtype=dtype)
+    assert spec.dresidual == "kernel"
 
     def run(shift):
         o = (lambda t: None if t is None else _offset_view(t, 1)) if shift else (lambda t: t)
-        y, h, mean, _ = sim.forward(o(x), o(r), o(w), o(b), o(bs), o(rs), **fwd)
-        grads = sim.backward(o(dy), o(dh), o(h), o(x), o(w), o(bs), o(rs), o(mean),
-                             eps=1e-5, residual_scale=0.5, branch_scale_value=1.5,
-                             is_rms=norm == "rms", zero_centered_weight=True, has_bias=b is not None,
-                             store_dresidual=True, x_dtype=dtype, residual_dtype=dtype)
+        y, h, mean, _ = sim.forward(spec, Operands(o(x), o(r), o(w), o(b), o(bs), o(rs)))
+        grads = sim.backward(spec, BackwardInputs(o(dy), o(dh), o(h), o(x), o(w), o(bs), o(rs),
+                                                  mean=o(mean)))
         return (y, h, mean, *grads[:5])
 
     for name, a, m in zip(("y", "h", "mean", "dx", "dr", "dw", "db", "dbs"), run(False), run(True)):
@@ -229,9 +231,8 @@ def test_threads_per_row_scale_with_D(D, sim):
     """Threads per row: the power of two giving each thread at most 2 chunks of 8, up to 1024
     (forward); beyond 16384 the rows span clusters of 1024-thread blocks (sm_90)."""
     x = torch.randn(2, D)
-    sim.forward(x, None, None, None, None, None, eps=1e-5, residual_scale=1.0,
-                branch_scale_value=1.0, is_rms=True, zero_centered_weight=False, store_h=False,
-                residual_dtype=torch.float32, out_dtype=torch.float32)
+    sim.forward(AddNormSpec(eps=1e-5, has_residual=False, has_weight=False, store_h=False),
+                Operands(x))
     threads = 1 << math.ceil(math.log2(max(1, math.ceil(math.ceil(D / 8) / 2))))
     assert sim.last["fwd_threads_per_row"] == min(1024, threads)
     assert sim.last["fwd_cluster_blocks"] == max(1, threads // 1024)
@@ -257,7 +258,7 @@ def test_rms_norm_with_a_bias_gets_its_bias_gradient(cuda_sim):
         grads = {}
         for backend in ("cuda", "torch"):
             leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
-            y, h = ops.add_norm(*leaves, 1e-5, is_rms=True, backend=backend)
+            y, h = ops.add_norm(*leaves, 1e-5, norm="rms", backend=backend)
             grads[backend] = torch.autograd.grad([y, h], leaves, [torch.ones_like(y), torch.ones_like(h)])
         for name, a, e in zip(("x", "residual", "weight", "bias"), grads["cuda"], grads["torch"]):
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=f"d{name}, D={D}")
@@ -375,20 +376,18 @@ def test_sandwich_misaligned_operands_match_the_vector_path_bitwise(dtype, norm,
         w = b = None
     dy = torch.randn(rows, D, generator=g).to(dtype) if output_norm else None
     dh = torch.randn(rows, D, generator=g).to(dtype)
-    common = dict(eps=1e-5, residual_scale=1.0, branch_scale_value=1.0, is_rms=norm == "rms",
-                  zero_centered_weight=True)
+    spec = AddNormSpec(norm=norm, eps=1e-5, zero_centered_weight=True, branch_norm=True,
+                       output_norm=output_norm, has_weight=w is not None, has_bias=b is not None,
+                       has_branch_weight=True, has_branch_bias=True, x_dtype=dtype,
+                       residual_dtype=dtype, h_dtype=dtype, out_dtype=dtype)
 
     def run(shift):
         o = (lambda t: None if t is None else _offset_view(t, 1)) if shift else (lambda t: t)
-        y, h, mean, mean_x = sim.forward(o(x), o(r), o(w), o(b), None, None, store_h=True,
-                                         residual_dtype=dtype, out_dtype=dtype, branch_norm=True,
-                                         branch_weight=o(wb), branch_bias=o(bb),
-                                         output_norm=output_norm, **common)
-        grads = sim.backward(o(dy), o(dh), o(h) if output_norm else None, o(x), o(w), None, None,
-                             o(mean), has_bias=b is not None, store_dresidual=True, x_dtype=dtype,
-                             residual_dtype=dtype, branch_norm=True, branch_weight=o(wb),
-                             has_branch_bias=True, mean_x=o(mean_x), output_norm=output_norm,
-                             **common)
+        y, h, mean, mean_x = sim.forward(spec, Operands(o(x), o(r), o(w), o(b), None, None, o(wb),
+                                                        o(bb)))
+        grads = sim.backward(spec, BackwardInputs(
+            o(dy), o(dh), o(h) if output_norm else None, o(x), o(w), None, None, o(wb),
+            mean=o(mean), mean_x=o(mean_x)))
         return (y, h, mean, mean_x, *grads)
 
     names = ("y", "h", "mean", "mean_x", "dx", "dr", "dw", "db", "dbs", "dbw", "dbb")

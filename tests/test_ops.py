@@ -7,6 +7,7 @@ import torch
 import resfuse
 from conftest import DEVICE
 from resfuse import ops
+from resfuse.spec import AddNormSpec, Operands
 
 # on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
 BACKENDS = ["triton", "torch"] + (
@@ -155,7 +156,8 @@ def test_torch_compile_fullgraph(compiler):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
 
 
-def _op_args(norm, backend, *, layer_scale=False, residual=True, rows=(2, 3)):
+def _call(norm, *, layer_scale=False, residual=True, rows=(2, 3)):
+    """(spec, operands) of one call, as the entry points build them."""
     D = 24
     x = torch.randn(*rows, D, device=DEVICE, requires_grad=True)
     r = torch.randn(*rows, D, device=DEVICE, requires_grad=True) if residual else None
@@ -163,8 +165,15 @@ def _op_args(norm, backend, *, layer_scale=False, residual=True, rows=(2, 3)):
     b = torch.randn(D, device=DEVICE, requires_grad=True) if norm == "layer" else None
     bs = torch.randn(D, device=DEVICE, requires_grad=True) if layer_scale else None
     rs = torch.rand(*rows, device=DEVICE)
-    return (x, r, w, b, bs, rs, None, None, 1e-5, 0.5, 1.0, norm == "rms", False, False, True,
-            True, torch.float32, torch.float32, backend)
+    spec = AddNormSpec(norm=norm, eps=1e-5, residual_scale=0.5, has_residual=residual,
+                       has_bias=b is not None, has_branch_scale=layer_scale, has_rowscale=True)
+    return spec, Operands(x, r, w, b, bs, rs)
+
+
+def _op_args(norm, backend, **kw):
+    """The registered op's flat arguments: the operands, the spec's flat form, the backend."""
+    spec, operands = _call(norm, **kw)
+    return (*operands, *spec.flat(), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,33 +186,31 @@ def test_opcheck_add_norm(variant, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_add_norm_backward(backend):
-    x, r, w, b, bs, rs, _, _, eps, *_ = _op_args("layer", backend, layer_scale=True)
+    spec, (x, r, w, b, bs, rs, _, _) = _call("layer", layer_scale=True)
     with torch.no_grad():
         y, h, mean, mean_x = torch.ops.resfuse.add_norm(*_op_args("layer", backend, layer_scale=True))
-    # dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x, eps,
-    # residual_scale, branch_scale_value, is_rms, zero_centered_weight, has_bias,
-    # has_branch_bias, branch_norm, output_norm, store_dresidual, x_dtype, residual_dtype, backend
+    assert spec.dresidual == "kernel"  # the backward stores dresidual: every output exists
+    # dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x, the spec, backend
     args = (torch.randn_like(y), torch.randn_like(h), h, x.detach(), w.detach(), bs.detach(), rs,
-            None, mean, None, eps, 0.5, 1.0, False, False, True, False, False, True, True,
-            torch.float32, torch.float32, backend)
+            None, mean, None, *spec.flat(), backend)
     torch.library.opcheck(torch.ops.resfuse.add_norm_backward.default, args)
 
 
 def test_eager_path_matches_registered_op():
     """The dispatcher-free eager path and the registered op give identical results
     (on the 2-D tensors the entry points hand them)."""
-    args = _op_args("layer", "torch", layer_scale=True, rows=(6,))
-    out_eager = ops._AddNormFunction.apply(*args)
-    out_op = torch.ops.resfuse.add_norm(*args)
+    spec, operands = _call("layer", layer_scale=True, rows=(6,))
+    out_eager = ops._AddNormFunction.apply(spec, "torch", *operands)
+    out_op = torch.ops.resfuse.add_norm(*operands, *spec.flat(), "torch")
     for a, b in zip(out_eager, out_op):  # the eager path returns None where the op has empties
         assert b.numel() == 0 if a is None else torch.equal(a, b)
+    leaves = [t for t in operands[:5] if t is not None]
     sum(t.sum() for t in out_eager[:2]).backward()
-    eager_grads = [t.grad.clone() for t in args[:5] if isinstance(t, torch.Tensor)]
-    for t in args[:5]:
-        if isinstance(t, torch.Tensor):
-            t.grad = None
+    eager_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
     sum(t.sum() for t in out_op[:2]).backward()
-    for g, t in zip(eager_grads, [t for t in args[:5] if isinstance(t, torch.Tensor)]):
+    for g, t in zip(eager_grads, leaves):
         assert torch.equal(g, t.grad)
 
 

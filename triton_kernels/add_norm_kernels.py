@@ -1,10 +1,14 @@
 """Triton kernels for the fused residual add + RMSNorm/LayerNorm, forward and backward.
 
-One kernel family per direction, specialised by constexpr feature flags; everything that
-varies per call (D, strides, eps, scales, row counts) is a runtime argument so a new shape
-never triggers a recompile. Tiles are ``[BLOCK_M, BLOCK_D]``: several rows per program for
-small D, one row (``BLOCK_M = 1``) for large D. When a row does not fit in one block
-(``SINGLE_PASS = False``) the kernels loop over column chunks of ``BLOCK_D``.
+One kernel per direction, specialised by ``FLAGS``, the call's booleans packed as
+``resfuse.spec.Flag`` bits (the norm kind, the zero-centred weight, the branch and output
+norms, which operands exist...), decoded here as constexprs; everything that varies per call
+(D, strides, eps, scales, row counts) is a runtime argument, so a new shape never triggers a
+recompile. Tiles are ``[BLOCK_M, BLOCK_D]``: several rows per program for small D, one row
+(``BLOCK_M = 1``) for large D. Each kernel has two phases, picked by the launcher from D:
+rows held in registers (``SINGLE_PASS``, ``_fwd_rows_in_registers`` /
+``_bwd_rows_in_registers``), or rows too long for that, streamed in column chunks of
+``BLOCK_D`` (``_fwd_streamed`` / ``_bwd_streamed``).
 
 Per row, the forward computes::
 
@@ -28,6 +32,24 @@ which is large for near-constant rows (e.g. LayerNorm with D = 1 gives garbage t
 import triton
 import triton.language as tl
 
+from resfuse.spec import Flag
+
+# the bits of FLAGS (resfuse.spec.Flag), as the constexprs jit code can read; a bit is tested
+# as (BIT & FLAGS) != 0, the constexpr on the left (the interpreter's ints have no & for it)
+_RMS = tl.constexpr(int(Flag.RMS))
+_ZERO_CENTERED = tl.constexpr(int(Flag.ZERO_CENTERED))
+_BRANCH_NORM = tl.constexpr(int(Flag.BRANCH_NORM))
+_OUTPUT_NORM = tl.constexpr(int(Flag.OUTPUT_NORM))
+_STORE_H = tl.constexpr(int(Flag.STORE_H))
+_RESIDUAL = tl.constexpr(int(Flag.RESIDUAL))
+_WEIGHT = tl.constexpr(int(Flag.WEIGHT))
+_BIAS = tl.constexpr(int(Flag.BIAS))
+_BRANCH_SCALE = tl.constexpr(int(Flag.BRANCH_SCALE))
+_ROWSCALE = tl.constexpr(int(Flag.ROWSCALE))
+_BRANCH_WEIGHT = tl.constexpr(int(Flag.BRANCH_WEIGHT))
+_BRANCH_BIAS = tl.constexpr(int(Flag.BRANCH_BIAS))
+_STORE_DRESIDUAL = tl.constexpr(int(Flag.STORE_DRESIDUAL))
+
 # --------------------------------------------------------------------------- shared pieces
 
 
@@ -37,15 +59,20 @@ def _load(P, rows, cols, mask, stride):
 
 
 @triton.jit
+def _store(P, v, rows, cols, mask, stride):
+    tl.store(P + rows[:, None] * stride + cols[None, :], v.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _vector(P, cols, D):
     """A per-channel parameter, fp32, zero past D."""
     return tl.load(P + cols, mask=cols < D, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _affine_weight(W, cols, D, ZERO_CENTERED: tl.constexpr):
+def _affine_weight(W, cols, D, FLAGS: tl.constexpr):
     w = _vector(W, cols, D)
-    if ZERO_CENTERED:
+    if (_ZERO_CENTERED & FLAGS) != 0:
         w = w + 1.0
     return w
 
@@ -59,13 +86,13 @@ def _xhat(v, mean, rstd, mask, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _normalized_affine(v, mean, rstd, mask, W, B, cols, D, IS_RMS: tl.constexpr,
-                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       ZERO_CENTERED: tl.constexpr):
-    """norm(v) * w' (+ b) for a tile whose row statistics are known; zero outside the mask."""
-    out = _xhat(v, mean, rstd, mask, IS_RMS)
+def _normalized_affine(v, mean, rstd, mask, W, B, cols, D, HAS_WEIGHT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, FLAGS: tl.constexpr):
+    """norm(v) * w' (+ b) for a tile whose row statistics are known; zero outside the mask.
+    One of the two norms: its weight and bias are given (present or not) by the caller."""
+    out = _xhat(v, mean, rstd, mask, (_RMS & FLAGS) != 0)
     if HAS_WEIGHT:
-        out = out * _affine_weight(W, cols, D, ZERO_CENTERED)[None, :]
+        out = out * _affine_weight(W, cols, D, FLAGS)[None, :]
     if HAS_BIAS:
         out = tl.where(mask, out + _vector(B, cols, D)[None, :], 0.0)
     return out
@@ -96,39 +123,109 @@ def _merge_moments(count, mean, m2, v, mask, n_chunk, IS_RMS: tl.constexpr):
     return new_count, mean, m2
 
 
+# --------------------------------------------------------------------------- forward
+
+
 @triton.jit
-def _residual_add(
-    f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale, branch_scale,
-    HAS_RESIDUAL: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-):
+def _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
+                  branch_scale, FLAGS: tl.constexpr):
     """h = residual_scale * r + branch_scale * bs[col] * rowscale[row] * f for one tile."""
     f = f * branch_scale
-    if HAS_BRANCH_SCALE:
+    if (_BRANCH_SCALE & FLAGS) != 0:
         f = f * _vector(BS, cols, D)[None, :]
-    if HAS_ROWSCALE:
+    if (_ROWSCALE & FLAGS) != 0:
         f = f * tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    if HAS_RESIDUAL:
+    if (_RESIDUAL & FLAGS) != 0:
         f = f + _load(R, rows, cols, mask, stride_r) * residual_scale
     return f
 
 
 @triton.jit
-def _h_chunk(
-    X, R, BS, RS, WB, BB, rows, row_mask, cols, mask, D, stride_x, stride_r, residual_scale,
-    branch_scale, mean_x, rstd_x, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-    BRANCH_NORM: tl.constexpr, HAS_BRANCH_WEIGHT: tl.constexpr, HAS_BRANCH_BIAS: tl.constexpr,
-):
-    """h for one tile, given the branch norm's row statistics (when there is one)."""
+def _branch_value(X, WB, BB, rows, cols, mask, D, stride_x, mean_x, rstd_x, FLAGS: tl.constexpr):
+    """f for one tile: x, or with the branch norm norm(x) * w_b' (+ b_b) given its row
+    statistics."""
     f = _load(X, rows, cols, mask, stride_x)
-    if BRANCH_NORM:
-        f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D, IS_RMS,
-                               HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
-    return _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
-                         branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
+    if (_BRANCH_NORM & FLAGS) != 0:
+        f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D,
+                               (_BRANCH_WEIGHT & FLAGS) != 0, (_BRANCH_BIAS & FLAGS) != 0, FLAGS)
+    return f
 
 
-# --------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_rows_in_registers(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x,
+                           stride_r, stride_y, stride_h, eps, residual_scale, branch_scale,
+                           FLAGS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The forward of whole rows held in registers; returns the row means (mean, mean_x)."""
+    IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    f = _load(X, rows, cols, mask, stride_x)
+    mean_x = tl.zeros([BLOCK_M], tl.float32)
+    if (_BRANCH_NORM & FLAGS) != 0:
+        mean_x, var_x = _row_moments(f, mask, D, IS_RMS)
+        rstd_x = tl.rsqrt(var_x + eps)
+        f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D,
+                               (_BRANCH_WEIGHT & FLAGS) != 0, (_BRANCH_BIAS & FLAGS) != 0, FLAGS)
+    h = _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
+                      branch_scale, FLAGS)
+    if (_STORE_H & FLAGS) != 0:
+        _store(H, h, rows, cols, mask, stride_h)
+    mean = tl.zeros([BLOCK_M], tl.float32)
+    if (_OUTPUT_NORM & FLAGS) != 0:
+        mean, var = _row_moments(h, mask, D, IS_RMS)
+        rstd = tl.rsqrt(var + eps)
+        y = _normalized_affine(h, mean, rstd, mask, W, B, cols, D, (_WEIGHT & FLAGS) != 0,
+                               (_BIAS & FLAGS) != 0, FLAGS)
+        _store(Y, y, rows, cols, mask, stride_y)
+    return mean, mean_x
+
+
+@triton.jit
+def _fwd_streamed(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x, stride_r,
+                  stride_y, stride_h, eps, residual_scale, branch_scale, FLAGS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The forward of rows too long for registers: pass 1 streams the row for h's statistics
+    (and stores h), pass 2 recomputes h from x and r (L2 hits for a row in flight) rather
+    than reading back the rounded h, so y matches the single-pass kernel. The branch norm's
+    statistics take one more pass over x first. Returns the row means (mean, mean_x)."""
+    IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
+    mean_x = tl.zeros([BLOCK_M], tl.float32)
+    rstd_x = tl.zeros([BLOCK_M], tl.float32)
+    if (_BRANCH_NORM & FLAGS) != 0:
+        count = tl.zeros([BLOCK_M], tl.float32)
+        m2 = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, D, BLOCK_D):
+            c = start + cols
+            mask = row_mask[:, None] & (c < D)[None, :]
+            n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
+            count, mean_x, m2 = _merge_moments(count, mean_x, m2, _load(X, rows, c, mask, stride_x),
+                                               mask, n_chunk, IS_RMS)
+        rstd_x = tl.rsqrt(m2 / D + eps)
+    count = tl.zeros([BLOCK_M], tl.float32)
+    mean = tl.zeros([BLOCK_M], tl.float32)
+    m2 = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, D, BLOCK_D):
+        c = start + cols
+        mask = row_mask[:, None] & (c < D)[None, :]
+        h = _residual_add(_branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS),
+                          R, BS, RS, rows, row_mask, c, mask, D, stride_r, residual_scale,
+                          branch_scale, FLAGS)
+        if (_STORE_H & FLAGS) != 0:
+            _store(H, h, rows, c, mask, stride_h)
+        n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
+        count, mean, m2 = _merge_moments(count, mean, m2, h, mask, n_chunk, IS_RMS)
+    rstd = tl.rsqrt(m2 / D + eps)
+    if (_OUTPUT_NORM & FLAGS) != 0:
+        for start in range(0, D, BLOCK_D):
+            c = start + cols
+            mask = row_mask[:, None] & (c < D)[None, :]
+            h = _residual_add(_branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x,
+                                            FLAGS),
+                              R, BS, RS, rows, row_mask, c, mask, D, stride_r, residual_scale,
+                              branch_scale, FLAGS)
+            y = _normalized_affine(h, mean, rstd, mask, W, B, c, D, (_WEIGHT & FLAGS) != 0,
+                                   (_BIAS & FLAGS) != 0, FLAGS)
+            _store(Y, y, rows, c, mask, stride_y)
+    return mean, mean_x
 
 
 @triton.jit
@@ -137,11 +234,7 @@ def add_norm_fwd_kernel(
     Y, H, MEAN, MEAN_X,          # outputs; the LayerNorm means are the backward's shifts
     n_rows, D, stride_x, stride_r, stride_y, stride_h,
     eps, residual_scale, branch_scale,
-    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-    ZERO_CENTERED: tl.constexpr, STORE_H: tl.constexpr, BRANCH_NORM: tl.constexpr,
-    HAS_BRANCH_WEIGHT: tl.constexpr, HAS_BRANCH_BIAS: tl.constexpr, OUTPUT_NORM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     # torch.compile hands Python floats over as fp64; the math is fp32 by contract
     eps = tl.cast(eps, tl.float32)
@@ -151,74 +244,18 @@ def add_norm_fwd_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_D)
-    mean_x = tl.zeros([BLOCK_M], tl.float32)
-    rstd_x = tl.zeros([BLOCK_M], tl.float32)
-
     if SINGLE_PASS:
-        mask = row_mask[:, None] & (cols < D)[None, :]
-        f = _load(X, rows, cols, mask, stride_x)
-        if BRANCH_NORM:
-            mean_x, var_x = _row_moments(f, mask, D, IS_RMS)
-            rstd_x = tl.rsqrt(var_x + eps)
-            f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D, IS_RMS,
-                                   HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS, ZERO_CENTERED)
-        h = _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
-                          branch_scale, HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE)
-        if STORE_H:
-            tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
-        mean = tl.zeros([BLOCK_M], tl.float32)
-        if OUTPUT_NORM:
-            mean, var = _row_moments(h, mask, D, IS_RMS)
-            rstd = tl.rsqrt(var + eps)
-            y = _normalized_affine(h, mean, rstd, mask, W, B, cols, D, IS_RMS, HAS_WEIGHT,
-                                   HAS_BIAS, ZERO_CENTERED)
-            tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        mean, mean_x = _fwd_rows_in_registers(
+            X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x, stride_r,
+            stride_y, stride_h, eps, residual_scale, branch_scale, FLAGS, BLOCK_M)
     else:
-        # Row too long for registers: pass 1 streams the row for h's statistics (and stores h),
-        # pass 2 recomputes h from x and r (L2 hits for a row in flight) rather than reading
-        # back the rounded h, so y matches the single-pass kernel. The branch norm's
-        # statistics take one more pass over x first.
-        if BRANCH_NORM:
-            count = tl.zeros([BLOCK_M], tl.float32)
-            m2 = tl.zeros([BLOCK_M], tl.float32)
-            for start in range(0, D, BLOCK_D):
-                c = start + cols
-                mask = row_mask[:, None] & (c < D)[None, :]
-                n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
-                count, mean_x, m2 = _merge_moments(count, mean_x, m2, _load(X, rows, c, mask, stride_x),
-                                                   mask, n_chunk, IS_RMS)
-            rstd_x = tl.rsqrt(m2 / D + eps)
-        count = tl.zeros([BLOCK_M], tl.float32)
-        mean = tl.zeros([BLOCK_M], tl.float32)
-        m2 = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, D, BLOCK_D):
-            c = start + cols
-            mask = row_mask[:, None] & (c < D)[None, :]
-            h = _h_chunk(X, R, BS, RS, WB, BB, rows, row_mask, c, mask, D, stride_x, stride_r,
-                         residual_scale, branch_scale, mean_x, rstd_x, IS_RMS, HAS_RESIDUAL,
-                         HAS_BRANCH_SCALE, HAS_ROWSCALE, ZERO_CENTERED, BRANCH_NORM,
-                         HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS)
-            if STORE_H:
-                tl.store(H + rows[:, None] * stride_h + c[None, :], h.to(H.dtype.element_ty), mask=mask)
-            n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
-            count, mean, m2 = _merge_moments(count, mean, m2, h, mask, n_chunk, IS_RMS)
-        rstd = tl.rsqrt(m2 / D + eps)
-        if OUTPUT_NORM:
-            for start in range(0, D, BLOCK_D):
-                c = start + cols
-                mask = row_mask[:, None] & (c < D)[None, :]
-                h = _h_chunk(X, R, BS, RS, WB, BB, rows, row_mask, c, mask, D, stride_x,
-                             stride_r, residual_scale, branch_scale, mean_x, rstd_x, IS_RMS,
-                             HAS_RESIDUAL, HAS_BRANCH_SCALE, HAS_ROWSCALE, ZERO_CENTERED,
-                             BRANCH_NORM, HAS_BRANCH_WEIGHT, HAS_BRANCH_BIAS)
-                y = _normalized_affine(h, mean, rstd, mask, W, B, c, D, IS_RMS, HAS_WEIGHT,
-                                       HAS_BIAS, ZERO_CENTERED)
-                tl.store(Y + rows[:, None] * stride_y + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
-
-    if not IS_RMS:
-        if OUTPUT_NORM:
+        mean, mean_x = _fwd_streamed(
+            X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x, stride_r,
+            stride_y, stride_h, eps, residual_scale, branch_scale, FLAGS, BLOCK_M, BLOCK_D)
+    if (_RMS & FLAGS) == 0:
+        if (_OUTPUT_NORM & FLAGS) != 0:
             tl.store(MEAN + rows, mean, mask=row_mask)
-        if BRANCH_NORM:
+        if (_BRANCH_NORM & FLAGS) != 0:
             tl.store(MEAN_X + rows, mean_x, mask=row_mask)
 
 
@@ -258,50 +295,41 @@ def _norm_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _weighted(dy, W, cols, D, HAS_WEIGHT: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+def _weighted(dy, W, cols, D, HAS_WEIGHT: tl.constexpr, FLAGS: tl.constexpr):
     """g = dy * w', the gradient reaching the normalised values."""
     if HAS_WEIGHT:
-        return dy * _affine_weight(W, cols, D, ZERO_CENTERED)[None, :]
+        return dy * _affine_weight(W, cols, D, FLAGS)[None, :]
     return dy
 
 
 @triton.jit
-def _branch_grad(
-    dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x, branch_scale,
-    HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr,
-):
+def _branch_grad(dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x, branch_scale,
+                 FLAGS: tl.constexpr):
     """(df, dbranch_scale tile): the gradient reaching the branch value f, and bs's row terms
     (f is x here: the launcher does not combine a branch-scale tensor with the branch norm)."""
     df = dh * branch_scale
-    if HAS_ROWSCALE:
+    if (_ROWSCALE & FLAGS) != 0:
         df = df * tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     dbs = df
-    if HAS_BRANCH_SCALE:
+    if (_BRANCH_SCALE & FLAGS) != 0:
         dbs = df * _load(X, rows, cols, mask, stride_x)
         df = df * _vector(BS, cols, D)[None, :]
     return df, dbs
 
 
 @triton.jit
-def _store(P, v, rows, cols, mask, stride):
-    tl.store(P + rows[:, None] * stride + cols[None, :], v.to(P.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _chunk_dh(
-    DY, H, W, DH, shift, rows, cols, mask, D, stride_dy, stride_h, stride_dh,
-    mean_d, rstd, c1, c2, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    ZERO_CENTERED: tl.constexpr, HAS_DH: tl.constexpr, OUTPUT_NORM: tl.constexpr,
-):
+def _chunk_dh(DY, H, W, DH, shift, rows, cols, mask, D, stride_dy, stride_h, stride_dh,
+              mean_d, rstd, c1, c2, HAS_DH: tl.constexpr, FLAGS: tl.constexpr):
     """(dy, xhat, dh) for a chunk whose row coefficients are known: the output norm's
     gradient reaching h plus h's own upstream gradient."""
+    IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
     dy = tl.zeros(mask.shape, tl.float32)
     xhat = dy
     dh = dy
-    if OUTPUT_NORM:
+    if (_OUTPUT_NORM & FLAGS) != 0:
         d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
         dy = _load(DY, rows, cols, mask, stride_dy)
-        xhat, dh = _norm_grad(d, _weighted(dy, W, cols, D, HAS_WEIGHT, ZERO_CENTERED),
+        xhat, dh = _norm_grad(d, _weighted(dy, W, cols, D, (_WEIGHT & FLAGS) != 0, FLAGS),
                               mean_d, rstd, c1, c2, mask, IS_RMS)
     if HAS_DH:
         dh += _load(DH, rows, cols, mask, stride_dh)
@@ -317,29 +345,205 @@ def _accumulate(PART, part, cols, D, tile):
 
 
 @triton.jit
+def _bwd_rows_in_registers(
+    DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART, DWB_PART,
+    DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh, stride_h, stride_x,
+    stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH: tl.constexpr,
+    FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The backward of whole tiles of BLOCK_M rows held in registers, read once; the
+    parameter gradients accumulate in registers and go to this program's partial rows."""
+    IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
+    HAS_WEIGHT: tl.constexpr = (_WEIGHT & FLAGS) != 0
+    HAS_BIAS: tl.constexpr = (_BIAS & FLAGS) != 0
+    HAS_BRANCH_SCALE: tl.constexpr = (_BRANCH_SCALE & FLAGS) != 0
+    HAS_BRANCH_WEIGHT: tl.constexpr = (_BRANCH_WEIGHT & FLAGS) != 0
+    HAS_BRANCH_BIAS: tl.constexpr = (_BRANCH_BIAS & FLAGS) != 0
+    col_mask = cols < D
+    acc_dw = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_db = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_dbs = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_dwb = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_dbb = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for m in range(row_start, row_end, BLOCK_M):
+        rows = m + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        dh = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if (_OUTPUT_NORM & FLAGS) != 0:
+            shift = tl.zeros([BLOCK_M], tl.float32)
+            if not IS_RMS:
+                shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
+            dy = _load(DY, rows, cols, mask, stride_dy)
+            g = _weighted(dy, W, cols, D, HAS_WEIGHT, FLAGS)
+            mean_d, rstd, c1, c2 = _grad_coefficients(
+                tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS)
+            xhat, dh = _norm_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
+            if HAS_WEIGHT:
+                acc_dw += dy * xhat
+            if HAS_BIAS:
+                acc_db += dy
+        if HAS_DH:  # loaded late: it occupies no registers during the reductions
+            dh += _load(DH, rows, cols, mask, stride_dh)
+        if (_STORE_DRESIDUAL & FLAGS) != 0:
+            _store(DR, dh * residual_scale, rows, cols, mask, stride_dr)
+        df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x,
+                               branch_scale, FLAGS)
+        if HAS_BRANCH_SCALE:
+            acc_dbs += dbs
+        if (_BRANCH_NORM & FLAGS) != 0:
+            shift_x = tl.zeros([BLOCK_M], tl.float32)
+            if not IS_RMS:
+                shift_x = tl.load(MEAN_X + rows, mask=row_mask, other=0.0)
+            dx_ = _shifted(X, shift_x, rows, cols, mask, stride_x, IS_RMS)
+            gb = _weighted(df, WB, cols, D, HAS_BRANCH_WEIGHT, FLAGS)
+            mean_b, rstd_b, c1b, c2b = _grad_coefficients(
+                tl.sum(dx_, 1), tl.sum(dx_ * dx_, 1), tl.sum(gb * dx_, 1), tl.sum(gb, 1),
+                D, eps, IS_RMS)
+            xhat_b, df2 = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
+            if HAS_BRANCH_WEIGHT:
+                acc_dwb += df * xhat_b
+            if HAS_BRANCH_BIAS:
+                acc_dbb += df
+            df = df2
+        _store(DX, df, rows, cols, mask, stride_dx)
+    if HAS_WEIGHT:
+        tl.store(DW_PART + part + cols, tl.sum(acc_dw, 0), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB_PART + part + cols, tl.sum(acc_db, 0), mask=col_mask)
+    if HAS_BRANCH_SCALE:
+        tl.store(DBS_PART + part + cols, tl.sum(acc_dbs, 0), mask=col_mask)
+    if HAS_BRANCH_WEIGHT:
+        tl.store(DWB_PART + part + cols, tl.sum(acc_dwb, 0), mask=col_mask)
+    if HAS_BRANCH_BIAS:
+        tl.store(DBB_PART + part + cols, tl.sum(acc_dbb, 0), mask=col_mask)
+
+
+@triton.jit
+def _bwd_streamed(
+    DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART, DWB_PART,
+    DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh, stride_h, stride_x,
+    stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH: tl.constexpr,
+    FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The backward of rows longer than registers can hold together with the parameter-
+    gradient accumulators (spills from about D = 16K in bf16): pass 1 streams column chunks
+    of BLOCK_M rows and accumulates the row sums; pass 2 re-reads the chunks (L2 hits: the
+    rows were just read) for the gradients, and adds the chunk's parameter gradients, summed
+    over the BLOCK_M rows, into this program's row of the partial buffers (read-modify-write;
+    summing BLOCK_M rows first divides that traffic by BLOCK_M). With the branch norm, pass 2
+    also reduces the branch norm's sums and pass 3 writes dx."""
+    IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
+    BRANCH_NORM: tl.constexpr = (_BRANCH_NORM & FLAGS) != 0
+    OUTPUT_NORM: tl.constexpr = (_OUTPUT_NORM & FLAGS) != 0
+    HAS_WEIGHT: tl.constexpr = (_WEIGHT & FLAGS) != 0
+    HAS_BIAS: tl.constexpr = (_BIAS & FLAGS) != 0
+    HAS_BRANCH_SCALE: tl.constexpr = (_BRANCH_SCALE & FLAGS) != 0
+    HAS_BRANCH_WEIGHT: tl.constexpr = (_BRANCH_WEIGHT & FLAGS) != 0
+    HAS_BRANCH_BIAS: tl.constexpr = (_BRANCH_BIAS & FLAGS) != 0
+    zero = tl.zeros([BLOCK_D], tl.float32)
+    for start in range(0, D, BLOCK_D):
+        c = start + cols
+        if HAS_WEIGHT:
+            tl.store(DW_PART + part + c, zero, mask=c < D)
+        if HAS_BIAS:
+            tl.store(DB_PART + part + c, zero, mask=c < D)
+        if HAS_BRANCH_SCALE:
+            tl.store(DBS_PART + part + c, zero, mask=c < D)
+        if HAS_BRANCH_WEIGHT:
+            tl.store(DWB_PART + part + c, zero, mask=c < D)
+        if HAS_BRANCH_BIAS:
+            tl.store(DBB_PART + part + c, zero, mask=c < D)
+    for m in range(row_start, row_end, BLOCK_M):
+        rows = m + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        shift = tl.zeros([BLOCK_M], tl.float32)
+        shift_x = tl.zeros([BLOCK_M], tl.float32)
+        if not IS_RMS:
+            if OUTPUT_NORM:
+                shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            if BRANCH_NORM:
+                shift_x = tl.load(MEAN_X + rows, mask=row_mask, other=0.0)
+        s_d = tl.zeros([BLOCK_M], tl.float32)
+        s_dd = tl.zeros([BLOCK_M], tl.float32)
+        s_gd = tl.zeros([BLOCK_M], tl.float32)
+        s_g = tl.zeros([BLOCK_M], tl.float32)
+        s_x = tl.zeros([BLOCK_M], tl.float32)
+        s_xx = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, D, BLOCK_D):
+            c = start + cols
+            mask = row_mask[:, None] & (c < D)[None, :]
+            if OUTPUT_NORM:
+                d = _shifted(H, shift, rows, c, mask, stride_h, IS_RMS)
+                g = _weighted(_load(DY, rows, c, mask, stride_dy), W, c, D, HAS_WEIGHT, FLAGS)
+                s_d += tl.sum(d, 1)
+                s_dd += tl.sum(d * d, 1)
+                s_gd += tl.sum(g * d, 1)
+                s_g += tl.sum(g, 1)
+            if BRANCH_NORM:
+                dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
+                s_x += tl.sum(dx_, 1)
+                s_xx += tl.sum(dx_ * dx_, 1)
+        mean_d, rstd, c1, c2 = _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS)
+        s_gbx = tl.zeros([BLOCK_M], tl.float32)
+        s_gb = tl.zeros([BLOCK_M], tl.float32)
+        mean_b, rstd_b, c1b, c2b = _grad_coefficients(s_x, s_xx, s_gbx, s_gb, D, eps, IS_RMS)
+        for start in range(0, D, BLOCK_D):
+            c = start + cols
+            mask = row_mask[:, None] & (c < D)[None, :]
+            dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy, stride_h,
+                                     stride_dh, mean_d, rstd, c1, c2, HAS_DH, FLAGS)
+            if (_STORE_DRESIDUAL & FLAGS) != 0:
+                _store(DR, dh * residual_scale, rows, c, mask, stride_dr)
+            df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
+                                   branch_scale, FLAGS)
+            if HAS_WEIGHT:
+                _accumulate(DW_PART, part, c, D, dy * xhat)
+            if HAS_BIAS:
+                _accumulate(DB_PART, part, c, D, dy)
+            if HAS_BRANCH_SCALE:
+                _accumulate(DBS_PART, part, c, D, dbs)
+            if BRANCH_NORM:
+                dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
+                gb = _weighted(df, WB, c, D, HAS_BRANCH_WEIGHT, FLAGS)
+                s_gbx += tl.sum(gb * dx_, 1)
+                s_gb += tl.sum(gb, 1)
+                xhat_b = _xhat(dx_, mean_b, rstd_b, mask, IS_RMS)
+                if HAS_BRANCH_WEIGHT:
+                    _accumulate(DWB_PART, part, c, D, df * xhat_b)
+                if HAS_BRANCH_BIAS:
+                    _accumulate(DBB_PART, part, c, D, df)
+            else:
+                _store(DX, df, rows, c, mask, stride_dx)
+        if BRANCH_NORM:
+            # pass 3: the branch norm's row sums are complete only now
+            mean_b, rstd_b, c1b, c2b = _grad_coefficients(s_x, s_xx, s_gbx, s_gb, D, eps, IS_RMS)
+            for start in range(0, D, BLOCK_D):
+                c = start + cols
+                mask = row_mask[:, None] & (c < D)[None, :]
+                dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy,
+                                         stride_h, stride_dh, mean_d, rstd, c1, c2, HAS_DH, FLAGS)
+                df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
+                                       branch_scale, FLAGS)
+                dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
+                gb = _weighted(df, WB, c, D, HAS_BRANCH_WEIGHT, FLAGS)
+                xhat_b, dx = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
+                _store(DX, dx, rows, c, mask, stride_dx)
+
+
+@triton.jit
 def add_norm_bwd_kernel(
     DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X,            # inputs
     DX, DR, DW_PART, DB_PART, DBS_PART, DWB_PART, DBB_PART,  # *_PART: (programs, D) fp32 sums
     n_rows, D, rows_per_program,
     stride_dy, stride_dh, stride_h, stride_x, stride_dx, stride_dr,
     eps, residual_scale, branch_scale,
-    IS_RMS: tl.constexpr, HAS_DH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_BRANCH_SCALE: tl.constexpr, HAS_ROWSCALE: tl.constexpr, ZERO_CENTERED: tl.constexpr,
-    STORE_DR: tl.constexpr, BRANCH_NORM: tl.constexpr, HAS_BRANCH_WEIGHT: tl.constexpr,
-    HAS_BRANCH_BIAS: tl.constexpr, OUTPUT_NORM: tl.constexpr,
+    FLAGS: tl.constexpr, HAS_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
-    """Two shapes of the same computation, picked by the launcher from D:
-
-    - SINGLE_PASS: the tile of BLOCK_M rows is read once and stays in registers.
-    - otherwise the rows are longer than registers can hold together with the parameter-
-      gradient accumulators (spills from about D = 16K in bf16): pass 1 streams column chunks
-      of BLOCK_M rows and accumulates the row sums; pass 2 re-reads the chunks (L2 hits:
-      the rows were just read) for the gradients, and adds the chunk's parameter gradients,
-      summed over the BLOCK_M rows, into this program's row of the partial buffers
-      (read-modify-write; summing BLOCK_M rows first divides that traffic by BLOCK_M). With
-      the branch norm, pass 2 also reduces the branch norm's sums and pass 3 writes dx.
-    """
+    """Rows in registers (SINGLE_PASS) or streamed, picked by the launcher from D. HAS_DH:
+    h's own upstream gradient exists (it is None when nothing used h)."""
     # Persistent grid: program p owns rows [p * rows_per_program, ...) and one row of each
     # partial-sum buffer, which it always writes (even with no rows), so the buffers can come
     # from torch.empty and the second-step reduction is deterministic (no atomics anywhere).
@@ -351,156 +555,15 @@ def add_norm_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     cols = tl.arange(0, BLOCK_D)
     part = pid.to(tl.int64) * D
-
     if SINGLE_PASS:
-        col_mask = cols < D
-        acc_dw = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc_db = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc_dbs = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc_dwb = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc_dbb = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for m in range(row_start, row_end, BLOCK_M):
-            rows = m + tl.arange(0, BLOCK_M)
-            row_mask = rows < row_end
-            mask = row_mask[:, None] & col_mask[None, :]
-            dh = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            if OUTPUT_NORM:
-                shift = tl.zeros([BLOCK_M], tl.float32)
-                if not IS_RMS:
-                    shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-                d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
-                dy = _load(DY, rows, cols, mask, stride_dy)
-                g = _weighted(dy, W, cols, D, HAS_WEIGHT, ZERO_CENTERED)
-                mean_d, rstd, c1, c2 = _grad_coefficients(
-                    tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS)
-                xhat, dh = _norm_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
-                if HAS_WEIGHT:
-                    acc_dw += dy * xhat
-                if HAS_BIAS:
-                    acc_db += dy
-            if HAS_DH:  # loaded late: it occupies no registers during the reductions
-                dh += _load(DH, rows, cols, mask, stride_dh)
-            if STORE_DR:
-                _store(DR, dh * residual_scale, rows, cols, mask, stride_dr)
-            df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x,
-                                   branch_scale, HAS_BRANCH_SCALE, HAS_ROWSCALE)
-            if HAS_BRANCH_SCALE:
-                acc_dbs += dbs
-            if BRANCH_NORM:
-                shift_x = tl.zeros([BLOCK_M], tl.float32)
-                if not IS_RMS:
-                    shift_x = tl.load(MEAN_X + rows, mask=row_mask, other=0.0)
-                dx_ = _shifted(X, shift_x, rows, cols, mask, stride_x, IS_RMS)
-                gb = _weighted(df, WB, cols, D, HAS_BRANCH_WEIGHT, ZERO_CENTERED)
-                mean_b, rstd_b, c1b, c2b = _grad_coefficients(
-                    tl.sum(dx_, 1), tl.sum(dx_ * dx_, 1), tl.sum(gb * dx_, 1), tl.sum(gb, 1),
-                    D, eps, IS_RMS)
-                xhat_b, df2 = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
-                if HAS_BRANCH_WEIGHT:
-                    acc_dwb += df * xhat_b
-                if HAS_BRANCH_BIAS:
-                    acc_dbb += df
-                df = df2
-            _store(DX, df, rows, cols, mask, stride_dx)
-        if HAS_WEIGHT:
-            tl.store(DW_PART + part + cols, tl.sum(acc_dw, 0), mask=col_mask)
-        if HAS_BIAS:
-            tl.store(DB_PART + part + cols, tl.sum(acc_db, 0), mask=col_mask)
-        if HAS_BRANCH_SCALE:
-            tl.store(DBS_PART + part + cols, tl.sum(acc_dbs, 0), mask=col_mask)
-        if HAS_BRANCH_WEIGHT:
-            tl.store(DWB_PART + part + cols, tl.sum(acc_dwb, 0), mask=col_mask)
-        if HAS_BRANCH_BIAS:
-            tl.store(DBB_PART + part + cols, tl.sum(acc_dbb, 0), mask=col_mask)
+        _bwd_rows_in_registers(
+            DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART,
+            DWB_PART, DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh,
+            stride_h, stride_x, stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH,
+            FLAGS, BLOCK_M, BLOCK_D)
     else:
-        zero = tl.zeros([BLOCK_D], tl.float32)
-        for start in range(0, D, BLOCK_D):
-            c = start + cols
-            if HAS_WEIGHT:
-                tl.store(DW_PART + part + c, zero, mask=c < D)
-            if HAS_BIAS:
-                tl.store(DB_PART + part + c, zero, mask=c < D)
-            if HAS_BRANCH_SCALE:
-                tl.store(DBS_PART + part + c, zero, mask=c < D)
-            if HAS_BRANCH_WEIGHT:
-                tl.store(DWB_PART + part + c, zero, mask=c < D)
-            if HAS_BRANCH_BIAS:
-                tl.store(DBB_PART + part + c, zero, mask=c < D)
-        for m in range(row_start, row_end, BLOCK_M):
-            rows = m + tl.arange(0, BLOCK_M)
-            row_mask = rows < row_end
-            shift = tl.zeros([BLOCK_M], tl.float32)
-            shift_x = tl.zeros([BLOCK_M], tl.float32)
-            if not IS_RMS:
-                if OUTPUT_NORM:
-                    shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-                if BRANCH_NORM:
-                    shift_x = tl.load(MEAN_X + rows, mask=row_mask, other=0.0)
-            s_d = tl.zeros([BLOCK_M], tl.float32)
-            s_dd = tl.zeros([BLOCK_M], tl.float32)
-            s_gd = tl.zeros([BLOCK_M], tl.float32)
-            s_g = tl.zeros([BLOCK_M], tl.float32)
-            s_x = tl.zeros([BLOCK_M], tl.float32)
-            s_xx = tl.zeros([BLOCK_M], tl.float32)
-            for start in range(0, D, BLOCK_D):
-                c = start + cols
-                mask = row_mask[:, None] & (c < D)[None, :]
-                if OUTPUT_NORM:
-                    d = _shifted(H, shift, rows, c, mask, stride_h, IS_RMS)
-                    g = _weighted(_load(DY, rows, c, mask, stride_dy), W, c, D, HAS_WEIGHT,
-                                  ZERO_CENTERED)
-                    s_d += tl.sum(d, 1)
-                    s_dd += tl.sum(d * d, 1)
-                    s_gd += tl.sum(g * d, 1)
-                    s_g += tl.sum(g, 1)
-                if BRANCH_NORM:
-                    dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
-                    s_x += tl.sum(dx_, 1)
-                    s_xx += tl.sum(dx_ * dx_, 1)
-            mean_d, rstd, c1, c2 = _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS)
-            s_gbx = tl.zeros([BLOCK_M], tl.float32)
-            s_gb = tl.zeros([BLOCK_M], tl.float32)
-            mean_b, rstd_b, c1b, c2b = _grad_coefficients(s_x, s_xx, s_gbx, s_gb, D, eps, IS_RMS)
-            for start in range(0, D, BLOCK_D):
-                c = start + cols
-                mask = row_mask[:, None] & (c < D)[None, :]
-                dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy, stride_h,
-                                         stride_dh, mean_d, rstd, c1, c2, IS_RMS, HAS_WEIGHT,
-                                         ZERO_CENTERED, HAS_DH, OUTPUT_NORM)
-                if STORE_DR:
-                    _store(DR, dh * residual_scale, rows, c, mask, stride_dr)
-                df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
-                                       branch_scale, HAS_BRANCH_SCALE, HAS_ROWSCALE)
-                if HAS_WEIGHT:
-                    _accumulate(DW_PART, part, c, D, dy * xhat)
-                if HAS_BIAS:
-                    _accumulate(DB_PART, part, c, D, dy)
-                if HAS_BRANCH_SCALE:
-                    _accumulate(DBS_PART, part, c, D, dbs)
-                if BRANCH_NORM:
-                    dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
-                    gb = _weighted(df, WB, c, D, HAS_BRANCH_WEIGHT, ZERO_CENTERED)
-                    s_gbx += tl.sum(gb * dx_, 1)
-                    s_gb += tl.sum(gb, 1)
-                    xhat_b = _xhat(dx_, mean_b, rstd_b, mask, IS_RMS)
-                    if HAS_BRANCH_WEIGHT:
-                        _accumulate(DWB_PART, part, c, D, df * xhat_b)
-                    if HAS_BRANCH_BIAS:
-                        _accumulate(DBB_PART, part, c, D, df)
-                else:
-                    _store(DX, df, rows, c, mask, stride_dx)
-            if BRANCH_NORM:
-                # pass 3: the branch norm's row sums are complete only now
-                mean_b, rstd_b, c1b, c2b = _grad_coefficients(s_x, s_xx, s_gbx, s_gb, D, eps, IS_RMS)
-                for start in range(0, D, BLOCK_D):
-                    c = start + cols
-                    mask = row_mask[:, None] & (c < D)[None, :]
-                    dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy,
-                                             stride_h, stride_dh, mean_d, rstd, c1, c2, IS_RMS,
-                                             HAS_WEIGHT, ZERO_CENTERED, HAS_DH, OUTPUT_NORM)
-                    df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
-                                           branch_scale, HAS_BRANCH_SCALE, HAS_ROWSCALE)
-                    dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
-                    gb = _weighted(df, WB, c, D, HAS_BRANCH_WEIGHT, ZERO_CENTERED)
-                    xhat_b, dx = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
-                    _store(DX, dx, rows, c, mask, stride_dx)
+        _bwd_streamed(
+            DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART,
+            DWB_PART, DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh,
+            stride_h, stride_x, stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH,
+            FLAGS, BLOCK_M, BLOCK_D)

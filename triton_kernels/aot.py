@@ -18,6 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from resfuse.spec import AddNormSpec
+
 from . import launch
 from .add_norm_kernels import add_norm_bwd_kernel, add_norm_fwd_kernel
 
@@ -33,18 +35,19 @@ _BWD_POINTERS = {"DY": "act", "DH": "act", "H": "act", "X": "act", "W": "fp32", 
                  "DWB_PART": "fp32", "DBB_PART": "fp32"}
 _FLOATS = {"eps", "residual_scale", "branch_scale"}
 
-# Every add+norm feature on: the largest register footprint of that family.
-ALL_FLAGS_FWD = dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True,
-                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_H=True,
-                     BRANCH_NORM=False, HAS_BRANCH_WEIGHT=False, HAS_BRANCH_BIAS=False,
-                     OUTPUT_NORM=True)
-ALL_FLAGS_BWD = dict(IS_RMS=False, HAS_DH=True, HAS_WEIGHT=True, HAS_BIAS=True,
-                     HAS_BRANCH_SCALE=True, HAS_ROWSCALE=True, ZERO_CENTERED=True, STORE_DR=True,
-                     BRANCH_NORM=False, HAS_BRANCH_WEIGHT=False, HAS_BRANCH_BIAS=False,
-                     OUTPUT_NORM=True)
-# The sandwich layout (norm_add_norm) with every feature it allows.
-BRANCH_NORM_FLAGS = dict(BRANCH_NORM=True, HAS_BRANCH_WEIGHT=True, HAS_BRANCH_BIAS=True,
-                         HAS_BRANCH_SCALE=False, HAS_ROWSCALE=False)
+# The calls whose kernels the tests and the table below compile, as resfuse describes them
+# (resfuse.spec.AddNormSpec): every add + norm feature on (the largest register footprint
+# of that family), the plain pre-norm add + RMSNorm users run most, the sandwich layout with
+# every feature it allows, and OLMo2's norm_add.
+SPECS = {
+    "all": AddNormSpec(norm="layer", residual_scale=0.5, zero_centered_weight=True,
+                       has_bias=True, has_branch_scale=True, has_rowscale=True),
+    "rms": AddNormSpec(norm="rms"),
+    "norm_add_norm": AddNormSpec(norm="layer", zero_centered_weight=True, branch_norm=True,
+                                 has_bias=True, has_branch_weight=True, has_branch_bias=True),
+    "norm_add": AddNormSpec(norm="layer", branch_norm=True, output_norm=False, has_weight=False,
+                            has_branch_weight=True, has_branch_bias=True),
+}
 
 
 @dataclass
@@ -63,20 +66,22 @@ def ptxas_path() -> str:
 
 
 def compile_kernel(direction: str, D: int, dtype: str = "bf16", arch: int = 90,
-                   flags: dict | None = None) -> Compiled:
-    """Compile the forward or backward kernel at its default launch configuration for D."""
+                   spec: AddNormSpec | str = "all") -> Compiled:
+    """Compile the forward or backward kernel of a call (a spec, or a name in SPECS) at its
+    default launch configuration for D, as the launcher would (h's upstream gradient
+    present in the backward)."""
+    spec = SPECS[spec] if isinstance(spec, str) else spec
     if direction == "fwd":
-        flags = {**ALL_FLAGS_FWD, **(flags or {})}
-        fn, pointers, cfg = add_norm_fwd_kernel, _FWD_POINTERS, launch.fwd_config(D, flags["BRANCH_NORM"])
+        fn, pointers, cfg = add_norm_fwd_kernel, _FWD_POINTERS, launch.fwd_config(D, spec.branch_norm)
+        constexprs = {"FLAGS": spec.flags}
     elif direction == "bwd":
-        flags = {**ALL_FLAGS_BWD, **(flags or {})}
         fn, pointers, cfg = add_norm_bwd_kernel, _BWD_POINTERS, launch.bwd_config(
-            D, reads_x=flags["BRANCH_NORM"] or flags["HAS_BRANCH_SCALE"])
+            D, reads_x=spec.reads_x_in_backward)
+        constexprs = {"FLAGS": spec.flags, "HAS_DH": True}
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
-    constexprs = {**flags, "BLOCK_M": cfg.block_m, "BLOCK_D": cfg.block_d,
-                  "SINGLE_PASS": cfg.single_pass}
+    constexprs.update(BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, SINGLE_PASS=cfg.single_pass)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -122,8 +127,8 @@ def main(argv: list[str]) -> None:
         for dtype in dtypes:
             for D in Ds:
                 for direction in ("fwd", "bwd"):
-                    for name, flags in (("add_norm", {}), ("norm_add_norm", BRANCH_NORM_FLAGS)):
-                        c = compile_kernel(direction, D, dtype, arch, flags)
+                    for name in ("all", "norm_add_norm"):
+                        c = compile_kernel(direction, D, dtype, arch, name)
                         print(f"sm_{arch} {direction} {name:<13} D={D:>6} {dtype}: "
                               f"{c.registers:>3} regs, {c.num_warps:>2} warps, "
                               f"spills {c.spill_stores}/{c.spill_loads} bytes")

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import triton
 
+from resfuse.spec import AddNormSpec, BackwardInputs, Forward, Grads, Operands, backward_present
+
 from .add_norm_kernels import add_norm_bwd_kernel, add_norm_fwd_kernel
 
 # Largest row each kernel keeps whole in registers. Beyond it the kernels stream column
@@ -120,119 +122,69 @@ def _stride(t: Optional[torch.Tensor]) -> int:
     return t.stride(0) if t is not None else 0
 
 
-def forward(
-    x: torch.Tensor,
-    residual: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    branch_scale: Optional[torch.Tensor],
-    rowscale: Optional[torch.Tensor],
-    *,
-    eps: float,
-    residual_scale: float,
-    branch_scale_value: float,
-    is_rms: bool,
-    zero_centered_weight: bool,
-    store_h: bool,
-    residual_dtype: torch.dtype,
-    out_dtype: torch.dtype,
-    branch_norm: bool = False,
-    branch_weight: Optional[torch.Tensor] = None,
-    branch_bias: Optional[torch.Tensor] = None,
-    output_norm: bool = True,
-):
-    """Returns (y or None, h or None, mean or None, mean_x or None): the LayerNorm row means
-    of h and (with the branch norm) of x are the backward's shifts. Without ``output_norm``
-    there is no y (``h = r + norm(x)``)."""
-    if branch_norm and (branch_scale is not None or rowscale is not None):
+def forward(spec: AddNormSpec, ops: Operands) -> Forward:
+    """(y, h, mean, mean_x), None where absent: the LayerNorm row means of h and (with the
+    branch norm) of x are the backward's shifts."""
+    if spec.branch_norm and (ops.branch_scale is not None or ops.rowscale is not None):
         raise NotImplementedError("the branch norm does not combine with branch_scale tensors or rowscale")
+    x = ops.x
     n_rows, D = x.shape
     dev = x.device
-    y = torch.empty((n_rows, D), dtype=out_dtype, device=dev) if output_norm else None
-    h = torch.empty((n_rows, D), dtype=residual_dtype, device=dev) if store_h else None
+    y = torch.empty((n_rows, D), dtype=spec.out_dtype, device=dev) if spec.output_norm else None
+    h = torch.empty((n_rows, D), dtype=spec.h_dtype, device=dev) if spec.store_h else None
 
     def row_vector(needed: bool):
         return torch.empty((n_rows,), dtype=torch.float32, device=dev) if needed else None
 
-    mean = row_vector(not is_rms and output_norm)
-    mean_x = row_vector(not is_rms and branch_norm)
+    layer = spec.norm == "layer"
+    mean = row_vector(layer and spec.output_norm)
+    mean_x = row_vector(layer and spec.branch_norm)
     if n_rows == 0:
-        return y, h, mean, mean_x
-    cfg = fwd_config(D, branch_norm)
+        return Forward(y, h, mean, mean_x)
+    cfg = fwd_config(D, spec.branch_norm)
     with _on_device(dev):
         add_norm_fwd_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-            x, _or(residual, x), _or(weight, x), _or(bias, x), _or(branch_scale, x),
-            _or(rowscale, x), _or(branch_weight, x), _or(branch_bias, x),
+            x, _or(ops.residual, x), _or(ops.weight, x), _or(ops.bias, x), _or(ops.branch_scale, x),
+            _or(ops.rowscale, x), _or(ops.branch_weight, x), _or(ops.branch_bias, x),
             _or(y, x), _or(h, x), _or(mean, x), _or(mean_x, x),
-            n_rows, D, x.stride(0), _stride(residual), _stride(y), _stride(h),
-            eps, residual_scale, branch_scale_value,
-            IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, HAS_BRANCH_SCALE=branch_scale is not None,
-            HAS_ROWSCALE=rowscale is not None, ZERO_CENTERED=zero_centered_weight,
-            STORE_H=store_h, BRANCH_NORM=branch_norm,
-            HAS_BRANCH_WEIGHT=branch_weight is not None, HAS_BRANCH_BIAS=branch_bias is not None,
-            OUTPUT_NORM=output_norm, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, SINGLE_PASS=cfg.single_pass,
-            num_warps=cfg.num_warps,
+            n_rows, D, x.stride(0), _stride(ops.residual), _stride(y), _stride(h),
+            spec.eps, spec.residual_scale, spec.branch_scale,
+            FLAGS=spec.flags, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+            SINGLE_PASS=cfg.single_pass, num_warps=cfg.num_warps,
         )
-    return y, h, mean, mean_x
+    return tuple.__new__(Forward, (y, h, mean, mean_x))  # a NamedTuple without argument binding
 
 
-def backward(
-    dy: Optional[torch.Tensor],
-    dh: Optional[torch.Tensor],
-    h: Optional[torch.Tensor],
-    x: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    branch_scale: Optional[torch.Tensor],
-    rowscale: Optional[torch.Tensor],
-    mean: Optional[torch.Tensor],
-    *,
-    eps: float,
-    residual_scale: float,
-    branch_scale_value: float,
-    is_rms: bool,
-    zero_centered_weight: bool,
-    has_bias: bool,
-    store_dresidual: bool,
-    x_dtype: torch.dtype,
-    residual_dtype: torch.dtype,
-    branch_norm: bool = False,
-    branch_weight: Optional[torch.Tensor] = None,
-    has_branch_bias: bool = False,
-    mean_x: Optional[torch.Tensor] = None,
-    output_norm: bool = True,
-):
-    """Returns (dx, dresidual or None, dweight, dbias, dbranch_scale, dbranch_weight,
-    dbranch_bias): the parameter gradients as fp32 sums over rows, None where absent."""
+def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
+    """(dx, dresidual or None, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias):
+    the parameter gradients as fp32 sums over rows, None where absent."""
+    dy, dh, h, x = inputs.dy, inputs.dh, inputs.h, inputs.x
     n_rows, D = (h if h is not None else dh).shape
     dev = (h if h is not None else dh).device
-    dx = torch.empty((n_rows, D), dtype=x_dtype, device=dev)
-    dr = torch.empty((n_rows, D), dtype=residual_dtype, device=dev) if store_dresidual else None
-    cfg = bwd_config(D, reads_x=branch_norm or branch_scale is not None)
+    dx = torch.empty((n_rows, D), dtype=spec.x_dtype, device=dev)
+    store_dr = spec.dresidual == "kernel"
+    dr = torch.empty((n_rows, D), dtype=spec.residual_dtype, device=dev) if store_dr else None
+    cfg = bwd_config(D, reads_x=spec.reads_x_in_backward)
     programs = bwd_programs(n_rows, dev, cfg)
     rows_per_program = triton.cdiv(triton.cdiv(max(n_rows, 1), programs), cfg.block_m) * cfg.block_m
 
     def partial(needed: bool):
         return torch.empty((programs, D), dtype=torch.float32, device=dev) if needed else None
 
-    parts = [partial(weight is not None), partial(has_bias), partial(branch_scale is not None),
-             partial(branch_weight is not None), partial(has_branch_bias)]
+    # the gradients of weight, bias, branch_scale, branch_weight, branch_bias
+    parts = [partial(p) for p in backward_present(spec)[2:]]
     some = dh if dy is None else dy
     with _on_device(dev):
         add_norm_bwd_kernel[(programs,)](
-            _or(dy, some), _or(dh, some), _or(h, some), _or(x, some), _or(weight, dx), _or(branch_scale, dx),
-            _or(rowscale, dx), _or(branch_weight, dx), _or(mean, dx), _or(mean_x, dx),
+            _or(dy, some), _or(dh, some), _or(h, some), _or(x, some), _or(inputs.weight, dx),
+            _or(inputs.branch_scale, dx), _or(inputs.rowscale, dx), _or(inputs.branch_weight, dx),
+            _or(inputs.mean, dx), _or(inputs.mean_x, dx),
             dx, _or(dr, dx), *(_or(p, dx) for p in parts),
             n_rows, D, rows_per_program,
             _stride(dy), _stride(dh), _stride(h), _stride(x), dx.stride(0), _stride(dr),
-            eps, residual_scale, branch_scale_value,
-            IS_RMS=is_rms, HAS_DH=dh is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=has_bias, HAS_BRANCH_SCALE=branch_scale is not None,
-            HAS_ROWSCALE=rowscale is not None, ZERO_CENTERED=zero_centered_weight,
-            STORE_DR=store_dresidual, BRANCH_NORM=branch_norm,
-            HAS_BRANCH_WEIGHT=branch_weight is not None, HAS_BRANCH_BIAS=has_branch_bias,
-            OUTPUT_NORM=output_norm, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, SINGLE_PASS=cfg.single_pass,
-            num_warps=cfg.num_warps,
+            spec.eps, spec.residual_scale, spec.branch_scale,
+            FLAGS=spec.flags, HAS_DH=dh is not None, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+            SINGLE_PASS=cfg.single_pass, num_warps=cfg.num_warps,
         )
     # Second step of the deterministic reduction: a fixed-order sum over the programs' rows.
-    return (dx, dr, *(p.sum(0) if p is not None else None for p in parts))
+    return Grads(dx, dr, *(p.sum(0) if p is not None else None for p in parts))

@@ -165,7 +165,7 @@ class NormOverride:
             weight = weight.reshape(D) if weight is not None else None
             bias = bias.reshape(D) if bias is not None else None
         out = add_norm(x, residual, weight, bias, self._resfuse_eps(h_dtype),
-                       is_rms=spec.kind == "rms", branch_scale=branch_scale, rowscale=rowscale,
+                       norm=spec.kind, branch_scale=branch_scale, rowscale=rowscale,
                        zero_centered_weight=spec.zero_centered_weight, prenorm=prenorm,
                        residual_dtype=h_dtype if residual is not None else None,
                        out_dtype=spec.output_dtype(h_dtype, self.weight, device_type))

@@ -97,12 +97,12 @@ def test_the_written_table_is_what_auto_reads(tmp_path, monkeypatch):
     assert path == tmp_path / "tables" / "nvidia-test-gpu.json"
     table, reason = auto_table.load(path)
     assert reason == "" and len(table) == 6
-    assert table.choose("add_norm", True, torch.bfloat16, 5000, False) == "triton"
-    assert table.choose("add_norm", True, torch.bfloat16, 5000, True) == "cuda"
-    assert table.choose("norm_add_norm", True, torch.bfloat16, 16384, False) == "cuda"
-    assert table.choose("norm_add", True, torch.bfloat16, 2048, False) == "triton"
-    assert table.choose("norm", False, torch.bfloat16, 768, False) == "cuda"
-    assert table.choose("add_norm", False, torch.bfloat16, 2048, False) is None
+    assert table.choose("add_norm", "rms", torch.bfloat16, 5000, False) == "triton"
+    assert table.choose("add_norm", "rms", torch.bfloat16, 5000, True) == "cuda"
+    assert table.choose("norm_add_norm", "rms", torch.bfloat16, 16384, False) == "cuda"
+    assert table.choose("norm_add", "rms", torch.bfloat16, 2048, False) == "triton"
+    assert table.choose("norm", "layer", torch.bfloat16, 768, False) == "cuda"
+    assert table.choose("add_norm", "layer", torch.bfloat16, 2048, False) is None
     out = generator.main([str(source), "-o", str(tmp_path / "elsewhere.json")])
     assert json.loads(out.read_text()) == json.loads(path.read_text())
 

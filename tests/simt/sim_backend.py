@@ -18,6 +18,9 @@ from typing import Optional
 
 import torch
 
+from resfuse.spec import (AddNormSpec, BackwardInputs, Forward, Grads, Operands,
+                          backward_present, forward_present)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
@@ -63,11 +66,6 @@ def build(out_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
 
 class SimTensor(ctypes.Structure):
     _fields_ = [("ptr", ctypes.c_void_p), ("row_stride", ctypes.c_int64), ("dtype", ctypes.c_int32)]
-
-
-class SimFlags(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in
-                ("is_rms", "zero_centered", "branch_norm", "output_norm", "has_bias", "has_branch_bias")]
 
 
 def _operand(t: Optional[torch.Tensor]) -> SimTensor:
@@ -137,57 +135,50 @@ class SimBackend:
         raise RuntimeError(f"{what}: {self.lib.resfuse_sim_last_error().decode()}")
 
 
-    def forward(self, x, residual, weight, bias, branch_scale, rowscale, *, eps, residual_scale,
-                branch_scale_value, is_rms, zero_centered_weight, store_h, residual_dtype,
-                out_dtype, branch_norm=False, branch_weight=None, branch_bias=None,
-                output_norm=True):
-        if branch_norm and (branch_scale is not None or rowscale is not None):
+    def forward(self, spec: AddNormSpec, ops: Operands) -> Forward:
+        if spec.branch_norm and (ops.branch_scale is not None or ops.rowscale is not None):
             raise NotImplementedError("the branch norm does not combine with branch_scale tensors or rowscale")
-        n_rows, D = x.shape
+        n_rows, D = ops.x.shape
         out = _Guarded()
-        y = out.empty((n_rows, D), out_dtype) if output_norm else None
-        h = out.empty((n_rows, D), residual_dtype) if store_h else None
-        mean = out.empty((n_rows,), torch.float32) if not is_rms and output_norm else None
-        mean_x = out.empty((n_rows,), torch.float32) if not is_rms and branch_norm else None
-        tensors = (SimTensor * 9)(_operand(x), _operand(residual), _operand(y), _operand(h),
-                                  _param(weight), _param(bias), _param(branch_scale),
-                                  _param(branch_weight), _param(branch_bias))
-        flags = SimFlags(is_rms, zero_centered_weight, branch_norm, output_norm,
-                         bias is not None, branch_bias is not None)
+        shapes = ((n_rows, D), (n_rows, D), (n_rows,), (n_rows,))
+        dtypes = (spec.out_dtype, spec.h_dtype, torch.float32, torch.float32)
+        y, h, mean, mean_x = (out.empty(s, d) if present else None
+                              for present, s, d in zip(forward_present(spec), shapes, dtypes))
+        tensors = (SimTensor * 9)(_operand(ops.x), _operand(ops.residual), _operand(y), _operand(h),
+                                  _param(ops.weight), _param(ops.bias), _param(ops.branch_scale),
+                                  _param(ops.branch_weight), _param(ops.branch_bias))
         threads, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_forward(
-            tensors, _ptr(rowscale), _ptr(mean), _ptr(mean_x), ctypes.c_int64(n_rows),
-            ctypes.c_int32(D), ctypes.c_float(eps), ctypes.c_float(residual_scale),
-            ctypes.c_float(branch_scale_value), flags, ctypes.c_int32(self.max_threads_fwd),
-            ctypes.c_int32(self.sms), ctypes.c_int32(self.per_sm), ctypes.c_int32(self.max_cluster),
-            ctypes.byref(threads), ctypes.byref(blocks))
+            tensors, _ptr(ops.rowscale), _ptr(mean), _ptr(mean_x), ctypes.c_int64(n_rows),
+            ctypes.c_int32(D), ctypes.c_float(spec.eps), ctypes.c_float(spec.residual_scale),
+            ctypes.c_float(spec.branch_scale), ctypes.c_uint32(spec.flags),
+            ctypes.c_int32(self.max_threads_fwd), ctypes.c_int32(self.sms),
+            ctypes.c_int32(self.per_sm), ctypes.c_int32(self.max_cluster), ctypes.byref(threads),
+            ctypes.byref(blocks))
         if rc:
             self._fail("forward")
         out.check("forward")
         self.last["fwd_threads_per_row"] = threads.value
         self.last["fwd_cluster_blocks"] = blocks.value
-        return y, h, mean, mean_x
+        return Forward(y, h, mean, mean_x)
 
-    def backward(self, dy, dh, h, x, weight, branch_scale, rowscale, mean, *, eps, residual_scale,
-                 branch_scale_value, is_rms, zero_centered_weight, has_bias, store_dresidual,
-                 x_dtype, residual_dtype, branch_norm=False, branch_weight=None,
-                 has_branch_bias=False, mean_x=None, output_norm=True):
-        n_rows, D = (h if output_norm else dh).shape
+    def backward(self, spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
+        n_rows, D = (inputs.h if spec.output_norm else inputs.dh).shape
         out = _Guarded()
-        dx = out.empty((n_rows, D), x_dtype)
-        dr = out.empty((n_rows, D), residual_dtype) if store_dresidual else None
-        wanted = (output_norm and weight is not None, output_norm and has_bias,
-                  branch_scale is not None, branch_weight is not None, branch_norm and has_branch_bias)
-        grads = [out.empty((D,), torch.float32) if w else None for w in wanted]
-        tensors = (SimTensor * 9)(_operand(dy), _operand(dh), _operand(h), _operand(x),
-                                  _operand(dx), _operand(dr), _param(weight if output_norm else None),
-                                  _param(branch_scale), _param(branch_weight))
-        flags = SimFlags(is_rms, zero_centered_weight, branch_norm, output_norm, wanted[1], wanted[4])
+        present = backward_present(spec)
+        dx = out.empty((n_rows, D), spec.x_dtype)
+        dr = out.empty((n_rows, D), spec.residual_dtype) if present[1] else None
+        grads = [out.empty((D,), torch.float32) if p else None for p in present[2:]]
+        tensors = (SimTensor * 9)(_operand(inputs.dy), _operand(inputs.dh), _operand(inputs.h),
+                                  _operand(inputs.x), _operand(dx), _operand(dr),
+                                  _param(inputs.weight if spec.output_norm else None),
+                                  _param(inputs.branch_scale), _param(inputs.branch_weight))
         programs, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_backward(
-            tensors, _ptr(rowscale), _ptr(mean), _ptr(mean_x), (ctypes.c_void_p * 5)(*map(_ptr, grads)),
-            ctypes.c_int64(n_rows), ctypes.c_int32(D), ctypes.c_float(eps),
-            ctypes.c_float(residual_scale), ctypes.c_float(branch_scale_value), flags,
+            tensors, _ptr(inputs.rowscale), _ptr(inputs.mean), _ptr(inputs.mean_x),
+            (ctypes.c_void_p * 5)(*map(_ptr, grads)), ctypes.c_int64(n_rows), ctypes.c_int32(D),
+            ctypes.c_float(spec.eps), ctypes.c_float(spec.residual_scale),
+            ctypes.c_float(spec.branch_scale), ctypes.c_uint32(spec.flags),
             ctypes.c_int32(self.max_threads_bwd), ctypes.c_int32(self.sms),
             ctypes.c_int32(self.per_sm), ctypes.c_int32(self.max_cluster), ctypes.byref(programs),
             ctypes.byref(blocks))
@@ -196,4 +187,4 @@ class SimBackend:
         out.check("backward")
         self.last["bwd_programs"] = programs.value
         self.last["bwd_cluster_blocks"] = blocks.value
-        return (dx, dr, *grads)
+        return Grads(dx, dr, *grads)

@@ -55,16 +55,11 @@ struct SimTensor {
 
 const char* resfuse_sim_last_error() { return last_error.c_str(); }
 
-// Flags of a call (the kernels' run-time options that are not tensors).
-struct SimFlags {
-  int32_t is_rms, zero_centered, branch_norm, output_norm, has_bias, has_branch_bias;
-};
-
 // tensors: x, residual, y, h, weight, bias, branch_scale, branch_weight, branch_bias
 // (ptr == nullptr when absent)
 int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, float* mean_x,
                         int64_t rows, int32_t D, float eps, float residual_scale,
-                        float branch_scale_value, SimFlags flags, int32_t max_threads,
+                        float branch_scale_value, uint32_t flags, int32_t max_threads,
                         int32_t sms, int32_t per_sm, int32_t max_cluster, int32_t* threads_per_row,
                         int32_t* cluster_blocks) {
   try {
@@ -87,10 +82,7 @@ int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, 
     p.eps = eps;
     p.residual_scale = residual_scale;
     p.branch_scale_value = branch_scale_value;
-    p.is_rms = flags.is_rms != 0;
-    p.zero_centered = flags.zero_centered != 0;
-    p.branch_norm = flags.branch_norm != 0;
-    p.output_norm = flags.output_norm != 0;
+    unpack_flags(p, flags);  // the ops' own decoding (csrc/add_norm_params.h)
     SimLauncher launch;
     launch.sms = sms;
     launch.per_sm = per_sm;
@@ -111,7 +103,7 @@ int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, 
 // the sums.
 int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float* mean,
                          const float* mean_x, float* const* grads, int64_t rows, int32_t D,
-                         float eps, float residual_scale, float branch_scale_value, SimFlags flags,
+                         float eps, float residual_scale, float branch_scale_value, uint32_t flags,
                          int32_t max_threads, int32_t sms, int32_t per_sm, int32_t max_cluster,
                          int32_t* programs, int32_t* cluster_blocks) {
   try {
@@ -134,12 +126,7 @@ int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float*
     p.eps = eps;
     p.residual_scale = residual_scale;
     p.branch_scale_value = branch_scale_value;
-    p.is_rms = flags.is_rms != 0;
-    p.zero_centered = flags.zero_centered != 0;
-    p.branch_norm = flags.branch_norm != 0;
-    p.output_norm = flags.output_norm != 0;
-    p.has_bias = flags.has_bias != 0;
-    p.has_branch_bias = flags.has_branch_bias != 0;
+    unpack_flags(p, flags);
     SimLauncher launch;
     launch.sms = sms;
     launch.per_sm = per_sm;
