@@ -18,7 +18,8 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include "add_norm_kernels.cuh"
+#include "add_norm_bwd_kernel.cuh"
+#include "add_norm_fwd_kernel.cuh"
 
 namespace resfuse {
 

@@ -115,6 +115,18 @@ struct RowLayout {
 // threads per block that keeps rows of up to 131072 / 65536 elements in registers.
 constexpr int kMaxClusterBlocks = 8;
 
+// The longest row one block of each direction holds in registers (its largest block x its
+// chunks per thread x 8): past it a row spans a cluster, or streams.
+constexpr int64_t kFwdBlockRow = int64_t{kFwdMaxThreads} * kFwdChunks * kChunk;
+constexpr int64_t kBwdBlockRow = int64_t{kBwdMaxThreads} * kBwdChunks * kChunk;
+
+// What the launch heuristics are built from, in one list for the tests and the docs
+// (resfuse.cuda_ext.launch_limits(): the cuda_launch_limits op, and the emulator's copy):
+// the order of resfuse/cuda_ext.py's LIMIT_NAMES.
+constexpr int64_t kLaunchLimits[] = {kChunk,         kFwdMaxThreads, kFwdBlockRow,
+                                     kBwdMaxThreads, kBwdBlockRow,   kMaxClusterBlocks};
+constexpr int kLaunchLimitCount = sizeof(kLaunchLimits) / sizeof(kLaunchLimits[0]);
+
 struct FwdParams {
   Operand x, residual, y, h;  // residual: absent for plain norms; h: absent when not stored;
                               // y: absent without the output norm (norm_add)

@@ -6,6 +6,8 @@
 //   resfuse::cuda_device_supported(int device) -> bool
 //   resfuse::cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]
 //       [threads_per_row, rows_per_block, cluster_blocks, single_tile]: the launch layout
+//   resfuse::cuda_launch_limits() -> int[]: the numbers the layouts are built from
+//       (add_norm_params.h's kLaunchLimits; no device needed)
 //
 // whose arguments are the tensors of resfuse/spec.py's Operands (forward) or BackwardInputs
 // (backward) and the spec's flat form, AddNormSpec.flat(): eps, residual_scale,
@@ -261,6 +263,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
   return {dx, dr, grads[0], grads[1], grads[2], grads[3], grads[4]};
 }
 
+std::vector<int64_t> launch_limits() {
+  return std::vector<int64_t>(resfuse::kLaunchLimits, resfuse::kLaunchLimits + resfuse::kLaunchLimitCount);
+}
+
 bool device_supported(int64_t device) {
   torch::stable::accelerator::DeviceGuard guard(static_cast<int32_t>(device));
   return resfuse::current_device_supported();
@@ -290,6 +296,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(resfuse, m) {
 #undef RESFUSE_SPEC_ARGS
   m.def("cuda_device_supported(int device) -> bool");
   m.def("cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]");
+  m.def("cuda_launch_limits() -> int[]");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {
@@ -300,4 +307,5 @@ STABLE_TORCH_LIBRARY_IMPL(resfuse, CUDA, m) {
 STABLE_TORCH_LIBRARY_IMPL(resfuse, CompositeExplicitAutograd, m) {
   m.impl("cuda_device_supported", TORCH_BOX(&device_supported));
   m.impl("cuda_row_layout", TORCH_BOX(&row_layout));
+  m.impl("cuda_launch_limits", TORCH_BOX(&launch_limits));
 }

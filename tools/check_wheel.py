@@ -32,7 +32,8 @@ WHEEL_FILES = ["resfuse/__init__.py", "resfuse/cuda_ext.py", "resfuse/ops.py",
 EXTENSION_FILES = ["resfuse/_C.abi3.so", "resfuse/_cuda_build.json"]
 SDIST_FILES = ["setup.py", "MANIFEST.in", "README.md", "csrc/ops.cpp", "csrc/add_norm_fwd.cu",
                "csrc/add_norm_bwd.cu", "csrc/add_norm_bwd_branch_norm.cu",
-               "csrc/add_norm_kernels.cuh", "csrc/common.cuh",
+               "csrc/add_norm_kernels.cuh", "csrc/add_norm_fwd_kernel.cuh",
+               "csrc/add_norm_bwd_kernel.cuh", "csrc/common.cuh",
                "csrc/add_norm_launch.h", "csrc/add_norm_params.h", "csrc/add_norm_api.h",
                "csrc/cuda_launcher.cuh", "triton_kernels/launch.py"]
 
