@@ -22,7 +22,8 @@ from .spec import (AddNormSpec, BackwardInputs, Forward, Grads, Operands, absent
 
 _new = tuple.__new__  # a NamedTuple from its fields in order (the per-call path)
 
-__all__ = ["available", "unavailable_reason", "build_info", "row_layout", "forward", "backward"]
+__all__ = ["available", "unavailable_reason", "build_info", "row_layout", "launch_limits",
+           "forward", "backward"]
 
 _LIBRARY = "resfuse._C"
 _state: dict = {}
@@ -51,6 +52,7 @@ def _load() -> str:
             _state["bwd"] = torch.ops.resfuse.cuda_add_norm_bwd.default
             _state["supported"] = torch.ops.resfuse.cuda_device_supported.default
             _state["layout"] = torch.ops.resfuse.cuda_row_layout.default
+            _state["limits"] = torch.ops.resfuse.cuda_launch_limits.default
             _register_fakes()
         except Exception as e:  # noqa: BLE001 - e.g. built for another CUDA major version
             info = build_info()
@@ -107,6 +109,19 @@ def row_layout(D: int, *, backward: bool = False, branch_norm: bool = False,
     tpr, rpb, cluster, single = _ops()["layout"](index, int(D), bool(backward), bool(branch_norm))
     return {"threads_per_row": tpr, "rows_per_block": rpb, "cluster_blocks": cluster,
             "single_tile": bool(single)}
+
+
+# the order of csrc/add_norm_params.h's kLaunchLimits (the cuda_launch_limits op's result)
+LIMIT_NAMES = ("chunk", "fwd_max_threads", "fwd_block_row", "bwd_max_threads", "bwd_block_row",
+               "max_cluster_blocks")
+
+
+def launch_limits() -> dict:
+    """The numbers the CUDA launch heuristics are built from (csrc/add_norm_params.h): the
+    elements per thread access, the largest block of each direction and the longest row one
+    such block holds in registers, the largest thread-block cluster. Tests and docs ask here
+    instead of restating them; no GPU needed. ``row_layout(D)`` gives a size's layout."""
+    return dict(zip(LIMIT_NAMES, _ops()["limits"]()))
 
 
 def _register_fakes():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as _functional
-from .ops import add_norm
+from .functional import add_norm
 
 _Shape = Union[int, Sequence[int]]
 

@@ -1,8 +1,9 @@
 """The autograd layer shared by every backend, and its ``torch.library`` registration.
 
-A call is described once (``spec.py``): the public functions validate their arguments and
-build an :class:`~resfuse.spec.AddNormSpec` and the :class:`~resfuse.spec.Operands`; from
-there the same two objects reach the backend, the autograd function and the fakes. Two ops
+A call is described once (``spec.py``): the public functions (``functional.py``) validate
+their arguments and build an :class:`~resfuse.spec.AddNormSpec` and the
+:class:`~resfuse.spec.Operands`, and :func:`run` takes them from there: the same two objects
+reach the backend, the autograd function and the fakes. Two ops
 in the ``resfuse`` namespace take the spec in its flat form (``AddNormSpec.flat()``, the
 booleans packed in one integer):
 
@@ -29,15 +30,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import auto_table as _auto_table
 from . import backend_registry as _backends
-from . import checks
 from .spec import (AddNormSpec, BackwardInputs, Grads, Operands, absent_to_none,
                    backward_dtypes, backward_outputs, backward_present, forward_dtypes,
-                   forward_outputs, forward_present, h_is_x, op_outputs)
+                   forward_outputs, forward_present, op_outputs)
 
 
-def _rows(t: Optional[Tensor], D: int) -> Optional[Tensor]:
+_new = tuple.__new__  # builds a NamedTuple from its fields in order, without binding arguments
+
+
+def rows(t: Optional[Tensor], D: int) -> Optional[Tensor]:
     """2-D (rows, D) view with a unit column stride: used in place when the leading dims
     collapse to one row stride, copied otherwise."""
     if t is None:
@@ -46,7 +48,7 @@ def _rows(t: Optional[Tensor], D: int) -> Optional[Tensor]:
     return t2 if t2.stride(-1) == 1 or D == 1 else t2.contiguous()
 
 
-def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
+def flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.reshape(-1) if t is not None else None
 
 
@@ -68,7 +70,7 @@ def add_norm_op(
     # the entry points pass 2-D tensors; direct callers of the op may pass any shape
     D = x.shape[-1]
     out = _backends.implementation(backend).forward(spec, Operands(
-        _rows(x, D), _rows(residual, D), weight, bias, branch_scale, _flat(rowscale),
+        rows(x, D), rows(residual, D), weight, bias, branch_scale, flat(rowscale),
         branch_weight, branch_bias))
     lead = x.shape[:-1]
     return op_outputs(out, (x.shape, x.shape, lead, lead), forward_dtypes(spec), x)
@@ -97,8 +99,8 @@ def add_norm_backward_op(
     like = h if h is not None else dh
     D = like.shape[-1]
     grads = _backward(spec, BackwardInputs(
-        dy, dh, _rows(h, D), _rows(x, D), weight, branch_scale, _flat(rowscale), branch_weight,
-        _flat(mean), _flat(mean_x)), backend)
+        dy, dh, rows(h, D), rows(x, D), weight, branch_scale, flat(rowscale), branch_weight,
+        flat(mean), flat(mean_x)), backend)
     return op_outputs(grads, (like.shape, like.shape) + ((D,),) * 5, backward_dtypes(spec), like)
 
 
@@ -116,7 +118,7 @@ def _backward(spec: AddNormSpec, inputs: BackwardInputs, backend: str) -> Grads:
     """The backend's backward on 2-D tensors (upstream gradients arrive in any layout)."""
     D = (inputs.h if inputs.h is not None else inputs.dh).shape[-1]
     return _backends.implementation(backend).backward(
-        spec, inputs._replace(dy=_rows(inputs.dy, D), dh=_rows(inputs.dh, D)))
+        spec, inputs._replace(dy=rows(inputs.dy, D), dh=rows(inputs.dh, D)))
 
 
 # --------------------------------------------------------------------------- autograd
@@ -208,123 +210,16 @@ torch.library.register_autograd("resfuse::add_norm", _make_backward(_op_backward
                                 setup_context=_setup_context)
 
 
-# --------------------------------------------------------------------------- entry points
+# --------------------------------------------------------------------------- running a call
 
 
-_new = tuple.__new__  # builds a NamedTuple from its fields in order, without binding arguments
-
-
-def _requires_grad(tensors) -> bool:
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
-
-
-def _run(operands: tuple, return_h: bool, backend: str, norm: str, eps: float,
-         residual_scale: float, branch_scale: float, zero_centered_weight: bool,
-         branch_norm: bool, output_norm: bool, h_dtype: torch.dtype,
-         out_dtype: torch.dtype) -> tuple:
-    """Build the spec and the 2-D operands, pick the path (compiled op / eager autograd /
-    no-grad) and run; returns (y, h). ``operands``: the ``Operands`` fields as the caller
-    has them, any shape.
-
-    The backends see 2-D (rows, D) tensors: the reshapes happen out here, where autograd
-    tracks them, so y and h are ordinary views the caller may edit in place (a custom
-    autograd function returning several views of its outputs forbids that)."""
-    # built positionally: this runs on every call (the eager path's host overhead)
-    x, residual, weight, bias, bs, rowscale, bw, bb = operands
-    shape, D = x.shape, x.shape[-1]
-    needs_grad = torch.is_grad_enabled() and _requires_grad((x, residual, weight, bias, bs, bw, bb))
-    # h is written when returned, or when the output norm's backward needs it and it is not x
-    store_h = return_h or (needs_grad and output_norm and not h_is_x(
-        residual is not None, bs is not None, branch_scale, rowscale is not None, branch_norm,
-        h_dtype, x.dtype))
-    spec = _new(AddNormSpec, (  # AddNormSpec's fields in order; tuple.__new__: no arg binding
-        norm, eps, residual_scale, branch_scale, zero_centered_weight, branch_norm, output_norm,
-        store_h, residual is not None, weight is not None, bias is not None, bs is not None,
-        rowscale is not None, bw is not None, bb is not None, x.dtype,
-        residual.dtype if residual is not None else x.dtype, h_dtype, out_dtype))
-    if backend == "auto":  # auto's measured choice depends on the call (auto_table)
-        key = (spec.family, norm, x.dtype, D, needs_grad)
-        if torch.compiler.is_compiling() and not _auto_table.known_at_trace(D):
-            key = None  # the choice is a constant of the graph: a symbolic D gets the rule
-        backend = _backends.resolve(backend, x.device, key)
-    else:
-        backend = _backends.resolve(backend, x.device)
-    ops = _new(Operands, (_rows(x, D), _rows(residual, D), weight, bias, bs, _flat(rowscale), bw, bb))
+def run(spec: AddNormSpec, ops: Operands, backend: str, needs_grad: bool) -> tuple:
+    """``(y, h, mean, mean_x)`` of a call (None where absent) on a concrete backend, by the
+    path that fits: the registered op while torch.compile traces (the graph stays whole),
+    the autograd function when a gradient is needed, the backend itself otherwise."""
     if torch.compiler.is_compiling():
-        y, h, _, _ = absent_to_none(torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend),
-                                    forward_present(spec))
-    elif needs_grad:
-        y, h, _, _ = _AddNormFunction.apply(spec, backend, *ops)
-    else:
-        y, h, _, _ = _backends.implementation(backend).forward(spec, ops)
-    if len(shape) != 2:
-        y = y.view(shape) if y is not None else y
-        h = h.view(shape) if h is not None else h
-    return y, h
-
-
-def _check_common(x, residual, eps, zero_centered_weight, residual_dtype):
-    checks.activation(x)
-    if residual is not None:
-        checks.same_as_x("residual", residual, x)
-    eps = checks.real("eps", eps, minimum=0.0)
-    zero_centered_weight = checks.flag("zero_centered_weight", zero_centered_weight)
-    residual_dtype = checks.dtype("residual_dtype", residual_dtype,
-                                  residual.dtype if residual is not None else x.dtype)
-    return eps, zero_centered_weight, residual_dtype
-
-
-def _check_params(x, **params):
-    for name, t in params.items():
-        if t is not None:
-            checks.vector(name, t, x)
-
-
-def add_norm(
-    x, residual, weight, bias, eps, *, norm: str, residual_scale=1.0, branch_scale=None,
-    rowscale=None, zero_centered_weight=False, prenorm=True, residual_dtype=None,
-    out_dtype=None, backend="auto",
-):
-    """Validate, pick the backend, run; returns ``(y, h)`` if ``prenorm`` else ``y``."""
-    eps, zero_centered_weight, residual_dtype = _check_common(
-        x, residual, eps, zero_centered_weight, residual_dtype)
-    _check_params(x, weight=weight, bias=bias)
-    residual_scale = checks.real("residual_scale", residual_scale)
-    branch_scale_value = 1.0
-    if isinstance(branch_scale, Tensor):
-        checks.vector("branch_scale", branch_scale, x)
-    elif branch_scale is not None:
-        branch_scale_value = checks.real("branch_scale", branch_scale)
-        branch_scale = None
-    if rowscale is not None:
-        rowscale = checks.rowscale(rowscale, x)
-    prenorm = checks.flag("prenorm", prenorm)
-    out_dtype = checks.dtype("out_dtype", out_dtype, x.dtype)
-    y, h = _run((x, residual, weight, bias, branch_scale, rowscale, None, None), prenorm, backend,
-                norm, eps, residual_scale, branch_scale_value, zero_centered_weight, False, True,
-                residual_dtype, out_dtype)
-    return (y, h) if prenorm else y
-
-
-def norm_add_norm(
-    x, residual, branch_weight, weight, eps, *, norm: str, branch_bias=None, bias=None,
-    zero_centered_weight=False, prenorm=True, out_dtype=None, residual_dtype=None,
-    backend="auto", output_norm=True,
-):
-    """Sandwich layout: ``h = residual + norm(x) * w_b' (+ b_b)``, ``y = norm(h) * w' (+ b)``.
-    Returns ``(y, h)`` if ``prenorm`` else ``y``; with ``output_norm=False`` only ``h``."""
-    eps, zero_centered_weight, residual_dtype = _check_common(
-        x, residual, eps, zero_centered_weight, residual_dtype)
-    _check_params(x, branch_weight=branch_weight, weight=weight, branch_bias=branch_bias,
-                  bias=bias)
-    prenorm = checks.flag("prenorm", prenorm)
-    out_dtype = checks.dtype("out_dtype", out_dtype, x.dtype)
-    y, h = _run((x, residual, weight, bias, None, None, branch_weight, branch_bias),
-                prenorm or not output_norm, backend, norm, eps, 1.0, 1.0, zero_centered_weight,
-                True, output_norm, residual_dtype, out_dtype)
-    if not output_norm:
-        return h
-    return (y, h) if prenorm else y
+        return absent_to_none(torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend),
+                              forward_present(spec))
+    if needs_grad:
+        return _AddNormFunction.apply(spec, backend, *ops)
+    return _backends.implementation(backend).forward(spec, ops)

@@ -7,7 +7,7 @@ untouched; ``unpatch`` puts the original class back. Each override reads what it
 the table entry stored on the generated class (``_resfuse_spec``), so there is one forward per
 family, not one per model:
 
-* :class:`NormOverride` - any norm: RMS / LayerNorm through ``resfuse.ops.add_norm``, plus
+* :class:`NormOverride` - any norm: RMS / LayerNorm through ``resfuse.functional.add_norm``, plus
   ``resfuse_add_norm(x, residual, ...)``, the fused add + norm the layers call, and
   ``resfuse_norm_add(x, residual, next_norm)``, the branch norm + add (+ next norm) of the
   sandwich layouts.
@@ -31,7 +31,7 @@ from torch.nn.modules import module as _nn_module
 
 from .. import checks
 from ..functional import norm_add, norm_add_norm
-from ..ops import add_norm
+from ..functional import add_norm
 from .specs import Call, Chain, Norm, PostNorm, Sublayer
 
 _FLOAT = checks.FLOAT_DTYPES
