@@ -2,6 +2,7 @@
 against the float64 reference."""
 
 import os
+from pathlib import Path
 
 # The interpreter must be chosen before triton is imported (it decides at @triton.jit time).
 # On a GPU machine the suite runs the real kernels on CUDA tensors instead.
@@ -105,3 +106,62 @@ def float64_oracle(x, residual, weight, bias, eps, *, norm, residual_scale=1.0,
                               zero_centered_weight=zero_centered_weight,
                               compute_dtype=torch.float64)
     return y, h, leaves
+
+
+# --------------------------------------------------------------------------- the CUDA kernels on CPU
+# The emulator of tests/simt runs csrc/'s kernels on CPU tensors: installed as backend="cuda"
+# it joins the numerical matrix on CPU, and the emulator's own tests use it directly.
+
+BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "simt"
+
+
+def emulator_unavailable() -> str:
+    from simt import sim_backend
+    return sim_backend.unavailable_reason()
+
+
+@pytest.fixture(scope="session")
+def sim():
+    from simt import sim_backend
+    reason = sim_backend.unavailable_reason()
+    if reason:
+        pytest.skip(f"the CUDA emulator cannot be built: {reason}")
+    return sim_backend.SimBackend(sim_backend.build(BUILD_DIR))
+
+
+@pytest.fixture
+def use(monkeypatch):
+    """use(backend_module): backend="cuda" runs that module, on CPU tensors."""
+    from resfuse import backend_registry
+
+    def install(module):
+        monkeypatch.setitem(backend_registry._IMPORTED, "resfuse.cuda_ext", (module, ""))
+        real = backend_registry.resolve
+        monkeypatch.setattr(backend_registry, "resolve",
+                            lambda backend, device, key=None: "cuda" if backend == "cuda"
+                            else real(backend, device, key))
+        return module
+    return install
+
+
+@pytest.fixture
+def cuda_sim(sim, use):
+    return use(sim)
+
+
+_LIMITS: dict = {}
+
+
+def cuda_launch_limits():
+    """The CUDA kernels' launch limits (``resfuse.cuda_ext.launch_limits()``: no GPU needed)
+    for the tests' shapes, or the emulator's copy (the same headers), or None."""
+    if "limits" not in _LIMITS:
+        from resfuse import cuda_ext
+        limits = None
+        if not cuda_ext._load():
+            limits = cuda_ext.launch_limits()
+        elif not emulator_unavailable():
+            from simt import sim_backend
+            limits = sim_backend.SimBackend(sim_backend.build(BUILD_DIR)).limits
+        _LIMITS["limits"] = limits
+    return _LIMITS["limits"]

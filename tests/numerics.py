@@ -5,6 +5,7 @@ CPU tests (Triton under the interpreter, the torch backend) and the GPU tests.""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -177,3 +178,91 @@ def run_case(case: Case, backend: str, device, seed: int = 0):
     for k, v in snapshot.items():  # inputs are never written
         assert torch.equal(inp[k].detach(), v), f"{k} was modified"
     return result
+
+
+# --------------------------------------------------------------------------- case families
+# The cases of the numerical matrix (test_matrix.py), shared by the tests that need a few of
+# them (the emulator's and the GPU's own tests).
+
+
+def add_norm_flag_cases():
+    """Every flag combination of the pre-norm add + norm family."""
+    for norm, residual, weight, branch, rowscale, prenorm in itertools.product(
+            ("rms", "layer"), ("none", "same", "fp32"), (True, False),
+            ("none", "scalar", "tensor"), (False, True), (True, False)):
+        for bias in ((False, True) if norm == "layer" else (False,)):
+            for zc in ((False, True) if weight else (False,)):
+                yield Case(norm=norm, residual=residual, weight=weight, bias=bias, branch=branch,
+                           rowscale=rowscale, zero_centered=zc, prenorm=prenorm)
+
+
+def sandwich_flag_cases():
+    """Every flag combination of the sandwich layouts: norm_add_norm, then norm_add."""
+    for norm, residual, bw, weight, zc, prenorm in itertools.product(
+            ("rms", "layer"), ("none", "same", "fp32"), (True, False), (True, False),
+            (False, True), (True, False)):
+        for bb, bias in (itertools.product((False, True), repeat=2) if norm == "layer" else [(False, False)]):
+            yield Case(norm=norm, residual=residual, branch_norm=True, branch_weight=bw,
+                       branch_bias=bb, weight=weight, bias=bias, zero_centered=zc, prenorm=prenorm)
+    for norm, residual, bw, zc in itertools.product(("rms", "layer"), ("none", "same", "fp32"),
+                                                    (True, False), (False, True)):
+        for bb in ((False, True) if norm == "layer" else (False,)):
+            yield Case(norm=norm, residual=residual, branch_norm=True, branch_weight=bw,
+                       branch_bias=bb, weight=False, output_norm=False, zero_centered=zc)
+
+
+def _with_dtypes(cases):
+    # residual="fp32" with fp32 activations is the same case as residual="same"
+    cases = list(cases)
+    return [c.replace(dtype=d) for d in DTYPES for c in cases
+            if not (c.residual == "fp32" and d == torch.float32)]
+
+
+FLAG_CASES = list(add_norm_flag_cases())
+FLAG_DTYPE_CASES = _with_dtypes(FLAG_CASES)
+SANDWICH_CASES = _with_dtypes(sandwich_flag_cases())
+
+# the representative cases of each op, for the shape, layout and dtype families
+FULL = dict(residual="same", weight=True, branch="tensor", rowscale=True, zero_centered=True)
+SHAPE_CASES = [Case(norm="layer", bias=True, **FULL), Case(norm="rms")]
+GEMMA = Case(norm="rms", branch_norm=True, zero_centered=True)
+PERI_LN = Case(norm="layer", branch_norm=True, branch_bias=True, bias=True)
+OLMO2 = Case(norm="rms", branch_norm=True, weight=False, output_norm=False)
+LAYOUTS = [GEMMA, PERI_LN, OLMO2]
+LAYOUT_IDS = ["gemma", "peri_ln", "olmo2"]
+
+MIXED = [
+    dict(dtype=torch.bfloat16, residual="fp32"),                            # fp32 residual stream
+    dict(dtype=torch.float16, residual="fp32", out_dtype=torch.float32),
+    dict(dtype=torch.bfloat16, residual="same", residual_dtype=torch.float32),
+    dict(dtype=torch.float32, residual="same", out_dtype=torch.bfloat16),
+    dict(dtype=torch.bfloat16, residual="none", residual_dtype=torch.float32),
+    dict(dtype=torch.float16, residual="same", residual_dtype=torch.bfloat16, out_dtype=torch.bfloat16),
+]
+SANDWICH_MIXED = [
+    dict(dtype=torch.bfloat16, residual="fp32"),
+    dict(dtype=torch.bfloat16, residual="same", residual_dtype=torch.float32),
+    dict(dtype=torch.float16, residual="same", out_dtype=torch.float32),
+]
+
+
+def mixed_case(base: Case, mixed: dict) -> Case:
+    """``base`` with a dtype mix (norm_add has no y, so no out_dtype)."""
+    if not base.output_norm and "out_dtype" in mixed:
+        mixed = {k: v for k, v in mixed.items() if k != "out_dtype"}
+    return base.replace(shape=(4, 3, 96), **mixed)
+
+
+def dtype_id(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def cluster_blocks(D: int, block_row: int, max_cluster: int) -> int:
+    """The blocks of a thread-block cluster the CUDA kernels spread a row of D over: the
+    fewest powers of two of blocks of ``block_row`` elements that hold it, up to
+    ``max_cluster``; past that (or without clusters) 1: the row streams in tiles of one
+    block. (The rule of csrc/add_norm_launch.h's row_layout, for the tests' expectations.)"""
+    blocks = 1
+    while blocks * block_row < D and blocks < max_cluster:
+        blocks *= 2
+    return blocks if blocks * block_row >= D else 1

@@ -220,3 +220,19 @@ def test_no_register_spills_in_forward_and_backward_kernels(ptxas_kernels):
             key = (k.arch, _direction(k))
             summary[key] = max(summary.get(key, 0), k.registers)
     print(f"\nptxas ({source}), max registers: " + json.dumps({f"{a} {d}": r for (a, d), r in sorted(summary.items())}))
+
+
+@needs_extension
+def test_launch_limits_are_the_kernels_and_the_emulators():
+    """cuda_ext.launch_limits() (no GPU needed) has every number csrc/add_norm_params.h lists,
+    the same as the emulator's copy compiled from the same headers."""
+    raw = torch.ops.resfuse.cuda_launch_limits()
+    assert len(raw) == len(cuda_ext.LIMIT_NAMES)
+    limits = cuda_ext.launch_limits()
+    assert limits["fwd_block_row"] % (limits["fwd_max_threads"] * limits["chunk"]) == 0
+    assert limits["bwd_block_row"] % (limits["bwd_max_threads"] * limits["chunk"]) == 0
+    from conftest import emulator_unavailable
+    if not emulator_unavailable():
+        from conftest import BUILD_DIR
+        from simt import sim_backend
+        assert sim_backend.SimBackend(sim_backend.build(BUILD_DIR)).limits == limits

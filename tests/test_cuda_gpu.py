@@ -1,17 +1,16 @@
-"""The CUDA backend on a GPU (skipped without one): odd sizes, misaligned and non-contiguous
-inputs, cross-checks against Triton and the reference, a non-default stream, CUDA-graph
-capture and replay of forward and backward, no host synchronisation, determinism, opcheck
-and torch.compile; the same for the sandwich layouts (norm_add_norm / norm_add). The whole
-numerical matrices of test_add_norm.py / test_norm_add_norm.py / test_ops.py also run with
-backend="cuda" under `make test-gpu` (RESFUSE_TEST_DEVICE=cuda)."""
+"""The CUDA backend on a GPU (skipped without one), beyond the numerical matrix (test_matrix.py
+runs every case, and the sizes only a GPU affords, with backend="cuda" under `make test-gpu`):
+the row layouts sm_90 picks (from the kernels' own launch limits), misaligned inputs bitwise
+equal to aligned ones, agreement with Triton, a non-default stream, CUDA-graph capture and
+replay of forward and backward, no host synchronisation, determinism, opcheck and
+torch.compile; the same for the sandwich layouts (norm_add_norm / norm_add)."""
 
 import pytest
 import torch
 
 import resfuse
-from numerics import DTYPES, Case, run_case
+from numerics import DTYPES, FULL, LAYOUTS, PERI_LN, Case, cluster_blocks, run_case
 from resfuse.spec import AddNormSpec, Operands
-from test_norm_add_norm import LAYOUT_IDS, LAYOUTS, PERI_LN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,7 +19,6 @@ needs_cuda_ext = pytest.mark.skipif(
     not AVAILABLE, reason="needs a CUDA GPU" if not torch.cuda.is_available()
     else f"the cuda backend is not available: {resfuse.backends()['cuda'].reason}")
 TRITON = torch.cuda.is_available() and resfuse.backends()["triton"].available
-FULL = dict(residual="same", weight=True, branch="tensor", rowscale=True, zero_centered=True)
 DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
 
@@ -33,60 +31,36 @@ def test_cuda_backend_is_available_on_this_gpu():
     assert AVAILABLE, resfuse.backends()["cuda"].reason
 
 
-@needs_cuda_ext
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("D", [1, 7, 8, 1000, 4096, 4097, 8192, 8193, 16384, 16385, 65536])
-@pytest.mark.parametrize("norm", ["rms", "layer"])
-def test_odd_and_boundary_sizes(norm, D, dtype):
-    # 8192/8193 and 16384/16385: the backward's and the forward's switch to streamed rows
-    rows = 64 if D <= 8192 else 6
-    run_case(Case(norm=norm, dtype=dtype, shape=(rows, D), bias=norm == "layer", **FULL), "cuda", "cuda")
-
-
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 needs_sm90 = pytest.mark.skipif(not SM90, reason="thread-block clusters need sm_90 or newer")
 
 
+def _layout_cases():
+    """(D, forward blocks, backward blocks) at each block row and past it, and at the largest
+    clusters, from the kernels' own limits (cuda_ext.launch_limits(), no GPU needed)."""
+    if not AVAILABLE:
+        return []
+    from resfuse import cuda_ext
+    L = cuda_ext.launch_limits()
+    fwd, bwd, most = L["fwd_block_row"], L["bwd_block_row"], L["max_cluster_blocks"]
+    sizes = sorted({bwd, bwd + 1, fwd + 1, 2 * fwd, bwd * most, fwd * most})
+    return [(D, cluster_blocks(D, fwd, most), cluster_blocks(D, bwd, most)) for D in sizes]
+
+
 @needs_cuda_ext
-@pytest.mark.parametrize("D,fwd_blocks,bwd_blocks", [(8192, 1, 1), (8193, 1, 2), (16385, 2, 4),
-                                                     (32768, 2, 4), (65536, 4, 8), (131072, 8, 1)])
+@pytest.mark.parametrize("D,fwd_blocks,bwd_blocks", _layout_cases())
 def test_long_rows_span_clusters_on_sm90(D, fwd_blocks, bwd_blocks):
     """Rows too long for one block's registers span a thread-block cluster on sm_90 (one read
-    and write per element); 131072 is too long for an 8-block backward cluster: streamed.
+    and write per element); a row too long for the largest backward cluster streams.
     Elsewhere (sm_80) every such row is streamed in tiles."""
     from resfuse import cuda_ext
+    L = cuda_ext.launch_limits()
     fwd, bwd = cuda_ext.row_layout(D), cuda_ext.row_layout(D, backward=True)
     if not SM90:
         fwd_blocks = bwd_blocks = 1
     assert (fwd["cluster_blocks"], bwd["cluster_blocks"]) == (fwd_blocks, bwd_blocks)
-    assert fwd["single_tile"] == (fwd_blocks > 1 or D <= 16384)
-    assert bwd["single_tile"] == (bwd_blocks > 1 or D <= 8192)
-    assert cuda_ext.row_layout(D, backward=True, branch_norm=True)["cluster_blocks"] == bwd_blocks
-
-
-@needs_cuda_ext
-@needs_sm90
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("D", [9000, 20000, 32768, 65536 - 7, 131072])
-@pytest.mark.parametrize("norm", ["rms", "layer"])
-def test_cluster_rows_against_the_reference(norm, D, dtype):
-    # rows % programs != 0 and more rows than resident clusters: the persistent loop too
-    run_case(Case(norm=norm, dtype=dtype, shape=(333, D), bias=norm == "layer", **FULL), "cuda", "cuda")
-
-
-@needs_cuda_ext
-@needs_sm90
-@pytest.mark.parametrize("D", [20000, 65536])
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_sandwich_cluster_rows_against_the_reference(base, D):
-    run_case(base.replace(dtype=torch.bfloat16, shape=(70, D)), "cuda", "cuda")
-
-
-@needs_cuda_ext
-@pytest.mark.parametrize("shape", [(1 << 20, 64), (300_000, 7), (4096, 768), (5, 3, 4096)], ids=str)
-def test_many_rows(shape):
-    """Many row groups per block and many iterations of the persistent backward loop."""
-    run_case(Case(norm="layer", dtype=torch.bfloat16, shape=shape, bias=True, **FULL), "cuda", "cuda")
+    assert fwd["single_tile"] == (fwd_blocks > 1 or D <= L["fwd_block_row"])
+    assert bwd["single_tile"] == (bwd_blocks > 1 or D <= L["bwd_block_row"])
 
 
 def _offset(t, elements):
@@ -118,14 +92,6 @@ def test_misaligned_inputs_match_aligned_bitwise(norm, dtype):
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
-
-
-@needs_cuda_ext
-@pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_non_contiguous(layout, dtype):
-    run_case(Case(norm="layer", bias=True, dtype=dtype, shape=(16, 8, 520), layout=layout, **FULL),
-             "cuda", "cuda")
 
 
 @needs_cuda_ext
@@ -309,24 +275,6 @@ def test_torch_compile_fullgraph():
 # --------------------------------------------------------------------------- sandwich layouts
 
 
-@needs_cuda_ext
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("D", [1, 7, 8, 1000, 4096, 4097, 8192, 8193, 16384, 16385, 65536])
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_sandwich_odd_and_boundary_sizes(base, D, dtype):
-    # 8192/8193: the backward's switch to streamed rows (three passes with the branch norm);
-    # 16384/16385: the forward's (a pass over x for the branch norm's statistics first)
-    rows = 64 if D <= 8192 else 6
-    run_case(base.replace(dtype=dtype, shape=(rows, D)), "cuda", "cuda")
-
-
-@needs_cuda_ext
-@pytest.mark.parametrize("shape", [(1 << 20, 64), (300_000, 7), (4096, 768), (5, 3, 4096)], ids=str)
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_sandwich_many_rows(base, shape):
-    run_case(base.replace(dtype=torch.bfloat16, shape=shape), "cuda", "cuda")
-
-
 def _sandwich_inputs(norm, D, dtype, rows=512, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -393,13 +341,6 @@ def test_sandwich_misaligned_inputs_match_aligned_bitwise(norm, dtype, output_no
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
-
-
-@needs_cuda_ext
-@pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_sandwich_non_contiguous(base, layout):
-    run_case(base.replace(dtype=torch.bfloat16, shape=(16, 8, 520), layout=layout), "cuda", "cuda")
 
 
 @needs_cuda_ext

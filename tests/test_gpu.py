@@ -1,29 +1,17 @@
-"""GPU-only checks (skipped without CUDA): sizes the interpreter cannot afford, streams, CUDA
-graphs, the device guard, determinism with many programs. The whole CPU matrix also runs on
-the GPU with ``RESFUSE_TEST_DEVICE=cuda pytest tests`` (``make test-gpu``)."""
+"""GPU-only checks of both kernel backends (skipped without CUDA): streams, CUDA graphs, the
+device guard, determinism with many programs. The numerical matrix (test_matrix.py), with
+the sizes only a GPU affords, runs on the GPU with ``make test-gpu``."""
 
 import pytest
 import torch
 
 import resfuse
-from numerics import Case, run_case
+from numerics import FULL, Case, run_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GPU_BACKENDS = [b for b in ("triton", "cuda")
                 if torch.cuda.is_available() and resfuse.backends()[b].available]
-FULL = dict(residual="same", weight=True, branch="tensor", rowscale=True, zero_centered=True)
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
-                         ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", [(4096, 768), (2048, 4096), (512, 8192), (256, 16384),
-                                   (64, 65536), (8, 3, 131072)], ids=str)
-@pytest.mark.parametrize("norm", ["rms", "layer"])
-def test_large_shapes_against_reference(norm, shape, dtype, backend):
-    case = Case(norm=norm, dtype=dtype, shape=shape, bias=norm == "layer", **FULL)
-    run_case(case, backend, "cuda")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

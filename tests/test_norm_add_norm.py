@@ -1,103 +1,17 @@
-"""The sandwich layouts (issue 7): norm_add_norm (Gemma2/3, Peri-LN) and norm_add (OLMo2),
-forward and backward against the float64 reference, every flag x dtype, odd shapes, long
-rows, layouts and mixed dtypes; saved tensors; the module."""
-
-import itertools
+"""The sandwich layouts (norm_add_norm: Gemma2/3, Peri-LN; norm_add: OLMo2) beyond the
+numerical matrix (test_matrix.py has their every flag, shape, layout and dtype on every
+backend): what they save for backward, their errors, the module."""
 
 import pytest
 import torch
 
 import resfuse
 from conftest import DEVICE
-from numerics import DTYPES, Case, run_case
 from test_ops import SavedBytes
 
 # on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
 BACKENDS = ["triton", "torch"] + (
     ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
-
-
-def flag_cases():
-    for norm, residual, bw, weight, zc, prenorm in itertools.product(
-            ("rms", "layer"), ("none", "same", "fp32"), (True, False), (True, False),
-            (False, True), (True, False)):
-        for bb, bias in (itertools.product((False, True), repeat=2) if norm == "layer" else [(False, False)]):
-            yield Case(norm=norm, residual=residual, branch_norm=True, branch_weight=bw,
-                       branch_bias=bb, weight=weight, bias=bias, zero_centered=zc, prenorm=prenorm)
-    for norm, residual, bw, zc in itertools.product(("rms", "layer"), ("none", "same", "fp32"),
-                                                    (True, False), (False, True)):
-        for bb in ((False, True) if norm == "layer" else (False,)):
-            yield Case(norm=norm, residual=residual, branch_norm=True, branch_weight=bw,
-                       branch_bias=bb, weight=False, output_norm=False, zero_centered=zc)
-
-
-CASES = [c.replace(dtype=d) for d in DTYPES for c in flag_cases()
-         if not (c.residual == "fp32" and d == torch.float32)]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_every_flag_combination(case, backend):
-    run_case(case, backend, DEVICE)
-
-
-GEMMA = Case(norm="rms", branch_norm=True, zero_centered=True)
-PERI_LN = Case(norm="layer", branch_norm=True, branch_bias=True, bias=True)
-OLMO2 = Case(norm="rms", branch_norm=True, weight=False, output_norm=False)
-LAYOUTS = [GEMMA, PERI_LN, OLMO2]
-LAYOUT_IDS = ["gemma", "peri_ln", "olmo2"]
-SHAPES = [(7,), (1, 1), (5, 7), (3, 5, 64), (2, 2, 3, 1000), (3, 4097)]
-MIXED = [
-    dict(dtype=torch.bfloat16, residual="fp32"),
-    dict(dtype=torch.bfloat16, residual="same", residual_dtype=torch.float32),
-    dict(dtype=torch.float16, residual="same", out_dtype=torch.float32),
-]
-
-
-def mixed_case(base, mixed):
-    if not base.output_norm and "out_dtype" in mixed:
-        mixed = {k: v for k, v in mixed.items() if k != "out_dtype"}
-    return base.replace(shape=(4, 3, 96), **mixed)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_shapes(base, shape, dtype, backend):
-    run_case(base.replace(dtype=dtype, shape=shape), backend, DEVICE)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("D,dtype", [(6000, torch.float32), (6000, torch.bfloat16),
-                                     (65536 - 7, torch.bfloat16)], ids=str)
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_long_rows(base, D, dtype, backend):
-    # 6000: the backward streams chunks (three passes); ~64K: the forward too
-    run_case(base.replace(dtype=dtype, shape=(3, D)), backend, DEVICE)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["row_strided", "transposed", "col_strided"])
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_non_contiguous(base, layout, backend):
-    run_case(base.replace(dtype=torch.bfloat16, shape=(3, 4, 72), layout=layout), backend, DEVICE)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mixed", MIXED, ids=lambda m: str(Case(**m)))
-@pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
-def test_mixed_dtypes(base, mixed, backend):
-    run_case(mixed_case(base, mixed), backend, DEVICE)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_is_deterministic(backend):
-    case = PERI_LN.replace(shape=(64, 130))
-    first = run_case(case, backend, DEVICE, seed=3)
-    second = run_case(case, backend, DEVICE, seed=3)
-    for name in first:
-        assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

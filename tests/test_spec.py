@@ -110,3 +110,11 @@ def test_operands_default_to_absent():
     x = torch.empty(2, 4)
     ops = Operands(x)
     assert ops.x is x and all(t is None for t in ops[1:])
+
+
+def test_triton_kernels_are_imported_only_as_resfuse_triton_kernels():
+    """The top-level triton_kernels/ folder installs as resfuse.triton_kernels; importing it
+    by its folder name (possible from a checkout) would load the kernels twice."""
+    import sys
+    assert "triton_kernels" not in sys.modules
+    assert "resfuse.triton_kernels.add_norm_kernels" in sys.modules

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from resfuse.cuda_ext import LIMIT_NAMES
 from resfuse.spec import (AddNormSpec, BackwardInputs, Forward, Grads, Operands,
                           backward_present, forward_present)
 
@@ -108,20 +109,27 @@ class _Guarded:
 
 class SimBackend:
     """``forward`` / ``backward`` of resfuse.cuda_ext on CPU tensors. ``max_threads_*``
-    lower the threads per block (forcing the cluster or streamed paths for small D); ``sms``
-    and ``per_sm`` set the backward's persistent grid (programs = min(row groups, sms *
-    per_sm), or that many blocks' worth of clusters); ``max_cluster`` is the largest
-    thread-block cluster the emulated GPU launches (8 like sm_90; 1: none, like sm_80)."""
+    lower the threads per block (forcing the cluster or streamed paths for small D; default:
+    the kernels' own maxima); ``sms`` and ``per_sm`` set the backward's persistent grid
+    (programs = min(row groups, sms * per_sm), or that many blocks' worth of clusters);
+    ``max_cluster`` is the largest thread-block cluster the emulated GPU launches (default the
+    kernels' maximum, like sm_90; 1: none, like sm_80). ``limits``: the kernels' launch limits,
+    read from the compiled headers."""
 
-    def __init__(self, lib_path: Path, *, max_threads_fwd: int = 1024, max_threads_bwd: int = 512,
-                 sms: int = 3, per_sm: int = 2, max_cluster: int = 8):
+    def __init__(self, lib_path: Path, *, max_threads_fwd: Optional[int] = None,
+                 max_threads_bwd: Optional[int] = None, sms: int = 3, per_sm: int = 2,
+                 max_cluster: Optional[int] = None):
         self.lib = ctypes.CDLL(str(lib_path))
         self.lib.resfuse_sim_last_error.restype = ctypes.c_char_p
-        self.max_threads_fwd = max_threads_fwd
-        self.max_threads_bwd = max_threads_bwd
+        out = (ctypes.c_int64 * len(LIMIT_NAMES))()
+        self.lib.resfuse_sim_limits(out, len(LIMIT_NAMES))
+        # the kernels' own numbers (csrc/add_norm_params.h), as cuda_ext.launch_limits() has them
+        self.limits = dict(zip(LIMIT_NAMES, out))
+        self.max_threads_fwd = max_threads_fwd or self.limits["fwd_max_threads"]
+        self.max_threads_bwd = max_threads_bwd or self.limits["bwd_max_threads"]
         self.sms = sms
         self.per_sm = per_sm
-        self.max_cluster = max_cluster
+        self.max_cluster = max_cluster or self.limits["max_cluster_blocks"]
         self.last = {}  # layout of the last call, for the tests
 
     def configured(self, **kw) -> "SimBackend":

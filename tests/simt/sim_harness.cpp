@@ -55,6 +55,11 @@ struct SimTensor {
 
 const char* resfuse_sim_last_error() { return last_error.c_str(); }
 
+// The kernels' launch limits (add_norm_params.h's kLaunchLimits), as cuda_launch_limits has them.
+void resfuse_sim_limits(int64_t* out, int32_t n) {
+  for (int i = 0; i < n && i < resfuse::kLaunchLimitCount; ++i) out[i] = resfuse::kLaunchLimits[i];
+}
+
 // tensors: x, residual, y, h, weight, bias, branch_scale, branch_weight, branch_bias
 // (ptr == nullptr when absent)
 int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, float* mean_x,

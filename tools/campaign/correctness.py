@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import common, plan
 
-FILES = ("tests/test_cuda_gpu.py", "tests/test_gpu.py", "tests/test_add_norm.py",
-         "tests/test_norm_add_norm.py", "tests/test_modules.py")  # in priority order
+FILES = ("tests/test_cuda_gpu.py", "tests/test_gpu.py", "tests/test_matrix.py",
+         "tests/test_modules.py")  # in priority order
 
 
 def _read_lines(path: Path) -> list[dict]:

@@ -91,25 +91,33 @@ class TestRule:
 
 
 CORRECTNESS_RULES = (
-    TestRule("tests/test_cuda_gpu.py", why="the cuda backend on a GPU: odd D 1..65536, "
-             "clusters up to 131072, misaligned / non-contiguous, CUDA graphs, determinism, no "
-             "host sync, opcheck, torch.compile fullgraph; the sandwich layouts alike"),
-    TestRule("tests/test_gpu.py", why="shapes up to 8 x 3 x 131072 on both backends, streams, "
-             "the device guard, determinism with many programs"),
-    TestRule("tests/test_add_norm.py::test_every_flag_combination", "cuda", 1,
-             "every flag combination x dtype on the cuda kernels (nothing to compile)"),
-    TestRule("tests/test_add_norm.py::test_every_flag_combination", "triton", 7,
+    TestRule("tests/test_cuda_gpu.py", why="the cuda backend on a GPU: the cluster layouts, "
+             "misaligned inputs bitwise, agreement with Triton, streams, CUDA graphs, no host "
+             "sync, determinism, opcheck, torch.compile fullgraph; the sandwich layouts alike"),
+    TestRule("tests/test_gpu.py", why="both kernel backends: streams, graphs, the device guard, "
+             "determinism with many programs"),
+    TestRule("tests/test_matrix.py::test_every_flag_combination", "cuda", 1,
+             "every flag combination x dtype of every op on the cuda kernels (nothing to compile)"),
+    TestRule("tests/test_matrix.py::test_every_flag_combination", "triton", 7,
              "a seventh of that matrix on Triton (each one a compile)"),
-    TestRule("tests/test_add_norm.py::test_shapes", "cuda", 2, "odd D, leading dims"),
-    TestRule("tests/test_add_norm.py::test_shapes", "triton", 4, "odd D, leading dims"),
-    TestRule("tests/test_add_norm.py::test_long_rows", "cuda", why="streamed rows 9000-65529"),
-    TestRule("tests/test_add_norm.py::test_long_rows", "triton", why="streamed rows 9000-65529"),
-    TestRule("tests/test_add_norm.py::test_non_contiguous", "cuda", why="strided layouts"),
-    TestRule("tests/test_add_norm.py::test_non_contiguous", "triton", 2, "strided layouts"),
-    TestRule("tests/test_add_norm.py::test_mixed_dtypes", "cuda", why="fp32 streams, out_dtype"),
-    TestRule("tests/test_add_norm.py::test_mixed_dtypes", "triton", why="fp32 streams, out_dtype"),
-    TestRule("tests/test_norm_add_norm.py", "cuda", 2, "the sandwich layouts on cuda"),
-    TestRule("tests/test_norm_add_norm.py", "triton", 6, "the sandwich layouts on Triton"),
+    TestRule("tests/test_matrix.py::test_flag_combinations_one_row_per_program", "cuda", 2),
+    TestRule("tests/test_matrix.py::test_shapes", "cuda", 2, "odd D, leading dims"),
+    TestRule("tests/test_matrix.py::test_shapes", "triton", 4, "odd D, leading dims"),
+    TestRule("tests/test_matrix.py::test_long_rows", "cuda", why="past each crossover"),
+    TestRule("tests/test_matrix.py::test_long_rows", "triton", why="past each crossover"),
+    TestRule("tests/test_matrix.py::test_non_contiguous", "cuda", why="strided layouts"),
+    TestRule("tests/test_matrix.py::test_non_contiguous", "triton", 2, "strided layouts"),
+    TestRule("tests/test_matrix.py::test_mixed_dtypes", "cuda", why="fp32 streams, out_dtype"),
+    TestRule("tests/test_matrix.py::test_mixed_dtypes", "triton", why="fp32 streams, out_dtype"),
+    TestRule("tests/test_matrix.py::test_backward_is_deterministic", "cuda"),
+    TestRule("tests/test_matrix.py::test_backward_is_deterministic", "triton"),
+    TestRule("tests/test_matrix.py::test_boundary_sizes_on_gpu", why="each crossover and the "
+             "next size, both kernel backends"),
+    TestRule("tests/test_matrix.py::test_rows_spanning_clusters_on_gpu", why="D up to 131072: "
+             "the cluster and streamed paths"),
+    TestRule("tests/test_matrix.py::test_many_rows_on_gpu"),
+    TestRule("tests/test_matrix.py::test_non_contiguous_on_gpu"),
+    TestRule("tests/test_matrix.py::test_large_shapes_on_gpu", every=2),
     TestRule("tests/test_modules.py", "cuda", why="the drop-in modules on cuda"),
 )
 CORRECTNESS_SHARDS = 12

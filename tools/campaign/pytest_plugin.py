@@ -43,8 +43,12 @@ def rule_matches(rule: plan.TestRule, item) -> bool:
 
 
 def _backend(item):
+    """The backend a test runs on: its ``backend`` (or, for the GPU-only sizes,
+    ``kernel_backend``) parameter."""
     callspec = getattr(item, "callspec", None)
-    return callspec.params.get("backend") if callspec is not None else None
+    if callspec is None:
+        return None
+    return callspec.params.get("backend", callspec.params.get("kernel_backend"))
 
 
 def select(items, rules=plan.CORRECTNESS_RULES, limit: int = 0):

@@ -1,6 +1,6 @@
 """Phase 7, report: from results.json (the bandwidth and model phases'), the benchmark report
 (report.md and its PNG plots, benchmarks/report.py) and auto's table (auto_table.json,
-benchmarks/auto_table.py: per op, dtype, direction and hidden size the faster of
+benchmarks/build_auto_table.py: per op, dtype, direction and hidden size the faster of
 resfuse-cuda and resfuse-triton). auto_table.json is always written: without both backends
 measured (a CPU rehearsal, a GPU whose extension failed) it has no entries and says why.
 `make gpu-campaign-import` installs a table with entries into resfuse/auto_tables/."""
@@ -11,7 +11,7 @@ from . import common, summary
 
 
 def run(ctx: common.Context) -> dict:
-    from benchmarks import auto_table, report
+    from benchmarks import build_auto_table, report
 
     results_path = ctx.run_dir / report.JSON_NAME
     if not results_path.exists():
@@ -24,7 +24,7 @@ def run(ctx: common.Context) -> dict:
         return {"status": "failed", "summary": "no results.json to report on"}
     results = report.read_json(results_path)
     written = report.write_all(results, ctx.run_dir)
-    table = auto_table.build(results)
+    table = build_auto_table.build(results)
     if table is None:
         table = {"format": 1, "device": results["meta"].get("device"),
                  "slug": results["meta"].get("slug"), "entries": [],
