@@ -50,7 +50,7 @@ bench: $(VENV)/.installed
 .PHONY: auto-table
 auto-table: $(VENV)/.installed
 	@test -n "$(RESULTS)" || { echo "usage: make auto-table RESULTS=benchmarks/results/<gpu>/results.json"; exit 2; }
-	$(PY) -m benchmarks.auto_table $(RESULTS)
+	$(PY) -m benchmarks.build_auto_table $(RESULTS)
 
 # wheel (cp310-abi3: any CPython >= 3.10, torch >= 2.10 with the same CUDA major) and sdist
 wheel: $(VENV)/.installed

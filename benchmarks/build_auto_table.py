@@ -1,7 +1,7 @@
 """The table ``backend="auto"`` chooses by (``resfuse.auto_table``), from a GPU benchmark run.
 
-    python -m benchmarks.auto_table benchmarks/results/<gpu>/results.json   # into the package
-    python -m benchmarks.auto_table RESULTS_JSON -o table.json
+    python -m benchmarks.build_auto_table benchmarks/results/<gpu>/results.json   # into the package
+    python -m benchmarks.build_auto_table RESULTS_JSON -o table.json
 
 For each (op, dtype, direction, hidden) where both ``resfuse-cuda`` and ``resfuse-triton``
 have error-free records, the faster of the two: the one with the smaller sum of median times
@@ -76,7 +76,7 @@ def write(table: dict, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.auto_table",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.build_auto_table",
                                 description="Write the table backend='auto' chooses by from a "
                                             "GPU benchmark run's results.json.")
     p.add_argument("results", type=Path, help="benchmarks/results/<gpu>/results.json")

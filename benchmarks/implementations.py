@@ -302,7 +302,6 @@ IMPLEMENTATIONS = (
 )
 
 BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
-RESFUSE = tuple(i.name for i in IMPLEMENTATIONS if i.family == "resfuse")
 
 
 def select(names: Optional[list[str]] = None) -> list[Implementation]:

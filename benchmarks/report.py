@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
-from . import auto_table
+from . import build_auto_table
 from .implementations import BY_NAME
 from .kernels import TARGET_HIDDEN, TARGET_MIN_ELEMENTS, TARGETS, in_target_range
 from .traffic import DIRECTIONS, OPS, SPECS, full_tensors_moved, tensors_moved
@@ -228,7 +228,7 @@ def _auto_choice(table: Optional[dict]) -> list[str]:
             for e in table["entries"]]
     return ["## auto's choice", "",
             f"Where both `resfuse-cuda` and `resfuse-triton` were measured, `{AUTO_TABLE_NAME}` "
-            "(next to this report) records the faster: " + auto_table.AGGREGATE + " (the sums "
+            "(next to this report) records the faster: " + build_auto_table.AGGREGATE + " (the sums "
             "below). "
             "`make auto-table RESULTS=<this folder>/results.json` installs it into the package, "
             "and `backend=\"auto\"` then picks per op, dtype and direction at the nearest "
@@ -395,7 +395,7 @@ def _problems(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     parts = (_header(results) + _how_to_read(results) + _ops(results) + _implementations(results)
-             + _targets(results) + _auto_choice(auto_table.build(results))
+             + _targets(results) + _auto_choice(build_auto_table.build(results))
              + _patched_models_section(results) + _transformer_sections(results)
              + _latency_section(results) + _kernel_sections(results)
              + _plots(results) + _problems(results))
@@ -421,8 +421,8 @@ def write_all(results: dict, out_dir: os.PathLike) -> dict[str, Path]:
         results["plots"] = []
         results["meta"]["plots_skipped"] = f"{e} (pip install matplotlib)"
     written["json"] = write_json(results, out_dir / JSON_NAME)
-    table = auto_table.build(results)
+    table = build_auto_table.build(results)
     if table is not None:  # both resfuse-cuda and resfuse-triton were measured: a GPU run
-        written["auto_table"] = auto_table.write(table, out_dir / AUTO_TABLE_NAME)
+        written["auto_table"] = build_auto_table.write(table, out_dir / AUTO_TABLE_NAME)
     written["report"] = write_markdown(results, out_dir / REPORT_NAME)
     return written

@@ -117,19 +117,6 @@ def spec(op: str) -> Op:
     return SPECS[op]
 
 
-def has_residual(op: str) -> bool:
-    return spec(op).residual
-
-
-def has_bias(op: str) -> bool:
-    """LayerNorm ops: their norms carry a bias."""
-    return spec(op).norm == "layer"
-
-
-def has_branch_norm(op: str) -> bool:
-    return spec(op).branch_norm
-
-
 def _check(op: str, direction: str) -> None:
     spec(op)
     if direction not in DIRECTIONS:

@@ -2,7 +2,7 @@
 
 One table per GPU model, ``resfuse/auto_tables/<slug>.json`` (``slug`` of the device name,
 as the benchmarks name ``benchmarks/results/<slug>/``), written from a benchmark run by
-``python -m benchmarks.auto_table RESULTS_JSON`` (``make auto-table``)::
+``python -m benchmarks.build_auto_table RESULTS_JSON`` (``make auto-table``)::
 
     {"format": 1, "device": "NVIDIA H100 80GB HBM3", "slug": "nvidia-h100-80gb-hbm3",
      "source": {"date", "command", "torch", "triton", "resfuse"},   # the run's

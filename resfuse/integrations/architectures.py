@@ -4,7 +4,7 @@ Keys are ``"module:qualname"`` (nothing here imports transformers or timm); a mo
 matches an entry when its class is exactly that class. Adding an architecture = adding its
 entries here (a ``Norm`` for its norm class, a ``Chain`` / ``PostNorm`` for the layer whose adds
 fuse, a ``Stack`` for the module that runs the layers), its source digests to ``PINS`` (see
-sources.py), and a tiny model to tests/integrations/models.py.
+sources.py), and a tiny model to tests/integrations/tiny_models.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""benchmarks/auto_table.py: auto's table from a run's results (synthetic GPU results: no
+"""benchmarks/build_auto_table.py: auto's table from a run's results (synthetic GPU results: no
 GPU here, and no measured numbers exist yet), the report's section on it, and the CLI
 writing auto_table.json next to results.json."""
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import auto_table as generator
+from benchmarks import build_auto_table as generator
 from benchmarks import cli, report
 from resfuse import auto_table
 

@@ -151,8 +151,8 @@ def test_markdown_targets_speedups_and_failures():
     text = report.markdown(_gpu_results())
     assert "(CPU run)" not in text and "not GPU numbers" not in text
     targets = text[text.index("## Targets"):text.index("## Kernels")]
-    fwd_row = next(l for l in targets.splitlines() if "| forward |" in l)
-    bwd_row = next(l for l in targets.splitlines() if "| backward |" in l)
+    fwd_row = next(line for line in targets.splitlines() if "| forward |" in line)
+    bwd_row = next(line for line in targets.splitlines() if "| backward |" in line)
     # only the 4096 x 8192 shape is in range: one shape, at 95% and 80%
     assert "| 1 | 95% | 95% | 92% | **met** |" in fwd_row
     assert "| 1 | 80% | 80% | 88% | missed |" in bwd_row
