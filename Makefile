@@ -26,8 +26,22 @@ $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc
 
 install: $(VENV)/.installed
 
+# the linters and formatters (configured in pyproject.toml and .clang-format), checked by
+# `make test`; `make format` applies them
+CXX_SOURCES := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp tests/simt/*.cpp tests/simt/*.h)
+.PHONY: lint format
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
+
 # CPU: the Triton kernels themselves run under the interpreter (tests/conftest.py sets it)
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	RESFUSE_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest tests -q
 ifeq ($(HAVE_NVCC),1)
 	$(MAKE) wheel-check
