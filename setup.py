@@ -23,8 +23,12 @@ DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0"
 # The extension uses PyTorch's stable ABI as of this release: one build serves every
 # torch >= 2.10 with the same CUDA major version (csrc/ops.cpp).
 STABLE_ABI_TARGET = (2, 10)
-SOURCES = ["csrc/ops.cpp", "csrc/add_norm_fwd.cu", "csrc/add_norm_bwd.cu",
-           "csrc/add_norm_bwd_branch_norm.cu"]
+SOURCES = [
+    "csrc/ops.cpp",
+    "csrc/add_norm_fwd.cu",
+    "csrc/add_norm_bwd.cu",
+    "csrc/add_norm_bwd_branch_norm.cu",
+]
 
 
 def _flag(name: str) -> bool:
@@ -37,8 +41,10 @@ FORCE = _flag("RESFUSE_FORCE_CUDA_BUILD")
 def _skip(reason: str):
     if FORCE:
         sys.exit(f"RESFUSE_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {reason}")
-    warnings.warn(f"resfuse: building without the CUDA extension ({reason}); the 'cuda' backend "
-                  "will be unavailable")
+    warnings.warn(
+        f"resfuse: building without the CUDA extension ({reason}); the 'cuda' backend "
+        "will be unavailable"
+    )
     return None
 
 
@@ -56,8 +62,10 @@ def cuda_extension():
         return _skip(f"torch {torch.__version__} is a CPU-only build")
     version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     if version < STABLE_ABI_TARGET:
-        return _skip(f"torch {torch.__version__} predates the stable ABI the extension uses "
-                     f"(torch >= {'.'.join(map(str, STABLE_ABI_TARGET))})")
+        return _skip(
+            f"torch {torch.__version__} predates the stable ABI the extension uses "
+            f"(torch >= {'.'.join(map(str, STABLE_ABI_TARGET))})"
+        )
     home = cpp_extension.CUDA_HOME
     if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
         return _skip("nvcc not found (set CUDA_HOME to a CUDA toolkit)")
@@ -70,22 +78,29 @@ def cuda_extension():
     if os.environ.get("RESFUSE_PTXAS_LOG"):
         nvcc.append("-Xptxas=-v")
     return cpp_extension.CUDAExtension(
-        "resfuse._C", SOURCES,
+        "resfuse._C",
+        SOURCES,
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
-        extra_compile_args={"cxx": common, "nvcc": nvcc}, py_limited_api=True)
+        extra_compile_args={"cxx": common, "nvcc": nvcc},
+        py_limited_api=True,
+    )
 
 
 def _build_info(torch) -> str:
     """resfuse/_cuda_build.json: what the extension is built against, shipped next to it
     (resfuse.cuda_ext.build_info() reads it for its messages)."""
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda,
-            "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
-            "stable_abi_target": ".".join(map(str, STABLE_ABI_TARGET))}
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
+        "stable_abi_target": ".".join(map(str, STABLE_ABI_TARGET)),
+    }
     return json.dumps(info, indent=1) + "\n"
 
 
 def _write_build_info(package_dir: str):
     import torch
+
     with open(os.path.join(package_dir, "_cuda_build.json"), "w") as f:
         f.write(_build_info(torch))
 
@@ -114,8 +129,10 @@ def build_ext_class():
             except Exception as e:  # noqa: BLE001
                 if FORCE:
                     raise
-                warnings.warn(f"resfuse: the CUDA extension failed to build ({e}); installing "
-                              "without it (RESFUSE_FORCE_CUDA_BUILD=1 makes this an error)")
+                warnings.warn(
+                    f"resfuse: the CUDA extension failed to build ({e}); installing "
+                    "without it (RESFUSE_FORCE_CUDA_BUILD=1 makes this an error)"
+                )
                 self.extensions = []
 
         def _build_with_ptxas_log(self):
@@ -154,31 +171,38 @@ if extension is not None:
         _write_build_info(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resfuse"))
     else:  # a wheel: next to the extension in the build tree, not into the sources
         cmdclass["build_py"] = build_py_class()
-    extra = dict(ext_modules=[extension], cmdclass=cmdclass,
-                 options={"bdist_wheel": {"py_limited_api": "cp310"}})
+    extra = dict(
+        ext_modules=[extension],
+        cmdclass=cmdclass,
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )
 
 setup(
     name="resfuse",
     version="0.1.0",
     description="Fused residual add + RMSNorm/LayerNorm GPU kernels (CUDA C++ and Triton), "
-                "forward and backward",
-    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    "forward and backward",
+    long_description=open("README.md", encoding="utf-8").read()
+    if os.path.exists("README.md")
+    else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # triton_kernels/ installs inside the package: a top-level `triton_kernels` module
     # would shadow the Triton project's package of that name.
     packages=["resfuse", "resfuse.triton_kernels", "resfuse.integrations", "resfuse.benchmarks"],
-    package_dir={"resfuse": "resfuse", "resfuse.triton_kernels": "triton_kernels",
-                 # benchmarks/ installs inside the package too (a top-level `benchmarks`
-                 # would be a generic name to squat on); `python -m benchmarks` still works
-                 # from a checkout
-                 "resfuse.benchmarks": "benchmarks"},
+    package_dir={
+        "resfuse": "resfuse",
+        "resfuse.triton_kernels": "triton_kernels",
+        # benchmarks/ installs inside the package too (a top-level `benchmarks`
+        # would be a generic name to squat on); `python -m benchmarks` still works
+        # from a checkout
+        "resfuse.benchmarks": "benchmarks",
+    },
     # backend="auto"'s measured tables, one per GPU model (resfuse/auto_table.py)
     package_data={"resfuse": ["auto_tables/*.json"]},
     # the compiled extension's stable-ABI floor; the pure-Python package runs on older torch
     install_requires=["torch>=2.10" if extension is not None else "torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"],
-                    "bench": ["matplotlib", "tqdm", "pytest-benchmark"]},
+    extras_require={"triton": ["triton>=3.0"], "bench": ["matplotlib", "tqdm", "pytest-benchmark"]},
     entry_points={"console_scripts": ["resfuse-bench = resfuse.benchmarks.cli:main"]},
     **extra,
 )

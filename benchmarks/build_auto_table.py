@@ -27,8 +27,7 @@ from resfuse.spec import family
 from .traffic import OPS, spec
 
 IMPLS = {"resfuse-cuda": "cuda", "resfuse-triton": "triton"}
-AGGREGATE = ("the backend with the smaller sum of median times over the row counts both "
-             "measured")
+AGGREGATE = "the backend with the smaller sum of median times over the row counts both measured"
 
 
 def _ok(rec: dict) -> bool:
@@ -47,25 +46,37 @@ def build(results: dict) -> Optional[dict]:
     entries = []
     order = {op: i for i, op in enumerate(OPS)}
     for (op, dtype, direction, hidden), by_rows in sorted(
-            times.items(), key=lambda kv: (order[kv[0][0]], *kv[0][1:])):
+        times.items(), key=lambda kv: (order[kv[0][0]], *kv[0][1:])
+    ):
         rows = sorted(r for r, t in by_rows.items() if len(t) == len(IMPLS))
         if not rows:
             continue
         total = {b: sum(by_rows[r][b] for r in rows) for b in IMPLS.values()}
         op_spec = spec(op)
-        entries.append({
-            "op": op,
-            "family": family(op_spec.residual, op_spec.branch_norm, op_spec.output_norm),
-            "norm": op_spec.norm, "dtype": dtype, "direction": direction, "hidden": hidden,
-            "backend": min(total, key=lambda b: (total[b], b)),
-            **{f"{b}_ms": round(t, 6) for b, t in total.items()}, "rows": rows})
+        entries.append(
+            {
+                "op": op,
+                "family": family(op_spec.residual, op_spec.branch_norm, op_spec.output_norm),
+                "norm": op_spec.norm,
+                "dtype": dtype,
+                "direction": direction,
+                "hidden": hidden,
+                "backend": min(total, key=lambda b: (total[b], b)),
+                **{f"{b}_ms": round(t, 6) for b, t in total.items()},
+                "rows": rows,
+            }
+        )
     if not entries:
         return None
     meta = results.get("meta", {})
-    return {"format": auto_table.FORMAT, "device": meta.get("device"),
-            "slug": meta.get("slug") or auto_table.slug(meta.get("device", "")),
-            "source": {k: meta.get(k) for k in ("date", "command", "torch", "triton", "resfuse")},
-            "aggregate": AGGREGATE, "entries": entries}
+    return {
+        "format": auto_table.FORMAT,
+        "device": meta.get("device"),
+        "slug": meta.get("slug") or auto_table.slug(meta.get("device", "")),
+        "source": {k: meta.get(k) for k in ("date", "command", "torch", "triton", "resfuse")},
+        "aggregate": AGGREGATE,
+        "entries": entries,
+    }
 
 
 def write(table: dict, path: Path) -> Path:
@@ -76,12 +87,18 @@ def write(table: dict, path: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.build_auto_table",
-                                description="Write the table backend='auto' chooses by from a "
-                                            "GPU benchmark run's results.json.")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.build_auto_table",
+        description="Write the table backend='auto' chooses by from a "
+        "GPU benchmark run's results.json.",
+    )
     p.add_argument("results", type=Path, help="benchmarks/results/<gpu>/results.json")
-    p.add_argument("-o", "--out", type=Path,
-                   help=f"default: the package's {auto_table.TABLE_DIR.name}/<gpu>.json")
+    p.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        help=f"default: the package's {auto_table.TABLE_DIR.name}/<gpu>.json",
+    )
     return p
 
 
@@ -90,8 +107,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
     results = json.loads(args.results.read_text())
     table = build(results)
     if table is None:
-        raise SystemExit(f"{args.results}: no shape with both resfuse-cuda and resfuse-triton "
-                         "measured (a GPU run with the CUDA extension built makes them)")
+        raise SystemExit(
+            f"{args.results}: no shape with both resfuse-cuda and resfuse-triton "
+            "measured (a GPU run with the CUDA extension built makes them)"
+        )
     path = write(table, args.out or auto_table.table_path(table["slug"]))
     print(f"{len(table['entries'])} entries for {table['device']}: {path}")
     return path

@@ -42,32 +42,49 @@ class Preset:
     directions: tuple = DIRECTIONS
     styles: tuple = transformer.STYLES
     max_elements: Optional[int] = 1 << 30  # 2 GiB per bf16 tensor: eager fwd+bwd fits 80 GB
-    impls: Optional[tuple] = None          # None: every implementation
+    impls: Optional[tuple] = None  # None: every implementation
     timer: TimerSettings = field(default_factory=TimerSettings)
 
 
 PRESETS = {
-    "full": Preset("GPU: every op, bf16 and fp16, rows 4K-64K x hidden 768-64K",
-                   dtypes=("bfloat16", "float16"), rows=(4096, 16384, 65536),
-                   hidden=(768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536),
-                   transformer=transformer.GPU_DEFAULT),
-    "quick": Preset("GPU: every op in bf16 at 16K rows, a smaller transformer",
-                    dtypes=("bfloat16",), rows=(16384,), hidden=(1024, 2048, 4096, 8192, 16384),
-                    transformer=transformer.GPU_DEFAULT.with_(layers=4, batch=4)),
+    "full": Preset(
+        "GPU: every op, bf16 and fp16, rows 4K-64K x hidden 768-64K",
+        dtypes=("bfloat16", "float16"),
+        rows=(4096, 16384, 65536),
+        hidden=(768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536),
+        transformer=transformer.GPU_DEFAULT,
+    ),
+    "quick": Preset(
+        "GPU: every op in bf16 at 16K rows, a smaller transformer",
+        dtypes=("bfloat16",),
+        rows=(16384,),
+        hidden=(1024, 2048, 4096, 8192, 16384),
+        transformer=transformer.GPU_DEFAULT.with_(layers=4, batch=4),
+    ),
     # the LayerNorm sandwich is left to the GPU presets: each op adds about a minute on CPU
-    "cpu": Preset("CPU: every op but the LayerNorm sandwich in bf16 at 4K rows x hidden "
-                  "768-2K, a small transformer",
-                  dtypes=("bfloat16",), rows=(4096,), hidden=(768, 1024, 2048),
-                  ops=tuple(op for op in OPS if op != "norm_add_layer_norm"),
-                  transformer=transformer.CPU_DEFAULT,
-                  timer=TimerSettings(cpu_budget_s=0.3, cpu_min_calls=3, cpu_max_calls=20)),
-    "tiny": Preset("seconds, any device: the harness end to end (what the tests run)",
-                   dtypes=("bfloat16",), rows=(64,), hidden=(32, 64),
-                   transformer=transformer.TransformerConfig(hidden=64, layers=2, heads=4,
-                                                             ffn=128, seq=16, batch=2),
-                   impls=("eager-hf", "eager-torch", "resfuse-torch", "resfuse-triton"),
-                   timer=TimerSettings(warmup_ms=1, rep_ms=2, cuda_min_calls=3,
-                                       cpu_budget_s=0.0, cpu_min_calls=2)),
+    "cpu": Preset(
+        "CPU: every op but the LayerNorm sandwich in bf16 at 4K rows x hidden "
+        "768-2K, a small transformer",
+        dtypes=("bfloat16",),
+        rows=(4096,),
+        hidden=(768, 1024, 2048),
+        ops=tuple(op for op in OPS if op != "norm_add_layer_norm"),
+        transformer=transformer.CPU_DEFAULT,
+        timer=TimerSettings(cpu_budget_s=0.3, cpu_min_calls=3, cpu_max_calls=20),
+    ),
+    "tiny": Preset(
+        "seconds, any device: the harness end to end (what the tests run)",
+        dtypes=("bfloat16",),
+        rows=(64,),
+        hidden=(32, 64),
+        transformer=transformer.TransformerConfig(
+            hidden=64, layers=2, heads=4, ffn=128, seq=16, batch=2
+        ),
+        impls=("eager-hf", "eager-torch", "resfuse-torch", "resfuse-triton"),
+        timer=TimerSettings(
+            warmup_ms=1, rep_ms=2, cuda_min_calls=3, cpu_budget_s=0.0, cpu_min_calls=2
+        ),
+    ),
 }
 
 
@@ -87,23 +104,36 @@ def cpu_name() -> str:
 def device_info(device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"label": "GPU", "device": props.name, "slug": slug(props.name),
-                "device_detail": f"{props.multi_processor_count} SMs, "
-                                 f"{props.total_memory / (1 << 30):.0f} GiB, "
-                                 f"sm_{props.major}{props.minor}, CUDA {torch.version.cuda}"}
+        return {
+            "label": "GPU",
+            "device": props.name,
+            "slug": slug(props.name),
+            "device_detail": f"{props.multi_processor_count} SMs, "
+            f"{props.total_memory / (1 << 30):.0f} GiB, "
+            f"sm_{props.major}{props.minor}, CUDA {torch.version.cuda}",
+        }
     name = cpu_name()
-    return {"label": "CPU", "device": f"CPU: {name}", "slug": "cpu-" + slug(name),
-            "device_detail": f"{torch.get_num_threads()} threads"}
+    return {
+        "label": "CPU",
+        "device": f"CPU: {name}",
+        "slug": "cpu-" + slug(name),
+        "device_detail": f"{torch.get_num_threads()} threads",
+    }
 
 
 def versions() -> dict:
     try:
         import triton
+
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "resfuse": resfuse.__version__,
-            "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "resfuse": resfuse.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def default_results_root() -> Path:
@@ -126,8 +156,10 @@ class Progress:
         if enabled:
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=label, unit="run", dynamic_ncols=True,
-                                file=sys.stderr)
+
+                self.bar = tqdm(
+                    total=total, desc=label, unit="run", dynamic_ncols=True, file=sys.stderr
+                )
             except ImportError:
                 pass
 
@@ -144,21 +176,39 @@ class Progress:
 # --------------------------------------------------------------------------- run
 
 
-def new_results(device: torch.device, info: dict, preset_name: str, command: str,
-                impls: list) -> dict:
+def new_results(
+    device: torch.device, info: dict, preset_name: str, command: str, impls: list
+) -> dict:
     """An empty run (report.py's format): what ran where, with which backends and
     implementations; the measurements are added to it."""
     backend_status = resfuse.backends()
     return {
-        "meta": {**info, **versions(), "preset": preset_name, "command": command,
-                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                 "backends": {n: {"available": s.available, "reason": s.reason}
-                              for n, s in backend_status.items()},
-                 "backends_summary": ", ".join(f"{n}: {'yes' if s.available else 'no'}"
-                                               for n, s in backend_status.items() if n != "auto")},
-        "implementations": {i.name: {"family": i.family, "description": i.description,
-                                     "unavailable": i.unavailable(device)} for i in impls},
-        "kernels": [], "transformer": [], "plots": [],
+        "meta": {
+            **info,
+            **versions(),
+            "preset": preset_name,
+            "command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "backends": {
+                n: {"available": s.available, "reason": s.reason} for n, s in backend_status.items()
+            },
+            "backends_summary": ", ".join(
+                f"{n}: {'yes' if s.available else 'no'}"
+                for n, s in backend_status.items()
+                if n != "auto"
+            ),
+        },
+        "implementations": {
+            i.name: {
+                "family": i.family,
+                "description": i.description,
+                "unavailable": i.unavailable(device),
+            }
+            for i in impls
+        },
+        "kernels": [],
+        "transformer": [],
+        "plots": [],
     }
 
 
@@ -166,21 +216,33 @@ def parse_config(base: transformer.TransformerConfig, items: list[str]):
     changes = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in transformer.TransformerConfig.__dataclass_fields__ or key == "style":
-            raise SystemExit(f"--transformer-config takes KEY=VALUE with KEY one of hidden, "
-                             f"layers, heads, ffn, seq, batch, dtype; got {item!r}")
+        if (
+            not sep
+            or key not in transformer.TransformerConfig.__dataclass_fields__
+            or key == "style"
+        ):
+            raise SystemExit(
+                f"--transformer-config takes KEY=VALUE with KEY one of hidden, "
+                f"layers, heads, ffn, seq, batch, dtype; got {item!r}"
+            )
         changes[key] = value if key == "dtype" else int(value)
     return base.with_(**changes)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resfuse-bench", description="Run resfuse's benchmarks "
-                                "(kernels and the reference transformer) and write the report.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="presets:\n" + "\n".join(
-                                    f"  {k:<6} {v.description}" for k, v in PRESETS.items()))
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="auto: full on a GPU, cpu otherwise")
+    p = argparse.ArgumentParser(
+        prog="resfuse-bench",
+        description="Run resfuse's benchmarks "
+        "(kernels and the reference transformer) and write the report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(f"  {k:<6} {v.description}" for k, v in PRESETS.items()),
+    )
+    p.add_argument(
+        "--preset",
+        choices=["auto", *PRESETS],
+        default="auto",
+        help="auto: full on a GPU, cpu otherwise",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--ops", nargs="+", choices=OPS)
     p.add_argument("--dtypes", nargs="+", choices=list(kernels.DTYPES))
@@ -190,18 +252,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", nargs="+", choices=list(implementations.BY_NAME))
     p.add_argument("--max-elements", type=int, help="skip shapes with more rows x hidden")
     p.add_argument("--styles", nargs="+", choices=transformer.STYLES)
-    p.add_argument("--transformer-config", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override the preset's transformer size, e.g. layers=4 seq=1024")
-    p.add_argument("--fused-backend", default="auto", choices=["auto", "cuda", "triton", "torch"],
-                   help="resfuse backend of the transformer's fused variant")
+    p.add_argument(
+        "--transformer-config",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the preset's transformer size, e.g. layers=4 seq=1024",
+    )
+    p.add_argument(
+        "--fused-backend",
+        default="auto",
+        choices=["auto", "cuda", "triton", "torch"],
+        help="resfuse backend of the transformer's fused variant",
+    )
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-transformer", action="store_true")
     p.add_argument("--out", type=Path, help="output folder (default: results/<device>)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the measurements in OUT/results.json and run only the rest")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the measurements in OUT/results.json and run only the rest",
+    )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--report-only", action="store_true",
-                   help="measure nothing: rewrite report.md and the plots from OUT/results.json")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite report.md and the plots from OUT/results.json",
+    )
     return p
 
 
@@ -210,8 +287,9 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset_name = args.preset if args.preset != "auto" else (
-        "full" if device.type == "cuda" else "cpu")
+    preset_name = (
+        args.preset if args.preset != "auto" else ("full" if device.type == "cuda" else "cpu")
+    )
     preset = PRESETS[preset_name]
     info = device_info(device)
     out_dir = args.out or default_results_root() / info["slug"]
@@ -222,15 +300,27 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     impls = implementations.select(list(args.impls or preset.impls or implementations.BY_NAME))
-    cases = [] if args.no_kernels else kernels.plan(
-        args.ops or preset.ops, args.dtypes or preset.dtypes, args.rows or preset.rows,
-        args.hidden or preset.hidden, args.max_elements or preset.max_elements)
+    cases = (
+        []
+        if args.no_kernels
+        else kernels.plan(
+            args.ops or preset.ops,
+            args.dtypes or preset.dtypes,
+            args.rows or preset.rows,
+            args.hidden or preset.hidden,
+            args.max_elements or preset.max_elements,
+        )
+    )
     directions = args.directions or preset.directions
     cfg = parse_config(preset.transformer, args.transformer_config)
     styles = [] if args.no_transformer else list(args.styles or preset.styles)
 
     previous = _previous(out_dir, info) if args.resume else None
-    skip = {kernels.key_of(r) for r in previous["kernels"] if r.get("error") is None} if previous else set()
+    skip = (
+        {kernels.key_of(r) for r in previous["kernels"] if r.get("error") is None}
+        if previous
+        else set()
+    )
     kept = [r for r in previous["kernels"] if kernels.key_of(r) in skip] if previous else []
     done_styles = {t["config"]["style"]: t for t in previous["transformer"]} if previous else {}
 
@@ -240,33 +330,57 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
     command = program + " " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = new_results(device, info, preset_name, command.strip(), impls)
     results["kernels"] = kept
-    n_kernel = sum(1 for c in cases for i in impls for d in directions
-                   if kernels.record_key(c, i.name, d) not in skip)
+    n_kernel = sum(
+        1
+        for c in cases
+        for i in impls
+        for d in directions
+        if kernels.record_key(c, i.name, d) not in skip
+    )
     n_transformer = len(transformer.VARIANTS) * sum(1 for s in styles if s not in done_styles)
-    progress = Progress(n_kernel + n_transformer, f"{info['label']} benchmarks",
-                        enabled=not args.no_progress)
+    progress = Progress(
+        n_kernel + n_transformer, f"{info['label']} benchmarks", enabled=not args.no_progress
+    )
     try:
         # a resumed run goes on comparing with the copy measurements it started with
-        results["copy"] = previous["copy"] if previous else copy_bandwidth(device,
-                                                                           settings=preset.timer)
+        results["copy"] = (
+            previous["copy"] if previous else copy_bandwidth(device, settings=preset.timer)
+        )
 
         def checkpoint(records):
             results["kernels"] = kept + records
             report.write_json(results, out_dir / report.JSON_NAME)
 
         if cases:
-            new = kernels.run(cases, impls, directions, device, results["copy"]["bytes_per_s"],
-                              preset.timer, progress, skip, checkpoint=checkpoint)
+            new = kernels.run(
+                cases,
+                impls,
+                directions,
+                device,
+                results["copy"]["bytes_per_s"],
+                preset.timer,
+                progress,
+                skip,
+                checkpoint=checkpoint,
+            )
             results["kernels"] = kept + new
-            results["copy"] = _best_copy(results["copy"], copy_bandwidth(device, settings=preset.timer))
+            results["copy"] = _best_copy(
+                results["copy"], copy_bandwidth(device, settings=preset.timer)
+            )
             kernels.rescale_to_copy(results["kernels"], results["copy"]["bytes_per_s"])
         for style in styles:
             if style in done_styles:
                 results["transformer"].append(done_styles[style])
                 continue
-            results["transformer"].append(transformer.compare(
-                cfg.with_(style=style), device, transformer.VARIANTS, backend=args.fused_backend,
-                progress=progress))
+            results["transformer"].append(
+                transformer.compare(
+                    cfg.with_(style=style),
+                    device,
+                    transformer.VARIANTS,
+                    backend=args.fused_backend,
+                    progress=progress,
+                )
+            )
             report.write_json(results, out_dir / report.JSON_NAME)
     finally:
         progress.close()
@@ -288,8 +402,10 @@ def _previous(out_dir: Path, info: dict) -> Optional[dict]:
         return None
     previous = report.read_json(path)
     if previous.get("meta", {}).get("device") != info["device"]:
-        raise SystemExit(f"--resume: {path} was measured on {previous['meta'].get('device')}, "
-                         f"not on {info['device']}")
+        raise SystemExit(
+            f"--resume: {path} was measured on {previous['meta'].get('device')}, "
+            f"not on {info['device']}"
+        )
     return previous
 
 
@@ -297,8 +413,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     results, out_dir = run(argv)
     label = results["meta"]["label"]
     print(f"{label} report: {out_dir / report.REPORT_NAME}")
-    bad = [t["config"]["style"] + "/" + v["variant"] for t in results["transformer"]
-           for v in t["variants"] if not v["agrees"]]
+    bad = [
+        t["config"]["style"] + "/" + v["variant"]
+        for t in results["transformer"]
+        for v in t["variants"]
+        if not v["agrees"]
+    ]
     if bad:
         print(f"warning: outside the tolerance of the reference: {', '.join(bad)}")
 

@@ -70,14 +70,19 @@ def measure(iters: int = 2000, D: int = 64, rows: int = 8) -> dict[str, float]:
         with torch.no_grad():
             results["eager call, no grad"] = _time(lambda: resfuse.add_rms_norm(x, r, w), iters)
             results["custom op via dispatcher, no grad"] = _time(
-                lambda: torch.ops.resfuse.add_norm(*op_args), iters)
-        results["eager call + autograd.Function"] = _time(lambda: resfuse.add_rms_norm(x, r, wg), iters)
+                lambda: torch.ops.resfuse.add_norm(*op_args), iters
+            )
+        results["eager call + autograd.Function"] = _time(
+            lambda: resfuse.add_rms_norm(x, r, wg), iters
+        )
         grad_args = (x, r, wg) + op_args[3:]
         results["custom op via dispatcher + autograd"] = _time(
-            lambda: torch.ops.resfuse.add_norm(*grad_args), iters)
+            lambda: torch.ops.resfuse.add_norm(*grad_args), iters
+        )
     with torch.no_grad():
         results["for scale: torch backend doing the math (8x64)"] = _time(
-            lambda: resfuse.add_rms_norm(x, r, w, backend="torch"), iters)
+            lambda: resfuse.add_rms_norm(x, r, w, backend="torch"), iters
+        )
     return results
 
 

@@ -101,13 +101,16 @@ def _add_then_norm(op: str, norm: Callable) -> Callable:
         raise ValueError(f"{op} normalises the branch before the add: see _norm_then_add")
     eps = EPS[norm_kind(op)]
     if spec(op).residual:
+
         def add_norm(x, residual, weight, bias):
             h = residual + x
             return norm(h, weight, bias, eps), h
+
         return add_norm
 
     def plain_norm(x, residual, weight, bias):
         return (norm(x, weight, bias, eps),)
+
     return plain_norm
 
 
@@ -116,13 +119,16 @@ def _norm_then_add(op: str, norm: Callable) -> Callable:
     OLMo2's (``h`` alone), from a norm function."""
     eps = EPS[norm_kind(op)]
     if spec(op).output_norm:
+
         def norm_add_norm(x, residual, weight, bias, branch_weight, branch_bias):
             h = residual + norm(x, branch_weight, branch_bias, eps)
             return norm(h, weight, bias, eps), h
+
         return norm_add_norm
 
     def norm_add(x, residual, weight, bias, branch_weight, branch_bias):
         return (residual + norm(x, branch_weight, branch_bias, eps),)
+
     return norm_add
 
 
@@ -134,6 +140,7 @@ def unfused(op: str, norm: Callable) -> Callable:
 def eager(variant: str) -> Callable[[str], Callable]:
     def make(op: str) -> Callable:
         return unfused(op, NORMS[variant][norm_kind(op)])
+
     return make
 
 
@@ -146,6 +153,7 @@ def compiled(op: str) -> Callable:
         if residual is not None:
             torch._dynamo.mark_dynamic(residual, 0)
         return fn(x, residual, *params)
+
     return run
 
 
@@ -154,10 +162,12 @@ def resfuse_backend(backend: str) -> Callable[[str], Callable]:
         eps, kind = EPS[norm_kind(op)], norm_kind(op)
         if spec(op).branch_norm and spec(op).output_norm:
             return lambda x, r, w, b, wb, bb: resfuse.norm_add_norm(
-                x, r, wb, w, eps, norm=kind, branch_bias=bb, bias=b, backend=backend)
+                x, r, wb, w, eps, norm=kind, branch_bias=bb, bias=b, backend=backend
+            )
         if spec(op).branch_norm:
-            return lambda x, r, w, b, wb, bb: (resfuse.norm_add(
-                x, r, wb, eps, norm=kind, branch_bias=bb, backend=backend),)
+            return lambda x, r, w, b, wb, bb: (
+                resfuse.norm_add(x, r, wb, eps, norm=kind, branch_bias=bb, backend=backend),
+            )
         if op == "add_rms_norm":
             return lambda x, r, w, b: resfuse.add_rms_norm(x, r, w, eps, backend=backend)
         if op == "add_layer_norm":
@@ -165,6 +175,7 @@ def resfuse_backend(backend: str) -> Callable[[str], Callable]:
         if op == "rms_norm":
             return lambda x, r, w, b: (resfuse.rms_norm(x, w, eps, backend=backend),)
         return lambda x, r, w, b: (resfuse.layer_norm(x, w, b, eps, backend=backend),)
+
     return make
 
 
@@ -176,8 +187,9 @@ def _fused_branch_norm(op: str, peer: str, what_it_fuses: str) -> None:
     running its norms one after another would be the eager baselines' pattern, not a fused
     op, so the sandwich ops are not theirs to measure."""
     if spec(op).branch_norm:
-        raise Unsupported(f"{peer} has no fused norm of the branch before the add "
-                          f"({what_it_fuses})")
+        raise Unsupported(
+            f"{peer} has no fused norm of the branch before the add ({what_it_fuses})"
+        )
 
 
 def _liger(op: str) -> Callable:
@@ -187,19 +199,27 @@ def _liger(op: str) -> Callable:
     # buffer between the repeated backward calls of a measurement
     if op == "add_rms_norm":
         from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction as AddRMS
+
         return lambda x, r, w, b: tuple(AddRMS.apply(x, r, w, eps, 0.0, "llama", False))
     if op == "rms_norm":
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction as RMS
+
         return lambda x, r, w, b: (RMS.apply(x, w, eps, 0.0, "llama", False),)
     from liger_kernel.ops.layer_norm import LigerLayerNormFunction as LN
+
     # Liger has no fused add + LayerNorm: add, then its LayerNorm
     return _add_then_norm(op, lambda h, w, b, eps_: LN.apply(h, w, b, eps_))
 
 
 def _flash_attn(op: str) -> Callable:
-    _fused_branch_norm(op, "flash-attn", "layer_norm_fn normalises the residual sum; its x1 / "
-                       "weight1 are a parallel second branch, not a branch norm")
+    _fused_branch_norm(
+        op,
+        "flash-attn",
+        "layer_norm_fn normalises the residual sum; its x1 / "
+        "weight1 are a parallel second branch, not a branch norm",
+    )
     from flash_attn.ops.triton.layer_norm import layer_norm_fn, rms_norm_fn
+
     eps = EPS[norm_kind(op)]
     if op == "add_rms_norm":
         return lambda x, r, w, b: tuple(rms_norm_fn(x, w, None, residual=r, eps=eps, prenorm=True))
@@ -215,6 +235,7 @@ def _quack(op: str) -> Callable:
     if norm_kind(op) == "layer":
         raise Unsupported("quack's LayerNorm has no backward")
     from quack.rmsnorm import rmsnorm
+
     eps = EPS["rms"]
     if op == "add_rms_norm":
         return lambda x, r, w, b: tuple(rmsnorm(x, w, residual=r, eps=eps, prenorm=True))
@@ -223,12 +244,16 @@ def _quack(op: str) -> Callable:
 
 def _apex(op: str) -> Callable:
     _fused_branch_norm(op, "Apex", "it has no fused residual add")
-    from apex.normalization.fused_layer_norm import (fused_layer_norm_affine,
-                                                     fused_rms_norm_affine)
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+
     # Apex has no fused residual add: add, then its norm
     if norm_kind(op) == "rms":
-        return _add_then_norm(op, lambda h, w, b, eps: fused_rms_norm_affine(h, w, h.shape[-1:], eps))
-    return _add_then_norm(op, lambda h, w, b, eps: fused_layer_norm_affine(h, w, b, h.shape[-1:], eps))
+        return _add_then_norm(
+            op, lambda h, w, b, eps: fused_rms_norm_affine(h, w, h.shape[-1:], eps)
+        )
+    return _add_then_norm(
+        op, lambda h, w, b, eps: fused_layer_norm_affine(h, w, b, h.shape[-1:], eps)
+    )
 
 
 # --------------------------------------------------------------------------- registry
@@ -237,9 +262,9 @@ def _apex(op: str) -> Callable:
 @dataclass(frozen=True)
 class Implementation:
     name: str
-    family: str                                   # "baseline" | "resfuse" | "peer"
+    family: str  # "baseline" | "resfuse" | "peer"
     description: str
-    make: Callable[[str], Callable]               # op -> fn; raises Unsupported
+    make: Callable[[str], Callable]  # op -> fn; raises Unsupported
     unavailable: Callable[[torch.device], Optional[str]]  # None when it can run here
 
 
@@ -254,10 +279,13 @@ def _needs_cuda(device: torch.device) -> Optional[str]:
 def _resfuse_unavailable(backend: str) -> Callable[[torch.device], Optional[str]]:
     def unavailable(device: torch.device) -> Optional[str]:
         if device.type != "cuda":
-            return ("GPU kernels: needs a CUDA device (on CPU resfuse runs its PyTorch "
-                    "reference: the resfuse-torch row)")
+            return (
+                "GPU kernels: needs a CUDA device (on CPU resfuse runs its PyTorch "
+                "reference: the resfuse-torch row)"
+            )
         status = resfuse.backends()[backend]
         return None if status.available else status.reason
+
     return unavailable
 
 
@@ -271,34 +299,76 @@ def _peer(module: str) -> Callable[[torch.device], Optional[str]]:
         if importlib.util.find_spec(module) is None:
             return f"not installed (python package {module!r})"
         return _needs_cuda(device)
+
     return unavailable
 
 
 IMPLEMENTATIONS = (
-    Implementation("eager-hf", "baseline", "residual + x, then the norm in fp32 as Hugging Face "
-                   "writes it (LlamaRMSNorm; the same pattern for LayerNorm); the sandwich ops "
-                   "as Gemma2's layer: that norm on the branch, the add, the norm of the sum",
-                   eager("eager-hf"), _always),
-    Implementation("eager-torch", "baseline", "residual + x, then torch's F.rms_norm / "
-                   "F.layer_norm (sandwich ops: one on the branch, the add, one on the sum)",
-                   eager("eager-torch"), _always),
-    Implementation("torch.compile", "baseline", "torch.compile of the eager-hf code",
-                   compiled, _always),
-    Implementation("resfuse-triton", "resfuse", "resfuse, backend='triton'",
-                   resfuse_backend("triton"), _resfuse_unavailable("triton")),
-    Implementation("resfuse-cuda", "resfuse", "resfuse, backend='cuda' (compiled extension)",
-                   resfuse_backend("cuda"), _resfuse_unavailable("cuda")),
-    Implementation("resfuse-torch", "resfuse", "resfuse, backend='torch' (its PyTorch "
-                   "reference: what resfuse runs on CPU tensors)",
-                   resfuse_backend("torch"), _resfuse_torch_unavailable),
-    Implementation("liger", "peer", "Liger-Kernel (fused add + RMSNorm; LayerNorm after a "
-                   "separate add)", _liger, _peer("liger_kernel")),
-    Implementation("flash-attn", "peer", "flash-attn's Triton layer_norm_fn / rms_norm_fn "
-                   "(fused residual)", _flash_attn, _peer("flash_attn")),
-    Implementation("quack", "peer", "quack's rmsnorm (fused residual; RMSNorm only)",
-                   _quack, _peer("quack")),
-    Implementation("apex", "peer", "Apex fused_rms_norm_affine / fused_layer_norm_affine "
-                   "after a separate add", _apex, _peer("apex")),
+    Implementation(
+        "eager-hf",
+        "baseline",
+        "residual + x, then the norm in fp32 as Hugging Face "
+        "writes it (LlamaRMSNorm; the same pattern for LayerNorm); the sandwich ops "
+        "as Gemma2's layer: that norm on the branch, the add, the norm of the sum",
+        eager("eager-hf"),
+        _always,
+    ),
+    Implementation(
+        "eager-torch",
+        "baseline",
+        "residual + x, then torch's F.rms_norm / "
+        "F.layer_norm (sandwich ops: one on the branch, the add, one on the sum)",
+        eager("eager-torch"),
+        _always,
+    ),
+    Implementation(
+        "torch.compile", "baseline", "torch.compile of the eager-hf code", compiled, _always
+    ),
+    Implementation(
+        "resfuse-triton",
+        "resfuse",
+        "resfuse, backend='triton'",
+        resfuse_backend("triton"),
+        _resfuse_unavailable("triton"),
+    ),
+    Implementation(
+        "resfuse-cuda",
+        "resfuse",
+        "resfuse, backend='cuda' (compiled extension)",
+        resfuse_backend("cuda"),
+        _resfuse_unavailable("cuda"),
+    ),
+    Implementation(
+        "resfuse-torch",
+        "resfuse",
+        "resfuse, backend='torch' (its PyTorch reference: what resfuse runs on CPU tensors)",
+        resfuse_backend("torch"),
+        _resfuse_torch_unavailable,
+    ),
+    Implementation(
+        "liger",
+        "peer",
+        "Liger-Kernel (fused add + RMSNorm; LayerNorm after a separate add)",
+        _liger,
+        _peer("liger_kernel"),
+    ),
+    Implementation(
+        "flash-attn",
+        "peer",
+        "flash-attn's Triton layer_norm_fn / rms_norm_fn (fused residual)",
+        _flash_attn,
+        _peer("flash_attn"),
+    ),
+    Implementation(
+        "quack", "peer", "quack's rmsnorm (fused residual; RMSNorm only)", _quack, _peer("quack")
+    ),
+    Implementation(
+        "apex",
+        "peer",
+        "Apex fused_rms_norm_affine / fused_layer_norm_affine after a separate add",
+        _apex,
+        _peer("apex"),
+    ),
 )
 
 BY_NAME = {impl.name: impl for impl in IMPLEMENTATIONS}
@@ -334,20 +404,36 @@ def reference_outputs(op: str, args, grads):
     against. ``args`` in the functions' convention; ``grads``: upstream gradients of the
     outputs, in order."""
     s = spec(op)
-    leaves = {n: t.detach().double().requires_grad_(True) if t is not None else None
-              for n, t in _named(op, args).items()}
+    leaves = {
+        n: t.detach().double().requires_grad_(True) if t is not None else None
+        for n, t in _named(op, args).items()
+    }
     eps = EPS[s.norm]
     if s.branch_norm:
         y, h = reference.norm_add_norm(
-            leaves["x"], leaves["residual"], leaves["branch_weight"], leaves["weight"], eps,
-            norm=s.norm, branch_bias=leaves["branch_bias"], bias=leaves["bias"],
-            compute_dtype=torch.float64)
+            leaves["x"],
+            leaves["residual"],
+            leaves["branch_weight"],
+            leaves["weight"],
+            eps,
+            norm=s.norm,
+            branch_bias=leaves["branch_bias"],
+            bias=leaves["bias"],
+            compute_dtype=torch.float64,
+        )
     else:
-        y, h = reference.add_norm(leaves["x"], leaves["residual"], leaves["weight"],
-                                  leaves["bias"], eps, norm=s.norm, compute_dtype=torch.float64)
+        y, h = reference.add_norm(
+            leaves["x"],
+            leaves["residual"],
+            leaves["weight"],
+            leaves["bias"],
+            eps,
+            norm=s.norm,
+            compute_dtype=torch.float64,
+        )
     outs = tuple({"y": y, "h": h}[o] for o in s.outputs)
     used = [t for t in leaves.values() if t is not None]
-    return outs, torch.autograd.grad(outs, used, [g.double() for g in grads[:len(outs)]])
+    return outs, torch.autograd.grad(outs, used, [g.double() for g in grads[: len(outs)]])
 
 
 def check(op: str, fn: Callable, args, grads) -> Optional[str]:
@@ -361,13 +447,15 @@ def check(op: str, fn: Callable, args, grads) -> Optional[str]:
     expected_outs, expected_grads = reference_outputs(op, args, grads)
     if len(outs) != len(expected_outs):
         return f"returned {len(outs)} outputs, expected {len(expected_outs)}"
-    got_grads = torch.autograd.grad(outs, leaves, grads[:len(outs)], allow_unused=True)
+    got_grads = torch.autograd.grad(outs, leaves, grads[: len(outs)], allow_unused=True)
     # 4 ulps at the tensor's scale: HF-style code rounds twice, weight grads sum many rows
-    tolerance = {torch.float32: 1e-5, torch.float16: 4 * 2.0 ** -11,
-                 torch.bfloat16: 4 * 2.0 ** -8}[named["x"].dtype]
+    tolerance = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}[
+        named["x"].dtype
+    ]
     names = list(spec(op).outputs) + ["d" + n for n, t in named.items() if t is not None]
-    for name, got, want in zip(names, list(outs) + list(got_grads),
-                               list(expected_outs) + list(expected_grads)):
+    for name, got, want in zip(
+        names, list(outs) + list(got_grads), list(expected_outs) + list(expected_grads)
+    ):
         if got is None:
             return f"{name}: no gradient (the input is not used)"
         if got.shape != want.shape:

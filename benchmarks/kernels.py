@@ -34,8 +34,7 @@ TARGET_MIN_ELEMENTS = 1 << 25
 
 
 def in_target_range(rows: int, hidden: int) -> bool:
-    return (TARGET_HIDDEN[0] <= hidden <= TARGET_HIDDEN[1]
-            and rows * hidden >= TARGET_MIN_ELEMENTS)
+    return TARGET_HIDDEN[0] <= hidden <= TARGET_HIDDEN[1] and rows * hidden >= TARGET_MIN_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,13 @@ class KernelCase:
         return (self.op, self.dtype, self.hidden)
 
 
-def plan(ops: Iterable[str], dtypes: Iterable[str], rows: Iterable[int], hidden: Iterable[int],
-         max_elements: Optional[int] = None) -> list[KernelCase]:
+def plan(
+    ops: Iterable[str],
+    dtypes: Iterable[str],
+    rows: Iterable[int],
+    hidden: Iterable[int],
+    max_elements: Optional[int] = None,
+) -> list[KernelCase]:
     """Every combination, largest shapes dropped above ``max_elements``; ordered so that the
     cases sharing compiled code are adjacent."""
     ops, dtypes = list(ops), list(dtypes)
@@ -62,9 +66,14 @@ def plan(ops: Iterable[str], dtypes: Iterable[str], rows: Iterable[int], hidden:
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    return [KernelCase(op, dtype, r, h) for op in ops for dtype in dtypes
-            for h in sorted(set(hidden)) for r in sorted(set(rows))
-            if max_elements is None or r * h <= max_elements]
+    return [
+        KernelCase(op, dtype, r, h)
+        for op in ops
+        for dtype in dtypes
+        for h in sorted(set(hidden))
+        for r in sorted(set(rows))
+        if max_elements is None or r * h <= max_elements
+    ]
 
 
 @dataclass
@@ -93,8 +102,9 @@ class CaseInputs:
         return tuple({"y": self.dy, "h": self.dh}[o] for o in spec(self.op).outputs)[:n_outputs]
 
 
-def make_inputs(op: str, dtype: torch.dtype, rows: int, hidden: int, device: torch.device,
-                seed: int = 0) -> CaseInputs:
+def make_inputs(
+    op: str, dtype: torch.dtype, rows: int, hidden: int, device: torch.device, seed: int = 0
+) -> CaseInputs:
     """Activations of unit scale, weights near 1 and biases near 0, every one its own draw
     (so a swapped weight is caught); all leaves require grad."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -113,13 +123,25 @@ def make_inputs(op: str, dtype: torch.dtype, rows: int, hidden: int, device: tor
     # drawn in this order so that the inputs of the ops without a branch norm are unchanged
     weight, bias = vector("weight", 1.0), vector("bias", 0.0)
     branch_weight, branch_bias = vector("branch_weight", 1.0), vector("branch_bias", 0.0)
-    return CaseInputs(op, x, residual, weight, bias, branch_weight, branch_bias,
-                      randn(rows, hidden), randn(rows, hidden))
+    return CaseInputs(
+        op,
+        x,
+        residual,
+        weight,
+        bias,
+        branch_weight,
+        branch_bias,
+        randn(rows, hidden),
+        randn(rows, hidden),
+    )
 
 
-def timed_call(fn: Callable, inputs: CaseInputs, direction: str) -> tuple[Callable, Optional[Callable]]:
+def timed_call(
+    fn: Callable, inputs: CaseInputs, direction: str
+) -> tuple[Callable, Optional[Callable]]:
     """``(call, setup)``: what ``timing.time_fn`` times for ``direction`` of ``fn``. The
     backward's setup is a fresh forward (untimed), so each timed backward is a first one."""
+
     def forward():
         return fn(*inputs.args)
 
@@ -141,8 +163,11 @@ def _short(e: BaseException) -> str:
 
 
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) if hasattr(torch, "OutOfMemoryError") else (
-        "out of memory" in str(e))
+    return (
+        isinstance(e, torch.OutOfMemoryError)
+        if hasattr(torch, "OutOfMemoryError")
+        else ("out of memory" in str(e))
+    )
 
 
 def _free(device: torch.device) -> None:
@@ -153,12 +178,18 @@ def _free(device: torch.device) -> None:
 CHECK_ROWS = 64  # rows of the correctness check run before an implementation is timed
 
 
-def run(cases: list[KernelCase], impls: list[impls_mod.Implementation],
-        directions: Iterable[str], device: torch.device, copy_bytes_per_s: float,
-        settings: TimerSettings = TimerSettings(), progress: Optional[Callable[[str], None]] = None,
-        skip: Optional[set] = None,
-        checkpoint: Optional[Callable[[list[dict]], None]] = None,
-        stop: Optional[Callable[[], bool]] = None) -> list[dict]:
+def run(
+    cases: list[KernelCase],
+    impls: list[impls_mod.Implementation],
+    directions: Iterable[str],
+    device: torch.device,
+    copy_bytes_per_s: float,
+    settings: TimerSettings = TimerSettings(),
+    progress: Optional[Callable[[str], None]] = None,
+    skip: Optional[set] = None,
+    checkpoint: Optional[Callable[[list[dict]], None]] = None,
+    stop: Optional[Callable[[], bool]] = None,
+) -> list[dict]:
     """Measure every (case, implementation, direction); one record each (see ``record_key``).
     Failures (not supported, wrong results, out of memory) become records with an ``error``
     instead of stopping the run. ``skip``: keys already measured (a resumed run);
@@ -172,8 +203,12 @@ def run(cases: list[KernelCase], impls: list[impls_mod.Implementation],
     fns: dict[str, Callable] = {}
     errors: dict[str, str] = {}
     for case in cases:
-        todo = [(impl, d) for impl in impls for d in directions
-                if record_key(case, impl.name, d) not in skip]
+        todo = [
+            (impl, d)
+            for impl in impls
+            for d in directions
+            if record_key(case, impl.name, d) not in skip
+        ]
         if not todo:
             continue
         if stop is not None and stop():
@@ -191,9 +226,18 @@ def run(cases: list[KernelCase], impls: list[impls_mod.Implementation],
             if stop is not None and stop():
                 break
             nbytes = minimal_bytes(case.op, direction, case.rows, case.hidden, dtype)
-            rec = {**asdict(case), "direction": direction, "impl": impl.name, "bytes": nbytes,
-                   "median_ms": None, "q20_ms": None, "q80_ms": None, "gbps": None,
-                   "frac_copy": None, "error": errors.get(impl.name)}
+            rec = {
+                **asdict(case),
+                "direction": direction,
+                "impl": impl.name,
+                "bytes": nbytes,
+                "median_ms": None,
+                "q20_ms": None,
+                "q80_ms": None,
+                "gbps": None,
+                "frac_copy": None,
+                "error": errors.get(impl.name),
+            }
             if inputs is None:
                 rec["error"] = input_error
             elif rec["error"] is None:
@@ -208,7 +252,9 @@ def run(cases: list[KernelCase], impls: list[impls_mod.Implementation],
                     _free(device)
             records.append(rec)
             if progress:
-                progress(f"{case.op} {case.dtype} {case.rows}x{case.hidden} {impl.name} {direction}")
+                progress(
+                    f"{case.op} {case.dtype} {case.rows}x{case.hidden} {impl.name} {direction}"
+                )
         del inputs
         _free(device)
         if checkpoint:
@@ -260,5 +306,11 @@ def record_key(case: KernelCase, impl: str, direction: str) -> tuple:
 
 
 def key_of(record: dict) -> tuple:
-    return (record["op"], record["dtype"], record["rows"], record["hidden"], record["impl"],
-            record["direction"])
+    return (
+        record["op"],
+        record["dtype"],
+        record["rows"],
+        record["hidden"],
+        record["impl"],
+        record["direction"],
+    )

@@ -21,8 +21,10 @@ MIB = 1 << 20
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -49,8 +51,13 @@ def plot_bandwidth(results: dict, dtype: str, path: Path) -> Path:
     directions = [d for d in DIRECTIONS if any((op, d) in series for op in ops)]
     impls = impl_order(results)
     copy_gbps = results["copy"]["bytes_per_s"] / 1e9
-    fig, axes = plt.subplots(len(ops), len(directions), squeeze=False, sharex=True,
-                             figsize=(4.2 * len(directions), 3.0 * len(ops)))
+    fig, axes = plt.subplots(
+        len(ops),
+        len(directions),
+        squeeze=False,
+        sharex=True,
+        figsize=(4.2 * len(directions), 3.0 * len(ops)),
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for r, op in enumerate(ops):
         for c, direction in enumerate(directions):
@@ -59,12 +66,14 @@ def plot_bandwidth(results: dict, dtype: str, path: Path) -> Path:
                 points = series.get((op, direction), {}).get(impl)
                 if points:
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=impl,
-                            color=colors[k % len(colors)])
+                    ax.plot(
+                        xs, ys, marker="o", ms=3, lw=1.2, label=impl, color=colors[k % len(colors)]
+                    )
             ax.axhline(copy_gbps, color="black", ls="--", lw=1, label="copy bandwidth")
             if direction in TARGETS and results["meta"]["label"] != "CPU":
-                ax.axhline(TARGETS[direction] * copy_gbps, color="gray", ls=":", lw=1,
-                           label="target")
+                ax.axhline(
+                    TARGETS[direction] * copy_gbps, color="gray", ls=":", lw=1, label="target"
+                )
             ax.set_xscale("log", base=2)
             ax.set_title(f"{op} · {direction}", fontsize=9)
             ax.grid(True, alpha=0.3)
@@ -76,11 +85,18 @@ def plot_bandwidth(results: dict, dtype: str, path: Path) -> Path:
     for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)),
-               fontsize=8, frameon=False)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        ncol=min(6, len(handles)),
+        fontsize=8,
+        frameon=False,
+    )
     label = " (CPU run)" if results["meta"]["label"] == "CPU" else ""
-    fig.suptitle(f"{results['meta']['device']}{label}: {dtype}, bandwidth on the minimal bytes",
-                 fontsize=10)
+    fig.suptitle(
+        f"{results['meta']['device']}{label}: {dtype}, bandwidth on the minimal bytes", fontsize=10
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -105,8 +121,14 @@ def plot_activation_memory(results: dict, path: Path) -> Path:
         bars = ax.bar(xs, ys, width, label=variant)
         ax.bar_label(bars, labels=[f"{y:.3g}" for y in ys], fontsize=7)
     ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels([f"{r['config']['style']}\nhidden {r['config']['hidden']}, "
-                        f"{r['config']['batch']}×{r['config']['seq']}" for r in runs], fontsize=8)
+    ax.set_xticklabels(
+        [
+            f"{r['config']['style']}\nhidden {r['config']['hidden']}, "
+            f"{r['config']['batch']}×{r['config']['seq']}"
+            for r in runs
+        ],
+        fontsize=8,
+    )
     ax.set_ylabel("MiB saved for backward per layer")
     dtype = runs[0]["config"]["dtype"] if runs else ""
     ax.set_title(f"Activation memory per layer ({dtype}; exact on any device)", fontsize=10)
@@ -123,9 +145,11 @@ def write_all(results: dict, out_dir: Path) -> dict[str, Path]:
     written = {}
     dtypes = sorted({r["dtype"] for r in results["kernels"] if r.get("gbps")})
     for dtype in dtypes:
-        written[f"bandwidth_{dtype}"] = plot_bandwidth(results, dtype,
-                                                       out_dir / f"bandwidth_{dtype}.png")
+        written[f"bandwidth_{dtype}"] = plot_bandwidth(
+            results, dtype, out_dir / f"bandwidth_{dtype}.png"
+        )
     if results["transformer"]:
-        written["activation_memory"] = plot_activation_memory(results,
-                                                              out_dir / "activation_memory.png")
+        written["activation_memory"] = plot_activation_memory(
+            results, out_dir / "activation_memory.png"
+        )
     return written

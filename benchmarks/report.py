@@ -85,7 +85,9 @@ def _sections(kernels: list[dict]):
     """{(op, direction, dtype): {(rows, hidden): {impl: record}}} in a stable order."""
     out: dict = defaultdict(lambda: defaultdict(dict))
     for rec in kernels:
-        out[(rec["op"], rec["direction"], rec["dtype"])][(rec["rows"], rec["hidden"])][rec["impl"]] = rec
+        out[(rec["op"], rec["direction"], rec["dtype"])][(rec["rows"], rec["hidden"])][
+            rec["impl"]
+        ] = rec
     order = {op: i for i, op in enumerate(OPS)}
     dorder = {d: i for i, d in enumerate(DIRECTIONS)}
     return sorted(out.items(), key=lambda kv: (order[kv[0][0]], kv[0][2], dorder[kv[0][1]]))
@@ -108,22 +110,34 @@ def _header(results: dict) -> list[str]:
     title = f"# resfuse benchmarks: {meta['device']}" + (" (CPU run)" if cpu else "")
     out = [title, ""]
     if cpu:
-        out += ["> **CPU run: these are not GPU numbers.** resfuse's kernels are GPU kernels; on "
-                "CPU tensors resfuse runs its PyTorch reference (the `resfuse-torch` row), and the "
-                "GPU rows are absent. The CPU timings exercise the harness and compare the "
-                "eager and compiled baselines on this machine; the bandwidth targets apply to "
-                "GPUs only. The activation-memory comparison of the reference transformer is "
-                "exact on any device.", ""]
+        out += [
+            "> **CPU run: these are not GPU numbers.** resfuse's kernels are GPU kernels; on "
+            "CPU tensors resfuse runs its PyTorch reference (the `resfuse-torch` row), and the "
+            "GPU rows are absent. The CPU timings exercise the harness and compare the "
+            "eager and compiled baselines on this machine; the bandwidth targets apply to "
+            "GPUs only. The activation-memory comparison of the reference transformer is "
+            "exact on any device.",
+            "",
+        ]
     info = [
-        ["device", meta["device"] + (f" ({meta['device_detail']})" if meta.get("device_detail") else "")],
+        [
+            "device",
+            meta["device"] + (f" ({meta['device_detail']})" if meta.get("device_detail") else ""),
+        ],
         ["date (UTC)", meta["date"]],
-        ["torch / triton / resfuse", f"{meta['torch']} / {meta.get('triton') or 'not installed'} / "
-                                     f"{meta['resfuse']}"],
+        [
+            "torch / triton / resfuse",
+            f"{meta['torch']} / {meta.get('triton') or 'not installed'} / {meta['resfuse']}",
+        ],
         ["python", meta["python"]],
         ["resfuse backends", meta.get("backends_summary", "")],
-        ["copy bandwidth", f"{copy['bytes_per_s'] / 1e9:,.1f} GB/s (`dst.copy_(src)` of "
-                           f"{copy['buffer_bytes'] / MIB:,.0f} MiB, read + write, median; "
-                           + _copy_samples(copy) + ")"],
+        [
+            "copy bandwidth",
+            f"{copy['bytes_per_s'] / 1e9:,.1f} GB/s (`dst.copy_(src)` of "
+            f"{copy['buffer_bytes'] / MIB:,.0f} MiB, read + write, median; "
+            + _copy_samples(copy)
+            + ")",
+        ],
         ["command", f"`{meta['command']}`"],
     ]
     return out + [_table(["", ""], info, "ll"), ""]
@@ -133,31 +147,38 @@ def _copy_samples(copy: dict) -> str:
     samples = copy.get("samples_bytes_per_s")
     if not samples or len(samples) < 2:
         return "measured once"
-    return ("the faster of " + " and ".join(f"{b / 1e9:,.1f}" for b in samples)
-            + " GB/s, before and after the kernels")
+    return (
+        "the faster of "
+        + " and ".join(f"{b / 1e9:,.1f}" for b in samples)
+        + " GB/s, before and after the kernels"
+    )
 
 
 def _how_to_read(results: dict) -> list[str]:
-    return ["## How to read this", "",
-            "* **GB/s** = the minimal bytes the op must move ([`benchmarks/traffic.py`]"
-            "(../../traffic.py): e.g. bf16 add + RMSNorm forward reads x and the residual and "
-            "writes y and h) divided by the median time. **%** = that bandwidth as a fraction "
-            "of the device-to-device copy bandwidth measured in the same run: 100% would be "
-            "a kernel as fast as a copy of the same bytes.",
-            "* **fwd** times the training forward (inputs require grad); **bwd** the backward "
-            "alone (its forward runs untimed before each call), with gradients flowing into "
-            "every output (both y and h of the pre-norm and sandwich ops) and out to every "
-            "input and parameter; **fwd+bwd** both. Every implementation is checked against "
-            "resfuse's float64 reference (outputs and every gradient) before it is timed.",
-            f"* **×{BASELINE}** / **×{COMPILED}**: how many times faster than those baselines "
-            "(their median time over the implementation's).",
-            f"* Targets (GPU): forward ≥ {TARGETS['fwd']:.0%} and backward ≥ {TARGETS['bwd']:.0%}"
-            f" of the copy bandwidth, for hidden {TARGET_HIDDEN[0]:,}–{TARGET_HIDDEN[1]:,} and "
-            f"at least 2^{TARGET_MIN_ELEMENTS.bit_length() - 1} elements.",
-            "* Reference transformer: **saved for backward** is what autograd keeps between "
-            "forward and backward (saved-tensor hooks, each storage once, parameters excluded): "
-            "exact, and the same on any device. **Peak** is `torch.cuda.max_memory_allocated` "
-            "during a step, above what was resident before it (CUDA only).", ""]
+    return [
+        "## How to read this",
+        "",
+        "* **GB/s** = the minimal bytes the op must move ([`benchmarks/traffic.py`]"
+        "(../../traffic.py): e.g. bf16 add + RMSNorm forward reads x and the residual and "
+        "writes y and h) divided by the median time. **%** = that bandwidth as a fraction "
+        "of the device-to-device copy bandwidth measured in the same run: 100% would be "
+        "a kernel as fast as a copy of the same bytes.",
+        "* **fwd** times the training forward (inputs require grad); **bwd** the backward "
+        "alone (its forward runs untimed before each call), with gradients flowing into "
+        "every output (both y and h of the pre-norm and sandwich ops) and out to every "
+        "input and parameter; **fwd+bwd** both. Every implementation is checked against "
+        "resfuse's float64 reference (outputs and every gradient) before it is timed.",
+        f"* **×{BASELINE}** / **×{COMPILED}**: how many times faster than those baselines "
+        "(their median time over the implementation's).",
+        f"* Targets (GPU): forward ≥ {TARGETS['fwd']:.0%} and backward ≥ {TARGETS['bwd']:.0%}"
+        f" of the copy bandwidth, for hidden {TARGET_HIDDEN[0]:,}–{TARGET_HIDDEN[1]:,} and "
+        f"at least 2^{TARGET_MIN_ELEMENTS.bit_length() - 1} elements.",
+        "* Reference transformer: **saved for backward** is what autograd keeps between "
+        "forward and backward (saved-tensor hooks, each storage once, parameters excluded): "
+        "exact, and the same on any device. **Peak** is `torch.cuda.max_memory_allocated` "
+        "during a step, above what was resident before it (CUDA only).",
+        "",
+    ]
 
 
 def _ops(results: dict) -> list[str]:
@@ -168,18 +189,23 @@ def _ops(results: dict) -> list[str]:
         moves = []
         for direction in ("fwd", "bwd"):
             reads, writes = tensors_moved(op, direction)
-            moves.append(f"{', '.join(reads)} → {', '.join(writes)} "
-                         f"({full_tensors_moved(op, direction)})")
+            moves.append(
+                f"{', '.join(reads)} → {', '.join(writes)} ({full_tensors_moved(op, direction)})"
+            )
         rows.append([f"`{op}`", SPECS[op].computes, SPECS[op].layout, *moves])
     if not rows:
         return []
-    return ["## Ops", "",
-            "Norm_b is the branch norm, with its own weight w_b (and bias b_b); w, b are the "
-            "output norm's. Moves: the tensors the minimal traffic counts, read → written, at "
-            "equal dtypes (full tensors in brackets; the rest are vectors of hidden). The add "
-            "ops' dx serves as dresidual too; rms_norm_add's dresidual is dh itself.", "",
-            _table(["op", "computes", "layout", "forward moves", "backward moves"], rows,
-                   "lllll"), ""]
+    return [
+        "## Ops",
+        "",
+        "Norm_b is the branch norm, with its own weight w_b (and bias b_b); w, b are the "
+        "output norm's. Moves: the tensors the minimal traffic counts, read → written, at "
+        "equal dtypes (full tensors in brackets; the rest are vectors of hidden). The add "
+        "ops' dx serves as dresidual too; rms_norm_add's dresidual is dh itself.",
+        "",
+        _table(["op", "computes", "layout", "forward moves", "backward moves"], rows, "lllll"),
+        "",
+    ]
 
 
 def _implementations(results: dict) -> list[str]:
@@ -205,36 +231,90 @@ def _targets(results: dict) -> list[str]:
         for (r, h), recs in shapes.items():
             if in_target_range(r, h):
                 for impl, rec in recs.items():
-                    if _ok(rec) and results["implementations"].get(impl, {}).get("family") == "resfuse":
+                    if (
+                        _ok(rec)
+                        and results["implementations"].get(impl, {}).get("family") == "resfuse"
+                    ):
                         by_impl[impl].append(rec["frac_copy"])
         for impl, fracs in sorted(by_impl.items()):
             fracs.sort()
             met = fracs[0] >= TARGETS[direction]
-            rows.append([op, DIRECTION_NAMES[direction], dtype, f"`{impl}`", str(len(fracs)),
-                         f"{100 * fracs[0]:.0f}%", f"{100 * fracs[len(fracs) // 2]:.0f}%",
-                         f"{100 * TARGETS[direction]:.0f}%", "**met**" if met else "missed"])
+            rows.append(
+                [
+                    op,
+                    DIRECTION_NAMES[direction],
+                    dtype,
+                    f"`{impl}`",
+                    str(len(fracs)),
+                    f"{100 * fracs[0]:.0f}%",
+                    f"{100 * fracs[len(fracs) // 2]:.0f}%",
+                    f"{100 * TARGETS[direction]:.0f}%",
+                    "**met**" if met else "missed",
+                ]
+            )
     if not rows:
         return out + ["No resfuse measurement falls in the target range in this run.", ""]
-    return out + [_table(["op", "direction", "dtype", "implementation", "shapes", "worst",
-                          "median", "target", ""], rows, "llllrrrrl"), ""]
+    return out + [
+        _table(
+            [
+                "op",
+                "direction",
+                "dtype",
+                "implementation",
+                "shapes",
+                "worst",
+                "median",
+                "target",
+                "",
+            ],
+            rows,
+            "llllrrrrl",
+        ),
+        "",
+    ]
 
 
 def _auto_choice(table: Optional[dict]) -> list[str]:
     """Which backend ``backend="auto"`` would pick, from this run's measurements."""
     if table is None:
         return []
-    rows = [[e["op"], e["dtype"], DIRECTION_NAMES[e["direction"]], f"{e['hidden']:,}",
-             f"{e['cuda_ms']:.3f}", f"{e['triton_ms']:.3f}", f"`{e['backend']}`"]
-            for e in table["entries"]]
-    return ["## auto's choice", "",
-            f"Where both `resfuse-cuda` and `resfuse-triton` were measured, `{AUTO_TABLE_NAME}` "
-            "(next to this report) records the faster: " + build_auto_table.AGGREGATE + " (the sums "
-            "below). "
-            "`make auto-table RESULTS=<this folder>/results.json` installs it into the package, "
-            "and `backend=\"auto\"` then picks per op, dtype and direction at the nearest "
-            "measured hidden size.", "",
-            _table(["op", "dtype", "direction", "hidden", "cuda ms (sum)", "triton ms (sum)",
-                    "auto picks"], rows, "lllrrrl"), ""]
+    rows = [
+        [
+            e["op"],
+            e["dtype"],
+            DIRECTION_NAMES[e["direction"]],
+            f"{e['hidden']:,}",
+            f"{e['cuda_ms']:.3f}",
+            f"{e['triton_ms']:.3f}",
+            f"`{e['backend']}`",
+        ]
+        for e in table["entries"]
+    ]
+    return [
+        "## auto's choice",
+        "",
+        f"Where both `resfuse-cuda` and `resfuse-triton` were measured, `{AUTO_TABLE_NAME}` "
+        "(next to this report) records the faster: " + build_auto_table.AGGREGATE + " (the sums "
+        "below). "
+        "`make auto-table RESULTS=<this folder>/results.json` installs it into the package, "
+        'and `backend="auto"` then picks per op, dtype and direction at the nearest '
+        "measured hidden size.",
+        "",
+        _table(
+            [
+                "op",
+                "dtype",
+                "direction",
+                "hidden",
+                "cuda ms (sum)",
+                "triton ms (sum)",
+                "auto picks",
+            ],
+            rows,
+            "lllrrrl",
+        ),
+        "",
+    ]
 
 
 def _kernel_sections(results: dict) -> list[str]:
@@ -243,18 +323,26 @@ def _kernel_sections(results: dict) -> list[str]:
     out = ["## Kernels", ""]
     order = impl_order(results)
     for (op, direction, dtype), shapes in _sections(results["kernels"]):
-        present = [i for i in order if any(_ok(recs.get(i, {"error": 1})) for recs in shapes.values())]
+        present = [
+            i for i in order if any(_ok(recs.get(i, {"error": 1})) for recs in shapes.values())
+        ]
         if not present:
             continue
         tensors = full_tensors_moved(op, direction)
-        out += [f"### {op} · {DIRECTION_NAMES[direction]} · {dtype}", "",
-                f"Minimal traffic: {tensors} full tensors (plus the parameter vectors). "
-                "GB/s (% of copy bandwidth):", ""]
+        out += [
+            f"### {op} · {DIRECTION_NAMES[direction]} · {dtype}",
+            "",
+            f"Minimal traffic: {tensors} full tensors (plus the parameter vectors). "
+            "GB/s (% of copy bandwidth):",
+            "",
+        ]
         rows = []
         for (r, h), recs in sorted(shapes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             nbytes = next(iter(recs.values()))["bytes"]
-            rows.append([_shape(r, h), f"{nbytes / 1e6:,.1f}"]
-                        + [_gbps(recs[i]) if i in recs and _ok(recs[i]) else "—" for i in present])
+            rows.append(
+                [_shape(r, h), f"{nbytes / 1e6:,.1f}"]
+                + [_gbps(recs[i]) if i in recs and _ok(recs[i]) else "—" for i in present]
+            )
         out += [_table(["rows × hidden", "MB"] + [f"`{i}`" for i in present], rows), ""]
 
         fast = [i for i in present if results["implementations"][i]["family"] != "baseline"]
@@ -266,8 +354,10 @@ def _kernel_sections(results: dict) -> list[str]:
             header += [f"`{i}` ms"] + [f"×{b}" for b in base]
         rows = []
         for (r, h), recs in sorted(shapes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+
             def ms(i):
                 return recs[i]["median_ms"] if i in recs and _ok(recs[i]) else None
+
             row = [_shape(r, h)] + [f"{ms(b):.3f}" if ms(b) else "—" for b in base]
             for i in fast:
                 row.append(f"{ms(i):.3f}" if ms(i) else "—")
@@ -280,51 +370,90 @@ def _kernel_sections(results: dict) -> list[str]:
 def _transformer_sections(results: dict) -> list[str]:
     if not results["transformer"]:
         return []
-    out = ["## Reference transformer", "",
-           "One model per style, the same weights and input for every variant; a training step "
-           "is forward + backward (no optimizer). Relative error: 2-norm of the difference "
-           "from the reference's output / gradient over its 2-norm, the worst over the output "
-           "and every gradient; the reference of a 16-bit run is eager-hf on an fp32 copy of "
-           "the same weights, which tells rounding differences from wrong results. Tolerance: "
-           + ", ".join(f"{k} {v:.0e}" for k, v in AGREEMENT_TOLERANCE.items()) + ".", ""]
+    out = [
+        "## Reference transformer",
+        "",
+        "One model per style, the same weights and input for every variant; a training step "
+        "is forward + backward (no optimizer). Relative error: 2-norm of the difference "
+        "from the reference's output / gradient over its 2-norm, the worst over the output "
+        "and every gradient; the reference of a 16-bit run is eager-hf on an fp32 copy of "
+        "the same weights, which tells rounding differences from wrong results. Tolerance: "
+        + ", ".join(f"{k} {v:.0e}" for k, v in AGREEMENT_TOLERANCE.items())
+        + ".",
+        "",
+    ]
     for res in results["transformer"]:
         cfg = res["config"]
-        out += [f"### {cfg['style']}: hidden {cfg['hidden']:,}, {cfg['layers']} layers, "
-                f"{cfg['heads']} heads, ffn {cfg['ffn']:,}, batch {cfg['batch']} × seq "
-                f"{cfg['seq']:,}, {cfg['dtype']} ({res['params'] / 1e6:,.1f}M parameters)", ""]
+        out += [
+            f"### {cfg['style']}: hidden {cfg['hidden']:,}, {cfg['layers']} layers, "
+            f"{cfg['heads']} heads, ffn {cfg['ffn']:,}, batch {cfg['batch']} × seq "
+            f"{cfg['seq']:,}, {cfg['dtype']} ({res['params'] / 1e6:,.1f}M parameters)",
+            "",
+        ]
         rows = []
         for v in res["variants"]:
             step = f"{v['step_median_ms']:,.1f}" if v.get("step_median_ms") is not None else "—"
-            rows.append([f"`{v['variant']}`" + (f" ({v['backend']})" if v["backend"] else ""),
-                         step, _size(v["peak_step_bytes"]), _size(v["saved_bytes"]),
-                         _size(v["saved_bytes_per_layer"]),
-                         "—" if v["variant"] == res["reference"] else
-                         f"{v['max_rel_err']:.1e} ({v['worst']})",
-                         "yes" if v["agrees"] else "**NO**"])
-        out += [_table(["variant", "step ms", "peak", "saved for backward", "per layer",
-                        f"rel. error vs {res['reference']}", "within tolerance"],
-                       rows, "lrrrrll"), ""]
-        outside = [f"`{v['variant']}`" for v in res["variants"]
-                   if not v["agrees"] and v["variant"] != "fused"]
+            rows.append(
+                [
+                    f"`{v['variant']}`" + (f" ({v['backend']})" if v["backend"] else ""),
+                    step,
+                    _size(v["peak_step_bytes"]),
+                    _size(v["saved_bytes"]),
+                    _size(v["saved_bytes_per_layer"]),
+                    "—"
+                    if v["variant"] == res["reference"]
+                    else f"{v['max_rel_err']:.1e} ({v['worst']})",
+                    "yes" if v["agrees"] else "**NO**",
+                ]
+            )
+        out += [
+            _table(
+                [
+                    "variant",
+                    "step ms",
+                    "peak",
+                    "saved for backward",
+                    "per layer",
+                    f"rel. error vs {res['reference']}",
+                    "within tolerance",
+                ],
+                rows,
+                "lrrrrll",
+            ),
+            "",
+        ]
+        outside = [
+            f"`{v['variant']}`"
+            for v in res["variants"]
+            if not v["agrees"] and v["variant"] != "fused"
+        ]
         if outside:
-            out += [f"{', '.join(outside)}: outside the tolerance by its own rounding against the "
-                    "fp32 run (the worst tensor is named above); a baseline is reported as "
-                    "measured.", ""]
+            out += [
+                f"{', '.join(outside)}: outside the tolerance by its own rounding against the "
+                "fp32 run (the worst tensor is named above); a baseline is reported as "
+                "measured.",
+                "",
+            ]
         by = {v["variant"]: v for v in res["variants"]}
         if "eager-hf" in by and "fused" in by:
             measured = by["eager-hf"]["saved_bytes"] - by["fused"]["saved_bytes"]
             expected = res["expected_saving"]
             verdict = "as expected" if measured == expected else "**differs from the expectation**"
             share = measured / by["eager-hf"]["saved_bytes"] if by["eager-hf"]["saved_bytes"] else 0
-            out += [f"Fused saves {_size(measured)} ({share:.0%}) fewer for the backward "
-                    f"than eager-hf; expected {_size(expected)} (4 bytes per element per "
-                    f"norm{', plus 4 per row' if cfg['style'] == 'llama' else ''}, "
-                    f"`transformer.expected_saving`): {verdict}.", ""]
+            out += [
+                f"Fused saves {_size(measured)} ({share:.0%}) fewer for the backward "
+                f"than eager-hf; expected {_size(expected)} (4 bytes per element per "
+                f"norm{', plus 4 per row' if cfg['style'] == 'llama' else ''}, "
+                f"`transformer.expected_saving`): {verdict}.",
+                "",
+            ]
             if "step_median_ms" in by["fused"] and by["eager-hf"].get("step_median_ms"):
-                out += [f"Step time: fused {by['fused']['step_median_ms']:,.1f} ms vs eager-hf "
-                        f"{by['eager-hf']['step_median_ms']:,.1f} ms "
-                        f"(×{by['eager-hf']['step_median_ms'] / by['fused']['step_median_ms']:.2f}).",
-                        ""]
+                out += [
+                    f"Step time: fused {by['fused']['step_median_ms']:,.1f} ms vs eager-hf "
+                    f"{by['eager-hf']['step_median_ms']:,.1f} ms "
+                    f"(×{by['eager-hf']['step_median_ms'] / by['fused']['step_median_ms']:.2f}).",
+                    "",
+                ]
     return out
 
 
@@ -336,16 +465,23 @@ def _latency_section(results: dict) -> list[str]:
         return []
     rows = []
     for rec in lat["records"]:
+
         def us(key):
             return f"{rec[key]:,.1f}" if rec.get(key) is not None else "—"
+
         note = rec.get("error") or rec.get("graph_note") or ""
         rows.append([f"`{rec['impl']}`", us("eager_us"), us("graph_us"), note.replace("|", "\\|")])
-    return ["## Small-batch latency", "",
-            f"`{lat['op']}` of {lat['rows']:,} × {lat['hidden']:,} {lat['dtype']} without "
-            f"autograd: microseconds per call, {lat['calls']} calls back to back from Python "
-            "(launch overhead and host work included), and replayed from a CUDA graph of 20 "
-            "calls (the GPU's time per call).", "",
-            _table(["implementation", "eager µs", "CUDA graph µs", "note"], rows, "lrrl"), ""]
+    return [
+        "## Small-batch latency",
+        "",
+        f"`{lat['op']}` of {lat['rows']:,} × {lat['hidden']:,} {lat['dtype']} without "
+        f"autograd: microseconds per call, {lat['calls']} calls back to back from Python "
+        "(launch overhead and host work included), and replayed from a CUDA graph of 20 "
+        "calls (the GPU's time per call).",
+        "",
+        _table(["implementation", "eager µs", "CUDA graph µs", "note"], rows, "lrrl"),
+        "",
+    ]
 
 
 def _patched_models_section(results: dict) -> list[str]:
@@ -355,23 +491,51 @@ def _patched_models_section(results: dict) -> list[str]:
     out = []
     for m in models:
         cfg = m["config"]
-        out += [f"## resfuse.patch on {m['model']} (transformers {m['transformers']})", "",
-                f"hidden {cfg['hidden_size']:,}, {cfg['num_hidden_layers']} layers, "
-                f"{cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV), ffn "
-                f"{cfg['intermediate_size']:,}; batch {m['batch']} × seq {m['seq']:,}, "
-                f"{m['dtype']}, {m['params'] / 1e6:,.1f}M parameters, random weights. "
-                "Relative error: against the unpatched model on the same weights and input, "
-                "the worst over the output and every parameter gradient.", ""]
+        out += [
+            f"## resfuse.patch on {m['model']} (transformers {m['transformers']})",
+            "",
+            f"hidden {cfg['hidden_size']:,}, {cfg['num_hidden_layers']} layers, "
+            f"{cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV), ffn "
+            f"{cfg['intermediate_size']:,}; batch {m['batch']} × seq {m['seq']:,}, "
+            f"{m['dtype']}, {m['params'] / 1e6:,.1f}M parameters, random weights. "
+            "Relative error: against the unpatched model on the same weights and input, "
+            "the worst over the output and every parameter gradient.",
+            "",
+        ]
         rows = []
         for v in m["variants"]:
+
             def ms(key):
                 return f"{v[key]:,.1f}" if v.get(key) is not None else "—"
+
             err = f"{v['max_rel_err']:.1e} ({v['worst']})" if "max_rel_err" in v else "—"
-            rows.append([f"`{v['variant']}`", ms("fwd_bwd_ms"), ms("step_ms"),
-                         _size(v.get("peak_step_bytes")), _size(v.get("saved_bytes")), err,
-                         v.get("error") or ("yes" if v.get("agrees", True) else "**NO**")])
-        out += [_table(["variant", "fwd+bwd ms", "step ms (AdamW)", "peak", "saved for backward",
-                        "rel. error vs unpatched", "agrees"], rows, "lrrrrll"), ""]
+            rows.append(
+                [
+                    f"`{v['variant']}`",
+                    ms("fwd_bwd_ms"),
+                    ms("step_ms"),
+                    _size(v.get("peak_step_bytes")),
+                    _size(v.get("saved_bytes")),
+                    err,
+                    v.get("error") or ("yes" if v.get("agrees", True) else "**NO**"),
+                ]
+            )
+        out += [
+            _table(
+                [
+                    "variant",
+                    "fwd+bwd ms",
+                    "step ms (AdamW)",
+                    "peak",
+                    "saved for backward",
+                    "rel. error vs unpatched",
+                    "agrees",
+                ],
+                rows,
+                "lrrrrll",
+            ),
+            "",
+        ]
     return out
 
 
@@ -385,20 +549,34 @@ def _plots(results: dict) -> list[str]:
 def _problems(results: dict) -> list[str]:
     """Every failure, once per (implementation, reason): unavailable implementations are in
     the implementations table instead."""
-    seen = Counter((r["impl"], r["error"]) for r in results["kernels"]
-                   if r.get("error") and not r["error"].startswith("unavailable"))
+    seen = Counter(
+        (r["impl"], r["error"])
+        for r in results["kernels"]
+        if r.get("error") and not r["error"].startswith("unavailable")
+    )
     if not seen:
         return []
-    rows = [[f"`{impl}`", err.replace("|", "\\|"), str(n)] for (impl, err), n in sorted(seen.items())]
+    rows = [
+        [f"`{impl}`", err.replace("|", "\\|"), str(n)] for (impl, err), n in sorted(seen.items())
+    ]
     return ["## Not measured", "", _table(["implementation", "reason", "records"], rows, "llr"), ""]
 
 
 def markdown(results: dict) -> str:
-    parts = (_header(results) + _how_to_read(results) + _ops(results) + _implementations(results)
-             + _targets(results) + _auto_choice(build_auto_table.build(results))
-             + _patched_models_section(results) + _transformer_sections(results)
-             + _latency_section(results) + _kernel_sections(results)
-             + _plots(results) + _problems(results))
+    parts = (
+        _header(results)
+        + _how_to_read(results)
+        + _ops(results)
+        + _implementations(results)
+        + _targets(results)
+        + _auto_choice(build_auto_table.build(results))
+        + _patched_models_section(results)
+        + _transformer_sections(results)
+        + _latency_section(results)
+        + _kernel_sections(results)
+        + _plots(results)
+        + _problems(results)
+    )
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -411,6 +589,7 @@ def write_markdown(results: dict, path: os.PathLike) -> Path:
 def write_all(results: dict, out_dir: os.PathLike) -> dict[str, Path]:
     """results.json, the plots (when matplotlib is installed) and report.md in ``out_dir``."""
     from . import plots
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}

@@ -55,10 +55,12 @@ def test_kernel(benchmark, op, direction, dtype, shape, impl):
     if setup is None:
         benchmark.pedantic(target, rounds=50, warmup_rounds=5)
     else:
+
         def untimed_forward():
             outs = setup()
             torch.cuda.synchronize()  # the forward's kernels must not land in the timed call
             return (outs,), {}
+
         benchmark.pedantic(target, setup=untimed_forward, rounds=30, warmup_rounds=3)
     nbytes = minimal_bytes(op, direction, rows, hidden, kernels.DTYPES[dtype])
     benchmark.extra_info["bytes"] = nbytes

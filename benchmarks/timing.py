@@ -35,14 +35,19 @@ class Timing:
     calls: int
 
     def as_dict(self) -> dict:
-        return {"median_ms": self.median_s * 1e3, "q20_ms": self.q20_s * 1e3,
-                "q80_ms": self.q80_s * 1e3, "calls": self.calls}
+        return {
+            "median_ms": self.median_s * 1e3,
+            "q20_ms": self.q20_s * 1e3,
+            "q80_ms": self.q80_s * 1e3,
+            "calls": self.calls,
+        }
 
 
 @dataclass(frozen=True)
 class TimerSettings:
     """CUDA: warm-up and measurement windows (ms) and bounds on the timed calls. CPU: the
     time budget per measurement and the bounds on the timed calls."""
+
     warmup_ms: float = 10.0
     rep_ms: float = 50.0
     cuda_min_calls: int = 10
@@ -60,12 +65,14 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 def _summary(samples: list[float]) -> Timing:
     samples = sorted(samples)
-    return Timing(statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8),
-                  len(samples))
+    return Timing(
+        statistics.median(samples), _quantile(samples, 0.2), _quantile(samples, 0.8), len(samples)
+    )
 
 
-def time_cpu(fn: Callable, settings: TimerSettings = TimerSettings(),
-             setup: Optional[Callable] = None) -> Timing:
+def time_cpu(
+    fn: Callable, settings: TimerSettings = TimerSettings(), setup: Optional[Callable] = None
+) -> Timing:
     def once() -> float:
         arg = setup() if setup is not None else None
         t0 = time.perf_counter()
@@ -75,15 +82,17 @@ def time_cpu(fn: Callable, settings: TimerSettings = TimerSettings(),
     once()  # warm-up: allocator, lazy initialisation, compiled code loading
     samples: list[float] = []
     start = time.perf_counter()
-    while (len(samples) < settings.cpu_min_calls
-           or (len(samples) < settings.cpu_max_calls
-               and time.perf_counter() - start < settings.cpu_budget_s)):
+    while len(samples) < settings.cpu_min_calls or (
+        len(samples) < settings.cpu_max_calls
+        and time.perf_counter() - start < settings.cpu_budget_s
+    ):
         samples.append(once())
     return _summary(samples)
 
 
-def time_cuda(fn: Callable, settings: TimerSettings = TimerSettings(),
-              setup: Optional[Callable] = None) -> Timing:
+def time_cuda(
+    fn: Callable, settings: TimerSettings = TimerSettings(), setup: Optional[Callable] = None
+) -> Timing:
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
 
     def run(n: int) -> list[float]:
@@ -107,8 +116,12 @@ def time_cuda(fn: Callable, settings: TimerSettings = TimerSettings(),
     return _summary(run(n))
 
 
-def time_fn(fn: Callable, device: torch.device, settings: TimerSettings = TimerSettings(),
-            setup: Optional[Callable] = None) -> Timing:
+def time_fn(
+    fn: Callable,
+    device: torch.device,
+    settings: TimerSettings = TimerSettings(),
+    setup: Optional[Callable] = None,
+) -> Timing:
     """Time ``fn()``, or ``fn(setup())`` with ``setup`` untimed, on ``device``."""
     if device.type == "cuda":
         return time_cuda(fn, settings, setup)
@@ -120,8 +133,9 @@ def default_copy_buffer_bytes(device: torch.device) -> int:
     return (1 << 30) if device.type == "cuda" else (256 << 20)
 
 
-def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None,
-                   settings: TimerSettings = TimerSettings()) -> dict:
+def copy_bandwidth(
+    device: torch.device, nbytes: Optional[int] = None, settings: TimerSettings = TimerSettings()
+) -> dict:
     """Device-to-device copy (``dst.copy_(src)``) of a large buffer: bytes read + written
     per second. The ceiling a memory-bound kernel is judged against, measured in the run."""
     nbytes = nbytes or default_copy_buffer_bytes(device)
@@ -129,5 +143,8 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None,
     dst = torch.empty_like(src)
     timing = time_fn(lambda: dst.copy_(src), device, settings)
     moved = 2 * src.numel() * src.element_size()
-    return {"bytes_per_s": moved / timing.median_s, "buffer_bytes": nbytes,
-            "median_ms": timing.median_s * 1e3}
+    return {
+        "bytes_per_s": moved / timing.median_s,
+        "buffer_bytes": nbytes,
+        "median_ms": timing.median_s * 1e3,
+    }

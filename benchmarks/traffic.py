@@ -65,13 +65,14 @@ import torch
 @dataclass(frozen=True)
 class Op:
     """What a benchmarked op computes: ``h = residual + [Norm_b](x)``, ``y = Norm(h)``."""
+
     name: str
-    norm: str          # "rms" | "layer": both norms of an op are of one kind
-    residual: bool     # a residual stream is added: h is an output
+    norm: str  # "rms" | "layer": both norms of an op are of one kind
+    residual: bool  # a residual stream is added: h is an output
     branch_norm: bool  # x is normalised (w_b, b_b) before the add: the sandwich ops
     output_norm: bool  # the sum (or x) is normalised (w, b): y is an output
-    computes: str      # for the report
-    layout: str        # where models use it
+    computes: str  # for the report
+    layout: str  # where models use it
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -89,24 +90,63 @@ class Op:
         """The arguments that are not None, besides x and residual."""
         layer = self.norm == "layer"
         out = ("weight",) + (("bias",) if layer else ()) if self.output_norm else ()
-        return out + (("branch_weight",) + (("branch_bias",) if layer else ())
-                      if self.branch_norm else ())
+        return out + (
+            ("branch_weight",) + (("branch_bias",) if layer else ()) if self.branch_norm else ()
+        )
 
 
-SPECS = {op.name: op for op in (
-    Op("add_rms_norm", "rms", True, False, True,
-       "h = residual + x; y = RMSNorm(h)", "pre-norm (Llama, Mistral, Qwen)"),
-    Op("add_layer_norm", "layer", True, False, True,
-       "h = residual + x; y = LayerNorm(h)", "pre-norm (GPT-2, ViT)"),
-    Op("norm_add_rms_norm", "rms", True, True, True,
-       "h = residual + RMSNorm_b(x); y = RMSNorm(h)", "sandwich (Gemma2/3)"),
-    Op("norm_add_layer_norm", "layer", True, True, True,
-       "h = residual + LayerNorm_b(x); y = LayerNorm(h)", "sandwich (Peri-LN)"),
-    Op("rms_norm_add", "rms", True, True, False,
-       "h = residual + RMSNorm_b(x)", "reordered norm (OLMo2)"),
-    Op("rms_norm", "rms", False, False, True, "y = RMSNorm(x)", "a norm alone"),
-    Op("layer_norm", "layer", False, False, True, "y = LayerNorm(x)", "a norm alone"),
-)}
+SPECS = {
+    op.name: op
+    for op in (
+        Op(
+            "add_rms_norm",
+            "rms",
+            True,
+            False,
+            True,
+            "h = residual + x; y = RMSNorm(h)",
+            "pre-norm (Llama, Mistral, Qwen)",
+        ),
+        Op(
+            "add_layer_norm",
+            "layer",
+            True,
+            False,
+            True,
+            "h = residual + x; y = LayerNorm(h)",
+            "pre-norm (GPT-2, ViT)",
+        ),
+        Op(
+            "norm_add_rms_norm",
+            "rms",
+            True,
+            True,
+            True,
+            "h = residual + RMSNorm_b(x); y = RMSNorm(h)",
+            "sandwich (Gemma2/3)",
+        ),
+        Op(
+            "norm_add_layer_norm",
+            "layer",
+            True,
+            True,
+            True,
+            "h = residual + LayerNorm_b(x); y = LayerNorm(h)",
+            "sandwich (Peri-LN)",
+        ),
+        Op(
+            "rms_norm_add",
+            "rms",
+            True,
+            True,
+            False,
+            "h = residual + RMSNorm_b(x)",
+            "reordered norm (OLMo2)",
+        ),
+        Op("rms_norm", "rms", False, False, True, "y = RMSNorm(x)", "a norm alone"),
+        Op("layer_norm", "layer", False, False, True, "y = LayerNorm(x)", "a norm alone"),
+    )
+}
 OPS = tuple(SPECS)
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
 
@@ -123,8 +163,9 @@ def _check(op: str, direction: str) -> None:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
 
-def tensors_moved(op: str, direction: str, *, layer_scale: bool = False,
-                  dx_serves_as_dresidual: bool = True) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def tensors_moved(
+    op: str, direction: str, *, layer_scale: bool = False, dx_serves_as_dresidual: bool = True
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(reads, writes)``: the names of the tensors ``op`` must read and write in
     ``direction`` ("fwd" or "bwd"), the table of this module's docstring.
     ``dx_serves_as_dresidual``: the dtypes allow it (``e_r == e``); it also needs unit scales,
@@ -134,8 +175,9 @@ def tensors_moved(op: str, direction: str, *, layer_scale: bool = False,
         raise ValueError("tensors_moved takes 'fwd' or 'bwd'; fwd+bwd moves both")
     s = spec(op)
     if layer_scale and (s.branch_norm or not s.residual):
-        raise ValueError(f"layer_scale applies to the add ops (add_rms_norm, add_layer_norm), "
-                         f"not {op!r}")
+        raise ValueError(
+            f"layer_scale applies to the add ops (add_rms_norm, add_layer_norm), not {op!r}"
+        )
     layer = s.norm == "layer"
     branch = ("w_b",) + (("b_b",) if layer else ()) if s.branch_norm else ()
     output = ("w",) + (("b",) if layer else ()) if s.output_norm else ()
@@ -163,8 +205,14 @@ _STREAM = {"residual", "h", "dresidual", "dh"}
 
 
 def minimal_bytes(
-    op: str, direction: str, rows: int, hidden: int, dtype: torch.dtype, *,
-    residual_dtype: Optional[torch.dtype] = None, param_dtype: Optional[torch.dtype] = None,
+    op: str,
+    direction: str,
+    rows: int,
+    hidden: int,
+    dtype: torch.dtype,
+    *,
+    residual_dtype: Optional[torch.dtype] = None,
+    param_dtype: Optional[torch.dtype] = None,
     layer_scale: bool = False,
 ) -> int:
     """Bytes ``op`` must read and write in ``direction`` for ``rows`` rows of ``hidden``
@@ -173,14 +221,16 @@ def minimal_bytes(
     _check(op, direction)
     if direction == "fwd+bwd":
         kw = dict(residual_dtype=residual_dtype, param_dtype=param_dtype, layer_scale=layer_scale)
-        return (minimal_bytes(op, "fwd", rows, hidden, dtype, **kw)
-                + minimal_bytes(op, "bwd", rows, hidden, dtype, **kw))
+        return minimal_bytes(op, "fwd", rows, hidden, dtype, **kw) + minimal_bytes(
+            op, "bwd", rows, hidden, dtype, **kw
+        )
     e = dtype.itemsize
     e_r = (residual_dtype or dtype).itemsize
     e_p = (param_dtype or dtype).itemsize
     A, D = rows * hidden, hidden
-    reads, writes = tensors_moved(op, direction, layer_scale=layer_scale,
-                                  dx_serves_as_dresidual=e_r == e)
+    reads, writes = tensors_moved(
+        op, direction, layer_scale=layer_scale, dx_serves_as_dresidual=e_r == e
+    )
 
     def size(name: str) -> int:
         if name in _ACTIVATIONS:
@@ -195,6 +245,7 @@ def minimal_bytes(
 def full_tensors_moved(op: str, direction: str) -> int:
     """How many full (rows, hidden) tensors ``minimal_bytes`` counts at equal dtypes, without
     LayerScale: the number to quote next to a GB/s figure."""
-    per_row = (minimal_bytes(op, direction, 1, 1, torch.float32)
-               - minimal_bytes(op, direction, 0, 1, torch.float32))
+    per_row = minimal_bytes(op, direction, 1, 1, torch.float32) - minimal_bytes(
+        op, direction, 0, 1, torch.float32
+    )
     return per_row // 4

@@ -73,8 +73,9 @@ class TransformerConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
-            raise ValueError(f"hidden ({self.hidden}) must split into {self.heads} heads of an "
-                             "even size")
+            raise ValueError(
+                f"hidden ({self.hidden}) must split into {self.heads} heads of an even size"
+            )
 
     @property
     def norm(self) -> str:
@@ -122,8 +123,9 @@ def expected_saving(cfg: TransformerConfig) -> int:
 
 
 def _rope_tables(seq: int, head_dim: int, device, dtype, base: float = 10000.0):
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
-                              / head_dim)
+    inv_freq = 1.0 / base ** (
+        torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
     angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -182,10 +184,12 @@ class ReferenceTransformer(nn.Module):
         self.cfg = cfg
         factory = {"device": device, "dtype": DTYPES[cfg.dtype]}
         self.sublayers = nn.ModuleList(
-            (Attention if i % 2 == 0 else MLP)(cfg, **factory) for i in range(2 * cfg.layers))
+            (Attention if i % 2 == 0 else MLP)(cfg, **factory) for i in range(2 * cfg.layers)
+        )
         Norm = resfuse.RMSNorm if cfg.norm == "rms" else resfuse.LayerNorm
-        self.norms = nn.ModuleList(Norm(cfg.hidden, eps=cfg.eps, **factory)
-                                   for _ in range(cfg.n_norms))
+        self.norms = nn.ModuleList(
+            Norm(cfg.hidden, eps=cfg.eps, **factory) for _ in range(cfg.n_norms)
+        )
         self.reset_parameters(seed)
 
     @torch.no_grad()
@@ -227,8 +231,9 @@ class ReferenceTransformer(nn.Module):
         n = self.norms[i]
         if self.cfg.norm == "rms":
             return resfuse.add_rms_norm(f, h, n.weight, n.eps, prenorm=prenorm, backend=backend)
-        return resfuse.add_layer_norm(f, h, n.weight, n.bias, n.eps, prenorm=prenorm,
-                                      backend=backend)
+        return resfuse.add_layer_norm(
+            f, h, n.weight, n.bias, n.eps, prenorm=prenorm, backend=backend
+        )
 
     def _fused(self, x, backend):
         last = len(self.sublayers) - 1
@@ -260,12 +265,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def _resolved_backend(backend: str, device: torch.device, cfg: "TransformerConfig") -> str:
     """The backend of the fused variant's add + norm calls (auto's pick for a training call)."""
     from resfuse import auto_table, backend_registry
+
     key = ("add_norm", cfg.norm == "rms", auto_table.DTYPES[cfg.dtype], cfg.hidden, True)
     return backend_registry.resolve(backend, device, key)
 
 
-def _output_and_grads(model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, variant: str,
-                      backend: str) -> dict:
+def _output_and_grads(
+    model: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, variant: str, backend: str
+) -> dict:
     """One forward + backward: the output and every gradient, by name."""
     model.zero_grad(set_to_none=True)
     x.grad = None
@@ -291,10 +298,16 @@ def fp32_reference(model: "ReferenceTransformer", x: torch.Tensor, grad_out: tor
     return tensors
 
 
-def compare(cfg: TransformerConfig, device: torch.device, variants=VARIANTS,
-            backend: str = "auto", settings: Optional[TimerSettings] = None,
-            time_steps: bool = True, progress: Optional[Callable[[str], None]] = None,
-            seed: int = 0) -> dict:
+def compare(
+    cfg: TransformerConfig,
+    device: torch.device,
+    variants=VARIANTS,
+    backend: str = "auto",
+    settings: Optional[TimerSettings] = None,
+    time_steps: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+    seed: int = 0,
+) -> dict:
     """Measure each variant on one model (shared weights) and one input. Returns
     ``{"config", "params", "expected_saving", "reference", "variants": [per variant]}``.
 
@@ -307,8 +320,14 @@ def compare(cfg: TransformerConfig, device: torch.device, variants=VARIANTS,
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {VARIANTS}")
-    settings = settings or TimerSettings(warmup_ms=0.0, rep_ms=0.0, cuda_min_calls=5,
-                                         cpu_budget_s=1.0, cpu_min_calls=2, cpu_max_calls=5)
+    settings = settings or TimerSettings(
+        warmup_ms=0.0,
+        rep_ms=0.0,
+        cuda_min_calls=5,
+        cpu_budget_s=1.0,
+        cpu_min_calls=2,
+        cpu_max_calls=5,
+    )
     dtype = DTYPES[cfg.dtype]
     model = ReferenceTransformer(cfg, device=device, seed=seed)
     params = list(model.parameters())
@@ -344,14 +363,18 @@ def compare(cfg: TransformerConfig, device: torch.device, variants=VARIANTS,
         errors = {k: relative_error(tensors[k], reference[k]) for k in reference}
         del tensors
         worst = max(errors, key=errors.get)
-        row = {"variant": variant,
-               "backend": _resolved_backend(backend, device, cfg) if variant == "fused" else None,
-               "saved_bytes": ledger.bytes, "saved_tensors": ledger.tensors,
-               "saved_bytes_per_layer": ledger.bytes / cfg.layers,
-               "allocated_after_forward_bytes": held,
-               "max_rel_err": errors[worst], "worst": worst,
-               "agrees": errors[worst] <= AGREEMENT_TOLERANCE[cfg.dtype],
-               "peak_step_bytes": None}
+        row = {
+            "variant": variant,
+            "backend": _resolved_backend(backend, device, cfg) if variant == "fused" else None,
+            "saved_bytes": ledger.bytes,
+            "saved_tensors": ledger.tensors,
+            "saved_bytes_per_layer": ledger.bytes / cfg.layers,
+            "allocated_after_forward_bytes": held,
+            "max_rel_err": errors[worst],
+            "worst": worst,
+            "agrees": errors[worst] <= AGREEMENT_TOLERANCE[cfg.dtype],
+            "peak_step_bytes": None,
+        }
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -360,13 +383,19 @@ def compare(cfg: TransformerConfig, device: torch.device, variants=VARIANTS,
             torch.cuda.synchronize()
             row["peak_step_bytes"] = torch.cuda.max_memory_allocated() - resident
         if time_steps:
-            row.update({f"step_{k}": v for k, v in time_fn(step, device, settings).as_dict().items()})
+            row.update(
+                {f"step_{k}": v for k, v in time_fn(step, device, settings).as_dict().items()}
+            )
         model.zero_grad(set_to_none=True)
         x.grad = None
         rows.append(row)
         if progress:
             progress(f"transformer {cfg.style} {variant}")
 
-    return {"config": asdict(cfg), "params": sum(p.numel() for p in params),
-            "expected_saving": expected_saving(cfg), "reference": reference_name,
-            "variants": rows}
+    return {
+        "config": asdict(cfg),
+        "params": sum(p.numel() for p in params),
+        "expected_saving": expected_saving(cfg),
+        "reference": reference_name,
+        "variants": rows,
+    }

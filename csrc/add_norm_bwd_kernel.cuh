@@ -38,8 +38,8 @@ __device__ __forceinline__ GradCoefficients grad_coefficients(const float* s, in
 
 // g = dout * w' (w' = 1 + w with zero-centred weights): the gradient reaching the normalised
 // values.
-__device__ __forceinline__ void times_weight(const ParamVector& weight, bool zero_centered, int col,
-                                             int n, const float (&dout)[kChunk], float (&g)[kChunk]) {
+__device__ __forceinline__ void times_weight(const ParamVector& weight, bool zero_centered, int col, int n,
+                                             const float (&dout)[kChunk], float (&g)[kChunk]) {
   if (weight.ptr != nullptr && n > 0) {
     load_param_chunk(weight, col, n, g);
 #pragma unroll
@@ -52,9 +52,9 @@ __device__ __forceinline__ void times_weight(const ParamVector& weight, bool zer
 
 // Adds one chunk's terms to a norm's row sums; d and dout are zero past the row's end.
 template <bool kRms>
-__device__ __forceinline__ void add_row_sums(const ParamVector& weight, bool zero_centered, int col,
-                                             int n, const float (&d)[kChunk],
-                                             const float (&dout)[kChunk], float* s) {
+__device__ __forceinline__ void add_row_sums(const ParamVector& weight, bool zero_centered, int col, int n,
+                                             const float (&d)[kChunk], const float (&dout)[kChunk],
+                                             float* s) {
   float g[kChunk];
   times_weight(weight, zero_centered, col, n, dout, g);
 #pragma unroll
@@ -81,11 +81,10 @@ __device__ __forceinline__ void subtract_shift(int n, float shift, float (&d)[kC
 // gradient, dout * xhat) and the input gradient dv. Past the row's end dv is not zero for
 // LayerNorm: callers that sum it mask it.
 template <bool kRms>
-__device__ __forceinline__ void norm_backward_chunk(const ParamVector& weight, bool zero_centered,
-                                                    int col, int n, const float (&d)[kChunk],
-                                                    const float (&dout)[kChunk],
-                                                    const GradCoefficients& k, float (&xhat)[kChunk],
-                                                    float (&dv)[kChunk]) {
+__device__ __forceinline__ void norm_backward_chunk(const ParamVector& weight, bool zero_centered, int col,
+                                                    int n, const float (&d)[kChunk],
+                                                    const float (&dout)[kChunk], const GradCoefficients& k,
+                                                    float (&xhat)[kChunk], float (&dv)[kChunk]) {
   float g[kChunk];
   times_weight(weight, zero_centered, col, n, dout, g);
 #pragma unroll
@@ -152,16 +151,16 @@ __device__ __forceinline__ void plain_branch_grad(const BwdParams& p, int64_t ro
 
 // x - shift_x for one chunk (LayerNorm's branch norm; zero past the row's end).
 template <class TX, bool kRms>
-__device__ __forceinline__ void load_shifted_x(const BwdParams& p, int64_t row, int col, int n,
-                                               float shift_x, float (&xs)[kChunk]) {
+__device__ __forceinline__ void load_shifted_x(const BwdParams& p, int64_t row, int col, int n, float shift_x,
+                                               float (&xs)[kChunk]) {
   load_row_chunk<TX>(p.x, row, col, n, xs);
   if (!kRms) subtract_shift(n, shift_x, xs);
 }
 
 // Asks L2 for one operand's chunks of a row ahead of time: the persistent loop's next loads
 // then hit L2. (Holding the next row in registers instead would make the kernel spill.)
-__device__ __forceinline__ void prefetch_row_l2(const BwdParams& p, const Operand& op, int64_t row,
-                                                int lane, int t) {
+__device__ __forceinline__ void prefetch_row_l2(const BwdParams& p, const Operand& op, int64_t row, int lane,
+                                                int t) {
 #ifndef RESFUSE_SIMT
   if (op.ptr == nullptr || row >= p.rows) return;
 #pragma unroll
@@ -194,7 +193,7 @@ __device__ __forceinline__ void write_partials(const BwdParams& p, float* part,
   const int t = row_threads<kClusters>(p.layout), rows_per_block = p.layout.rows_per_block;
   float* out = part + static_cast<int64_t>(row_program<kClusters>(p.layout)) * p.D;
   const bool vec = (p.D & 3) == 0;  // the buffer's rows are then 16-byte aligned
-  if (rows_per_block == 1) {  // (the only case with clusters: t, lane span the cluster)
+  if (rows_per_block == 1) {        // (the only case with clusters: t, lane span the cluster)
 #pragma unroll
     for (int c = 0; c < kBwdChunks; ++c) {
       const int col = (lane + c * t) * kChunk;
@@ -268,7 +267,8 @@ __device__ __forceinline__ void write_smem_partials(const BwdParams& p, float* p
     zero(s);
     for (int r = 0; r < p.layout.rows_per_block; ++r)
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) s[e] += acc.base[(c * kChunk + e) * acc.stride + r * block_t + block_lane];
+      for (int e = 0; e < kChunk; ++e)
+        s[e] += acc.base[(c * kChunk + e) * acc.stride + r * block_t + block_lane];
     ChunkIO<float>::store(out, col, DType::kFloat32, n, vec, s);
   }
 }
@@ -283,15 +283,15 @@ RESFUSE_HOST_DEVICE constexpr bool lean_bwd_kernel() {
 }
 
 // Rows that fit in registers: each row group walks rows program * rows_per_block + slot,
-// + programs * rows_per_block, ... (persistent grid; a program is a block, or a cluster), reading each operand once, with the next
-// row requested into L2 while it reduces and writes the current one. Per row: the output
-// norm's backward from h and dy (one reduction), the gradient reaching h and the branch
-// value f; then either dx of the plain branch, or the branch norm's backward from x and df
-// (a second reduction). The parameter gradients accumulate in registers over all of the
-// program's rows: partial buffers are O(programs x D), not O(rows x D).
+// + programs * rows_per_block, ... (persistent grid; a program is a block, or a cluster), reading each
+// operand once, with the next row requested into L2 while it reduces and writes the current one. Per row: the
+// output norm's backward from h and dy (one reduction), the gradient reaching h and the branch value f; then
+// either dx of the plain branch, or the branch norm's backward from x and df (a second reduction). The
+// parameter gradients accumulate in registers over all of the program's rows: partial buffers are O(programs
+// x D), not O(rows x D).
 template <class TX, class TR, class TH, class TY, bool kRms, bool kBranchNorm>
-__device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowReducer& red,
-                                                      int slot, int lane, float* smem) {
+__device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowReducer& red, int slot, int lane,
+                                                      float* smem) {
   constexpr int C = kBwdChunks;
   constexpr bool kLean = lean_bwd_kernel<TX, kBranchNorm>();
   constexpr bool kClusters = !kLean;
@@ -418,8 +418,10 @@ __device__ __forceinline__ void bwd_rows_in_registers(const BwdParams& p, RowRed
   if (p.dweight_part != nullptr) write_partials<kClusters>(p, p.dweight_part, acc_dw, slot, lane, smem);
   if (p.dbias_part != nullptr) write_partials<kClusters>(p, p.dbias_part, acc_db, slot, lane, smem);
   if (kBranchNorm) {
-    if (p.dbranch_weight_part != nullptr) write_partials<kClusters>(p, p.dbranch_weight_part, acc_dbranch, slot, lane, smem);
-    if (p.dbranch_bias_part != nullptr) write_smem_partials<kClusters>(p, p.dbranch_bias_part, acc_dbranch_bias, slot, lane);
+    if (p.dbranch_weight_part != nullptr)
+      write_partials<kClusters>(p, p.dbranch_weight_part, acc_dbranch, slot, lane, smem);
+    if (p.dbranch_bias_part != nullptr)
+      write_smem_partials<kClusters>(p, p.dbranch_bias_part, acc_dbranch_bias, slot, lane);
   } else if (p.dbranch_part != nullptr) {
     write_partials<kClusters>(p, p.dbranch_part, acc_dbranch, slot, lane, smem);
   }
@@ -614,7 +616,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) add_norm_bwd_kernel(const BwdP
 // the slices in order. With programs == 0 (no rows) it writes zeros. (A template only so that
 // every translation unit may instantiate it.)
 template <int kSlices>
-__global__ void __launch_bounds__(kReduceCols * kSlices) reduce_partials_kernel(const PartialSums s) {
+__global__ void __launch_bounds__(kReduceCols* kSlices) reduce_partials_kernel(const PartialSums s) {
   __shared__ float buf[kSlices][kReduceCols + 1];
   const int k = blockIdx.y;
   // selects rather than s.part[k]: a dynamic index into the parameter struct would put
@@ -627,8 +629,7 @@ __global__ void __launch_bounds__(kReduceCols * kSlices) reduce_partials_kernel(
   const int col = blockIdx.x * kReduceCols + threadIdx.x;
   float acc = 0.0f;
   if (col < s.D)
-    for (int r = threadIdx.y; r < s.programs; r += kSlices)
-      acc += part[static_cast<int64_t>(r) * s.D + col];
+    for (int r = threadIdx.y; r < s.programs; r += kSlices) acc += part[static_cast<int64_t>(r) * s.D + col];
   buf[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && col < s.D) {

@@ -27,8 +27,8 @@ __device__ __forceinline__ void branch_value(const FwdParams& p, int64_t row, in
 // h of one chunk from its branch value (in place), fp32, in the order of the reference:
 // ((f * s) * bs) * rowscale + a * r.
 template <class TR>
-__device__ __forceinline__ void add_residual(const FwdParams& p, int64_t row, int col, int n,
-                                             float rowscale, float (&h)[kChunk]) {
+__device__ __forceinline__ void add_residual(const FwdParams& p, int64_t row, int col, int n, float rowscale,
+                                             float (&h)[kChunk]) {
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) h[e] *= p.branch_scale_value;
   if (p.branch_scale.ptr != nullptr) {

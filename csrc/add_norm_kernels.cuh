@@ -108,8 +108,8 @@ struct RowStats {
 // RMSNorm: one reduction; LayerNorm: two over the registers (the mean, then the centred
 // squares: no cancellation).
 template <bool kRms, int C>
-__device__ __forceinline__ RowStats register_row_stats(const float (&v)[C][kChunk], int lane, int t,
-                                                       int D, bool row_ok, float eps, RowReducer& red) {
+__device__ __forceinline__ RowStats register_row_stats(const float (&v)[C][kChunk], int lane, int t, int D,
+                                                       bool row_ok, float eps, RowReducer& red) {
   float s[1] = {0.0f};
 #pragma unroll
   for (int c = 0; c < C; ++c)
@@ -172,8 +172,8 @@ struct StreamedMoments {
 // v <- normalize(v) * w' (+ b) for one chunk, given its row's statistics.
 template <bool kRms>
 __device__ __forceinline__ void normalize_affine(const ParamVector& weight, const ParamVector& bias,
-                                                 bool zero_centered, int col, int n,
-                                                 const RowStats& s, float (&v)[kChunk]) {
+                                                 bool zero_centered, int col, int n, const RowStats& s,
+                                                 float (&v)[kChunk]) {
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) v[e] = kRms ? v[e] * s.rstd : (v[e] - s.mean) * s.rstd;
   if (weight.ptr != nullptr) {

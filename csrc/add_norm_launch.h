@@ -43,7 +43,8 @@ inline RowLayout row_layout(int64_t D, int chunks_per_thread, int max_threads, i
   L.row_threads = L.threads_per_row;
   if (!L.single_tile && L.threads_per_row >= 32) {  // (cluster_sum's gather is one warp)
     int blocks = 1, shift = 0;
-    while (static_cast<int64_t>(blocks) * L.threads_per_row < want && blocks < max_cluster) blocks <<= 1, ++shift;
+    while (static_cast<int64_t>(blocks) * L.threads_per_row < want && blocks < max_cluster)
+      blocks <<= 1, ++shift;
     if (static_cast<int64_t>(blocks) * L.threads_per_row >= want) {
       L.cluster_blocks = blocks;
       L.cluster_shift = shift;
@@ -82,7 +83,8 @@ void launch_programs(Launcher& launch, Kernel kernel, const RowLayout& L, int64_
   const int64_t blocks = programs * L.cluster_blocks;
   if (blocks > 0x7fffffff) throw std::runtime_error("resfuse CUDA: too many rows for one launch");
   if (L.cluster_blocks > 1)
-    launch.cluster(kernel, dim3(static_cast<unsigned>(blocks)), dim3(L.block_threads), L.cluster_blocks, smem, p);
+    launch.cluster(kernel, dim3(static_cast<unsigned>(blocks)), dim3(L.block_threads), L.cluster_blocks, smem,
+                   p);
   else
     launch(kernel, dim3(static_cast<unsigned>(blocks)), dim3(L.block_threads), smem, p);
 }
@@ -125,18 +127,18 @@ void with_dtype_set(int x, int r, int h, int y, Fn&& fn) {
 // One program per row group; returns the layout it launched with.
 template <class Launcher>
 RowLayout run_forward(FwdParams p, Launcher& launch, int max_threads = kFwdMaxThreads) {
-  with_dtype_set(dtype_code(p.x), dtype_code(p.residual), dtype_code(p.h), dtype_code(p.y),
-                 [&](auto set) {
-                   using S = decltype(set);
-                   const auto kernel =
-                       p.is_rms ? &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true>
-                                : &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false>;
-                   p.layout = fitted_layout(launch, kernel, p.D, kFwdChunks, max_threads, kFwdMinBlock,
-                                            [](const RowLayout&) { return size_t{0}; });
-                   if (p.rows == 0) return;
-                   const int64_t groups = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
-                   launch_programs(launch, kernel, p.layout, groups, 0, p);
-                 });
+  with_dtype_set(dtype_code(p.x), dtype_code(p.residual), dtype_code(p.h), dtype_code(p.y), [&](auto set) {
+    using S = decltype(set);
+    const auto kernel =
+        p.is_rms
+            ? &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true>
+            : &add_norm_fwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false>;
+    p.layout = fitted_layout(launch, kernel, p.D, kFwdChunks, max_threads, kFwdMinBlock,
+                             [](const RowLayout&) { return size_t{0}; });
+    if (p.rows == 0) return;
+    const int64_t groups = (p.rows + p.layout.rows_per_block - 1) / p.layout.rows_per_block;
+    launch_programs(launch, kernel, p.layout, groups, 0, p);
+  });
   return p.layout;
 }
 
@@ -152,8 +154,10 @@ template <bool kBranchNorm, class Fn>
 void with_bwd_kernel(const BwdParams& p, Fn&& fn) {
   with_dtype_set(bwd_dtype_x(p), dtype_code(p.dr), bwd_dtype_h(p), dtype_code(p.dy), [&](auto set) {
     using S = decltype(set);
-    fn(p.is_rms ? &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true, kBranchNorm>
-                : &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false, kBranchNorm>,
+    fn(p.is_rms ? &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, true,
+                                       kBranchNorm>
+                : &add_norm_bwd_kernel<typename S::TX, typename S::TR, typename S::TH, typename S::TY, false,
+                                       kBranchNorm>,
        !lean_bwd_kernel<typename S::TX, kBranchNorm>());
   });
 }
@@ -171,7 +175,8 @@ template <bool kBranchNorm, class Launcher>
 void plan_backward_kernel(BwdParams& p, Launcher& launch, int max_threads) {
   with_bwd_kernel<kBranchNorm>(p, [&](auto kernel, bool has_clusters) {
     const auto smem_bytes = [&](const RowLayout& L) { return bwd_smem_bytes(p, L); };
-    p.layout = fitted_layout(launch, kernel, p.D, kBwdChunks, max_threads, kBwdMinBlock, smem_bytes, has_clusters);
+    p.layout =
+        fitted_layout(launch, kernel, p.D, kBwdChunks, max_threads, kBwdMinBlock, smem_bytes, has_clusters);
     const RowLayout& L = p.layout;
     const int64_t groups = (p.rows + L.rows_per_block - 1) / L.rows_per_block;
     const int64_t resident =
@@ -211,8 +216,8 @@ void run_backward(const BwdParams& p, const ParamGrads& grads, Launcher& launch)
   PartialSums s;
   s.programs = p.rows > 0 ? p.programs : 0;
   s.D = p.D;
-  const float* parts[kMaxParamGrads] = {p.dweight_part, p.dbias_part, p.dbranch_part,
-                                        p.dbranch_weight_part, p.dbranch_bias_part};
+  const float* parts[kMaxParamGrads] = {p.dweight_part, p.dbias_part, p.dbranch_part, p.dbranch_weight_part,
+                                        p.dbranch_bias_part};
   float* outs[kMaxParamGrads] = {grads.weight, grads.bias, grads.branch_scale, grads.branch_weight,
                                  grads.branch_bias};
   for (int i = 0; i < kMaxParamGrads; ++i) {
@@ -223,7 +228,8 @@ void run_backward(const BwdParams& p, const ParamGrads& grads, Launcher& launch)
   }
   if (s.count > 0) {
     const unsigned col_blocks = static_cast<unsigned>((p.D + kReduceCols - 1) / kReduceCols);
-    launch(&reduce_partials_kernel<kReduceSlices>, dim3(col_blocks, s.count), dim3(kReduceCols, kReduceSlices), 0, s);
+    launch(&reduce_partials_kernel<kReduceSlices>, dim3(col_blocks, s.count),
+           dim3(kReduceCols, kReduceSlices), 0, s);
   }
 }
 

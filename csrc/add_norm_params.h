@@ -132,9 +132,9 @@ struct FwdParams {
                               // y: absent without the output norm (norm_add)
   ParamVector weight, bias, branch_scale;
   ParamVector branch_weight, branch_bias;  // the branch norm's affine (either may be absent)
-  const float* rowscale = nullptr;  // fp32, one per row
-  float* mean = nullptr;            // LayerNorm row means of h (the backward's shift)
-  float* mean_x = nullptr;          // LayerNorm row means of x, with the branch norm
+  const float* rowscale = nullptr;         // fp32, one per row
+  float* mean = nullptr;                   // LayerNorm row means of h (the backward's shift)
+  float* mean_x = nullptr;                 // LayerNorm row means of x, with the branch norm
   int64_t rows = 0;
   int D = 0;
   float eps = 0.0f, residual_scale = 1.0f, branch_scale_value = 1.0f;

@@ -69,10 +69,18 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
@@ -86,16 +94,23 @@ __device__ __forceinline__ float fast_rsqrt(float v) {
 
 // Raw bits of one chunk as loaded from memory, before conversion: the backward prefetches the
 // next row into these (half the registers of fp32 values for 16-bit types).
-template <typename T> struct RawChunk { uint4 w[sizeof(T) == 4 ? 2 : 1]; };
-template <> struct RawChunk<Dyn> { uint4 w[2]; };
+template <typename T>
+struct RawChunk {
+  uint4 w[sizeof(T) == 4 ? 2 : 1];
+};
+template <>
+struct RawChunk<Dyn> {
+  uint4 w[2];
+};
 
 // Chunk I/O for a concrete element type T. `n` is the number of valid elements (1..8) from
 // p; the rest read as zero. 128-bit accesses when the operand allows them and n == 8.
-template <typename T> struct ChunkIO {
+template <typename T>
+struct ChunkIO {
   static constexpr int kWords = sizeof(T) == 4 ? 2 : 1;
 
-  __device__ __forceinline__ static void load_raw(const void* base, int64_t offset, DType, int n,
-                                                  bool vec, RawChunk<T>& raw) {
+  __device__ __forceinline__ static void load_raw(const void* base, int64_t offset, DType, int n, bool vec,
+                                                  RawChunk<T>& raw) {
     const T* p = static_cast<const T*>(base) + offset;
     if (vec && n == kChunk) {
 #pragma unroll
@@ -113,8 +128,8 @@ template <typename T> struct ChunkIO {
     for (int e = 0; e < kChunk; ++e) v[e] = to_float(src[e]);
   }
 
-  __device__ __forceinline__ static void load(const void* base, int64_t offset, DType dt, int n,
-                                              bool vec, float (&v)[kChunk]) {
+  __device__ __forceinline__ static void load(const void* base, int64_t offset, DType dt, int n, bool vec,
+                                              float (&v)[kChunk]) {
     RawChunk<T> raw;
     load_raw(base, offset, dt, n, vec, raw);
     decode(raw, dt, v);
@@ -139,9 +154,10 @@ template <typename T> struct ChunkIO {
 };
 
 // The run-time dtype: a warp-uniform switch over the three concrete paths.
-template <> struct ChunkIO<Dyn> {
-  __device__ __forceinline__ static void load_raw(const void* base, int64_t offset, DType dt, int n,
-                                                  bool vec, RawChunk<Dyn>& raw) {
+template <>
+struct ChunkIO<Dyn> {
+  __device__ __forceinline__ static void load_raw(const void* base, int64_t offset, DType dt, int n, bool vec,
+                                                  RawChunk<Dyn>& raw) {
     switch (dt) {
       case DType::kFloat32:
         ChunkIO<float>::load_raw(base, offset, dt, n, vec, reinterpret_cast<RawChunk<float>&>(raw));
@@ -168,21 +184,31 @@ template <> struct ChunkIO<Dyn> {
     }
   }
 
-  __device__ __forceinline__ static void load(const void* base, int64_t offset, DType dt, int n,
-                                              bool vec, float (&v)[kChunk]) {
+  __device__ __forceinline__ static void load(const void* base, int64_t offset, DType dt, int n, bool vec,
+                                              float (&v)[kChunk]) {
     switch (dt) {
-      case DType::kFloat32: ChunkIO<float>::load(base, offset, dt, n, vec, v); break;
-      case DType::kFloat16: ChunkIO<__half>::load(base, offset, dt, n, vec, v); break;
-      default: ChunkIO<__nv_bfloat16>::load(base, offset, dt, n, vec, v);
+      case DType::kFloat32:
+        ChunkIO<float>::load(base, offset, dt, n, vec, v);
+        break;
+      case DType::kFloat16:
+        ChunkIO<__half>::load(base, offset, dt, n, vec, v);
+        break;
+      default:
+        ChunkIO<__nv_bfloat16>::load(base, offset, dt, n, vec, v);
     }
   }
 
   __device__ __forceinline__ static void store(void* base, int64_t offset, DType dt, int n, bool vec,
                                                const float (&v)[kChunk]) {
     switch (dt) {
-      case DType::kFloat32: ChunkIO<float>::store(base, offset, dt, n, vec, v); break;
-      case DType::kFloat16: ChunkIO<__half>::store(base, offset, dt, n, vec, v); break;
-      default: ChunkIO<__nv_bfloat16>::store(base, offset, dt, n, vec, v);
+      case DType::kFloat32:
+        ChunkIO<float>::store(base, offset, dt, n, vec, v);
+        break;
+      case DType::kFloat16:
+        ChunkIO<__half>::store(base, offset, dt, n, vec, v);
+        break;
+      default:
+        ChunkIO<__nv_bfloat16>::store(base, offset, dt, n, vec, v);
     }
   }
 };
@@ -200,8 +226,7 @@ __device__ __forceinline__ void store_row_chunk(const Operand& op, int64_t row, 
   ChunkIO<T>::store(op.ptr, row * op.row_stride + col, op.dtype, n, op.vec, v);
 }
 
-__device__ __forceinline__ void load_param_chunk(const ParamVector& pv, int col, int n,
-                                                 float (&v)[kChunk]) {
+__device__ __forceinline__ void load_param_chunk(const ParamVector& pv, int col, int n, float (&v)[kChunk]) {
   ChunkIO<Dyn>::load(pv.ptr, col, pv.dtype, n, pv.vec, v);
 }
 
@@ -220,9 +245,9 @@ struct RowReducer {
   static constexpr int kMaxValues = 4;
   // [parity][warp][value], then for clusters [parity][this block's partial, the total][value]
   static constexpr int kScratchFloats = 2 * kMaxWarps * kMaxValues + 4 * kMaxValues;
-  float* scratch;       // shared, kScratchFloats
-  int threads_per_row;  // block-uniform
-  int row_slot;         // which row of the block this thread works on
+  float* scratch;          // shared, kScratchFloats
+  int threads_per_row;     // block-uniform
+  int row_slot;            // which row of the block this thread works on
   int cluster_blocks = 1;  // > 1: the row spans the cluster (then one row per block)
   int parity = 0, cluster_parity = 0;
 
@@ -299,8 +324,8 @@ struct RowReducer {
   // Count, mean and sum of squared deviations of a row, merged with Chan et al.'s pairwise
   // formula (no cancellation, unlike sum(h^2) - n*mean^2). Merges always take the lower
   // lane's (or warp's) partial as the left operand so every thread gets the same bits.
-  __device__ __forceinline__ static void chan_merge(float& n, float& mean, float& m2, float nb,
-                                                    float mean_b, float m2b) {
+  __device__ __forceinline__ static void chan_merge(float& n, float& mean, float& m2, float nb, float mean_b,
+                                                    float m2b) {
     if (nb == 0.0f) return;
     if (n == 0.0f) {
       n = nb, mean = mean_b, m2 = m2b;
@@ -337,7 +362,8 @@ struct RowReducer {
       const int warps = threads_per_row >> 5;
       const int first = row_slot * warps;
       n = 0.0f, mean = 0.0f, m2 = 0.0f;
-      for (int w = first; w < first + warps; ++w) chan_merge(n, mean, m2, buf[w * 3], buf[w * 3 + 1], buf[w * 3 + 2]);
+      for (int w = first; w < first + warps; ++w)
+        chan_merge(n, mean, m2, buf[w * 3], buf[w * 3 + 1], buf[w * 3 + 2]);
     }
   }
 };

@@ -17,8 +17,8 @@ namespace resfuse {
 
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("resfuse CUDA extension: ") + what + ": " +
-                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+    throw std::runtime_error(std::string("resfuse CUDA extension: ") + what + ": " + cudaGetErrorName(err) +
+                             " (" + cudaGetErrorString(err) + ")");
 }
 
 inline int current_device() {
@@ -85,14 +85,15 @@ struct CudaLauncher {
   int clusters_resident(Kernel kernel, int block_threads, size_t smem, int cluster_blocks) const {
     static std::mutex mutex;
     static std::map<std::tuple<int, const void*, int, size_t, int>, int> cache;
-    const auto key = std::make_tuple(device, reinterpret_cast<const void*>(kernel), block_threads, smem, cluster_blocks);
+    const auto key =
+        std::make_tuple(device, reinterpret_cast<const void*>(kernel), block_threads, smem, cluster_blocks);
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
     cudaLaunchAttribute attribute;
     const cudaLaunchConfig_t config =
-        cluster_config(dim3(static_cast<unsigned>(cluster_blocks)), dim3(static_cast<unsigned>(block_threads)),
-                       smem, cluster_blocks, attribute);
+        cluster_config(dim3(static_cast<unsigned>(cluster_blocks)),
+                       dim3(static_cast<unsigned>(block_threads)), smem, cluster_blocks, attribute);
     int n = 0;
     if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
       (void)cudaGetLastError();  // "cannot place such a cluster" is an answer: no clusters

@@ -48,9 +48,12 @@ constexpr int64_t kMaxD = int64_t{1} << 30;  // column offsets are 32-bit in the
 
 DType to_dtype(ScalarType t, const char* name) {
   switch (t) {
-    case ScalarType::Float: return DType::kFloat32;
-    case ScalarType::Half: return DType::kFloat16;
-    case ScalarType::BFloat16: return DType::kBFloat16;
+    case ScalarType::Float:
+      return DType::kFloat32;
+    case ScalarType::Half:
+      return DType::kFloat16;
+    case ScalarType::BFloat16:
+      return DType::kBFloat16;
     default:
       STD_TORCH_CHECK(false, "resfuse CUDA: ", name, " must be float32, float16 or bfloat16, got ",
                       torch::headeronly::toString(t));
@@ -60,13 +63,12 @@ DType to_dtype(ScalarType t, const char* name) {
 
 void check_device(const Tensor& t, const char* name, int32_t device) {
   STD_TORCH_CHECK(t.is_cuda(), "resfuse CUDA: ", name, " must be a CUDA tensor");
-  STD_TORCH_CHECK(t.get_device_index() == device, "resfuse CUDA: ", name, " must be on cuda:",
-                  device, ", got cuda:", t.get_device_index());
+  STD_TORCH_CHECK(t.get_device_index() == device, "resfuse CUDA: ", name, " must be on cuda:", device,
+                  ", got cuda:", t.get_device_index());
 }
 
 // A (rows, D) activation with unit column stride (any row stride).
-resfuse::Operand activation(const Tensor& t, const char* name, int64_t rows, int64_t D,
-                            int32_t device) {
+resfuse::Operand activation(const Tensor& t, const char* name, int64_t rows, int64_t D, int32_t device) {
   check_device(t, name, device);
   STD_TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == D, "resfuse CUDA: ", name,
                   " must have shape (", rows, ", ", D, ")");
@@ -76,29 +78,26 @@ resfuse::Operand activation(const Tensor& t, const char* name, int64_t rows, int
   return resfuse::make_operand(t.data_ptr(), t.stride(0), to_dtype(t.scalar_type(), name), rows);
 }
 
-resfuse::Operand optional_activation(const std::optional<Tensor>& t, const char* name,
-                                     int64_t rows, int64_t D, int32_t device) {
+resfuse::Operand optional_activation(const std::optional<Tensor>& t, const char* name, int64_t rows,
+                                     int64_t D, int32_t device) {
   return t.has_value() ? activation(*t, name, rows, D, device) : resfuse::Operand{};
 }
 
-resfuse::ParamVector param(const std::optional<Tensor>& t, const char* name, int64_t D,
-                           int32_t device) {
+resfuse::ParamVector param(const std::optional<Tensor>& t, const char* name, int64_t D, int32_t device) {
   if (!t.has_value()) return resfuse::ParamVector{};
   check_device(*t, name, device);
-  STD_TORCH_CHECK(t->dim() == 1 && t->size(0) == D, "resfuse CUDA: ", name, " must have shape (",
-                  D, ")");
+  STD_TORCH_CHECK(t->dim() == 1 && t->size(0) == D, "resfuse CUDA: ", name, " must have shape (", D, ")");
   STD_TORCH_CHECK(t->stride(0) == 1 || D == 1, "resfuse CUDA: ", name, " must be contiguous");
   return resfuse::make_param(t->data_ptr(), to_dtype(t->scalar_type(), name));
 }
 
 // An fp32 vector of one value per row (rowscale, the LayerNorm mean).
-const float* row_vector(const std::optional<Tensor>& t, const char* name, int64_t rows,
-                        int32_t device) {
+const float* row_vector(const std::optional<Tensor>& t, const char* name, int64_t rows, int32_t device) {
   if (!t.has_value()) return nullptr;
   check_device(*t, name, device);
   STD_TORCH_CHECK(t->scalar_type() == ScalarType::Float, "resfuse CUDA: ", name, " must be float32");
-  STD_TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "resfuse CUDA: ", name, " must have shape (",
-                  rows, ")");
+  STD_TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, "resfuse CUDA: ", name, " must have shape (", rows,
+                  ")");
   STD_TORCH_CHECK(t->stride(0) == 1 || rows <= 1, "resfuse CUDA: ", name, " must be contiguous");
   return static_cast<const float*>(t->data_ptr());
 }
@@ -117,15 +116,15 @@ void* current_stream(int32_t device) {
 void check_dims(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(t.dim() == 2, "resfuse CUDA: ", name, " must be 2-D (rows, D), got ", t.dim(),
                   " dimensions");
-  STD_TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxD, "resfuse CUDA: the normalized size must be in [1, 2^30]");
+  STD_TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxD,
+                  "resfuse CUDA: the normalized size must be in [1, 2^30]");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd(
-    Tensor x, std::optional<Tensor> residual, std::optional<Tensor> weight,
-    std::optional<Tensor> bias, std::optional<Tensor> branch_scale, std::optional<Tensor> rowscale,
-    std::optional<Tensor> branch_weight, std::optional<Tensor> branch_bias, double eps,
-    double residual_scale, double branch_scale_value, int64_t flags, ScalarType x_dtype,
-    ScalarType residual_dtype, ScalarType h_dtype, ScalarType out_dtype) {
+    Tensor x, std::optional<Tensor> residual, std::optional<Tensor> weight, std::optional<Tensor> bias,
+    std::optional<Tensor> branch_scale, std::optional<Tensor> rowscale, std::optional<Tensor> branch_weight,
+    std::optional<Tensor> branch_bias, double eps, double residual_scale, double branch_scale_value,
+    int64_t flags, ScalarType x_dtype, ScalarType residual_dtype, ScalarType h_dtype, ScalarType out_dtype) {
   check_dims(x, "x");
   STD_TORCH_CHECK(x.is_cuda(), "resfuse CUDA: x must be a CUDA tensor");
   const int32_t device = x.get_device_index();
@@ -175,12 +174,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
-    std::optional<Tensor> dy, std::optional<Tensor> dh, std::optional<Tensor> h,
-    std::optional<Tensor> x, std::optional<Tensor> weight, std::optional<Tensor> branch_scale,
-    std::optional<Tensor> rowscale, std::optional<Tensor> branch_weight, std::optional<Tensor> mean,
-    std::optional<Tensor> mean_x, double eps, double residual_scale, double branch_scale_value,
-    int64_t flags, ScalarType x_dtype, ScalarType residual_dtype, ScalarType h_dtype,
-    ScalarType out_dtype) {
+    std::optional<Tensor> dy, std::optional<Tensor> dh, std::optional<Tensor> h, std::optional<Tensor> x,
+    std::optional<Tensor> weight, std::optional<Tensor> branch_scale, std::optional<Tensor> rowscale,
+    std::optional<Tensor> branch_weight, std::optional<Tensor> mean, std::optional<Tensor> mean_x, double eps,
+    double residual_scale, double branch_scale_value, int64_t flags, ScalarType x_dtype,
+    ScalarType residual_dtype, ScalarType h_dtype, ScalarType out_dtype) {
   const bool is_rms = (flags & resfuse::kFlagRms) != 0;
   const bool branch_norm = (flags & resfuse::kFlagBranchNorm) != 0;
   const bool output_norm = (flags & resfuse::kFlagOutputNorm) != 0;
@@ -252,8 +250,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
   float** parts[resfuse::kMaxParamGrads] = {&p.dweight_part, &p.dbias_part, &p.dbranch_part,
                                             &p.dbranch_weight_part, &p.dbranch_bias_part};
   resfuse::ParamGrads out;
-  float** outs[resfuse::kMaxParamGrads] = {&out.weight, &out.bias, &out.branch_scale,
-                                           &out.branch_weight, &out.branch_bias};
+  float** outs[resfuse::kMaxParamGrads] = {&out.weight, &out.bias, &out.branch_scale, &out.branch_weight,
+                                           &out.branch_bias};
   for (int i = 0; i < resfuse::kMaxParamGrads; ++i) {
     if (!want[i]) continue;
     *parts[i] = next, next += part_size;
@@ -275,7 +273,8 @@ bool device_supported(int64_t device) {
 std::vector<int64_t> row_layout(int64_t device, int64_t D, bool backward, bool branch_norm) {
   STD_TORCH_CHECK(D >= 1 && D <= kMaxD, "resfuse CUDA: D must be in [1, 2^30], got ", D);
   torch::stable::accelerator::DeviceGuard guard(static_cast<int32_t>(device));
-  const resfuse::RowLayout L = backward ? resfuse::backward_layout(D, branch_norm) : resfuse::forward_layout(D);
+  const resfuse::RowLayout L =
+      backward ? resfuse::backward_layout(D, branch_norm) : resfuse::forward_layout(D);
   return {L.threads_per_row, L.rows_per_block, L.cluster_blocks, L.single_tile ? 1 : 0};
 }
 
@@ -286,13 +285,14 @@ STABLE_TORCH_LIBRARY_FRAGMENT(resfuse, m) {
 #define RESFUSE_SPEC_ARGS                                                                      \
   "float eps, float residual_scale, float branch_scale_value, int flags, ScalarType x_dtype, " \
   "ScalarType residual_dtype, ScalarType h_dtype, ScalarType out_dtype"
-  m.def("cuda_add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
-        "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? branch_bias, "
-        RESFUSE_SPEC_ARGS ") -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("cuda_add_norm_bwd(Tensor? dy, Tensor? dh, Tensor? h, Tensor? x, Tensor? weight, "
-        "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? mean, "
-        "Tensor? mean_x, " RESFUSE_SPEC_ARGS
-        ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? branch_bias, " RESFUSE_SPEC_ARGS
+      ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_add_norm_bwd(Tensor? dy, Tensor? dh, Tensor? h, Tensor? x, Tensor? weight, "
+      "Tensor? branch_scale, Tensor? rowscale, Tensor? branch_weight, Tensor? mean, "
+      "Tensor? mean_x, " RESFUSE_SPEC_ARGS ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 #undef RESFUSE_SPEC_ARGS
   m.def("cuda_device_supported(int device) -> bool");
   m.def("cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]");

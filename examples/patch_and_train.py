@@ -28,15 +28,30 @@ def build(name: str) -> tuple[torch.nn.Module, callable]:
     if name == "vit":
         import timm
 
-        model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64,
-                                  init_values=1e-5, drop_path_rate=0.1, num_classes=10)
-        return model, lambda g, dev: ((torch.randn(8, 3, 64, 64, generator=g).to(dev),),
-                                      torch.randint(0, 10, (8,), generator=g).to(dev))
+        model = timm.create_model(
+            "vit_small_patch16_224",
+            pretrained=False,
+            img_size=64,
+            init_values=1e-5,
+            drop_path_rate=0.1,
+            num_classes=10,
+        )
+        return model, lambda g, dev: (
+            (torch.randn(8, 3, 64, 64, generator=g).to(dev),),
+            torch.randint(0, 10, (8,), generator=g).to(dev),
+        )
     import transformers
 
     config = transformers.AutoConfig.for_model(
-        name, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        name,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
 
     def batch(g, dev):
@@ -51,16 +66,21 @@ def loss_of(model, inputs, targets) -> torch.Tensor:
     if isinstance(out, torch.Tensor):  # timm: class logits
         return torch.nn.functional.cross_entropy(out.float(), targets)
     logits = out.logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             targets[:, 1:].reshape(-1))
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1)
+    )
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama", help="llama, mistral, qwen3, gemma2, gpt2, "
-                        "... (a transformers model type) or vit (timm)")
-    parser.add_argument("--fuse-residual", default="true", choices=["true", "false",
-                                                                     "across_layers"])
+    parser.add_argument(
+        "--model",
+        default="llama",
+        help="llama, mistral, qwen3, gemma2, gpt2, ... (a transformers model type) or vit (timm)",
+    )
+    parser.add_argument(
+        "--fuse-residual", default="true", choices=["true", "false", "across_layers"]
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -90,8 +110,9 @@ def main(argv=None) -> None:
         print(f"step {step}: loss patched {losses[0]:.6f}  unpatched {losses[1]:.6f}")
 
     resfuse.unpatch(model)  # back to the original classes, same weights
-    print("unpatched:", all(type(a) is type(b) for a, b in zip(model.modules(),
-                                                                reference.modules())))
+    print(
+        "unpatched:", all(type(a) is type(b) for a, b in zip(model.modules(), reference.modules()))
+    )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,11 @@ class Table:
         self.entries = data["entries"]
         points: dict[tuple, list[tuple[int, str]]] = {}
         for e in self.entries:
-            if (e["family"] not in FAMILIES or e["backend"] not in BACKENDS
-                    or e["direction"] not in DIRECTIONS.values()):
+            if (
+                e["family"] not in FAMILIES
+                or e["backend"] not in BACKENDS
+                or e["direction"] not in DIRECTIONS.values()
+            ):
                 raise ValueError(f"bad entry {e}")
             needs_grad = e["direction"] == "fwd+bwd"
             if e["norm"] not in NORMS:
@@ -79,8 +82,9 @@ class Table:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def choose(self, family: str, norm: str, dtype: torch.dtype, hidden: int,
-               needs_grad: bool) -> Optional[str]:
+    def choose(
+        self, family: str, norm: str, dtype: torch.dtype, hidden: int, needs_grad: bool
+    ) -> Optional[str]:
         """The faster backend at the measured hidden size nearest to ``hidden`` on a log
         scale, None when nothing was measured for this family, norm, dtype and direction.
         Nearest-neighbour is enough: the time is smooth in hidden between the layout
@@ -121,8 +125,11 @@ def current() -> tuple[Optional[Table], str]:
     """This device's table and, when there is none, why."""
     if "current" not in _loaded:
         name = _device_name()
-        _loaded["current"] = (load(table_path(slug(name))) if name is not None else
-                              (None, "no CUDA device visible, so no measured table"))
+        _loaded["current"] = (
+            load(table_path(slug(name)))
+            if name is not None
+            else (None, "no CUDA device visible, so no measured table")
+        )
     return _loaded["current"]
 
 
@@ -164,5 +171,7 @@ def describe(fallback: str) -> str:
     rule = "cuda when the extension loads, else triton"
     if table is None:
         return f"{fallback} ({reason}: {rule})"
-    return (f"per the measured table for {table.slug} ({len(table)} entries); "
-            f"where it has none, {fallback} ({rule})")
+    return (
+        f"per the measured table for {table.slug} ({len(table)} entries); "
+        f"where it has none, {fallback} ({rule})"
+    )

@@ -66,7 +66,8 @@ def _interpreter_active() -> bool:
 def _cuda_reason() -> str:
     if not torch.cuda.is_available():
         return "no CUDA device visible to torch" + (
-            "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)")
+            "" if torch.version.cuda else f" (torch {torch.__version__} is a CPU-only build)"
+        )
     return ""
 
 
@@ -90,22 +91,26 @@ def backends() -> BackendReport:
         report["triton"] = BackendStatus("triton", False, f"triton not usable ({err})")
     elif no_gpu and not _interpreter_active():
         report["triton"] = BackendStatus(
-            "triton", False, f"{no_gpu}; CPU tensors run only under TRITON_INTERPRET=1")
+            "triton", False, f"{no_gpu}; CPU tensors run only under TRITON_INTERPRET=1"
+        )
     else:
         where = "CUDA tensors" if not no_gpu else "CPU tensors under TRITON_INTERPRET=1"
         report["triton"] = BackendStatus("triton", True, f"triton {_triton_version()}, {where}")
 
     report["torch"] = BackendStatus("torch", True, "PyTorch reference, any device")
-    fallback = ("cuda" if report["cuda"].available else
-                "triton" if report["triton"].available else "torch")
+    fallback = (
+        "cuda" if report["cuda"].available else "triton" if report["triton"].available else "torch"
+    )
     report["auto"] = BackendStatus(
-        "auto", True, f"CUDA tensors: {auto_table.describe(fallback)}; CPU tensors: torch")
+        "auto", True, f"CUDA tensors: {auto_table.describe(fallback)}; CPU tensors: torch"
+    )
     return report
 
 
 def _triton_version() -> str:
     try:
         import triton
+
         return triton.__version__
     except Exception:  # pragma: no cover - reported as unavailable above
         return "?"
@@ -138,7 +143,9 @@ def resolve(backend: str, device: torch.device, key: Optional[tuple] = None) -> 
         if mod is None or not mod.available():
             raise BackendUnavailableError(
                 "backend='cuda' needs the compiled extension, which is not available: "
-                + (err or mod.unavailable_reason()) + " (see resfuse.backends())")
+                + (err or mod.unavailable_reason())
+                + " (see resfuse.backends())"
+            )
         if device.type != "cuda":
             raise BackendUnavailableError(f"backend='cuda' runs on CUDA tensors only, got {device}")
         return "cuda"
@@ -149,7 +156,8 @@ def resolve(backend: str, device: torch.device, key: Optional[tuple] = None) -> 
     if device.type != "cuda" and not _interpreter_active():
         raise BackendUnavailableError(
             f"backend='triton' runs on CUDA tensors (got {device}); CPU tensors only under "
-            "TRITON_INTERPRET=1")
+            "TRITON_INTERPRET=1"
+        )
     return "triton"
 
 
@@ -182,8 +190,9 @@ def implementation(name: str) -> ModuleType:
     """The module with ``forward`` / ``backward`` for a concrete backend name."""
     if name == "torch":  # the reference itself, behind the backend interface
         from . import reference
+
         return reference
-    mod, err = (_triton_module() if name == "triton" else _cuda_module())
+    mod, err = _triton_module() if name == "triton" else _cuda_module()
     if mod is None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {err}")
     return mod

@@ -31,15 +31,19 @@ def activation(x) -> Tensor:
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalized one), got a scalar")
     if x.shape[-1] == 0:
-        raise ValueError(f"x's last dimension (the normalized one) must be non-empty, got shape {_shape(x)}")
+        raise ValueError(
+            f"x's last dimension (the normalized one) must be non-empty, got shape {_shape(x)}"
+        )
     return x
 
 
 def same_as_x(name: str, t, x: Tensor) -> Tensor:
     tensor(name, t)
     if t.shape != x.shape:
-        raise ValueError(f"{name} must have the same shape as x {_shape(x)}, got {_shape(t)} "
-                         "(resfuse does not broadcast)")
+        raise ValueError(
+            f"{name} must have the same shape as x {_shape(x)}, got {_shape(t)} "
+            "(resfuse does not broadcast)"
+        )
     _device(name, t, x)
     return t
 
@@ -63,8 +67,9 @@ def rowscale(t, x: Tensor) -> Tensor:
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"rowscale must be broadcastable to x.shape[:-1] = {tuple(lead)}, "
-                         f"got {_shape(t)}")
+        raise ValueError(
+            f"rowscale must be broadcastable to x.shape[:-1] = {tuple(lead)}, got {_shape(t)}"
+        )
     _device("rowscale", t, x)
     return t.to(torch.float32).expand(lead).contiguous()
 
@@ -95,5 +100,7 @@ def dtype(name: str, v, default: torch.dtype) -> torch.dtype:
     if v is None:
         return default
     if not isinstance(v, torch.dtype) or v not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be None or one of torch.{_DTYPE_NAMES.replace(', ', ', torch.').replace(' or ', ' or torch.')}, got {v!r}")
+        raise TypeError(
+            f"{name} must be None or one of torch.{_DTYPE_NAMES.replace(', ', ', torch.').replace(' or ', ' or torch.')}, got {v!r}"
+        )
     return v

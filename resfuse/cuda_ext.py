@@ -17,13 +17,30 @@ from typing import Optional
 
 import torch
 
-from .spec import (AddNormSpec, BackwardInputs, Forward, Grads, Operands, absent_to_none,
-                   backward_outputs, backward_present, forward_outputs, forward_present)
+from .spec import (
+    AddNormSpec,
+    BackwardInputs,
+    Forward,
+    Grads,
+    Operands,
+    absent_to_none,
+    backward_outputs,
+    backward_present,
+    forward_outputs,
+    forward_present,
+)
 
 _new = tuple.__new__  # a NamedTuple from its fields in order (the per-call path)
 
-__all__ = ["available", "unavailable_reason", "build_info", "row_layout", "launch_limits",
-           "forward", "backward"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "build_info",
+    "row_layout",
+    "launch_limits",
+    "forward",
+    "backward",
+]
 
 _LIBRARY = "resfuse._C"
 _state: dict = {}
@@ -40,9 +57,11 @@ def _load() -> str:
     except Exception as e:  # noqa: BLE001 - a broken package must not break import
         reason = f"cannot look for the extension: {e}"
     if not reason and (spec is None or not spec.origin):
-        reason = ("the CUDA extension was not built (this install has no resfuse/_C*.so: it was "
-                  "installed without nvcc or a CUDA build of torch, or with "
-                  "RESFUSE_SKIP_CUDA_BUILD=1; reinstall with RESFUSE_FORCE_CUDA_BUILD=1 to see why)")
+        reason = (
+            "the CUDA extension was not built (this install has no resfuse/_C*.so: it was "
+            "installed without nvcc or a CUDA build of torch, or with "
+            "RESFUSE_SKIP_CUDA_BUILD=1; reinstall with RESFUSE_FORCE_CUDA_BUILD=1 to see why)"
+        )
     elif not reason and torch.version.cuda is None:
         reason = f"torch {torch.__version__} is a CPU-only build"
     if not reason:
@@ -57,7 +76,9 @@ def _load() -> str:
         except Exception as e:  # noqa: BLE001 - e.g. built for another CUDA major version
             info = build_info()
             built = f" (built for torch {info['torch']}, CUDA {info['cuda']})" if info else ""
-            reason = f"the CUDA extension {os.path.basename(spec.origin)}{built} failed to load: {e}"
+            reason = (
+                f"the CUDA extension {os.path.basename(spec.origin)}{built} failed to load: {e}"
+            )
     _state["reason"] = reason
     return reason
 
@@ -95,25 +116,38 @@ def unavailable_reason() -> str:
     if not _device_supported(index):
         major, minor = torch.cuda.get_device_capability(index)
         archs = build_info().get("arch_list", "?")
-        return (f"the CUDA extension has no kernels for cuda:{index} (sm_{major}{minor}); it was "
-                f"built for TORCH_CUDA_ARCH_LIST={archs!r}: rebuild with {major}.{minor} in it")
+        return (
+            f"the CUDA extension has no kernels for cuda:{index} (sm_{major}{minor}); it was "
+            f"built for TORCH_CUDA_ARCH_LIST={archs!r}: rebuild with {major}.{minor} in it"
+        )
     return ""
 
 
-def row_layout(D: int, *, backward: bool = False, branch_norm: bool = False,
-               device: Optional[int] = None) -> dict:
+def row_layout(
+    D: int, *, backward: bool = False, branch_norm: bool = False, device: Optional[int] = None
+) -> dict:
     """How the kernels lay out rows of D elements on a GPU (default: the current one):
     threads per row, rows per block, blocks per thread-block cluster (> 1: the row spans a
     cluster, sm_90), and whether the row is held in registers (else streamed in tiles)."""
     index = torch.cuda.current_device() if device is None else int(device)
     tpr, rpb, cluster, single = _ops()["layout"](index, int(D), bool(backward), bool(branch_norm))
-    return {"threads_per_row": tpr, "rows_per_block": rpb, "cluster_blocks": cluster,
-            "single_tile": bool(single)}
+    return {
+        "threads_per_row": tpr,
+        "rows_per_block": rpb,
+        "cluster_blocks": cluster,
+        "single_tile": bool(single),
+    }
 
 
 # the order of csrc/add_norm_params.h's kLaunchLimits (the cuda_launch_limits op's result)
-LIMIT_NAMES = ("chunk", "fwd_max_threads", "fwd_block_row", "bwd_max_threads", "bwd_block_row",
-               "max_cluster_blocks")
+LIMIT_NAMES = (
+    "chunk",
+    "fwd_max_threads",
+    "fwd_block_row",
+    "bwd_max_threads",
+    "bwd_block_row",
+    "max_cluster_blocks",
+)
 
 
 def launch_limits() -> dict:
@@ -127,13 +161,13 @@ def launch_limits() -> dict:
 def _register_fakes():
     # the CUDA schema takes the spec's flat form (csrc/ops.cpp): the fakes read it back
     @torch.library.register_fake("resfuse::cuda_add_norm_fwd")
-    def _fwd_fake(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias,
-                  *flat):
+    def _fwd_fake(
+        x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, *flat
+    ):
         return forward_outputs(AddNormSpec.from_flat(*flat), x, x.shape, x.shape[:1])
 
     @torch.library.register_fake("resfuse::cuda_add_norm_bwd")
-    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x,
-                  *flat):
+    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x, *flat):
         spec = AddNormSpec.from_flat(*flat)
         like = h if spec.output_norm else dh
         return backward_outputs(spec, like, like.shape)
@@ -156,8 +190,15 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     shifts."""
     y, h, mean, mean_x = _ops()["fwd"](*ops, *spec.flat())
     present = forward_present(spec)
-    return _new(Forward, (y if present[0] else None, h if present[1] else None,
-                          mean if present[2] else None, mean_x if present[3] else None))
+    return _new(
+        Forward,
+        (
+            y if present[0] else None,
+            h if present[1] else None,
+            mean if present[2] else None,
+            mean_x if present[3] else None,
+        ),
+    )
 
 
 def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:

@@ -25,10 +25,20 @@ def _requires_grad(tensors) -> bool:
     return False
 
 
-def _call(operands: tuple, return_h: bool, backend: str, norm: str, eps: float,
-          residual_scale: float, branch_scale: float, zero_centered_weight: bool,
-          branch_norm: bool, output_norm: bool, h_dtype: torch.dtype,
-          out_dtype: torch.dtype) -> tuple:
+def _call(
+    operands: tuple,
+    return_h: bool,
+    backend: str,
+    norm: str,
+    eps: float,
+    residual_scale: float,
+    branch_scale: float,
+    zero_centered_weight: bool,
+    branch_norm: bool,
+    output_norm: bool,
+    h_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> tuple:
     """Build the spec and the 2-D operands, resolve the backend, run; returns (y, h).
     ``operands``: the ``Operands`` fields as the caller has them, any shape.
 
@@ -40,14 +50,43 @@ def _call(operands: tuple, return_h: bool, backend: str, norm: str, eps: float,
     shape, D = x.shape, x.shape[-1]
     needs_grad = torch.is_grad_enabled() and _requires_grad((x, residual, weight, bias, bs, bw, bb))
     # h is written when returned, or when the output norm's backward needs it and it is not x
-    store_h = return_h or (needs_grad and output_norm and not h_is_x(
-        residual is not None, bs is not None, branch_scale, rowscale is not None, branch_norm,
-        h_dtype, x.dtype))
-    spec = _new(AddNormSpec, (  # AddNormSpec's fields in order; tuple.__new__: no arg binding
-        norm, eps, residual_scale, branch_scale, zero_centered_weight, branch_norm, output_norm,
-        store_h, residual is not None, weight is not None, bias is not None, bs is not None,
-        rowscale is not None, bw is not None, bb is not None, x.dtype,
-        residual.dtype if residual is not None else x.dtype, h_dtype, out_dtype))
+    store_h = return_h or (
+        needs_grad
+        and output_norm
+        and not h_is_x(
+            residual is not None,
+            bs is not None,
+            branch_scale,
+            rowscale is not None,
+            branch_norm,
+            h_dtype,
+            x.dtype,
+        )
+    )
+    spec = _new(
+        AddNormSpec,
+        (  # AddNormSpec's fields in order; tuple.__new__: no arg binding
+            norm,
+            eps,
+            residual_scale,
+            branch_scale,
+            zero_centered_weight,
+            branch_norm,
+            output_norm,
+            store_h,
+            residual is not None,
+            weight is not None,
+            bias is not None,
+            bs is not None,
+            rowscale is not None,
+            bw is not None,
+            bb is not None,
+            x.dtype,
+            residual.dtype if residual is not None else x.dtype,
+            h_dtype,
+            out_dtype,
+        ),
+    )
     if backend == "auto":  # auto's measured choice depends on the call (auto_table)
         key = (spec.family, norm, x.dtype, D, needs_grad)
         if torch.compiler.is_compiling() and not _auto_table.known_at_trace(D):
@@ -55,8 +94,10 @@ def _call(operands: tuple, return_h: bool, backend: str, norm: str, eps: float,
         backend = _backends.resolve(backend, x.device, key)
     else:
         backend = _backends.resolve(backend, x.device)
-    ops = _new(Operands, (_ops.rows(x, D), _ops.rows(residual, D), weight, bias, bs,
-                          _ops.flat(rowscale), bw, bb))
+    ops = _new(
+        Operands,
+        (_ops.rows(x, D), _ops.rows(residual, D), weight, bias, bs, _ops.flat(rowscale), bw, bb),
+    )
     y, h, _, _ = _ops.run(spec, ops, backend, needs_grad)
     if len(shape) != 2:
         y = y.view(shape) if y is not None else y
@@ -70,8 +111,9 @@ def _check_common(x, residual, eps, zero_centered_weight, residual_dtype):
         checks.same_as_x("residual", residual, x)
     eps = checks.real("eps", eps, minimum=0.0)
     zero_centered_weight = checks.flag("zero_centered_weight", zero_centered_weight)
-    residual_dtype = checks.dtype("residual_dtype", residual_dtype,
-                                  residual.dtype if residual is not None else x.dtype)
+    residual_dtype = checks.dtype(
+        "residual_dtype", residual_dtype, residual.dtype if residual is not None else x.dtype
+    )
     return eps, zero_centered_weight, residual_dtype
 
 
@@ -82,14 +124,27 @@ def _check_params(x, **params):
 
 
 def add_norm(
-    x, residual, weight, bias, eps, *, norm: str, residual_scale=1.0, branch_scale=None,
-    rowscale=None, zero_centered_weight=False, prenorm=True, residual_dtype=None,
-    out_dtype=None, backend="auto",
+    x,
+    residual,
+    weight,
+    bias,
+    eps,
+    *,
+    norm: str,
+    residual_scale=1.0,
+    branch_scale=None,
+    rowscale=None,
+    zero_centered_weight=False,
+    prenorm=True,
+    residual_dtype=None,
+    out_dtype=None,
+    backend="auto",
 ):
     """The add + norm family (and the plain norms, without a residual): validate, run;
     returns ``(y, h)`` if ``prenorm`` else ``y``."""
     eps, zero_centered_weight, residual_dtype = _check_common(
-        x, residual, eps, zero_centered_weight, residual_dtype)
+        x, residual, eps, zero_centered_weight, residual_dtype
+    )
     _check_params(x, weight=weight, bias=bias)
     residual_scale = checks.real("residual_scale", residual_scale)
     branch_scale_value = 1.0
@@ -102,74 +157,176 @@ def add_norm(
         rowscale = checks.rowscale(rowscale, x)
     prenorm = checks.flag("prenorm", prenorm)
     out_dtype = checks.dtype("out_dtype", out_dtype, x.dtype)
-    y, h = _call((x, residual, weight, bias, branch_scale, rowscale, None, None), prenorm,
-                 backend, norm, eps, residual_scale, branch_scale_value, zero_centered_weight,
-                 False, True, residual_dtype, out_dtype)
+    y, h = _call(
+        (x, residual, weight, bias, branch_scale, rowscale, None, None),
+        prenorm,
+        backend,
+        norm,
+        eps,
+        residual_scale,
+        branch_scale_value,
+        zero_centered_weight,
+        False,
+        True,
+        residual_dtype,
+        out_dtype,
+    )
     return (y, h) if prenorm else y
 
 
 def _norm_add_norm(
-    x, residual, branch_weight, weight, eps, *, norm: str, branch_bias=None, bias=None,
-    zero_centered_weight=False, prenorm=True, out_dtype=None, residual_dtype=None,
-    backend="auto", output_norm=True,
+    x,
+    residual,
+    branch_weight,
+    weight,
+    eps,
+    *,
+    norm: str,
+    branch_bias=None,
+    bias=None,
+    zero_centered_weight=False,
+    prenorm=True,
+    out_dtype=None,
+    residual_dtype=None,
+    backend="auto",
+    output_norm=True,
 ):
     """The sandwich family: ``h = residual + norm(x) * w_b' (+ b_b)``, ``y = norm(h) * w'
     (+ b)``. Returns ``(y, h)`` if ``prenorm`` else ``y``; with ``output_norm=False`` only
     ``h``."""
     eps, zero_centered_weight, residual_dtype = _check_common(
-        x, residual, eps, zero_centered_weight, residual_dtype)
-    _check_params(x, branch_weight=branch_weight, weight=weight, branch_bias=branch_bias,
-                  bias=bias)
+        x, residual, eps, zero_centered_weight, residual_dtype
+    )
+    _check_params(x, branch_weight=branch_weight, weight=weight, branch_bias=branch_bias, bias=bias)
     prenorm = checks.flag("prenorm", prenorm)
     out_dtype = checks.dtype("out_dtype", out_dtype, x.dtype)
-    y, h = _call((x, residual, weight, bias, None, None, branch_weight, branch_bias),
-                 prenorm or not output_norm, backend, norm, eps, 1.0, 1.0, zero_centered_weight,
-                 True, output_norm, residual_dtype, out_dtype)
+    y, h = _call(
+        (x, residual, weight, bias, None, None, branch_weight, branch_bias),
+        prenorm or not output_norm,
+        backend,
+        norm,
+        eps,
+        1.0,
+        1.0,
+        zero_centered_weight,
+        True,
+        output_norm,
+        residual_dtype,
+        out_dtype,
+    )
     if not output_norm:
         return h
     return (y, h) if prenorm else y
 
 
-def add_rms_norm(x, residual, weight, eps=1e-6, *, residual_scale=1.0, branch_scale=None,
-                 rowscale=None, zero_centered_weight=False, prenorm=True, residual_dtype=None,
-                 out_dtype=None, backend="auto"):
+def add_rms_norm(
+    x,
+    residual,
+    weight,
+    eps=1e-6,
+    *,
+    residual_scale=1.0,
+    branch_scale=None,
+    rowscale=None,
+    zero_centered_weight=False,
+    prenorm=True,
+    residual_dtype=None,
+    out_dtype=None,
+    backend="auto",
+):
     """``h = residual_scale * residual + branch_scale * rowscale * x``; ``y = RMSNorm(h) * w'``.
 
     Returns ``(y, h)`` when ``prenorm`` (the next sublayer takes ``y``, the next add ``h``),
     else ``y``. All math in fp32, each output rounded once.
     """
-    return add_norm(x, residual, weight, None, eps, norm="rms", residual_scale=residual_scale,
-                    branch_scale=branch_scale, rowscale=rowscale,
-                    zero_centered_weight=zero_centered_weight, prenorm=prenorm,
-                    residual_dtype=residual_dtype, out_dtype=out_dtype, backend=backend)
+    return add_norm(
+        x,
+        residual,
+        weight,
+        None,
+        eps,
+        norm="rms",
+        residual_scale=residual_scale,
+        branch_scale=branch_scale,
+        rowscale=rowscale,
+        zero_centered_weight=zero_centered_weight,
+        prenorm=prenorm,
+        residual_dtype=residual_dtype,
+        out_dtype=out_dtype,
+        backend=backend,
+    )
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-5, *, residual_scale=1.0, branch_scale=None,
-                   rowscale=None, zero_centered_weight=False, prenorm=True, residual_dtype=None,
-                   out_dtype=None, backend="auto"):
+def add_layer_norm(
+    x,
+    residual,
+    weight,
+    bias,
+    eps=1e-5,
+    *,
+    residual_scale=1.0,
+    branch_scale=None,
+    rowscale=None,
+    zero_centered_weight=False,
+    prenorm=True,
+    residual_dtype=None,
+    out_dtype=None,
+    backend="auto",
+):
     """``h = residual_scale * residual + branch_scale * rowscale * x``; ``y = LayerNorm(h) * w' + b``.
 
     Returns ``(y, h)`` when ``prenorm``, else ``y``. All math in fp32, each output rounded once.
     """
-    return add_norm(x, residual, weight, bias, eps, norm="layer", residual_scale=residual_scale,
-                    branch_scale=branch_scale, rowscale=rowscale,
-                    zero_centered_weight=zero_centered_weight, prenorm=prenorm,
-                    residual_dtype=residual_dtype, out_dtype=out_dtype, backend=backend)
+    return add_norm(
+        x,
+        residual,
+        weight,
+        bias,
+        eps,
+        norm="layer",
+        residual_scale=residual_scale,
+        branch_scale=branch_scale,
+        rowscale=rowscale,
+        zero_centered_weight=zero_centered_weight,
+        prenorm=prenorm,
+        residual_dtype=residual_dtype,
+        out_dtype=out_dtype,
+        backend=backend,
+    )
 
 
 def rms_norm(x, weight, eps=1e-6, *, zero_centered_weight=False, out_dtype=None, backend="auto"):
     """``RMSNorm(x) * w'`` over the last dimension, fp32 math."""
-    return add_norm(x, None, weight, None, eps, norm="rms",
-                    zero_centered_weight=zero_centered_weight, prenorm=False,
-                    out_dtype=out_dtype, backend=backend)
+    return add_norm(
+        x,
+        None,
+        weight,
+        None,
+        eps,
+        norm="rms",
+        zero_centered_weight=zero_centered_weight,
+        prenorm=False,
+        out_dtype=out_dtype,
+        backend=backend,
+    )
 
 
-def layer_norm(x, weight, bias, eps=1e-5, *, zero_centered_weight=False, out_dtype=None,
-               backend="auto"):
+def layer_norm(
+    x, weight, bias, eps=1e-5, *, zero_centered_weight=False, out_dtype=None, backend="auto"
+):
     """``LayerNorm(x) * w' + b`` over the last dimension (biased variance), fp32 math."""
-    return add_norm(x, None, weight, bias, eps, norm="layer",
-                    zero_centered_weight=zero_centered_weight, prenorm=False,
-                    out_dtype=out_dtype, backend=backend)
+    return add_norm(
+        x,
+        None,
+        weight,
+        bias,
+        eps,
+        norm="layer",
+        zero_centered_weight=zero_centered_weight,
+        prenorm=False,
+        out_dtype=out_dtype,
+        backend=backend,
+    )
 
 
 def _norm_kind(norm) -> str:
@@ -182,9 +339,22 @@ def _default_eps(eps, norm):
     return eps if eps is not None else (1e-6 if norm == "rms" else 1e-5)
 
 
-def norm_add_norm(x, residual, branch_weight, weight, eps=None, *, norm="rms", branch_bias=None,
-                  bias=None, zero_centered_weight=False, prenorm=True, out_dtype=None,
-                  residual_dtype=None, backend="auto"):
+def norm_add_norm(
+    x,
+    residual,
+    branch_weight,
+    weight,
+    eps=None,
+    *,
+    norm="rms",
+    branch_bias=None,
+    bias=None,
+    zero_centered_weight=False,
+    prenorm=True,
+    out_dtype=None,
+    residual_dtype=None,
+    backend="auto",
+):
     """Sandwich / Peri-LN / Gemma2-3 layout in one pass each way::
 
         h = residual + norm(x) * w_b' (+ b_b)
@@ -193,16 +363,46 @@ def norm_add_norm(x, residual, branch_weight, weight, eps=None, *, norm="rms", b
     ``norm`` ("rms" or "layer"), ``eps`` (default 1e-6 / 1e-5) and ``zero_centered_weight``
     apply to both norms. Returns ``(y, h)`` when ``prenorm``, else ``y``.
     """
-    return _norm_add_norm(x, residual, branch_weight, weight, _default_eps(eps, norm),
-                              norm=_norm_kind(norm), branch_bias=branch_bias, bias=bias,
-                              zero_centered_weight=zero_centered_weight, prenorm=prenorm,
-                              out_dtype=out_dtype, residual_dtype=residual_dtype, backend=backend)
+    return _norm_add_norm(
+        x,
+        residual,
+        branch_weight,
+        weight,
+        _default_eps(eps, norm),
+        norm=_norm_kind(norm),
+        branch_bias=branch_bias,
+        bias=bias,
+        zero_centered_weight=zero_centered_weight,
+        prenorm=prenorm,
+        out_dtype=out_dtype,
+        residual_dtype=residual_dtype,
+        backend=backend,
+    )
 
 
-def norm_add(x, residual, branch_weight, eps=None, *, norm="rms", branch_bias=None,
-             zero_centered_weight=False, residual_dtype=None, backend="auto"):
+def norm_add(
+    x,
+    residual,
+    branch_weight,
+    eps=None,
+    *,
+    norm="rms",
+    branch_bias=None,
+    zero_centered_weight=False,
+    residual_dtype=None,
+    backend="auto",
+):
     """OLMo2's reordered norm in one pass each way: ``h = residual + norm(x) * w_b' (+ b_b)``."""
-    return _norm_add_norm(x, residual, branch_weight, None, _default_eps(eps, norm),
-                              norm=_norm_kind(norm), branch_bias=branch_bias,
-                              zero_centered_weight=zero_centered_weight,
-                              residual_dtype=residual_dtype, backend=backend, output_norm=False)
+    return _norm_add_norm(
+        x,
+        residual,
+        branch_weight,
+        None,
+        _default_eps(eps, norm),
+        norm=_norm_kind(norm),
+        branch_bias=branch_bias,
+        zero_centered_weight=zero_centered_weight,
+        residual_dtype=residual_dtype,
+        backend=backend,
+        output_norm=False,
+    )

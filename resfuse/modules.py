@@ -21,8 +21,10 @@ def _normalized_shape(normalized_shape: _Shape) -> tuple[int, ...]:
         normalized_shape = (int(normalized_shape),)
     shape = tuple(int(s) for s in normalized_shape)
     if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"normalized_shape must be a positive int or a non-empty tuple of "
-                         f"positive ints, got {normalized_shape!r}")
+        raise ValueError(
+            f"normalized_shape must be a positive int or a non-empty tuple of "
+            f"positive ints, got {normalized_shape!r}"
+        )
     return shape
 
 
@@ -32,8 +34,16 @@ class _Norm(nn.Module):
 
     _norm: str  # "rms" | "layer"
 
-    def __init__(self, normalized_shape: _Shape, eps: Optional[float], elementwise_affine: bool,
-                 bias: bool, zero_centered_weight: bool, device, dtype):
+    def __init__(
+        self,
+        normalized_shape: _Shape,
+        eps: Optional[float],
+        elementwise_affine: bool,
+        bias: bool,
+        zero_centered_weight: bool,
+        device,
+        dtype,
+    ):
         super().__init__()
         self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = eps
@@ -64,24 +74,37 @@ class _Norm(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         k = len(self.normalized_shape)
         if tuple(x.shape[-k:]) != self.normalized_shape:
-            raise ValueError(f"x's trailing dims must be normalized_shape {self.normalized_shape}, "
-                             f"got x of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x's trailing dims must be normalized_shape {self.normalized_shape}, "
+                f"got x of shape {tuple(x.shape)}"
+            )
         weight, bias = self.weight, self.bias
         shape = x.shape
         if k > 1:  # normalize over several trailing dims: one row of their product
             if residual is not None and residual.shape != shape:
-                raise ValueError(f"residual must have the same shape as x {tuple(shape)}, "
-                                 f"got {tuple(residual.shape)} (resfuse does not broadcast)")
+                raise ValueError(
+                    f"residual must have the same shape as x {tuple(shape)}, "
+                    f"got {tuple(residual.shape)} (resfuse does not broadcast)"
+                )
             D = math.prod(self.normalized_shape)
             x = x.reshape(*shape[:-k], D)
             residual = residual.reshape(x.shape) if residual is not None else None
             weight = weight.reshape(D) if weight is not None else None
             bias = bias.reshape(D) if bias is not None else None
-        out = add_norm(x, residual, weight, bias, self._eps(x), norm=self._norm,
-                       zero_centered_weight=self.zero_centered_weight,
-                       prenorm=residual is not None)
+        out = add_norm(
+            x,
+            residual,
+            weight,
+            bias,
+            self._eps(x),
+            norm=self._norm,
+            zero_centered_weight=self.zero_centered_weight,
+            prenorm=residual is not None,
+        )
         if k > 1:
-            out = tuple(t.reshape(shape) for t in out) if residual is not None else out.reshape(shape)
+            out = (
+                tuple(t.reshape(shape) for t in out) if residual is not None else out.reshape(shape)
+            )
         return out
 
     def extra_repr(self) -> str:
@@ -98,11 +121,19 @@ class RMSNorm(_Norm):
 
     _norm = "rms"
 
-    def __init__(self, normalized_shape: _Shape, eps: Optional[float] = 1e-6,
-                 elementwise_affine: bool = True, *, zero_centered_weight: bool = False,
-                 device=None, dtype=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, False, zero_centered_weight,
-                         device, dtype)
+    def __init__(
+        self,
+        normalized_shape: _Shape,
+        eps: Optional[float] = 1e-6,
+        elementwise_affine: bool = True,
+        *,
+        zero_centered_weight: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            normalized_shape, eps, elementwise_affine, False, zero_centered_weight, device, dtype
+        )
 
     @property
     def variance_epsilon(self) -> Optional[float]:
@@ -121,11 +152,20 @@ class LayerNorm(_Norm):
 
     _norm = "layer"
 
-    def __init__(self, normalized_shape: _Shape, eps: float = 1e-5,
-                 elementwise_affine: bool = True, bias: bool = True, *,
-                 zero_centered_weight: bool = False, device=None, dtype=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, zero_centered_weight,
-                         device, dtype)
+    def __init__(
+        self,
+        normalized_shape: _Shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        zero_centered_weight: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            normalized_shape, eps, elementwise_affine, bias, zero_centered_weight, device, dtype
+        )
 
 
 class AddNorm(nn.Module):
@@ -140,9 +180,19 @@ class AddNorm(nn.Module):
     * ``prenorm``: return ``(y, h)`` (pre-norm chaining) or only ``y`` (post-norm).
     """
 
-    def __init__(self, dim: int, norm: str = "rms", eps: Optional[float] = None, *,
-                 residual_scale: float = 1.0, layer_scale_init: Optional[float] = None,
-                 drop_path: float = 0.0, prenorm: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        norm: str = "rms",
+        eps: Optional[float] = None,
+        *,
+        residual_scale: float = 1.0,
+        layer_scale_init: Optional[float] = None,
+        drop_path: float = 0.0,
+        prenorm: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
@@ -159,7 +209,9 @@ class AddNorm(nn.Module):
         else:
             self.register_parameter("bias", None)
         if layer_scale_init is not None:
-            self.layer_scale = nn.Parameter(torch.full((self.dim,), float(layer_scale_init), **factory))
+            self.layer_scale = nn.Parameter(
+                torch.full((self.dim,), float(layer_scale_init), **factory)
+            )
         else:
             self.register_parameter("layer_scale", None)
 
@@ -171,10 +223,18 @@ class AddNorm(nn.Module):
         return torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(keep) / keep
 
     def forward(self, x: Tensor, residual: Tensor):
-        return add_norm(x, residual, self.weight, self.bias, self.eps, norm=self.norm,
-                        residual_scale=self.residual_scale, branch_scale=self.layer_scale,
-                        rowscale=self._drop_path_rowscale(x) if x.dim() >= 2 else None,
-                        prenorm=self.prenorm)
+        return add_norm(
+            x,
+            residual,
+            self.weight,
+            self.bias,
+            self.eps,
+            norm=self.norm,
+            residual_scale=self.residual_scale,
+            branch_scale=self.layer_scale,
+            rowscale=self._drop_path_rowscale(x) if x.dim() >= 2 else None,
+            prenorm=self.prenorm,
+        )
 
     def extra_repr(self) -> str:
         s = f"{self.dim}, norm={self.norm!r}, eps={self.eps}, prenorm={self.prenorm}"
@@ -197,38 +257,60 @@ class NormAddNorm(nn.Module):
     ``output_norm=False`` drops the second norm: OLMo2's ``h = residual + norm(x)``.
     """
 
-    def __init__(self, dim: int, norm: str = "rms", eps: Optional[float] = None, *,
-                 elementwise_affine: bool = True, bias: bool = True,
-                 zero_centered_weight: bool = False, prenorm: bool = True,
-                 output_norm: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        dim: int,
+        norm: str = "rms",
+        eps: Optional[float] = None,
+        *,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        zero_centered_weight: bool = False,
+        prenorm: bool = True,
+        output_norm: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
         eps = eps if eps is not None else (1e-6 if norm == "rms" else 1e-5)
 
         def make():
-            kw = dict(elementwise_affine=elementwise_affine,
-                      zero_centered_weight=zero_centered_weight, device=device, dtype=dtype)
-            return RMSNorm(dim, eps, **kw) if norm == "rms" else LayerNorm(dim, eps, bias=bias, **kw)
+            kw = dict(
+                elementwise_affine=elementwise_affine,
+                zero_centered_weight=zero_centered_weight,
+                device=device,
+                dtype=dtype,
+            )
+            return (
+                RMSNorm(dim, eps, **kw) if norm == "rms" else LayerNorm(dim, eps, bias=bias, **kw)
+            )
 
         self.branch_norm = make()
         self.norm = make() if output_norm else None
         self.prenorm = prenorm
 
     @classmethod
-    def from_norms(cls, branch_norm: _Norm, norm: Optional[_Norm] = None, *,
-                   prenorm: bool = True) -> "NormAddNorm":
+    def from_norms(
+        cls, branch_norm: _Norm, norm: Optional[_Norm] = None, *, prenorm: bool = True
+    ) -> "NormAddNorm":
         """Fuse two existing resfuse norms of the same kind, eps and weight convention."""
         for name, m in (("branch_norm", branch_norm), ("norm", norm)):
             if m is not None and (not isinstance(m, _Norm) or len(m.normalized_shape) != 1):
-                raise TypeError(f"{name} must be a resfuse RMSNorm or LayerNorm over one "
-                                f"dimension, got {m!r}")
-        if norm is not None and (type(norm) is not type(branch_norm)
-                                 or norm.normalized_shape != branch_norm.normalized_shape
-                                 or norm.eps != branch_norm.eps
-                                 or norm.zero_centered_weight != branch_norm.zero_centered_weight):
-            raise ValueError("branch_norm and norm must agree on kind, shape, eps and "
-                             f"zero_centered_weight: {branch_norm!r} vs {norm!r}")
+                raise TypeError(
+                    f"{name} must be a resfuse RMSNorm or LayerNorm over one dimension, got {m!r}"
+                )
+        if norm is not None and (
+            type(norm) is not type(branch_norm)
+            or norm.normalized_shape != branch_norm.normalized_shape
+            or norm.eps != branch_norm.eps
+            or norm.zero_centered_weight != branch_norm.zero_centered_weight
+        ):
+            raise ValueError(
+                "branch_norm and norm must agree on kind, shape, eps and "
+                f"zero_centered_weight: {branch_norm!r} vs {norm!r}"
+            )
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.branch_norm, module.norm, module.prenorm = branch_norm, norm, prenorm
@@ -236,9 +318,9 @@ class NormAddNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor]):
         b, n = self.branch_norm, self.norm
-        common = dict(norm=b._norm, branch_bias=b.bias,
-                      zero_centered_weight=b.zero_centered_weight)
+        common = dict(norm=b._norm, branch_bias=b.bias, zero_centered_weight=b.zero_centered_weight)
         if n is None:
             return _functional.norm_add(x, residual, b.weight, b._eps(x), **common)
-        return _functional.norm_add_norm(x, residual, b.weight, n.weight, b._eps(x), bias=n.bias,
-                                         prenorm=self.prenorm, **common)
+        return _functional.norm_add_norm(
+            x, residual, b.weight, n.weight, b._eps(x), bias=n.bias, prenorm=self.prenorm, **common
+        )

@@ -31,10 +31,20 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backend_registry as _backends
-from .spec import (AddNormSpec, BackwardInputs, Grads, Operands, absent_to_none,
-                   backward_dtypes, backward_outputs, backward_present, forward_dtypes,
-                   forward_outputs, forward_present, op_outputs)
-
+from .spec import (
+    AddNormSpec,
+    BackwardInputs,
+    Grads,
+    Operands,
+    absent_to_none,
+    backward_dtypes,
+    backward_outputs,
+    backward_present,
+    forward_dtypes,
+    forward_outputs,
+    forward_present,
+    op_outputs,
+)
 
 _new = tuple.__new__  # builds a NamedTuple from its fields in order, without binding arguments
 
@@ -59,57 +69,143 @@ def flat(t: Optional[Tensor]) -> Optional[Tensor]:
 
 @torch.library.custom_op("resfuse::add_norm", mutates_args=())
 def add_norm_op(
-    x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-    branch_scale: Optional[Tensor], rowscale: Optional[Tensor], branch_weight: Optional[Tensor],
-    branch_bias: Optional[Tensor], eps: float, residual_scale: float, branch_scale_value: float,
-    flags: int, x_dtype: torch.dtype, residual_dtype: torch.dtype, h_dtype: torch.dtype,
-    out_dtype: torch.dtype, backend: str,
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    branch_scale: Optional[Tensor],
+    rowscale: Optional[Tensor],
+    branch_weight: Optional[Tensor],
+    branch_bias: Optional[Tensor],
+    eps: float,
+    residual_scale: float,
+    branch_scale_value: float,
+    flags: int,
+    x_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+    h_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    spec = AddNormSpec.from_flat(eps, residual_scale, branch_scale_value, flags, x_dtype,
-                                 residual_dtype, h_dtype, out_dtype)
+    spec = AddNormSpec.from_flat(
+        eps, residual_scale, branch_scale_value, flags, x_dtype, residual_dtype, h_dtype, out_dtype
+    )
     # the entry points pass 2-D tensors; direct callers of the op may pass any shape
     D = x.shape[-1]
-    out = _backends.implementation(backend).forward(spec, Operands(
-        rows(x, D), rows(residual, D), weight, bias, branch_scale, flat(rowscale),
-        branch_weight, branch_bias))
+    out = _backends.implementation(backend).forward(
+        spec,
+        Operands(
+            rows(x, D),
+            rows(residual, D),
+            weight,
+            bias,
+            branch_scale,
+            flat(rowscale),
+            branch_weight,
+            branch_bias,
+        ),
+    )
     lead = x.shape[:-1]
     return op_outputs(out, (x.shape, x.shape, lead, lead), forward_dtypes(spec), x)
 
 
 @add_norm_op.register_fake
-def _add_norm_fake(x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias,
-                   eps, residual_scale, branch_scale_value, flags, x_dtype, residual_dtype,
-                   h_dtype, out_dtype, backend):
-    spec = AddNormSpec.from_flat(eps, residual_scale, branch_scale_value, flags, x_dtype,
-                                 residual_dtype, h_dtype, out_dtype)
+def _add_norm_fake(
+    x,
+    residual,
+    weight,
+    bias,
+    branch_scale,
+    rowscale,
+    branch_weight,
+    branch_bias,
+    eps,
+    residual_scale,
+    branch_scale_value,
+    flags,
+    x_dtype,
+    residual_dtype,
+    h_dtype,
+    out_dtype,
+    backend,
+):
+    spec = AddNormSpec.from_flat(
+        eps, residual_scale, branch_scale_value, flags, x_dtype, residual_dtype, h_dtype, out_dtype
+    )
     return forward_outputs(spec, x, x.shape, x.shape[:-1])
 
 
 @torch.library.custom_op("resfuse::add_norm_backward", mutates_args=())
 def add_norm_backward_op(
-    dy: Optional[Tensor], dh: Optional[Tensor], h: Optional[Tensor], x: Optional[Tensor],
-    weight: Optional[Tensor], branch_scale: Optional[Tensor], rowscale: Optional[Tensor],
-    branch_weight: Optional[Tensor], mean: Optional[Tensor], mean_x: Optional[Tensor],
-    eps: float, residual_scale: float, branch_scale_value: float, flags: int,
-    x_dtype: torch.dtype, residual_dtype: torch.dtype, h_dtype: torch.dtype,
-    out_dtype: torch.dtype, backend: str,
+    dy: Optional[Tensor],
+    dh: Optional[Tensor],
+    h: Optional[Tensor],
+    x: Optional[Tensor],
+    weight: Optional[Tensor],
+    branch_scale: Optional[Tensor],
+    rowscale: Optional[Tensor],
+    branch_weight: Optional[Tensor],
+    mean: Optional[Tensor],
+    mean_x: Optional[Tensor],
+    eps: float,
+    residual_scale: float,
+    branch_scale_value: float,
+    flags: int,
+    x_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+    h_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    spec = AddNormSpec.from_flat(eps, residual_scale, branch_scale_value, flags, x_dtype,
-                                 residual_dtype, h_dtype, out_dtype)
+    spec = AddNormSpec.from_flat(
+        eps, residual_scale, branch_scale_value, flags, x_dtype, residual_dtype, h_dtype, out_dtype
+    )
     like = h if h is not None else dh
     D = like.shape[-1]
-    grads = _backward(spec, BackwardInputs(
-        dy, dh, rows(h, D), rows(x, D), weight, branch_scale, flat(rowscale), branch_weight,
-        flat(mean), flat(mean_x)), backend)
+    grads = _backward(
+        spec,
+        BackwardInputs(
+            dy,
+            dh,
+            rows(h, D),
+            rows(x, D),
+            weight,
+            branch_scale,
+            flat(rowscale),
+            branch_weight,
+            flat(mean),
+            flat(mean_x),
+        ),
+        backend,
+    )
     return op_outputs(grads, (like.shape, like.shape) + ((D,),) * 5, backward_dtypes(spec), like)
 
 
 @add_norm_backward_op.register_fake
-def _add_norm_backward_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean,
-                            mean_x, eps, residual_scale, branch_scale_value, flags, x_dtype,
-                            residual_dtype, h_dtype, out_dtype, backend):
-    spec = AddNormSpec.from_flat(eps, residual_scale, branch_scale_value, flags, x_dtype,
-                                 residual_dtype, h_dtype, out_dtype)
+def _add_norm_backward_fake(
+    dy,
+    dh,
+    h,
+    x,
+    weight,
+    branch_scale,
+    rowscale,
+    branch_weight,
+    mean,
+    mean_x,
+    eps,
+    residual_scale,
+    branch_scale_value,
+    flags,
+    x_dtype,
+    residual_dtype,
+    h_dtype,
+    out_dtype,
+    backend,
+):
+    spec = AddNormSpec.from_flat(
+        eps, residual_scale, branch_scale_value, flags, x_dtype, residual_dtype, h_dtype, out_dtype
+    )
     like = h if h is not None else dh
     return backward_outputs(spec, like, like.shape)
 
@@ -118,7 +214,8 @@ def _backward(spec: AddNormSpec, inputs: BackwardInputs, backend: str) -> Grads:
     """The backend's backward on 2-D tensors (upstream gradients arrive in any layout)."""
     D = (inputs.h if inputs.h is not None else inputs.dh).shape[-1]
     return _backends.implementation(backend).backward(
-        spec, inputs._replace(dy=rows(inputs.dy, D), dh=rows(inputs.dh, D)))
+        spec, inputs._replace(dy=rows(inputs.dy, D), dh=rows(inputs.dh, D))
+    )
 
 
 # --------------------------------------------------------------------------- autograd
@@ -136,17 +233,23 @@ def _save(ctx, spec: AddNormSpec, backend: str, ops: Operands, out) -> None:
     Parameters are not activations."""
     _, h, mean, mean_x = out
     layer = spec.norm == "layer"
-    ctx.save_for_backward((h if spec.store_h else ops.x) if spec.output_norm else None,
-                          ops.x if spec.reads_x_in_backward else None,
-                          ops.weight, ops.branch_scale, ops.rowscale, ops.branch_weight,
-                          mean if layer and spec.output_norm else None,
-                          mean_x if layer and spec.branch_norm else None)
+    ctx.save_for_backward(
+        (h if spec.store_h else ops.x) if spec.output_norm else None,
+        ops.x if spec.reads_x_in_backward else None,
+        ops.weight,
+        ops.branch_scale,
+        ops.rowscale,
+        ops.branch_weight,
+        mean if layer and spec.output_norm else None,
+        mean_x if layer and spec.branch_norm else None,
+    )
     ctx.mark_non_differentiable(*(t for t in (mean, mean_x) if t is not None))
     ctx.set_materialize_grads(False)
     ctx.spec, ctx.backend = spec, backend
-    ctx.param_dtypes = tuple(t.dtype if t is not None else None
-                             for t in (ops.weight, ops.bias, ops.branch_scale, ops.branch_weight,
-                                       ops.branch_bias))
+    ctx.param_dtypes = tuple(
+        t.dtype if t is not None else None
+        for t in (ops.weight, ops.bias, ops.branch_scale, ops.branch_weight, ops.branch_bias)
+    )
 
 
 # the positions of the operands' gradients among the inputs: x, residual, weight, bias,
@@ -157,6 +260,7 @@ _PARAM_POSITIONS = (2, 3, 4, 6, 7)
 def _make_backward(run_backward, first: int, trailing: int):
     """The backward of an autograd node whose inputs are ``first`` non-tensors, the eight
     ``Operands`` and ``trailing`` non-tensors."""
+
     def backward(ctx, dy, dh, _dmean=None, _dmean_x=None):
         spec = ctx.spec
         h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x = ctx.saved_tensors
@@ -164,19 +268,42 @@ def _make_backward(run_backward, first: int, trailing: int):
             dy = torch.zeros_like(h)
         if not spec.store_h:
             dh = None
-        grads = run_backward(spec, BackwardInputs(dy, dh, h, x, weight, branch_scale, rowscale,
-                                                  branch_weight, mean, mean_x), ctx.backend)
+        grads = run_backward(
+            spec,
+            BackwardInputs(
+                dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x
+            ),
+            ctx.backend,
+        )
         needs = ctx.needs_input_grad[first:]
-        dresidual = {"dx": grads.dx, "dh": dh, "kernel": grads.dresidual, None: None}[spec.dresidual]
-        params = (grads.dweight, grads.dbias, grads.dbranch_scale, grads.dbranch_weight,
-                  grads.dbranch_bias)
+        dresidual = {"dx": grads.dx, "dh": dh, "kernel": grads.dresidual, None: None}[
+            spec.dresidual
+        ]
+        params = (
+            grads.dweight,
+            grads.dbias,
+            grads.dbranch_scale,
+            grads.dbranch_weight,
+            grads.dbranch_bias,
+        )
         dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias = (
             g.to(dtype) if dtype is not None and needs[i] else None
-            for i, g, dtype in zip(_PARAM_POSITIONS, params, ctx.param_dtypes))
-        return ((None,) * first
-                + (grads.dx if needs[0] else None, dresidual if needs[1] else None,
-                   dweight, dbias, dbranch_scale, None, dbranch_weight, dbranch_bias)
-                + (None,) * trailing)
+            for i, g, dtype in zip(_PARAM_POSITIONS, params, ctx.param_dtypes)
+        )
+        return (
+            (None,) * first
+            + (
+                grads.dx if needs[0] else None,
+                dresidual if needs[1] else None,
+                dweight,
+                dbias,
+                dbranch_scale,
+                None,
+                dbranch_weight,
+                dbranch_bias,
+            )
+            + (None,) * trailing
+        )
 
     return backward
 
@@ -202,12 +329,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(spec, inputs, backend):
-    return Grads(*absent_to_none(torch.ops.resfuse.add_norm_backward(*inputs, *spec.flat(), backend),
-                                 backward_present(spec)))
+    return Grads(
+        *absent_to_none(
+            torch.ops.resfuse.add_norm_backward(*inputs, *spec.flat(), backend),
+            backward_present(spec),
+        )
+    )
 
 
-torch.library.register_autograd("resfuse::add_norm", _make_backward(_op_backward, 0, 9),
-                                setup_context=_setup_context)
+torch.library.register_autograd(
+    "resfuse::add_norm", _make_backward(_op_backward, 0, 9), setup_context=_setup_context
+)
 
 
 # --------------------------------------------------------------------------- running a call
@@ -218,8 +350,9 @@ def run(spec: AddNormSpec, ops: Operands, backend: str, needs_grad: bool) -> tup
     path that fits: the registered op while torch.compile traces (the graph stays whole),
     the autograd function when a gradient is needed, the backend itself otherwise."""
     if torch.compiler.is_compiling():
-        return absent_to_none(torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend),
-                              forward_present(spec))
+        return absent_to_none(
+            torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend), forward_present(spec)
+        )
     if needs_grad:
         return _AddNormFunction.apply(spec, backend, *ops)
     return _backends.implementation(backend).forward(spec, ops)

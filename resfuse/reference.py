@@ -42,7 +42,9 @@ def residual_sum(
     """``h = residual_scale * residual + branch_scale * rowscale * x`` in ``compute_dtype``."""
     f = x.to(compute_dtype)
     if branch_scale is not None:
-        f = f * (branch_scale.to(compute_dtype) if isinstance(branch_scale, Tensor) else branch_scale)
+        f = f * (
+            branch_scale.to(compute_dtype) if isinstance(branch_scale, Tensor) else branch_scale
+        )
     if rowscale is not None:
         f = f * rowscale.to(compute_dtype).unsqueeze(-1)
     if residual is not None:
@@ -154,10 +156,24 @@ def norm_add_norm(
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """``(y, h)`` of the sandwich layout in ``compute_dtype``; ``h`` alone is ``norm_add``."""
-    f = normalize(x.to(compute_dtype), branch_weight, branch_bias, eps, norm=norm,
-                  zero_centered_weight=zero_centered_weight)
-    return add_norm(f, residual, weight, bias, eps, norm=norm,
-                    zero_centered_weight=zero_centered_weight, compute_dtype=compute_dtype)
+    f = normalize(
+        x.to(compute_dtype),
+        branch_weight,
+        branch_bias,
+        eps,
+        norm=norm,
+        zero_centered_weight=zero_centered_weight,
+    )
+    return add_norm(
+        f,
+        residual,
+        weight,
+        bias,
+        eps,
+        norm=norm,
+        zero_centered_weight=zero_centered_weight,
+        compute_dtype=compute_dtype,
+    )
 
 
 # --------------------------------------------------------------------------- the "torch" backend
@@ -167,28 +183,52 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     """The reference in fp32 behind the backend interface (2-D operands, ``spec.Operands``)."""
     f = ops.x.float()
     if spec.branch_norm:
-        f = normalize(f, ops.branch_weight, ops.branch_bias, spec.eps, norm=spec.norm,
-                      zero_centered_weight=spec.zero_centered_weight)
-    h = residual_sum(f, ops.residual, residual_scale=spec.residual_scale,
-                     branch_scale=ops.branch_scale if ops.branch_scale is not None else spec.branch_scale,
-                     rowscale=ops.rowscale)
+        f = normalize(
+            f,
+            ops.branch_weight,
+            ops.branch_bias,
+            spec.eps,
+            norm=spec.norm,
+            zero_centered_weight=spec.zero_centered_weight,
+        )
+    h = residual_sum(
+        f,
+        ops.residual,
+        residual_scale=spec.residual_scale,
+        branch_scale=ops.branch_scale if ops.branch_scale is not None else spec.branch_scale,
+        rowscale=ops.rowscale,
+    )
     y = None
     if spec.output_norm:
-        y = normalize(h, ops.weight, ops.bias, spec.eps, norm=spec.norm,
-                      zero_centered_weight=spec.zero_centered_weight).to(spec.out_dtype)
+        y = normalize(
+            h,
+            ops.weight,
+            ops.bias,
+            spec.eps,
+            norm=spec.norm,
+            zero_centered_weight=spec.zero_centered_weight,
+        ).to(spec.out_dtype)
     # the row means are the kernels' shifts for the backward; unused here
     layer = spec.norm == "layer"
-    return Forward(y, h.to(spec.h_dtype) if spec.store_h else None,
-                   h.mean(-1) if layer and spec.output_norm else None,
-                   ops.x.float().mean(-1) if layer and spec.branch_norm else None)
+    return Forward(
+        y,
+        h.to(spec.h_dtype) if spec.store_h else None,
+        h.mean(-1) if layer and spec.output_norm else None,
+        ops.x.float().mean(-1) if layer and spec.branch_norm else None,
+    )
 
 
 def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     dweight = dbias = None
     if spec.output_norm:
         dh_total, dweight, dbias = normalize_backward(
-            inputs.h.float(), inputs.dy, inputs.weight, spec.eps, norm=spec.norm,
-            zero_centered_weight=spec.zero_centered_weight)
+            inputs.h.float(),
+            inputs.dy,
+            inputs.weight,
+            spec.eps,
+            norm=spec.norm,
+            zero_centered_weight=spec.zero_centered_weight,
+        )
         if inputs.dh is not None:
             dh_total = dh_total + inputs.dh.float()
         dbias = dbias if spec.has_bias else None
@@ -204,10 +244,19 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
         df = df * inputs.branch_scale.float()
     if spec.branch_norm:
         df, dbranch_weight, dbranch_bias = normalize_backward(
-            inputs.x.float(), df, inputs.branch_weight, spec.eps, norm=spec.norm,
-            zero_centered_weight=spec.zero_centered_weight)
+            inputs.x.float(),
+            df,
+            inputs.branch_weight,
+            spec.eps,
+            norm=spec.norm,
+            zero_centered_weight=spec.zero_centered_weight,
+        )
         dbranch_bias = dbranch_bias if spec.has_branch_bias else None
-    dresidual = ((dh_total * spec.residual_scale).to(spec.residual_dtype)
-                 if spec.dresidual == "kernel" else None)
-    return Grads(df.to(spec.x_dtype), dresidual, dweight, dbias, dbranch, dbranch_weight,
-                 dbranch_bias)
+    dresidual = (
+        (dh_total * spec.residual_scale).to(spec.residual_dtype)
+        if spec.dresidual == "kernel"
+        else None
+    )
+    return Grads(
+        df.to(spec.x_dtype), dresidual, dweight, dbias, dbranch, dbranch_weight, dbranch_bias
+    )

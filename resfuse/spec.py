@@ -32,28 +32,35 @@ class Flag(enum.IntFlag):
     """The bits of :meth:`AddNormSpec.flags`. csrc/add_norm_params.h has the same values
     (``kFlag*``) for the CUDA kernels, the Triton kernels decode them as constexprs
     (triton_kernels/add_norm_kernels.py); tests/test_spec.py checks both copies."""
-    RMS = 1 << 0                # RMSNorm (else LayerNorm), both norms of the call
-    ZERO_CENTERED = 1 << 1      # w' = 1 + w for both norms
-    BRANCH_NORM = 1 << 2        # f = norm(x) * w_b' (+ b_b): the sandwich layouts
-    OUTPUT_NORM = 1 << 3        # y = norm(h) * w' (+ b) exists (not for norm_add)
-    STORE_H = 1 << 4            # the forward writes h
-    RESIDUAL = 1 << 5           # the operands that may be absent
+
+    RMS = 1 << 0  # RMSNorm (else LayerNorm), both norms of the call
+    ZERO_CENTERED = 1 << 1  # w' = 1 + w for both norms
+    BRANCH_NORM = 1 << 2  # f = norm(x) * w_b' (+ b_b): the sandwich layouts
+    OUTPUT_NORM = 1 << 3  # y = norm(h) * w' (+ b) exists (not for norm_add)
+    STORE_H = 1 << 4  # the forward writes h
+    RESIDUAL = 1 << 5  # the operands that may be absent
     WEIGHT = 1 << 6
     BIAS = 1 << 7
-    BRANCH_SCALE = 1 << 8       # a per-channel tensor (a scalar one is AddNormSpec.branch_scale)
+    BRANCH_SCALE = 1 << 8  # a per-channel tensor (a scalar one is AddNormSpec.branch_scale)
     ROWSCALE = 1 << 9
     BRANCH_WEIGHT = 1 << 10
     BRANCH_BIAS = 1 << 11
-    STORE_DRESIDUAL = 1 << 12   # the backward writes dresidual (derived: AddNormSpec.dresidual)
+    STORE_DRESIDUAL = 1 << 12  # the backward writes dresidual (derived: AddNormSpec.dresidual)
 
 
 # field of AddNormSpec -> its bit; STORE_DRESIDUAL is derived, never a field
 _FLAG_FIELDS = (
-    ("zero_centered_weight", Flag.ZERO_CENTERED), ("branch_norm", Flag.BRANCH_NORM),
-    ("output_norm", Flag.OUTPUT_NORM), ("store_h", Flag.STORE_H),
-    ("has_residual", Flag.RESIDUAL), ("has_weight", Flag.WEIGHT), ("has_bias", Flag.BIAS),
-    ("has_branch_scale", Flag.BRANCH_SCALE), ("has_rowscale", Flag.ROWSCALE),
-    ("has_branch_weight", Flag.BRANCH_WEIGHT), ("has_branch_bias", Flag.BRANCH_BIAS),
+    ("zero_centered_weight", Flag.ZERO_CENTERED),
+    ("branch_norm", Flag.BRANCH_NORM),
+    ("output_norm", Flag.OUTPUT_NORM),
+    ("store_h", Flag.STORE_H),
+    ("has_residual", Flag.RESIDUAL),
+    ("has_weight", Flag.WEIGHT),
+    ("has_bias", Flag.BIAS),
+    ("has_branch_scale", Flag.BRANCH_SCALE),
+    ("has_rowscale", Flag.ROWSCALE),
+    ("has_branch_weight", Flag.BRANCH_WEIGHT),
+    ("has_branch_bias", Flag.BRANCH_BIAS),
 )
 NORMS = ("rms", "layer")
 FAMILIES = ("add_norm", "norm", "norm_add_norm", "norm_add")
@@ -70,25 +77,26 @@ def family(has_residual: bool, branch_norm: bool, output_norm: bool) -> str:
 class AddNormSpec(NamedTuple):
     """What one call computes: everything but the tensors. A tuple (cheap to build per
     call, hashable, immutable); ``flat()`` / ``from_flat`` are the registered ops' form."""
-    norm: str = "rms"                    # "rms" | "layer": both norms of the call
+
+    norm: str = "rms"  # "rms" | "layer": both norms of the call
     eps: float = 1e-6
     residual_scale: float = 1.0
-    branch_scale: float = 1.0            # a scalar multiplier of the branch (see has_branch_scale)
+    branch_scale: float = 1.0  # a scalar multiplier of the branch (see has_branch_scale)
     zero_centered_weight: bool = False
     branch_norm: bool = False
     output_norm: bool = True
     store_h: bool = True
-    has_residual: bool = True            # which optional operands the call has
+    has_residual: bool = True  # which optional operands the call has
     has_weight: bool = True
     has_bias: bool = False
-    has_branch_scale: bool = False       # a per-channel tensor (LayerScale)
+    has_branch_scale: bool = False  # a per-channel tensor (LayerScale)
     has_rowscale: bool = False
     has_branch_weight: bool = False
     has_branch_bias: bool = False
-    x_dtype: torch.dtype = torch.float32         # x's, and dx's
+    x_dtype: torch.dtype = torch.float32  # x's, and dx's
     residual_dtype: torch.dtype = torch.float32  # the residual input's, and dresidual's
-    h_dtype: torch.dtype = torch.float32         # h's (the public residual_dtype= argument)
-    out_dtype: torch.dtype = torch.float32       # y's
+    h_dtype: torch.dtype = torch.float32  # h's (the public residual_dtype= argument)
+    out_dtype: torch.dtype = torch.float32  # y's
 
     # ----------------------------------------------------------------- derived facts
 
@@ -103,8 +111,15 @@ class AddNormSpec(NamedTuple):
     @property
     def h_is_x(self) -> bool:
         """h equals x exactly (a plain norm): the output norm's backward can read x."""
-        return h_is_x(self.has_residual, self.has_branch_scale, self.branch_scale,
-                      self.has_rowscale, self.branch_norm, self.h_dtype, self.x_dtype)
+        return h_is_x(
+            self.has_residual,
+            self.has_branch_scale,
+            self.branch_scale,
+            self.has_rowscale,
+            self.branch_norm,
+            self.h_dtype,
+            self.x_dtype,
+        )
 
     @property
     def reads_x_in_backward(self) -> bool:
@@ -120,11 +135,20 @@ class AddNormSpec(NamedTuple):
         backward); None without a residual."""
         if not self.has_residual:
             return None
-        if (self.residual_scale == 1.0 and not self.has_branch_scale and self.branch_scale == 1.0
-                and not self.has_rowscale and not self.branch_norm
-                and self.residual_dtype == self.x_dtype):
+        if (
+            self.residual_scale == 1.0
+            and not self.has_branch_scale
+            and self.branch_scale == 1.0
+            and not self.has_rowscale
+            and not self.branch_norm
+            and self.residual_dtype == self.x_dtype
+        ):
             return "dx"
-        if not self.output_norm and self.residual_scale == 1.0 and self.residual_dtype == self.h_dtype:
+        if (
+            not self.output_norm
+            and self.residual_scale == 1.0
+            and self.residual_dtype == self.h_dtype
+        ):
             return "dh"
         return "kernel"
 
@@ -139,8 +163,16 @@ class AddNormSpec(NamedTuple):
     def flat(self) -> tuple:
         """``(eps, residual_scale, branch_scale, flags, x_dtype, residual_dtype, h_dtype,
         out_dtype)``: the spec as the registered ops and the CUDA schema take it."""
-        return (self.eps, self.residual_scale, self.branch_scale, self.flags, self.x_dtype,
-                self.residual_dtype, self.h_dtype, self.out_dtype)
+        return (
+            self.eps,
+            self.residual_scale,
+            self.branch_scale,
+            self.flags,
+            self.x_dtype,
+            self.residual_dtype,
+            self.h_dtype,
+            self.out_dtype,
+        )
 
     @classmethod
     def from_flat(cls, *flat) -> "AddNormSpec":
@@ -150,8 +182,13 @@ class AddNormSpec(NamedTuple):
         if spec is None:  # a program makes few distinct calls: each is unpacked once
             eps, residual_scale, branch_scale, flags, *dtypes = flat
             spec = _UNPACKED[flat] = cls(
-                "rms" if flags & _RMS else "layer", eps, residual_scale, branch_scale,
-                *(bool(flags & bit) for _, bit in _INT_FLAG_FIELDS), *dtypes)
+                "rms" if flags & _RMS else "layer",
+                eps,
+                residual_scale,
+                branch_scale,
+                *(bool(flags & bit) for _, bit in _INT_FLAG_FIELDS),
+                *dtypes,
+            )
         return spec
 
 
@@ -183,12 +220,25 @@ _UNPACKED: dict = {}
 _INT_FLAG_FIELDS = tuple((name, int(bit)) for name, bit in _FLAG_FIELDS)
 
 
-def h_is_x(has_residual: bool, has_branch_scale: bool, branch_scale: float, has_rowscale: bool,
-           branch_norm: bool, h_dtype: torch.dtype, x_dtype: torch.dtype) -> bool:
+def h_is_x(
+    has_residual: bool,
+    has_branch_scale: bool,
+    branch_scale: float,
+    has_rowscale: bool,
+    branch_norm: bool,
+    h_dtype: torch.dtype,
+    x_dtype: torch.dtype,
+) -> bool:
     """``AddNormSpec.h_is_x`` from its fields (the entry points ask before the spec exists,
     to decide whether h is stored)."""
-    return (not has_residual and not has_branch_scale and branch_scale == 1.0
-            and not has_rowscale and not branch_norm and h_dtype == x_dtype)
+    return (
+        not has_residual
+        and not has_branch_scale
+        and branch_scale == 1.0
+        and not has_rowscale
+        and not branch_norm
+        and h_dtype == x_dtype
+    )
 
 
 # --------------------------------------------------------------------------- tensors
@@ -198,6 +248,7 @@ class Operands(NamedTuple):
     """The forward's tensors: 2-D ``(rows, D)`` activations with a unit column stride (any
     row stride), per-channel vectors of D, rowscale a contiguous fp32 vector of rows; None
     where the call has none (``AddNormSpec.has_*`` says the same)."""
+
     x: Tensor
     residual: Optional[Tensor] = None
     weight: Optional[Tensor] = None
@@ -212,6 +263,7 @@ class Forward(NamedTuple):
     """The forward's outputs, None where absent: y (no output norm: none), h (not stored:
     none), and the LayerNorm row means of h and of x (with the branch norm), which the
     backward uses as shifts (it recomputes the statistics of what it reads)."""
+
     y: Optional[Tensor]
     h: Optional[Tensor]
     mean: Optional[Tensor]
@@ -222,6 +274,7 @@ class BackwardInputs(NamedTuple):
     """What the backward reads: the upstream gradients of y and h, what the forward saved
     (h, or x for a plain norm; x when the backward needs it) and the parameters that scale
     the gradients; None where absent."""
+
     dy: Optional[Tensor]
     dh: Optional[Tensor]
     h: Optional[Tensor]
@@ -237,6 +290,7 @@ class BackwardInputs(NamedTuple):
 class Grads(NamedTuple):
     """The backward's outputs: dx, dresidual when the kernel stores it (``spec.dresidual``
     == "kernel"), the parameter gradients as fp32 sums over rows; None where absent."""
+
     dx: Tensor
     dresidual: Optional[Tensor]
     dweight: Optional[Tensor]
@@ -268,9 +322,15 @@ def forward_present(spec: AddNormSpec) -> tuple[bool, bool, bool, bool]:
 
 def backward_present(spec: AddNormSpec) -> tuple[bool, ...]:
     """Which of the seven ``Grads`` the backward returns."""
-    return (True, spec.dresidual == "kernel", spec.output_norm and spec.has_weight,
-            spec.output_norm and spec.has_bias, spec.has_branch_scale,
-            spec.branch_norm and spec.has_branch_weight, spec.branch_norm and spec.has_branch_bias)
+    return (
+        True,
+        spec.dresidual == "kernel",
+        spec.output_norm and spec.has_weight,
+        spec.output_norm and spec.has_bias,
+        spec.has_branch_scale,
+        spec.branch_norm and spec.has_branch_weight,
+        spec.branch_norm and spec.has_branch_bias,
+    )
 
 
 def forward_dtypes(spec: AddNormSpec) -> tuple:
@@ -284,22 +344,32 @@ def backward_dtypes(spec: AddNormSpec) -> tuple:
 def forward_outputs(spec: AddNormSpec, like: Tensor, shape, rows) -> tuple[Tensor, ...]:
     """Empty (y, h, mean, mean_x) of the forward's shapes and dtypes, on ``like``'s device,
     ``(0,)`` for the absent ones (custom ops return no None): every fake implementation."""
-    return tuple(like.new_empty(s if present else (0,), dtype=d) for present, s, d in
-                 zip(forward_present(spec), (shape, shape, rows, rows), forward_dtypes(spec)))
+    return tuple(
+        like.new_empty(s if present else (0,), dtype=d)
+        for present, s, d in zip(
+            forward_present(spec), (shape, shape, rows, rows), forward_dtypes(spec)
+        )
+    )
 
 
 def backward_outputs(spec: AddNormSpec, like: Tensor, shape) -> tuple[Tensor, ...]:
     """Empty ``Grads`` of the backward's shapes and dtypes (``(0,)`` when absent)."""
     D = shape[-1]
-    return tuple(like.new_empty(s if present else (0,), dtype=d) for present, s, d in
-                 zip(backward_present(spec), (shape, shape) + ((D,),) * 5, backward_dtypes(spec)))
+    return tuple(
+        like.new_empty(s if present else (0,), dtype=d)
+        for present, s, d in zip(
+            backward_present(spec), (shape, shape) + ((D,),) * 5, backward_dtypes(spec)
+        )
+    )
 
 
 def op_outputs(tensors, shapes, dtypes, like: Tensor) -> tuple[Tensor, ...]:
     """A backend's outputs as a registered op returns them: viewed to ``shapes``, an empty
     ``(0,)`` placeholder for each None."""
-    return tuple(t.view(s) if t is not None else like.new_empty((0,), dtype=d)
-                 for t, s, d in zip(tensors, shapes, dtypes))
+    return tuple(
+        t.view(s) if t is not None else like.new_empty((0,), dtype=d)
+        for t, s, d in zip(tensors, shapes, dtypes)
+    )
 
 
 def absent_to_none(tensors, present) -> tuple:

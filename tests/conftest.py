@@ -34,7 +34,9 @@ def _interpreter_index_fix():
 
     def patched(tensor, scope):
         patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+        scope.set_attr(
+            tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0])
+        )
 
     interpreter._patch_lang_tensor = patched
 
@@ -61,7 +63,9 @@ def tolerance(dtype: torch.dtype, kind: str = "out"):
 
 def assert_close(actual, expected, dtype, name, kind="out"):
     atol, rtol = tolerance(dtype, kind)
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     a, e = actual.double(), expected.double()
     err = (a - e).abs()
     bound = atol + rtol * e.abs()
@@ -71,7 +75,8 @@ def assert_close(actual, expected, dtype, name, kind="out"):
         raise AssertionError(
             f"{name} ({dtype}): {int(bad.sum())} of {err.numel()} elements out of tolerance "
             f"(atol={atol}, rtol={rtol}); max abs err {err.max().item():.3e}; first at flat index "
-            f"{i}: got {a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}")
+            f"{i}: got {a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}"
+        )
 
 
 @pytest.fixture
@@ -79,32 +84,69 @@ def device():
     return torch.device(DEVICE)
 
 
-def float64_oracle(x, residual, weight, bias, eps, *, norm, residual_scale=1.0,
-                   branch_scale=None, rowscale=None, zero_centered_weight=False,
-                   branch_weight=None, branch_bias=None, branch_norm=False):
+def float64_oracle(
+    x,
+    residual,
+    weight,
+    bias,
+    eps,
+    *,
+    norm,
+    residual_scale=1.0,
+    branch_scale=None,
+    rowscale=None,
+    zero_centered_weight=False,
+    branch_weight=None,
+    branch_bias=None,
+    branch_norm=False,
+):
     """Forward (y, h) of the reference in float64 on leaf copies of every input, returning
     the leaves so gradients can be read after backward."""
+
     def leaf(t):
         return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
 
-    leaves = {"x": leaf(x), "residual": leaf(residual), "weight": leaf(weight), "bias": leaf(bias),
-              "branch_scale": leaf(branch_scale) if isinstance(branch_scale, torch.Tensor) else branch_scale,
-              "branch_weight": leaf(branch_weight), "branch_bias": leaf(branch_bias)}
+    leaves = {
+        "x": leaf(x),
+        "residual": leaf(residual),
+        "weight": leaf(weight),
+        "bias": leaf(bias),
+        "branch_scale": leaf(branch_scale)
+        if isinstance(branch_scale, torch.Tensor)
+        else branch_scale,
+        "branch_weight": leaf(branch_weight),
+        "branch_bias": leaf(branch_bias),
+    }
     if branch_norm:
-        y, h = reference.norm_add_norm(leaves["x"], leaves["residual"], leaves["branch_weight"],
-                                       leaves["weight"], eps, norm=norm,
-                                       branch_bias=leaves["branch_bias"], bias=leaves["bias"],
-                                       zero_centered_weight=zero_centered_weight,
-                                       compute_dtype=torch.float64)
+        y, h = reference.norm_add_norm(
+            leaves["x"],
+            leaves["residual"],
+            leaves["branch_weight"],
+            leaves["weight"],
+            eps,
+            norm=norm,
+            branch_bias=leaves["branch_bias"],
+            bias=leaves["bias"],
+            zero_centered_weight=zero_centered_weight,
+            compute_dtype=torch.float64,
+        )
         return y, h, leaves
     rs = None
     if rowscale is not None:
         rs = rowscale.double().expand(x.shape[:-1])
-    y, h = reference.add_norm(leaves["x"], leaves["residual"], leaves["weight"], leaves["bias"],
-                              eps, norm=norm, residual_scale=residual_scale,
-                              branch_scale=leaves["branch_scale"], rowscale=rs,
-                              zero_centered_weight=zero_centered_weight,
-                              compute_dtype=torch.float64)
+    y, h = reference.add_norm(
+        leaves["x"],
+        leaves["residual"],
+        leaves["weight"],
+        leaves["bias"],
+        eps,
+        norm=norm,
+        residual_scale=residual_scale,
+        branch_scale=leaves["branch_scale"],
+        rowscale=rs,
+        zero_centered_weight=zero_centered_weight,
+        compute_dtype=torch.float64,
+    )
     return y, h, leaves
 
 
@@ -117,12 +159,14 @@ BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "simt"
 
 def emulator_unavailable() -> str:
     from simt import sim_backend
+
     return sim_backend.unavailable_reason()
 
 
 @pytest.fixture(scope="session")
 def sim():
     from simt import sim_backend
+
     reason = sim_backend.unavailable_reason()
     if reason:
         pytest.skip(f"the CUDA emulator cannot be built: {reason}")
@@ -137,10 +181,15 @@ def use(monkeypatch):
     def install(module):
         monkeypatch.setitem(backend_registry._IMPORTED, "resfuse.cuda_ext", (module, ""))
         real = backend_registry.resolve
-        monkeypatch.setattr(backend_registry, "resolve",
-                            lambda backend, device, key=None: "cuda" if backend == "cuda"
-                            else real(backend, device, key))
+        monkeypatch.setattr(
+            backend_registry,
+            "resolve",
+            lambda backend, device, key=None: (
+                "cuda" if backend == "cuda" else real(backend, device, key)
+            ),
+        )
         return module
+
     return install
 
 
@@ -157,11 +206,13 @@ def cuda_launch_limits():
     for the tests' shapes, or the emulator's copy (the same headers), or None."""
     if "limits" not in _LIMITS:
         from resfuse import cuda_ext
+
         limits = None
         if not cuda_ext._load():
             limits = cuda_ext.launch_limits()
         elif not emulator_unavailable():
             from simt import sim_backend
+
             limits = sim_backend.SimBackend(sim_backend.build(BUILD_DIR)).limits
         _LIMITS["limits"] = limits
     return _LIMITS["limits"]

@@ -9,26 +9,26 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from conftest import assert_close, float64_oracle
 
 import resfuse
-from conftest import assert_close, float64_oracle
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class Case:
-    norm: str = "rms"                 # "rms" | "layer"
+    norm: str = "rms"  # "rms" | "layer"
     dtype: torch.dtype = torch.float32
     shape: tuple = (2, 3, 40)
-    residual: str = "same"            # "none" | "same" | "fp32" (fp32 stream, x in dtype)
+    residual: str = "same"  # "none" | "same" | "fp32" (fp32 stream, x in dtype)
     weight: bool = True
     bias: bool = False
-    branch: str = "none"              # "none" | "scalar" | "tensor"
+    branch: str = "none"  # "none" | "scalar" | "tensor"
     rowscale: bool = False
     zero_centered: bool = False
     prenorm: bool = True
-    layout: str = "contiguous"        # "contiguous" | "row_strided" | "transposed" | "col_strided"
+    layout: str = "contiguous"  # "contiguous" | "row_strided" | "transposed" | "col_strided"
     residual_dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     # the sandwich layout: norm_add_norm (branch_norm) and norm_add (output_norm=False)
@@ -41,8 +41,11 @@ class Case:
         return dataclasses.replace(self, **kw)
 
     def __str__(self) -> str:
-        fields = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                  if getattr(self, f.name) != f.default]
+        fields = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
         return ",".join(fields).replace("torch.", "") or "default"
 
 
@@ -74,11 +77,16 @@ def make_inputs(case: Case, device, seed: int = 0):
     residual = None
     if case.residual != "none":
         rdtype = torch.float32 if case.residual == "fp32" else case.dtype
-        residual = _layout(randn(*case.shape, dtype=rdtype, scale=2.0), case.layout).requires_grad_()
+        residual = _layout(
+            randn(*case.shape, dtype=rdtype, scale=2.0), case.layout
+        ).requires_grad_()
     weight = randn(D, dtype=torch.float32).requires_grad_() if case.weight else None
     bias = randn(D, dtype=torch.float32).requires_grad_() if case.bias else None
-    branch_scale = {"none": None, "scalar": 0.625,
-                    "tensor": randn(D, dtype=torch.float32).requires_grad_()}[case.branch]
+    branch_scale = {
+        "none": None,
+        "scalar": 0.625,
+        "tensor": randn(D, dtype=torch.float32).requires_grad_(),
+    }[case.branch]
     rowscale = None
     if case.rowscale:  # drop-path style: per sample of the first dim, 0 or 1/keep
         n = case.shape[0] if len(case.shape) > 1 else 1
@@ -88,10 +96,20 @@ def make_inputs(case: Case, device, seed: int = 0):
             rowscale = rowscale.reshape(())
     branch_weight = branch_bias = None
     if case.branch_norm:
-        branch_weight = randn(D, dtype=torch.float32).requires_grad_() if case.branch_weight else None
+        branch_weight = (
+            randn(D, dtype=torch.float32).requires_grad_() if case.branch_weight else None
+        )
         branch_bias = randn(D, dtype=torch.float32).requires_grad_() if case.branch_bias else None
-    return dict(x=x, residual=residual, weight=weight, bias=bias, branch_scale=branch_scale,
-                rowscale=rowscale, branch_weight=branch_weight, branch_bias=branch_bias)
+    return dict(
+        x=x,
+        residual=residual,
+        weight=weight,
+        bias=bias,
+        branch_scale=branch_scale,
+        rowscale=rowscale,
+        branch_weight=branch_weight,
+        branch_bias=branch_bias,
+    )
 
 
 def _loosest(*dtypes):
@@ -104,42 +122,74 @@ def run_case(case: Case, backend: str, device, seed: int = 0):
     gradients (for the determinism and cross-backend tests)."""
     inp = make_inputs(case, device, seed)
     snapshot = {k: v.detach().clone() for k, v in inp.items() if isinstance(v, torch.Tensor)}
-    kwargs = dict(residual_scale=0.75 if case.residual != "none" else 1.0,
-                  branch_scale=inp["branch_scale"], rowscale=inp["rowscale"],
-                  zero_centered_weight=case.zero_centered, prenorm=case.prenorm,
-                  residual_dtype=case.residual_dtype, out_dtype=case.out_dtype, backend=backend)
+    kwargs = dict(
+        residual_scale=0.75 if case.residual != "none" else 1.0,
+        branch_scale=inp["branch_scale"],
+        rowscale=inp["rowscale"],
+        zero_centered_weight=case.zero_centered,
+        prenorm=case.prenorm,
+        residual_dtype=case.residual_dtype,
+        out_dtype=case.out_dtype,
+        backend=backend,
+    )
     eps = 1e-5
     if case.branch_norm:
         assert case.branch == "none" and not case.rowscale, "not part of the sandwich layout"
-        common = dict(norm=case.norm, branch_bias=inp["branch_bias"],
-                      zero_centered_weight=case.zero_centered,
-                      residual_dtype=case.residual_dtype, backend=backend)
+        common = dict(
+            norm=case.norm,
+            branch_bias=inp["branch_bias"],
+            zero_centered_weight=case.zero_centered,
+            residual_dtype=case.residual_dtype,
+            backend=backend,
+        )
         kwargs["residual_scale"] = 1.0
         if case.output_norm:
-            out = resfuse.norm_add_norm(inp["x"], inp["residual"], inp["branch_weight"],
-                                        inp["weight"], eps, bias=inp["bias"], prenorm=case.prenorm,
-                                        out_dtype=case.out_dtype, **common)
+            out = resfuse.norm_add_norm(
+                inp["x"],
+                inp["residual"],
+                inp["branch_weight"],
+                inp["weight"],
+                eps,
+                bias=inp["bias"],
+                prenorm=case.prenorm,
+                out_dtype=case.out_dtype,
+                **common,
+            )
             y, h = out if case.prenorm else (out, None)
         else:
-            y, h = None, resfuse.norm_add(inp["x"], inp["residual"], inp["branch_weight"], eps,
-                                          **common)
+            y, h = (
+                None,
+                resfuse.norm_add(inp["x"], inp["residual"], inp["branch_weight"], eps, **common),
+            )
     else:
         if case.norm == "rms":
             assert not case.bias
             out = resfuse.add_rms_norm(inp["x"], inp["residual"], inp["weight"], eps, **kwargs)
         else:
-            out = resfuse.add_layer_norm(inp["x"], inp["residual"], inp["weight"], inp["bias"],
-                                         eps, **kwargs)
+            out = resfuse.add_layer_norm(
+                inp["x"], inp["residual"], inp["weight"], inp["bias"], eps, **kwargs
+            )
         y, h = out if case.prenorm else (out, None)
 
     y64, h64, leaves = float64_oracle(
-        inp["x"], inp["residual"], inp["weight"], inp["bias"], eps, norm=case.norm,
-        residual_scale=kwargs["residual_scale"], branch_scale=inp["branch_scale"],
-        rowscale=inp["rowscale"], zero_centered_weight=case.zero_centered,
-        branch_weight=inp["branch_weight"], branch_bias=inp["branch_bias"],
-        branch_norm=case.branch_norm)
+        inp["x"],
+        inp["residual"],
+        inp["weight"],
+        inp["bias"],
+        eps,
+        norm=case.norm,
+        residual_scale=kwargs["residual_scale"],
+        branch_scale=inp["branch_scale"],
+        rowscale=inp["rowscale"],
+        zero_centered_weight=case.zero_centered,
+        branch_weight=inp["branch_weight"],
+        branch_bias=inp["branch_bias"],
+        branch_norm=case.branch_norm,
+    )
 
-    h_dtype = case.residual_dtype or (inp["residual"].dtype if inp["residual"] is not None else case.dtype)
+    h_dtype = case.residual_dtype or (
+        inp["residual"].dtype if inp["residual"] is not None else case.dtype
+    )
     out_dtype = case.out_dtype or case.dtype
     if case.output_norm:
         assert y.dtype == out_dtype and y.shape == inp["x"].shape
@@ -162,8 +212,12 @@ def run_case(case: Case, backend: str, device, seed: int = 0):
     torch.autograd.backward(outputs, grads)
     torch.autograd.backward(outputs64, grads64)
 
-    grad_dtype = _loosest(case.dtype, h_dtype, out_dtype,
-                          inp["residual"].dtype if inp["residual"] is not None else None)
+    grad_dtype = _loosest(
+        case.dtype,
+        h_dtype,
+        out_dtype,
+        inp["residual"].dtype if inp["residual"] is not None else None,
+    )
     result = {}
     for name in ("x", "residual", "weight", "bias", "branch_scale", "branch_weight", "branch_bias"):
         t = inp[name]
@@ -188,34 +242,76 @@ def run_case(case: Case, backend: str, device, seed: int = 0):
 def add_norm_flag_cases():
     """Every flag combination of the pre-norm add + norm family."""
     for norm, residual, weight, branch, rowscale, prenorm in itertools.product(
-            ("rms", "layer"), ("none", "same", "fp32"), (True, False),
-            ("none", "scalar", "tensor"), (False, True), (True, False)):
-        for bias in ((False, True) if norm == "layer" else (False,)):
-            for zc in ((False, True) if weight else (False,)):
-                yield Case(norm=norm, residual=residual, weight=weight, bias=bias, branch=branch,
-                           rowscale=rowscale, zero_centered=zc, prenorm=prenorm)
+        ("rms", "layer"),
+        ("none", "same", "fp32"),
+        (True, False),
+        ("none", "scalar", "tensor"),
+        (False, True),
+        (True, False),
+    ):
+        for bias in (False, True) if norm == "layer" else (False,):
+            for zc in (False, True) if weight else (False,):
+                yield Case(
+                    norm=norm,
+                    residual=residual,
+                    weight=weight,
+                    bias=bias,
+                    branch=branch,
+                    rowscale=rowscale,
+                    zero_centered=zc,
+                    prenorm=prenorm,
+                )
 
 
 def sandwich_flag_cases():
     """Every flag combination of the sandwich layouts: norm_add_norm, then norm_add."""
     for norm, residual, bw, weight, zc, prenorm in itertools.product(
-            ("rms", "layer"), ("none", "same", "fp32"), (True, False), (True, False),
-            (False, True), (True, False)):
-        for bb, bias in (itertools.product((False, True), repeat=2) if norm == "layer" else [(False, False)]):
-            yield Case(norm=norm, residual=residual, branch_norm=True, branch_weight=bw,
-                       branch_bias=bb, weight=weight, bias=bias, zero_centered=zc, prenorm=prenorm)
-    for norm, residual, bw, zc in itertools.product(("rms", "layer"), ("none", "same", "fp32"),
-                                                    (True, False), (False, True)):
-        for bb in ((False, True) if norm == "layer" else (False,)):
-            yield Case(norm=norm, residual=residual, branch_norm=True, branch_weight=bw,
-                       branch_bias=bb, weight=False, output_norm=False, zero_centered=zc)
+        ("rms", "layer"),
+        ("none", "same", "fp32"),
+        (True, False),
+        (True, False),
+        (False, True),
+        (True, False),
+    ):
+        for bb, bias in (
+            itertools.product((False, True), repeat=2) if norm == "layer" else [(False, False)]
+        ):
+            yield Case(
+                norm=norm,
+                residual=residual,
+                branch_norm=True,
+                branch_weight=bw,
+                branch_bias=bb,
+                weight=weight,
+                bias=bias,
+                zero_centered=zc,
+                prenorm=prenorm,
+            )
+    for norm, residual, bw, zc in itertools.product(
+        ("rms", "layer"), ("none", "same", "fp32"), (True, False), (False, True)
+    ):
+        for bb in (False, True) if norm == "layer" else (False,):
+            yield Case(
+                norm=norm,
+                residual=residual,
+                branch_norm=True,
+                branch_weight=bw,
+                branch_bias=bb,
+                weight=False,
+                output_norm=False,
+                zero_centered=zc,
+            )
 
 
 def _with_dtypes(cases):
     # residual="fp32" with fp32 activations is the same case as residual="same"
     cases = list(cases)
-    return [c.replace(dtype=d) for d in DTYPES for c in cases
-            if not (c.residual == "fp32" and d == torch.float32)]
+    return [
+        c.replace(dtype=d)
+        for d in DTYPES
+        for c in cases
+        if not (c.residual == "fp32" and d == torch.float32)
+    ]
 
 
 FLAG_CASES = list(add_norm_flag_cases())
@@ -232,12 +328,17 @@ LAYOUTS = [GEMMA, PERI_LN, OLMO2]
 LAYOUT_IDS = ["gemma", "peri_ln", "olmo2"]
 
 MIXED = [
-    dict(dtype=torch.bfloat16, residual="fp32"),                            # fp32 residual stream
+    dict(dtype=torch.bfloat16, residual="fp32"),  # fp32 residual stream
     dict(dtype=torch.float16, residual="fp32", out_dtype=torch.float32),
     dict(dtype=torch.bfloat16, residual="same", residual_dtype=torch.float32),
     dict(dtype=torch.float32, residual="same", out_dtype=torch.bfloat16),
     dict(dtype=torch.bfloat16, residual="none", residual_dtype=torch.float32),
-    dict(dtype=torch.float16, residual="same", residual_dtype=torch.bfloat16, out_dtype=torch.bfloat16),
+    dict(
+        dtype=torch.float16,
+        residual="same",
+        residual_dtype=torch.bfloat16,
+        out_dtype=torch.bfloat16,
+    ),
 ]
 SANDWICH_MIXED = [
     dict(dtype=torch.bfloat16, residual="fp32"),

@@ -4,15 +4,15 @@ backends agreeing with each other, the plain norms against torch's, empty inputs
 
 import pytest
 import torch
-
-import resfuse
-
 from conftest import DEVICE
 from numerics import FULL, Case, run_case
 
+import resfuse
+
 # on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
 BACKENDS = ["triton", "torch"] + (
-    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else []
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -38,21 +38,28 @@ def test_backends_agree():
 
 def test_plain_norms_match_torch(device):
     import resfuse
+
     x = torch.randn(3, 7, 96, device=device)
     w, b = torch.randn(96, device=device), torch.randn(96, device=device)
     for backend in BACKENDS:
-        torch.testing.assert_close(resfuse.rms_norm(x, w, 1e-6, backend=backend),
-                                   torch.nn.functional.rms_norm(x, (96,), w, 1e-6))
-        torch.testing.assert_close(resfuse.layer_norm(x, w, b, 1e-5, backend=backend),
-                                   torch.nn.functional.layer_norm(x, (96,), w, b, 1e-5))
+        torch.testing.assert_close(
+            resfuse.rms_norm(x, w, 1e-6, backend=backend),
+            torch.nn.functional.rms_norm(x, (96,), w, 1e-6),
+        )
+        torch.testing.assert_close(
+            resfuse.layer_norm(x, w, b, 1e-5, backend=backend),
+            torch.nn.functional.layer_norm(x, (96,), w, b, 1e-5),
+        )
 
 
 def test_emptyrows(device):
     import resfuse
+
     for backend in BACKENDS:
         x = torch.randn(0, 3, 64, device=device, requires_grad=True)
-        y, h = resfuse.add_rms_norm(x, torch.randn(0, 3, 64, device=device), torch.ones(64, device=device),
-                                    backend=backend)
+        y, h = resfuse.add_rms_norm(
+            x, torch.randn(0, 3, 64, device=device), torch.ones(64, device=device), backend=backend
+        )
         assert y.shape == h.shape == x.shape
         y.sum().backward()
         assert x.grad.shape == x.shape

@@ -22,9 +22,17 @@ CUDA = torch.device("cuda")  # resolve() only reads the type: no CUDA tensor is 
 
 
 def entry(hidden, backend, family="add_norm", norm="rms", dtype="float32", direction="fwd"):
-    return {"family": family, "norm": norm, "dtype": dtype, "direction": direction,
-            "hidden": hidden, "backend": backend, "cuda_ms": 1.0, "triton_ms": 1.0,
-            "rows": [4096]}
+    return {
+        "family": family,
+        "norm": norm,
+        "dtype": dtype,
+        "direction": direction,
+        "hidden": hidden,
+        "backend": backend,
+        "cuda_ms": 1.0,
+        "triton_ms": 1.0,
+        "rows": [4096],
+    }
 
 
 def key(hidden, family="add_norm", norm="rms", dtype=torch.float32, needs_grad=False):
@@ -40,9 +48,18 @@ def tables(tmp_path, monkeypatch):
 
     def write(entries, text=None):
         path = tmp_path / f"{SLUG}.json"
-        path.write_text(text if text is not None else json.dumps(
-            {"format": auto_table.FORMAT, "device": DEVICE_NAME, "slug": SLUG,
-             "entries": entries}))
+        path.write_text(
+            text
+            if text is not None
+            else json.dumps(
+                {
+                    "format": auto_table.FORMAT,
+                    "device": DEVICE_NAME,
+                    "slug": SLUG,
+                    "entries": entries,
+                }
+            )
+        )
         auto_table.reset()
         return path
 
@@ -61,19 +78,26 @@ def fake_backends(monkeypatch):
             def run(*args, **kwargs):
                 calls.append((name, what))
                 return fn(*args, **kwargs)
+
             return run
+
         return types.SimpleNamespace(
             forward=recording(reference.forward, "forward"),
             backward=recording(reference.backward, "backward"),
-            available=lambda: True, unavailable_reason=lambda: "")
+            available=lambda: True,
+            unavailable_reason=lambda: "",
+        )
 
     def set_loads(cuda=True, triton=True):
         cuda_mod = fake("cuda")
         if not cuda:
             cuda_mod.available = lambda: False
         monkeypatch.setitem(backend_registry._IMPORTED, "resfuse.cuda_ext", (cuda_mod, ""))
-        monkeypatch.setitem(backend_registry._IMPORTED, "resfuse.triton_kernels.launch",
-                            (fake("triton"), "") if triton else (None, "ImportError: test"))
+        monkeypatch.setitem(
+            backend_registry._IMPORTED,
+            "resfuse.triton_kernels.launch",
+            (fake("triton"), "") if triton else (None, "ImportError: test"),
+        )
 
     set_loads()
     return calls, set_loads
@@ -84,8 +108,7 @@ def cpu_as_cuda(monkeypatch):
     """auto treats these CPU tensors as CUDA ones: everything else, from the public call to
     the kernel module, is the real path."""
     real = backend_registry._auto
-    monkeypatch.setattr(backend_registry, "_auto",
-                        lambda device_type, key=None: real("cuda", key))
+    monkeypatch.setattr(backend_registry, "_auto", lambda device_type, key=None: real("cuda", key))
 
 
 # --------------------------------------------------------------------------- the lookup
@@ -96,11 +119,14 @@ def test_nearest_measured_hidden_on_a_log_scale(tables):
     table, reason = auto_table.current()
     assert reason == "" and len(table) == 3 and table.slug == SLUG
     expect = {
-        1024: "cuda", 4096: "triton", 16384: "cuda",  # measured
-        100: "cuda", 10 ** 6: "cuda",                 # beyond either end: the end
+        1024: "cuda",
+        4096: "triton",
+        16384: "cuda",  # measured
+        100: "cuda",
+        10**6: "cuda",  # beyond either end: the end
         3000: "triton",
-        2048: "cuda",     # halfway on a log scale: the tie goes to the smaller size
-        9000: "cuda",     # nearer 16384 on a log scale (nearer 4096 on a linear one)
+        2048: "cuda",  # halfway on a log scale: the tie goes to the smaller size
+        9000: "cuda",  # nearer 16384 on a log scale (nearer 4096 on a linear one)
     }
     for hidden, backend in expect.items():
         assert table.choose(*key(hidden)) == backend, hidden
@@ -110,8 +136,12 @@ def test_nearest_measured_hidden_on_a_log_scale(tables):
 def test_other_family_norm_dtype_or_direction_has_no_entry(tables):
     tables([entry(1024, "triton")])
     assert auto_table.measured_backend(key(1024)) == "triton"
-    for other in (key(1024, family="norm_add_norm"), key(1024, norm="layer"),
-                  key(1024, dtype=torch.bfloat16), key(1024, needs_grad=True)):
+    for other in (
+        key(1024, family="norm_add_norm"),
+        key(1024, norm="layer"),
+        key(1024, dtype=torch.bfloat16),
+        key(1024, needs_grad=True),
+    ):
         assert auto_table.measured_backend(other) is None, other
 
 
@@ -119,8 +149,9 @@ def test_lookups_are_cached_per_key(tables, monkeypatch):
     tables([entry(1024, "triton")])
     seen = []
     choose = auto_table.Table.choose
-    monkeypatch.setattr(auto_table.Table, "choose",
-                        lambda self, *k: seen.append(k) or choose(self, *k))
+    monkeypatch.setattr(
+        auto_table.Table, "choose", lambda self, *k: seen.append(k) or choose(self, *k)
+    )
     for _ in range(3):
         assert auto_table.measured_backend(key(1000)) == "triton"
         assert auto_table.measured_backend(key(1000, dtype=torch.float16)) is None
@@ -133,12 +164,15 @@ def test_unknown_device_has_no_table(tables):
     assert auto_table.measured_backend(key(1024)) is None
 
 
-@pytest.mark.parametrize("text,why", [
-    ("{not json", "JSONDecodeError"),
-    (json.dumps({"format": 99, "entries": []}), "format"),
-    (json.dumps({"format": 1, "entries": [entry(1024, "torch")]}), "bad entry"),
-    (json.dumps({"format": 1, "entries": [{"hidden": 1024}]}), "KeyError"),
-])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("{not json", "JSONDecodeError"),
+        (json.dumps({"format": 99, "entries": []}), "format"),
+        (json.dumps({"format": 1, "entries": [entry(1024, "torch")]}), "bad entry"),
+        (json.dumps({"format": 1, "entries": [{"hidden": 1024}]}), "KeyError"),
+    ],
+)
 def test_an_unusable_table_is_no_table_and_says_why(tables, fake_backends, text, why):
     tables(None, text=text)
     table, reason = auto_table.current()
@@ -157,9 +191,11 @@ def test_no_cuda_device_means_no_table(monkeypatch):
 
 
 def test_import_loads_no_table():
-    code = ("import resfuse; from resfuse import auto_table; "
-            "x = resfuse.rms_norm(__import__('torch').ones(2, 8), None); "
-            "assert not auto_table._loaded and not auto_table._choices, auto_table._loaded")
+    code = (
+        "import resfuse; from resfuse import auto_table; "
+        "x = resfuse.rms_norm(__import__('torch').ones(2, 8), None); "
+        "assert not auto_table._loaded and not auto_table._choices, auto_table._loaded"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -167,8 +203,7 @@ def test_import_loads_no_table():
 
 
 def test_auto_follows_the_table_where_it_has_an_entry(tables, fake_backends):
-    tables([entry(1024, "triton"), entry(8192, "cuda"),
-            entry(1024, "cuda", direction="fwd+bwd")])
+    tables([entry(1024, "triton"), entry(8192, "cuda"), entry(1024, "cuda", direction="fwd+bwd")])
     assert backend_registry.resolve("auto", CUDA, key(1024)) == "triton"
     assert backend_registry.resolve("auto", CUDA, key(1024, needs_grad=True)) == "cuda"
     assert backend_registry.resolve("auto", CUDA, key(8192)) == "cuda"
@@ -204,8 +239,7 @@ def test_backends_report_says_which_table(tables):
     (auto_table.TABLE_DIR / f"{SLUG}.json").unlink()
     auto_table.reset()
     line = resfuse.backends()["auto"].reason
-    assert (f"no measured table for {SLUG}: cuda when the extension loads, else triton"
-            in line)
+    assert f"no measured table for {SLUG}: cuda when the extension loads, else triton" in line
 
 
 # --------------------------------------------------------------------------- end to end
@@ -220,8 +254,14 @@ def _inputs(D, requires_grad=False):
 
 def test_calls_run_the_backend_the_table_names(tables, fake_backends, cpu_as_cuda):
     calls, _ = fake_backends
-    tables([entry(64, "triton"), entry(64, "cuda", direction="fwd+bwd"),
-            entry(64, "cuda", family="norm_add_norm"), entry(64, "triton", family="norm")])
+    tables(
+        [
+            entry(64, "triton"),
+            entry(64, "cuda", direction="fwd+bwd"),
+            entry(64, "cuda", family="norm_add_norm"),
+            entry(64, "triton", family="norm"),
+        ]
+    )
     x, r, w, b = _inputs(64)
     y, h = resfuse.add_rms_norm(x, r, w, 1e-6)
     assert calls == [("triton", "forward")]
@@ -236,19 +276,26 @@ def test_calls_run_the_backend_the_table_names(tables, fake_backends, cpu_as_cud
     calls.clear()
     with torch.no_grad():
         resfuse.norm_add_norm(x, r, w, w, 1e-6, norm="rms")  # sandwich: its own entry
-        resfuse.rms_norm(x, w)                               # no residual: the norm family
-        resfuse.add_layer_norm(x, r, w, b, 1e-5)             # no LayerNorm entry: the rule
+        resfuse.rms_norm(x, w)  # no residual: the norm family
+        resfuse.add_layer_norm(x, r, w, b, 1e-5)  # no LayerNorm entry: the rule
         resfuse.add_rms_norm(x.half(), r.half(), w.half())  # no float16 entry either
-    assert calls == [("cuda", "forward"), ("triton", "forward"), ("cuda", "forward"),
-                     ("cuda", "forward")]
+    assert calls == [
+        ("cuda", "forward"),
+        ("triton", "forward"),
+        ("cuda", "forward"),
+        ("cuda", "forward"),
+    ]
 
 
 def test_explicit_backends_ignore_the_table(tables, fake_backends, monkeypatch):
     calls, _ = fake_backends
     tables([entry(64, "triton")])
     real = backend_registry.resolve
-    monkeypatch.setattr(backend_registry, "resolve",  # as if these were CUDA tensors
-                        lambda backend, device, key=None: real(backend, CUDA, key))
+    monkeypatch.setattr(
+        backend_registry,
+        "resolve",  # as if these were CUDA tensors
+        lambda backend, device, key=None: real(backend, CUDA, key),
+    )
     x, r, w, _ = _inputs(64)
     resfuse.add_rms_norm(x, r, w, backend="cuda")
     resfuse.add_rms_norm(x, r, w, backend="torch")

@@ -24,8 +24,9 @@ import ptxas_report  # noqa: E402
 
 REQUIRED = os.environ.get("RESFUSE_REQUIRE_CUDA_EXT", "0") == "1"
 LOAD_ERROR = cuda_ext._load()
-needs_extension = pytest.mark.skipif(bool(LOAD_ERROR) and not REQUIRED,
-                                     reason=f"CUDA extension not loaded: {LOAD_ERROR}")
+needs_extension = pytest.mark.skipif(
+    bool(LOAD_ERROR) and not REQUIRED, reason=f"CUDA extension not loaded: {LOAD_ERROR}"
+)
 ARCHS = ("sm_80", "sm_90")
 # 6 dtype sets x {RMSNorm, LayerNorm}; the backward also x {plain, branch norm}
 KERNELS = {"fwd": 12, "bwd": 24}
@@ -46,8 +47,9 @@ def test_ops_are_registered_with_cuda_kernels():
     assert torch.ops.resfuse.add_norm.default and torch.ops.resfuse.add_norm_backward.default
     # the launch-layout query (tests/test_cuda_gpu.py, benchmark reports)
     schema = str(torch.ops.resfuse.cuda_row_layout.default._schema)
-    assert schema == ("resfuse::cuda_row_layout(int device, int D, bool backward, "
-                      "bool branch_norm) -> int[]"), schema
+    assert schema == (
+        "resfuse::cuda_row_layout(int device, int D, bool backward, bool branch_norm) -> int[]"
+    ), schema
 
 
 @needs_extension
@@ -66,32 +68,44 @@ def test_extension_is_limited_api_and_links_no_libtorch_python():
     """One library for every CPython >= 3.10 and every torch >= 2.10: no PyInit (it is loaded
     with torch.ops.load_library), no libtorch_python, only the stable C shim of libtorch."""
     import importlib.util
+
     origin = importlib.util.find_spec("resfuse._C").origin
     assert origin.endswith(".abi3.so"), origin
     try:
         needed = subprocess.run(["objdump", "-p", origin], capture_output=True, text=True).stdout
-        symbols = subprocess.run(["nm", "-D", "--undefined-only", origin], capture_output=True,
-                                 text=True).stdout
+        symbols = subprocess.run(
+            ["nm", "-D", "--undefined-only", origin], capture_output=True, text=True
+        ).stdout
     except OSError:
         pytest.skip("binutils (objdump, nm) not available")
     assert "NEEDED" in needed and "libtorch_python" not in needed
     torch_symbols = [s.split()[-1] for s in symbols.splitlines() if "torch" in s or "c10" in s]
     # only C functions of the shim (aoti_torch_*, torch_*): no mangled C++ symbols of libtorch
-    assert torch_symbols and all(s.startswith(("aoti_torch_", "torch_")) for s in torch_symbols), \
-        [s for s in torch_symbols if not s.startswith(("aoti_torch_", "torch_"))]
+    assert torch_symbols and all(s.startswith(("aoti_torch_", "torch_")) for s in torch_symbols), [
+        s for s in torch_symbols if not s.startswith(("aoti_torch_", "torch_"))
+    ]
 
 
 @needs_extension
 def test_fake_implementations_give_output_metadata():
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     fwd, bwd = torch.ops.resfuse.cuda_add_norm_fwd, torch.ops.resfuse.cuda_add_norm_bwd
     bf16, f32 = torch.bfloat16, torch.float32
     with FakeTensorMode():
         x = torch.empty(6, 40, device="cuda", dtype=bf16)
         w = torch.empty(40, device="cuda")
         # LayerNorm with a bias and a LayerScale tensor, an fp32 h and an fp16 y
-        spec = AddNormSpec(norm="layer", eps=1e-5, has_bias=True, has_branch_scale=True,
-                           x_dtype=bf16, residual_dtype=bf16, h_dtype=f32, out_dtype=torch.float16)
+        spec = AddNormSpec(
+            norm="layer",
+            eps=1e-5,
+            has_bias=True,
+            has_branch_scale=True,
+            x_dtype=bf16,
+            residual_dtype=bf16,
+            h_dtype=f32,
+            out_dtype=torch.float16,
+        )
         y, h, mean, mean_x = fwd(x, x, w, w, w, None, None, None, *spec.flat())
         assert (y.shape, y.dtype, y.device.type) == ((6, 40), torch.float16, "cuda")
         assert (h.shape, h.dtype) == ((6, 40), f32)
@@ -99,12 +113,29 @@ def test_fake_implementations_give_output_metadata():
         assert mean_x.shape == (0,)
         grads = bwd(y, None, h, x, w, w, None, None, mean, None, *spec.flat())
         shapes = [(tuple(g.shape), g.dtype) for g in grads]
-        assert shapes == [((6, 40), bf16), ((6, 40), bf16), ((40,), f32), ((40,), f32),
-                          ((40,), f32), ((0,), f32), ((0,), f32)]
+        assert shapes == [
+            ((6, 40), bf16),
+            ((6, 40), bf16),
+            ((40,), f32),
+            ((40,), f32),
+            ((40,), f32),
+            ((0,), f32),
+            ((0,), f32),
+        ]
         # norm_add (LayerNorm, branch bias): no y, no mean of h; h, mean_x; dx, dbranch_*
-        spec = AddNormSpec(norm="layer", eps=1e-5, branch_norm=True, output_norm=False,
-                           has_weight=False, has_branch_weight=True, has_branch_bias=True,
-                           x_dtype=bf16, residual_dtype=bf16, h_dtype=bf16, out_dtype=bf16)
+        spec = AddNormSpec(
+            norm="layer",
+            eps=1e-5,
+            branch_norm=True,
+            output_norm=False,
+            has_weight=False,
+            has_branch_weight=True,
+            has_branch_bias=True,
+            x_dtype=bf16,
+            residual_dtype=bf16,
+            h_dtype=bf16,
+            out_dtype=bf16,
+        )
         y, h, mean, mean_x = fwd(x, x, None, None, None, None, w, w, *spec.flat())
         assert [tuple(t.shape) for t in (y, h, mean, mean_x)] == [(0,), (6, 40), (0,), (6,)]
         grads = bwd(None, h, None, x, None, None, None, w, None, mean_x, *spec.flat())
@@ -115,8 +146,9 @@ def test_fake_implementations_give_output_metadata():
 def test_the_op_rejects_cpu_tensors():
     spec = AddNormSpec(has_residual=False, has_weight=False, store_h=False)
     with pytest.raises(NotImplementedError, match="CPU"):
-        torch.ops.resfuse.cuda_add_norm_fwd(torch.randn(2, 8), None, None, None, None, None, None,
-                                            None, *spec.flat())
+        torch.ops.resfuse.cuda_add_norm_fwd(
+            torch.randn(2, 8), None, None, None, None, None, None, None, *spec.flat()
+        )
 
 
 def test_backend_cuda_on_cpu_tensors_is_a_clear_error():
@@ -140,8 +172,10 @@ def test_backend_cuda_without_the_extension_says_why(monkeypatch):
     report = resfuse.backends()
     assert not report["cuda"].available and "not built" in report["cuda"].reason
     with pytest.raises(RuntimeError, match="not built"):
-        cuda_ext.forward(AddNormSpec(has_residual=False, has_weight=False, store_h=False),
-                         Operands(torch.randn(2, 8)))
+        cuda_ext.forward(
+            AddNormSpec(has_residual=False, has_weight=False, store_h=False),
+            Operands(torch.randn(2, 8)),
+        )
 
 
 def test_auto_falls_back_without_the_extension(monkeypatch):
@@ -169,7 +203,8 @@ def test_import_never_fails_without_the_extension():
         "import resfuse\n"
         "status = resfuse.backends()['cuda']\n"
         "assert not status.available and 'not built' in status.reason, status\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -197,7 +232,9 @@ def ptxas_kernels():
 
 def _direction(k):
     name = k.short_name
-    return "fwd" if "add_norm_fwd_kernel" in name else "bwd" if "add_norm_bwd_kernel" in name else None
+    return (
+        "fwd" if "add_norm_fwd_kernel" in name else "bwd" if "add_norm_bwd_kernel" in name else None
+    )
 
 
 def test_kernels_compile_for_sm80_and_sm90(ptxas_kernels):
@@ -213,13 +250,18 @@ def test_no_register_spills_in_forward_and_backward_kernels(ptxas_kernels):
     spilling = [k for k in kernels if _direction(k) and (k.spills or k.stack_bytes)]
     assert not spilling, f"register spills ({source}):\n" + "\n".join(
         f"{k.arch} {k.short_name}: {k.registers} registers, stack {k.stack_bytes} B, spill "
-        f"stores {k.spill_store_bytes} B, loads {k.spill_load_bytes} B" for k in spilling)
+        f"stores {k.spill_store_bytes} B, loads {k.spill_load_bytes} B"
+        for k in spilling
+    )
     summary = {}
     for k in kernels:
         if _direction(k):
             key = (k.arch, _direction(k))
             summary[key] = max(summary.get(key, 0), k.registers)
-    print(f"\nptxas ({source}), max registers: " + json.dumps({f"{a} {d}": r for (a, d), r in sorted(summary.items())}))
+    print(
+        f"\nptxas ({source}), max registers: "
+        + json.dumps({f"{a} {d}": r for (a, d), r in sorted(summary.items())})
+    )
 
 
 @needs_extension
@@ -232,7 +274,9 @@ def test_launch_limits_are_the_kernels_and_the_emulators():
     assert limits["fwd_block_row"] % (limits["fwd_max_threads"] * limits["chunk"]) == 0
     assert limits["bwd_block_row"] % (limits["bwd_max_threads"] * limits["chunk"]) == 0
     from conftest import emulator_unavailable
+
     if not emulator_unavailable():
         from conftest import BUILD_DIR
         from simt import sim_backend
+
         assert sim_backend.SimBackend(sim_backend.build(BUILD_DIR)).limits == limits

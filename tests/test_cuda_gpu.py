@@ -7,17 +7,20 @@ torch.compile; the same for the sandwich layouts (norm_add_norm / norm_add)."""
 
 import pytest
 import torch
+from numerics import DTYPES, FULL, LAYOUTS, PERI_LN, Case, cluster_blocks, run_case
 
 import resfuse
-from numerics import DTYPES, FULL, LAYOUTS, PERI_LN, Case, cluster_blocks, run_case
 from resfuse.spec import AddNormSpec, Operands
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 AVAILABLE = torch.cuda.is_available() and resfuse.backends()["cuda"].available
 needs_cuda_ext = pytest.mark.skipif(
-    not AVAILABLE, reason="needs a CUDA GPU" if not torch.cuda.is_available()
-    else f"the cuda backend is not available: {resfuse.backends()['cuda'].reason}")
+    not AVAILABLE,
+    reason="needs a CUDA GPU"
+    if not torch.cuda.is_available()
+    else f"the cuda backend is not available: {resfuse.backends()['cuda'].reason}",
+)
 TRITON = torch.cuda.is_available() and resfuse.backends()["triton"].available
 DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
@@ -26,6 +29,7 @@ def test_cuda_backend_is_available_on_this_gpu():
     """On a GPU machine the extension must be there (RESFUSE_REQUIRE_CUDA_EXT=1 makes a missing
     one a failure rather than a skip of everything below)."""
     import os
+
     if not AVAILABLE and os.environ.get("RESFUSE_REQUIRE_CUDA_EXT") != "1":
         pytest.skip(resfuse.backends()["cuda"].reason)
     assert AVAILABLE, resfuse.backends()["cuda"].reason
@@ -41,6 +45,7 @@ def _layout_cases():
     if not AVAILABLE:
         return []
     from resfuse import cuda_ext
+
     L = cuda_ext.launch_limits()
     fwd, bwd, most = L["fwd_block_row"], L["bwd_block_row"], L["max_cluster_blocks"]
     sizes = sorted({bwd, bwd + 1, fwd + 1, 2 * fwd, bwd * most, fwd * most})
@@ -54,6 +59,7 @@ def test_long_rows_span_clusters_on_sm90(D, fwd_blocks, bwd_blocks):
     and write per element); a row too long for the largest backward cluster streams.
     Elsewhere (sm_80) every such row is streamed in tiles."""
     from resfuse import cuda_ext
+
     L = cuda_ext.launch_limits()
     fwd, bwd = cuda_ext.row_layout(D), cuda_ext.row_layout(D, backward=True)
     if not SM90:
@@ -77,10 +83,12 @@ def test_misaligned_inputs_match_aligned_bitwise(norm, dtype):
     """Inputs one element into their storage take the scalar path: same arithmetic, same bits."""
     torch.manual_seed(0)
     D = 1024
-    base = dict(x=torch.randn(8, 16, D, device="cuda", dtype=dtype),
-                residual=torch.randn(8, 16, D, device="cuda", dtype=dtype),
-                weight=torch.randn(D, device="cuda", dtype=dtype),
-                bias=torch.randn(D, device="cuda", dtype=dtype))
+    base = dict(
+        x=torch.randn(8, 16, D, device="cuda", dtype=dtype),
+        residual=torch.randn(8, 16, D, device="cuda", dtype=dtype),
+        weight=torch.randn(D, device="cuda", dtype=dtype),
+        bias=torch.randn(D, device="cuda", dtype=dtype),
+    )
 
     def run(shift):
         t = {k: (_offset(v, 1) if shift else v.clone()).requires_grad_() for k, v in base.items()}
@@ -103,9 +111,15 @@ def test_agrees_with_triton(norm, D, dtype):
     """The same call on both kernel backends: h (unit scales, an exact sum rounded once)
     bitwise equal; y and every gradient within the output dtype's rounding."""
     torch.manual_seed(0)
-    inputs = [torch.randn(512, D, device="cuda", dtype=dtype), torch.randn(512, D, device="cuda", dtype=dtype),
-              torch.randn(D, device="cuda")] + ([torch.randn(D, device="cuda")] if norm == "layer" else [])
-    gy, gh = torch.randn(512, D, device="cuda", dtype=dtype), torch.randn(512, D, device="cuda", dtype=dtype)
+    inputs = [
+        torch.randn(512, D, device="cuda", dtype=dtype),
+        torch.randn(512, D, device="cuda", dtype=dtype),
+        torch.randn(D, device="cuda"),
+    ] + ([torch.randn(D, device="cuda")] if norm == "layer" else [])
+    gy, gh = (
+        torch.randn(512, D, device="cuda", dtype=dtype),
+        torch.randn(512, D, device="cuda", dtype=dtype),
+    )
     fn = resfuse.add_rms_norm if norm == "rms" else resfuse.add_layer_norm
 
     def run(backend):
@@ -220,23 +234,44 @@ def _call(dtype=torch.bfloat16, rows=64, D=1000, norm="layer", branch_norm=False
         return torch.randn(D, device="cuda")
 
     plain, layer = not branch_norm, norm == "layer"
-    ops = Operands(x, torch.randn_like(x), vec() if output_norm else None,
-                   vec() if layer and output_norm else None, vec() if plain else None,
-                   torch.rand(rows, device="cuda") if plain else None,
-                   vec() if branch_norm else None, vec() if branch_norm and layer else None)
+    ops = Operands(
+        x,
+        torch.randn_like(x),
+        vec() if output_norm else None,
+        vec() if layer and output_norm else None,
+        vec() if plain else None,
+        torch.rand(rows, device="cuda") if plain else None,
+        vec() if branch_norm else None,
+        vec() if branch_norm and layer else None,
+    )
     spec = AddNormSpec(
-        norm=norm, eps=1e-5, residual_scale=0.5 if plain else 1.0,
-        branch_scale=1.5 if plain else 1.0, zero_centered_weight=True, branch_norm=branch_norm,
-        output_norm=output_norm, has_weight=output_norm, has_bias=layer and output_norm,
-        has_branch_scale=plain, has_rowscale=plain, has_branch_weight=branch_norm,
-        has_branch_bias=branch_norm and layer, x_dtype=dtype, residual_dtype=dtype,
-        h_dtype=torch.float32, out_dtype=torch.bfloat16)
+        norm=norm,
+        eps=1e-5,
+        residual_scale=0.5 if plain else 1.0,
+        branch_scale=1.5 if plain else 1.0,
+        zero_centered_weight=True,
+        branch_norm=branch_norm,
+        output_norm=output_norm,
+        has_weight=output_norm,
+        has_bias=layer and output_norm,
+        has_branch_scale=plain,
+        has_rowscale=plain,
+        has_branch_weight=branch_norm,
+        has_branch_bias=branch_norm and layer,
+        x_dtype=dtype,
+        residual_dtype=dtype,
+        h_dtype=torch.float32,
+        out_dtype=torch.bfloat16,
+    )
     return spec, ops
 
 
 @needs_cuda_ext
-@pytest.mark.parametrize("layout", [(False, True), (True, True), (True, False)],
-                         ids=["add_norm", "norm_add_norm", "norm_add"])
+@pytest.mark.parametrize(
+    "layout",
+    [(False, True), (True, True), (True, False)],
+    ids=["add_norm", "norm_add_norm", "norm_add"],
+)
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_opcheck(norm, layout):
     branch_norm, output_norm = layout
@@ -244,10 +279,19 @@ def test_opcheck(norm, layout):
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_fwd.default, (*ops, *spec.flat()))
     y, h, mean, mean_x = torch.ops.resfuse.cuda_add_norm_fwd(*ops, *spec.flat())
     layer = norm == "layer"
-    bwd = (torch.randn_like(y) if output_norm else None, torch.randn_like(h),
-           h if output_norm else None, ops.x, ops.weight, ops.branch_scale, ops.rowscale,
-           ops.branch_weight, mean if layer and output_norm else None,
-           mean_x if layer and branch_norm else None, *spec.flat())
+    bwd = (
+        torch.randn_like(y) if output_norm else None,
+        torch.randn_like(h),
+        h if output_norm else None,
+        ops.x,
+        ops.weight,
+        ops.branch_scale,
+        ops.rowscale,
+        ops.branch_weight,
+        mean if layer and output_norm else None,
+        mean_x if layer and branch_norm else None,
+        *spec.flat(),
+    )
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_bwd.default, bwd)
 
 
@@ -281,21 +325,41 @@ def _sandwich_inputs(norm, D, dtype, rows=512, seed=0):
     def randn(*shape, dtype=torch.float32):
         return torch.randn(*shape, device="cuda", generator=g).to(dtype)
 
-    return dict(x=randn(rows, D, dtype=dtype), residual=randn(rows, D, dtype=dtype),
-                branch_weight=randn(D), weight=randn(D),
-                branch_bias=randn(D) if norm == "layer" else None,
-                bias=randn(D) if norm == "layer" else None)
+    return dict(
+        x=randn(rows, D, dtype=dtype),
+        residual=randn(rows, D, dtype=dtype),
+        branch_weight=randn(D),
+        weight=randn(D),
+        branch_bias=randn(D) if norm == "layer" else None,
+        bias=randn(D) if norm == "layer" else None,
+    )
 
 
 def _sandwich(t, norm, backend, output_norm=True):
     """(outputs, leaves) of norm_add_norm (or norm_add) on the tensors of t."""
     if output_norm:
-        out = resfuse.norm_add_norm(t["x"], t["residual"], t["branch_weight"], t["weight"], norm=norm,
-                                    branch_bias=t["branch_bias"], bias=t["bias"], backend=backend)
+        out = resfuse.norm_add_norm(
+            t["x"],
+            t["residual"],
+            t["branch_weight"],
+            t["weight"],
+            norm=norm,
+            branch_bias=t["branch_bias"],
+            bias=t["bias"],
+            backend=backend,
+        )
         leaves = [t[k] for k in ("x", "residual", "branch_weight", "weight", "branch_bias", "bias")]
     else:
-        out = (resfuse.norm_add(t["x"], t["residual"], t["branch_weight"], norm=norm,
-                                branch_bias=t["branch_bias"], backend=backend),)
+        out = (
+            resfuse.norm_add(
+                t["x"],
+                t["residual"],
+                t["branch_weight"],
+                norm=norm,
+                branch_bias=t["branch_bias"],
+                backend=backend,
+            ),
+        )
         leaves = [t[k] for k in ("x", "residual", "branch_weight", "branch_bias")]
     return out, [v for v in leaves if v is not None]
 
@@ -314,7 +378,7 @@ def test_sandwich_agrees_with_triton(norm, D, dtype, output_norm):
     def run(backend):
         t = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
         out, leaves = _sandwich(t, norm, backend, output_norm)
-        return out, torch.autograd.grad(out, leaves, grads_out[:len(out)])
+        return out, torch.autograd.grad(out, leaves, grads_out[: len(out)])
 
     out_c, grads_c = run("cuda")
     out_t, grads_t = run("triton")
@@ -334,10 +398,12 @@ def test_sandwich_misaligned_inputs_match_aligned_bitwise(norm, dtype, output_no
     grads_out = [torch.randn(128, 1024, device="cuda", dtype=dtype) for _ in range(2)]
 
     def run(shift):
-        t = {k: None if v is None else (_offset(v, 1) if shift else v.clone()).requires_grad_()
-             for k, v in inputs.items()}
+        t = {
+            k: None if v is None else (_offset(v, 1) if shift else v.clone()).requires_grad_()
+            for k, v in inputs.items()
+        }
         out, leaves = _sandwich(t, norm, "cuda", output_norm)
-        return list(out) + list(torch.autograd.grad(out, leaves, grads_out[:len(out)]))
+        return list(out) + list(torch.autograd.grad(out, leaves, grads_out[: len(out)]))
 
     for a, b in zip(run(False), run(True)):
         assert torch.equal(a, b)
@@ -346,8 +412,10 @@ def test_sandwich_misaligned_inputs_match_aligned_bitwise(norm, dtype, output_no
 @needs_cuda_ext
 @pytest.mark.parametrize("output_norm", [True, False], ids=["norm_add_norm", "norm_add"])
 def test_sandwich_cuda_graph_capture_and_replay(output_norm):
-    inputs = {k: None if v is None else v.requires_grad_()
-              for k, v in _sandwich_inputs("layer", 4096, torch.bfloat16, rows=256).items()}
+    inputs = {
+        k: None if v is None else v.requires_grad_()
+        for k, v in _sandwich_inputs("layer", 4096, torch.bfloat16, rows=256).items()
+    }
     gy = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
 
     def step():
@@ -376,8 +444,11 @@ def test_sandwich_cuda_graph_capture_and_replay(output_norm):
 
 
 @needs_cuda_ext
-@pytest.mark.parametrize("base", [PERI_LN, LAYOUTS[2].replace(norm="layer", branch_bias=True)],
-                         ids=["peri_ln", "norm_add_layer"])
+@pytest.mark.parametrize(
+    "base",
+    [PERI_LN, LAYOUTS[2].replace(norm="layer", branch_bias=True)],
+    ids=["peri_ln", "norm_add_layer"],
+)
 def test_sandwich_backward_is_bitwise_deterministic(base):
     case = base.replace(dtype=torch.bfloat16, shape=(8192, 2048))
     first = run_case(case, "cuda", "cuda", seed=1)
@@ -388,8 +459,10 @@ def test_sandwich_backward_is_bitwise_deterministic(base):
 
 @needs_cuda_ext
 def test_sandwich_no_host_synchronisation():
-    inputs = {k: None if v is None else v.requires_grad_()
-              for k, v in _sandwich_inputs("layer", 4096, torch.bfloat16, rows=1024).items()}
+    inputs = {
+        k: None if v is None else v.requires_grad_()
+        for k, v in _sandwich_inputs("layer", 4096, torch.bfloat16, rows=1024).items()
+    }
     _sandwich(inputs, "layer", "cuda")  # first call outside: one-time queries
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

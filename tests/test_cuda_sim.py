@@ -16,16 +16,25 @@ import math
 
 import pytest
 import torch
-
 from conftest import emulator_unavailable
-from numerics import (DTYPES, FULL, LAYOUT_IDS, LAYOUTS, PERI_LN, SHAPE_CASES, Case,
-                      cluster_blocks, run_case)
+from numerics import (
+    DTYPES,
+    FULL,
+    LAYOUT_IDS,
+    LAYOUTS,
+    PERI_LN,
+    SHAPE_CASES,
+    Case,
+    cluster_blocks,
+    run_case,
+)
 
 import resfuse
 from resfuse.spec import AddNormSpec, BackwardInputs, Operands
 
-pytestmark = pytest.mark.skipif(bool(emulator_unavailable()),
-                                reason=emulator_unavailable() or "emulator available")
+pytestmark = pytest.mark.skipif(
+    bool(emulator_unavailable()), reason=emulator_unavailable() or "emulator available"
+)
 
 
 def _id(case):
@@ -41,14 +50,19 @@ def long_rows(sim) -> list[int]:
     """Just past the backward's block row, past the forward's, and a row spanning the
     largest backward cluster."""
     L = sim.limits
-    return [L["bwd_block_row"] + 1, L["fwd_block_row"] + 1,
-            L["bwd_block_row"] * L["max_cluster_blocks"]]
+    return [
+        L["bwd_block_row"] + 1,
+        L["fwd_block_row"] + 1,
+        L["bwd_block_row"] * L["max_cluster_blocks"],
+    ]
 
 
 def _expect_layout(backend, D):
     L = backend.limits
-    expected = (cluster_blocks(D, L["fwd_block_row"], backend.max_cluster),
-                cluster_blocks(D, L["bwd_block_row"], backend.max_cluster))
+    expected = (
+        cluster_blocks(D, L["fwd_block_row"], backend.max_cluster),
+        cluster_blocks(D, L["bwd_block_row"], backend.max_cluster),
+    )
     assert (backend.last["fwd_cluster_blocks"], backend.last["bwd_cluster_blocks"]) == expected
 
 
@@ -58,8 +72,11 @@ def _expect_layout(backend, D):
 def test_long_rows(base, which, gpu, sim, use):
     # sm80: the backward streams its rows past its block row; both directions past the
     # forward's. sm90: those rows span clusters of the largest blocks instead.
-    backend = use(sim.configured(max_cluster=GPU_KINDS[gpu] or sim.limits["max_cluster_blocks"],
-                                 sms=4, per_sm=2))  # room for 8
+    backend = use(
+        sim.configured(
+            max_cluster=GPU_KINDS[gpu] or sim.limits["max_cluster_blocks"], sms=4, per_sm=2
+        )
+    )  # room for 8
     D = long_rows(sim)[which]
     run_case(base.replace(dtype=torch.bfloat16, shape=(3, D)), "cuda", "cpu")
     _expect_layout(backend, D)
@@ -96,7 +113,10 @@ def test_rows_span_a_cluster(base, dtype, D, sim, use):
     blocks = _small_blocks(sim, D)
     backend = use(sim.configured(max_threads_fwd=32, max_threads_bwd=32, sms=3, per_sm=blocks))
     run_case(base.replace(dtype=dtype, shape=(3, 2, D)), "cuda", "cpu")
-    assert blocks > 1 and backend.last["fwd_cluster_blocks"] == backend.last["bwd_cluster_blocks"] == blocks
+    assert (
+        blocks > 1
+        and backend.last["fwd_cluster_blocks"] == backend.last["bwd_cluster_blocks"] == blocks
+    )
     assert backend.last["bwd_programs"] == 3
 
 
@@ -113,8 +133,9 @@ def test_persistent_loop_and_partial_sums(programs, sim, use):
     """1 to 8 programs walk 128 rows in 8 row groups of 16 (uneven shares for 3 and 5): the
     parameter gradients are the fixed-order sums of their partials, equal to the reference."""
     backend = use(sim.configured(sms=programs, per_sm=1))
-    grads = run_case(Case(norm="layer", bias=True, dtype=torch.float32, shape=(128, 130), **FULL),
-                     "cuda", "cpu")
+    grads = run_case(
+        Case(norm="layer", bias=True, dtype=torch.float32, shape=(128, 130), **FULL), "cuda", "cpu"
+    )
     assert backend.last["bwd_programs"] == programs
     assert set(grads) == {"x", "residual", "weight", "bias", "branch_scale"}
 
@@ -142,17 +163,28 @@ def test_misaligned_operands_match_the_vector_path_bitwise(norm, dtype, sim):
     rs = torch.rand(rows, generator=g)
     dy = torch.randn(rows, D, generator=g).to(dtype)
     dh = torch.randn(rows, D, generator=g).to(dtype)
-    spec = AddNormSpec(norm=norm, eps=1e-5, residual_scale=0.5, branch_scale=1.5,
-                       zero_centered_weight=True, has_bias=b is not None, has_branch_scale=True,
-                       has_rowscale=True, x_dtype=dtype, residual_dtype=dtype, h_dtype=dtype,
-                       out_dtype=dtype)
+    spec = AddNormSpec(
+        norm=norm,
+        eps=1e-5,
+        residual_scale=0.5,
+        branch_scale=1.5,
+        zero_centered_weight=True,
+        has_bias=b is not None,
+        has_branch_scale=True,
+        has_rowscale=True,
+        x_dtype=dtype,
+        residual_dtype=dtype,
+        h_dtype=dtype,
+        out_dtype=dtype,
+    )
     assert spec.dresidual == "kernel"
 
     def run(shift):
         o = (lambda t: None if t is None else _offset_view(t, 1)) if shift else (lambda t: t)
         y, h, mean, _ = sim.forward(spec, Operands(o(x), o(r), o(w), o(b), o(bs), o(rs)))
-        grads = sim.backward(spec, BackwardInputs(o(dy), o(dh), o(h), o(x), o(w), o(bs), o(rs),
-                                                  mean=o(mean)))
+        grads = sim.backward(
+            spec, BackwardInputs(o(dy), o(dh), o(h), o(x), o(w), o(bs), o(rs), mean=o(mean))
+        )
         return (y, h, mean, *grads[:5])
 
     for name, a, m in zip(("y", "h", "mean", "dx", "dr", "dw", "db", "dbs"), run(False), run(True)):
@@ -179,12 +211,17 @@ def test_threads_per_row_scale_with_D(D, sim):
     to the largest block (forward); longer rows span clusters of such blocks (sm_90)."""
     L = sim.limits
     x = torch.randn(2, D)
-    sim.forward(AddNormSpec(eps=1e-5, has_residual=False, has_weight=False, store_h=False),
-                Operands(x))
+    sim.forward(
+        AddNormSpec(eps=1e-5, has_residual=False, has_weight=False, store_h=False), Operands(x)
+    )
     chunks_per_thread = L["fwd_block_row"] // (L["fwd_max_threads"] * L["chunk"])
-    threads = 1 << math.ceil(math.log2(max(1, math.ceil(math.ceil(D / L["chunk"]) / chunks_per_thread))))
+    threads = 1 << math.ceil(
+        math.log2(max(1, math.ceil(math.ceil(D / L["chunk"]) / chunks_per_thread)))
+    )
     assert sim.last["fwd_threads_per_row"] == min(L["fwd_max_threads"], threads)
-    assert sim.last["fwd_cluster_blocks"] == cluster_blocks(D, L["fwd_block_row"], L["max_cluster_blocks"])
+    assert sim.last["fwd_cluster_blocks"] == cluster_blocks(
+        D, L["fwd_block_row"], L["max_cluster_blocks"]
+    )
 
 
 def test_no_rows_gives_zero_parameter_gradients(cuda_sim):
@@ -200,6 +237,7 @@ def test_rms_norm_with_a_bias_gets_its_bias_gradient(cuda_sim):
     """RMSNorm + bias (the API allows it through the core op): the backward's bias
     accumulator follows has_bias, not the norm kind (it once left dbias unwritten)."""
     from resfuse import functional
+
     g = torch.Generator().manual_seed(0)
     for D in (40, long_rows(cuda_sim)[0]):  # rows in registers, a row past the backward's block
         x, r = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g)
@@ -208,7 +246,9 @@ def test_rms_norm_with_a_bias_gets_its_bias_gradient(cuda_sim):
         for backend in ("cuda", "torch"):
             leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
             y, h = functional.add_norm(*leaves, 1e-5, norm="rms", backend=backend)
-            grads[backend] = torch.autograd.grad([y, h], leaves, [torch.ones_like(y), torch.ones_like(h)])
+            grads[backend] = torch.autograd.grad(
+                [y, h], leaves, [torch.ones_like(y), torch.ones_like(h)]
+            )
         for name, a, e in zip(("x", "residual", "weight", "bias"), grads["cuda"], grads["torch"]):
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=f"d{name}, D={D}")
 
@@ -218,16 +258,22 @@ def test_rms_norm_with_a_bias_gets_its_bias_gradient(cuda_sim):
 # kernel (run-time flag) and the backward's branch-norm instantiations.
 
 
-@pytest.mark.parametrize("which,dtype", [(0, torch.float32), (1, torch.bfloat16), (2, torch.bfloat16)],
-                         ids=["past_bwd_block-fp32", "past_fwd_block-bf16", "bwd_cluster-bf16"])
+@pytest.mark.parametrize(
+    "which,dtype",
+    [(0, torch.float32), (1, torch.bfloat16), (2, torch.bfloat16)],
+    ids=["past_bwd_block-fp32", "past_fwd_block-bf16", "bwd_cluster-bf16"],
+)
 @pytest.mark.parametrize("base", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("gpu", GPU_KINDS)
 def test_sandwich_long_rows(base, which, dtype, gpu, sim, use):
     # sm80: the backward streams its rows (three passes with the branch norm), past the
     # forward's block row the forward too (a pass over x for the branch norm's statistics
     # first). sm90: clusters, as in test_long_rows.
-    backend = use(sim.configured(max_cluster=GPU_KINDS[gpu] or sim.limits["max_cluster_blocks"],
-                                 sms=4, per_sm=2))  # room for 8
+    backend = use(
+        sim.configured(
+            max_cluster=GPU_KINDS[gpu] or sim.limits["max_cluster_blocks"], sms=4, per_sm=2
+        )
+    )  # room for 8
     D = long_rows(sim)[which] - (7 if which == 2 else 0)  # an odd row across the largest cluster
     run_case(base.replace(dtype=dtype, shape=(3, D)), "cuda", "cpu")
     _expect_layout(backend, D)
@@ -257,8 +303,11 @@ def test_sandwich_rows_span_a_cluster(base, dtype, D, sim, use):
 @pytest.mark.parametrize("gpu", GPU_KINDS)
 @pytest.mark.parametrize("long", [False, True], ids=["D130", "past_bwd_block"])
 @pytest.mark.parametrize("programs", [1, 3, 8])
-@pytest.mark.parametrize("base", [PERI_LN, LAYOUTS[2].replace(norm="layer", branch_bias=True)],
-                         ids=["peri_ln", "norm_add_layer"])
+@pytest.mark.parametrize(
+    "base",
+    [PERI_LN, LAYOUTS[2].replace(norm="layer", branch_bias=True)],
+    ids=["peri_ln", "norm_add_layer"],
+)
 def test_sandwich_persistent_loop_and_partial_sums(base, programs, long, gpu, sim, use):
     """The branch norm's weight and bias gradients: per-program partials (registers and
     shared memory, or rows of the partial buffers when streamed), summed in a fixed order.
@@ -288,18 +337,42 @@ def test_sandwich_misaligned_operands_match_the_vector_path_bitwise(dtype, norm,
         w = b = None
     dy = torch.randn(rows, D, generator=g).to(dtype) if output_norm else None
     dh = torch.randn(rows, D, generator=g).to(dtype)
-    spec = AddNormSpec(norm=norm, eps=1e-5, zero_centered_weight=True, branch_norm=True,
-                       output_norm=output_norm, has_weight=w is not None, has_bias=b is not None,
-                       has_branch_weight=True, has_branch_bias=True, x_dtype=dtype,
-                       residual_dtype=dtype, h_dtype=dtype, out_dtype=dtype)
+    spec = AddNormSpec(
+        norm=norm,
+        eps=1e-5,
+        zero_centered_weight=True,
+        branch_norm=True,
+        output_norm=output_norm,
+        has_weight=w is not None,
+        has_bias=b is not None,
+        has_branch_weight=True,
+        has_branch_bias=True,
+        x_dtype=dtype,
+        residual_dtype=dtype,
+        h_dtype=dtype,
+        out_dtype=dtype,
+    )
 
     def run(shift):
         o = (lambda t: None if t is None else _offset_view(t, 1)) if shift else (lambda t: t)
-        y, h, mean, mean_x = sim.forward(spec, Operands(o(x), o(r), o(w), o(b), None, None, o(wb),
-                                                        o(bb)))
-        grads = sim.backward(spec, BackwardInputs(
-            o(dy), o(dh), o(h) if output_norm else None, o(x), o(w), None, None, o(wb),
-            mean=o(mean), mean_x=o(mean_x)))
+        y, h, mean, mean_x = sim.forward(
+            spec, Operands(o(x), o(r), o(w), o(b), None, None, o(wb), o(bb))
+        )
+        grads = sim.backward(
+            spec,
+            BackwardInputs(
+                o(dy),
+                o(dh),
+                o(h) if output_norm else None,
+                o(x),
+                o(w),
+                None,
+                None,
+                o(wb),
+                mean=o(mean),
+                mean_x=o(mean_x),
+            ),
+        )
         return (y, h, mean, mean_x, *grads)
 
     names = ("y", "h", "mean", "mean_x", "dx", "dr", "dw", "db", "dbs", "dbw", "dbb")
@@ -314,8 +387,10 @@ def test_sandwich_misaligned_inputs_through_the_api(cuda_sim):
     x = _offset_view(torch.randn(4, 3, 256, dtype=torch.bfloat16), 1).requires_grad_()
     r = _offset_view(torch.randn(4, 3, 256, dtype=torch.bfloat16), 3).requires_grad_()
     wb, w = torch.randn(256, requires_grad=True), torch.randn(256, requires_grad=True)
-    for fn in (lambda be: resfuse.norm_add_norm(x, r, wb, w, norm="layer", backend=be),
-               lambda be: (resfuse.norm_add(x, r, wb, backend=be),)):
+    for fn in (
+        lambda be: resfuse.norm_add_norm(x, r, wb, w, norm="layer", backend=be),
+        lambda be: (resfuse.norm_add(x, r, wb, backend=be),),
+    ):
         got, want = fn("cuda"), fn("torch")
         for a, e in zip(got, want):
             torch.testing.assert_close(a.float(), e.float(), atol=1.6e-2, rtol=1.6e-2)

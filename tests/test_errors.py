@@ -11,8 +11,12 @@ D = 64
 
 
 def good():
-    return dict(x=torch.randn(2, 3, D), residual=torch.randn(2, 3, D), weight=torch.ones(D),
-                bias=torch.zeros(D))
+    return dict(
+        x=torch.randn(2, 3, D),
+        residual=torch.randn(2, 3, D),
+        weight=torch.ones(D),
+        bias=torch.zeros(D),
+    )
 
 
 # (argument name, override, expected exception); the message must name the argument
@@ -22,8 +26,8 @@ BAD_ADD_NORM = [
     ("x", dict(x=torch.ones(2, 3, D, dtype=torch.float64)), TypeError),
     ("x", dict(x=torch.tensor(1.0)), ValueError),
     ("x", dict(x=torch.ones(2, 0)), ValueError),
-    ("residual", dict(residual=torch.randn(D)), ValueError),           # would broadcast
-    ("residual", dict(residual=torch.randn(2, 1, D)), ValueError),     # would broadcast
+    ("residual", dict(residual=torch.randn(D)), ValueError),  # would broadcast
+    ("residual", dict(residual=torch.randn(2, 1, D)), ValueError),  # would broadcast
     ("residual", dict(residual=torch.randn(2, 3, D).double()), TypeError),
     ("residual", dict(residual=torch.randn(2, 3, D, device="meta")), ValueError),
     ("weight", dict(weight=torch.ones(D - 1)), ValueError),
@@ -57,22 +61,37 @@ BAD_ADD_NORM = [
 @pytest.fixture
 def no_kernels(monkeypatch):
     """Any kernel launch fails the test: errors must come first."""
+
     def forbidden(name):
         raise AssertionError(f"a kernel ({name}) ran before the argument error")
+
     monkeypatch.setattr(backend_registry, "implementation", forbidden)
 
 
-BAD_CALLS = [(fn, *bad) for fn in ("add_rms_norm", "add_layer_norm") for bad in BAD_ADD_NORM
-             if not (fn == "add_rms_norm" and bad[0] == "bias")]  # add_rms_norm has no bias
+BAD_CALLS = [
+    (fn, *bad)
+    for fn in ("add_rms_norm", "add_layer_norm")
+    for bad in BAD_ADD_NORM
+    if not (fn == "add_rms_norm" and bad[0] == "bias")
+]  # add_rms_norm has no bias
 
 
-@pytest.mark.parametrize("fn,arg,override,exc", BAD_CALLS,
-                         ids=[f"{fn}-{a}-{i}" for i, (fn, a, _, _) in enumerate(BAD_CALLS)])
+@pytest.mark.parametrize(
+    "fn,arg,override,exc",
+    BAD_CALLS,
+    ids=[f"{fn}-{a}-{i}" for i, (fn, a, _, _) in enumerate(BAD_CALLS)],
+)
 def test_bad_argument_is_named(fn, arg, override, exc, no_kernels):
     kw = {**good(), **override}
-    snapshot = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
+    snapshot = {
+        k: v.clone()
+        for k, v in kw.items()
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu"
+    }
     extra = {k: kw.pop(k) for k in list(kw) if k not in ("x", "residual", "weight", "bias")}
-    args = [kw["x"], kw["residual"], kw["weight"]] + ([kw["bias"]] if fn == "add_layer_norm" else [])
+    args = [kw["x"], kw["residual"], kw["weight"]] + (
+        [kw["bias"]] if fn == "add_layer_norm" else []
+    )
     with pytest.raises(exc) as info:
         getattr(resfuse, fn)(*args, **extra)
     assert arg in str(info.value), f"message does not name {arg!r}: {info.value}"
@@ -80,11 +99,14 @@ def test_bad_argument_is_named(fn, arg, override, exc, no_kernels):
         assert torch.equal(kw.get(k, extra.get(k)), v), f"{k} was modified"
 
 
-@pytest.mark.parametrize("call", [
-    lambda: resfuse.rms_norm(torch.randn(3, D), torch.ones(D + 1)),
-    lambda: resfuse.layer_norm(torch.randn(3, D), torch.ones(D), torch.zeros(3)),
-    lambda: resfuse.rms_norm(torch.randn(3, D), torch.ones(D), out_dtype=torch.int8),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: resfuse.rms_norm(torch.randn(3, D), torch.ones(D + 1)),
+        lambda: resfuse.layer_norm(torch.randn(3, D), torch.ones(D), torch.zeros(3)),
+        lambda: resfuse.rms_norm(torch.randn(3, D), torch.ones(D), out_dtype=torch.int8),
+    ],
+)
 def test_plain_norm_errors(call, no_kernels):
     with pytest.raises((ValueError, TypeError)):
         call()
@@ -129,13 +151,16 @@ def test_auto_on_cpu_is_the_reference():
     assert backend_registry.resolve("auto", torch.device("cpu")) == "torch"
 
 
-@pytest.mark.parametrize("make", [
-    lambda: resfuse.RMSNorm(0),
-    lambda: resfuse.RMSNorm((4, -1)),
-    lambda: resfuse.LayerNorm(()),
-    lambda: resfuse.AddNorm(D, norm="batch"),
-    lambda: resfuse.AddNorm(D, drop_path=1.0),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: resfuse.RMSNorm(0),
+        lambda: resfuse.RMSNorm((4, -1)),
+        lambda: resfuse.LayerNorm(()),
+        lambda: resfuse.AddNorm(D, norm="batch"),
+        lambda: resfuse.AddNorm(D, drop_path=1.0),
+    ],
+)
 def test_module_construction_errors(make):
     with pytest.raises(ValueError):
         make()

@@ -4,14 +4,15 @@ the sizes only a GPU affords, runs on the GPU with ``make test-gpu``."""
 
 import pytest
 import torch
+from numerics import FULL, Case, run_case
 
 import resfuse
-from numerics import FULL, Case, run_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-GPU_BACKENDS = [b for b in ("triton", "cuda")
-                if torch.cuda.is_available() and resfuse.backends()[b].available]
+GPU_BACKENDS = [
+    b for b in ("triton", "cuda") if torch.cuda.is_available() and resfuse.backends()[b].available
+]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -80,4 +81,5 @@ def test_runs_on_the_inputs_device(backend):
 
 def test_auto_picks_a_kernel_backend():
     from resfuse.backend_registry import resolve
+
     assert resolve("auto", torch.device("cuda")) in ("cuda", "triton")

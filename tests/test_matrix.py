@@ -21,12 +21,26 @@ streams, graphs, compile) are in test_cuda_sim.py, test_cuda_gpu.py and test_gpu
 
 import pytest
 import torch
+from conftest import DEVICE, cuda_launch_limits
+from numerics import (
+    DTYPES,
+    FLAG_CASES,
+    FLAG_DTYPE_CASES,
+    FULL,
+    LAYOUTS,
+    MIXED,
+    OLMO2,
+    PERI_LN,
+    SANDWICH_CASES,
+    SANDWICH_MIXED,
+    SHAPE_CASES,
+    Case,
+    dtype_id,
+    mixed_case,
+    run_case,
+)
 
 import resfuse
-from conftest import DEVICE, cuda_launch_limits
-from numerics import (DTYPES, FLAG_CASES, FLAG_DTYPE_CASES, FULL, LAYOUTS, MIXED, OLMO2,
-                      PERI_LN, SANDWICH_CASES, SANDWICH_MIXED, SHAPE_CASES, Case, dtype_id,
-                      mixed_case, run_case)
 from resfuse.triton_kernels import launch as triton_launch
 
 GPU = DEVICE == "cuda"
@@ -71,8 +85,11 @@ def with_op(cases):
 
 
 def crossovers() -> list[int]:
-    limits = {triton_launch.MAX_FUSED_D_BWD_READS_X, triton_launch.MAX_FUSED_D_BWD,
-              triton_launch.MAX_FUSED_D_FWD}
+    limits = {
+        triton_launch.MAX_FUSED_D_BWD_READS_X,
+        triton_launch.MAX_FUSED_D_BWD,
+        triton_launch.MAX_FUSED_D_FWD,
+    }
     cuda = cuda_launch_limits()
     if cuda is not None:
         limits |= {cuda["bwd_block_row"], cuda["fwd_block_row"]}
@@ -92,10 +109,15 @@ def test_every_flag_combination(case, backend):
     run_case(case, backend, DEVICE)
 
 
-ONE_ROW = ([c.replace(dtype=d, shape=(3, 300)) for c in
-            [c for c in FLAG_CASES if c.residual != "none"][::5] for d in DTYPES]
-           + [c.replace(dtype=d, shape=(3, 300)) for c in
-              [c for c in SANDWICH_CASES if c.dtype == torch.float32][::4] for d in DTYPES])
+ONE_ROW = [
+    c.replace(dtype=d, shape=(3, 300))
+    for c in [c for c in FLAG_CASES if c.residual != "none"][::5]
+    for d in DTYPES
+] + [
+    c.replace(dtype=d, shape=(3, 300))
+    for c in [c for c in SANDWICH_CASES if c.dtype == torch.float32][::4]
+    for d in DTYPES
+]
 
 
 @pytest.mark.parametrize("case", with_op(ONE_ROW))
@@ -106,11 +128,18 @@ def test_flag_combinations_one_row_per_program(case, backend):
 
 LEADS = [(), (1,), (5,), (3, 5), (2, 2, 3)]
 SANDWICH_SHAPES = [(7,), (1, 1), (5, 7), (3, 5, 64), (2, 2, 3, 1000), (3, 4097)]
-SHAPES = ([base.replace(dtype=d, shape=(*lead, D), rowscale=base.rowscale and bool(lead))
-           for base in SHAPE_CASES for lead in LEADS for D in (1, 7, 8, 64, 1000, 4097)
-           for d in DTYPES]
-          + [base.replace(dtype=d, shape=shape) for base in LAYOUTS for shape in SANDWICH_SHAPES
-             for d in DTYPES])
+SHAPES = [
+    base.replace(dtype=d, shape=(*lead, D), rowscale=base.rowscale and bool(lead))
+    for base in SHAPE_CASES
+    for lead in LEADS
+    for D in (1, 7, 8, 64, 1000, 4097)
+    for d in DTYPES
+] + [
+    base.replace(dtype=d, shape=shape)
+    for base in LAYOUTS
+    for shape in SANDWICH_SHAPES
+    for d in DTYPES
+]
 
 
 @pytest.mark.parametrize("case", with_op(SHAPES))
@@ -119,10 +148,16 @@ def test_shapes(case, backend):
     run_case(case, backend, DEVICE)
 
 
-LONG = ([base.replace(dtype=d, shape=(3, D)) for base in SHAPE_CASES for D in LONG_ROWS
-         for d in (torch.float32, torch.bfloat16)]
-        + [base.replace(dtype=torch.bfloat16, shape=(3, D)) for base in LAYOUTS for D in LONG_ROWS]
-        + [base.replace(dtype=torch.float32, shape=(3, LONG_ROWS[0])) for base in LAYOUTS])
+LONG = (
+    [
+        base.replace(dtype=d, shape=(3, D))
+        for base in SHAPE_CASES
+        for D in LONG_ROWS
+        for d in (torch.float32, torch.bfloat16)
+    ]
+    + [base.replace(dtype=torch.bfloat16, shape=(3, D)) for base in LAYOUTS for D in LONG_ROWS]
+    + [base.replace(dtype=torch.float32, shape=(3, LONG_ROWS[0])) for base in LAYOUTS]
+)
 
 
 @pytest.mark.parametrize("case", with_op(LONG))
@@ -132,10 +167,16 @@ def test_long_rows(case, backend):
     run_case(case, backend, DEVICE)
 
 
-NON_CONTIGUOUS = ([base.replace(dtype=d, shape=(3, 4, 72), layout=layout) for base in SHAPE_CASES
-                   for layout in ("row_strided", "transposed", "col_strided") for d in DTYPES]
-                  + [base.replace(dtype=torch.bfloat16, shape=(3, 4, 72), layout=layout)
-                     for base in LAYOUTS for layout in ("row_strided", "transposed", "col_strided")])
+NON_CONTIGUOUS = [
+    base.replace(dtype=d, shape=(3, 4, 72), layout=layout)
+    for base in SHAPE_CASES
+    for layout in ("row_strided", "transposed", "col_strided")
+    for d in DTYPES
+] + [
+    base.replace(dtype=torch.bfloat16, shape=(3, 4, 72), layout=layout)
+    for base in LAYOUTS
+    for layout in ("row_strided", "transposed", "col_strided")
+]
 
 
 @pytest.mark.parametrize("case", with_op(NON_CONTIGUOUS))
@@ -143,8 +184,9 @@ def test_non_contiguous(case, backend):
     run_case(case, backend, DEVICE)
 
 
-MIXED_CASES = ([base.replace(shape=(4, 3, 96), **m) for base in SHAPE_CASES for m in MIXED]
-               + [mixed_case(base, m) for base in LAYOUTS for m in SANDWICH_MIXED])
+MIXED_CASES = [base.replace(shape=(4, 3, 96), **m) for base in SHAPE_CASES for m in MIXED] + [
+    mixed_case(base, m) for base in LAYOUTS for m in SANDWICH_MIXED
+]
 
 
 @pytest.mark.parametrize("case", with_op(MIXED_CASES))
@@ -153,9 +195,11 @@ def test_mixed_dtypes(case, backend):
     run_case(case, backend, DEVICE)
 
 
-DETERMINISM = [Case(norm="layer", bias=True, dtype=torch.float32, shape=(64, 130), **FULL),
-               PERI_LN.replace(shape=(64, 130)),
-               OLMO2.replace(norm="layer", branch_bias=True, shape=(64, 130))]
+DETERMINISM = [
+    Case(norm="layer", bias=True, dtype=torch.float32, shape=(64, 130), **FULL),
+    PERI_LN.replace(shape=(64, 130)),
+    OLMO2.replace(norm="layer", branch_bias=True, shape=(64, 130)),
+]
 
 
 @pytest.mark.parametrize("case", with_op(DETERMINISM))
@@ -173,31 +217,49 @@ def test_backward_is_deterministic(case, backend):
 
 def _boundaries() -> list[int]:
     """Odd sizes and each crossover and the next size (on a GPU only: 64 rows of them)."""
-    return sorted({1, 7, 8, 1000, 4096, 4097, 65536}
-                  | {c for c in crossovers()} | {c + 1 for c in crossovers()})
+    return sorted(
+        {1, 7, 8, 1000, 4096, 4097, 65536}
+        | {c for c in crossovers()}
+        | {c + 1 for c in crossovers()}
+    )
 
 
-GPU_BOUNDARIES = ([Case(norm=norm, dtype=d, shape=(64 if D <= 8192 else 6, D),
-                        bias=norm == "layer", **FULL)
-                   for norm in ("rms", "layer") for D in _boundaries() for d in DTYPES]
-                  + [base.replace(dtype=d, shape=(64 if D <= 8192 else 6, D)) for base in LAYOUTS
-                     for D in _boundaries() for d in DTYPES])
-GPU_CLUSTERS = ([Case(norm=norm, dtype=d, shape=(4, D), bias=norm == "layer", **FULL)
-                 for norm in ("rms", "layer") for D in (9000, 20000, 32768, 65536 - 7, 131072)
-                 for d in DTYPES]
-                + [base.replace(dtype=torch.bfloat16, shape=(4, D)) for base in LAYOUTS
-                   for D in (20000, 65536)])
+GPU_BOUNDARIES = [
+    Case(norm=norm, dtype=d, shape=(64 if D <= 8192 else 6, D), bias=norm == "layer", **FULL)
+    for norm in ("rms", "layer")
+    for D in _boundaries()
+    for d in DTYPES
+] + [
+    base.replace(dtype=d, shape=(64 if D <= 8192 else 6, D))
+    for base in LAYOUTS
+    for D in _boundaries()
+    for d in DTYPES
+]
+GPU_CLUSTERS = [
+    Case(norm=norm, dtype=d, shape=(4, D), bias=norm == "layer", **FULL)
+    for norm in ("rms", "layer")
+    for D in (9000, 20000, 32768, 65536 - 7, 131072)
+    for d in DTYPES
+] + [base.replace(dtype=torch.bfloat16, shape=(4, D)) for base in LAYOUTS for D in (20000, 65536)]
 MANY_ROWS = [(1 << 20, 64), (300_000, 7), (4096, 768), (5, 3, 4096)]
-GPU_MANY_ROWS = ([Case(norm="layer", dtype=torch.bfloat16, shape=s, bias=True, **FULL) for s in MANY_ROWS]
-                 + [base.replace(dtype=torch.bfloat16, shape=s) for base in LAYOUTS for s in MANY_ROWS])
-GPU_NON_CONTIGUOUS = ([Case(norm="layer", bias=True, dtype=d, shape=(16, 8, 520), layout=layout, **FULL)
-                       for layout in ("row_strided", "transposed", "col_strided") for d in DTYPES]
-                      + [base.replace(dtype=torch.bfloat16, shape=(16, 8, 520), layout=layout)
-                         for base in LAYOUTS for layout in ("row_strided", "transposed", "col_strided")])
-LARGE = [Case(norm=norm, dtype=d, shape=shape, bias=norm == "layer", **FULL)
-         for norm in ("rms", "layer")
-         for shape in [(4096, 768), (2048, 4096), (512, 8192), (256, 16384), (64, 65536), (8, 3, 131072)]
-         for d in DTYPES]
+GPU_MANY_ROWS = [
+    Case(norm="layer", dtype=torch.bfloat16, shape=s, bias=True, **FULL) for s in MANY_ROWS
+] + [base.replace(dtype=torch.bfloat16, shape=s) for base in LAYOUTS for s in MANY_ROWS]
+GPU_NON_CONTIGUOUS = [
+    Case(norm="layer", bias=True, dtype=d, shape=(16, 8, 520), layout=layout, **FULL)
+    for layout in ("row_strided", "transposed", "col_strided")
+    for d in DTYPES
+] + [
+    base.replace(dtype=torch.bfloat16, shape=(16, 8, 520), layout=layout)
+    for base in LAYOUTS
+    for layout in ("row_strided", "transposed", "col_strided")
+]
+LARGE = [
+    Case(norm=norm, dtype=d, shape=shape, bias=norm == "layer", **FULL)
+    for norm in ("rms", "layer")
+    for shape in [(4096, 768), (2048, 4096), (512, 8192), (256, 16384), (64, 65536), (8, 3, 131072)]
+    for d in DTYPES
+]
 
 
 @pytest.mark.parametrize("case", with_op(GPU_BOUNDARIES))
@@ -231,11 +293,19 @@ def test_large_shapes_on_gpu(case, kernel_backend):
 
 def test_the_matrix_covers_every_op_and_family():
     """Every op appears in every CPU family (a new op or family cannot silently miss one)."""
-    families = {"flags": FLAG_DTYPE_CASES + SANDWICH_CASES, "one_row": ONE_ROW, "shapes": SHAPES,
-                "long": LONG, "non_contiguous": NON_CONTIGUOUS, "mixed": MIXED_CASES,
-                "determinism": DETERMINISM, "gpu_boundaries": GPU_BOUNDARIES,
-                "gpu_clusters": GPU_CLUSTERS, "gpu_many_rows": GPU_MANY_ROWS,
-                "gpu_non_contiguous": GPU_NON_CONTIGUOUS}
+    families = {
+        "flags": FLAG_DTYPE_CASES + SANDWICH_CASES,
+        "one_row": ONE_ROW,
+        "shapes": SHAPES,
+        "long": LONG,
+        "non_contiguous": NON_CONTIGUOUS,
+        "mixed": MIXED_CASES,
+        "determinism": DETERMINISM,
+        "gpu_boundaries": GPU_BOUNDARIES,
+        "gpu_clusters": GPU_CLUSTERS,
+        "gpu_many_rows": GPU_MANY_ROWS,
+        "gpu_non_contiguous": GPU_NON_CONTIGUOUS,
+    }
     for name, cases in families.items():
         assert {op_of(c) for c in cases} == {"add_norm", "norm_add_norm", "norm_add"}, name
     assert dtype_id(torch.bfloat16) == "bfloat16"

@@ -3,13 +3,14 @@ the fused residual form, LayerScale and stochastic depth in AddNorm."""
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import resfuse
-from conftest import DEVICE
 
 # on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
 BACKENDS = ["triton", "torch"] + (
-    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else []
+)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -39,8 +40,12 @@ def test_rmsnorm_is_a_drop_in_for_torch(dtype, backend):
     y.backward(dy)
     y_ref.backward(dy)
     torch.testing.assert_close(x.grad, x2.grad, **tol)
-    torch.testing.assert_close(ours.weight.grad.float(), ref.weight.grad.float(),
-                               atol=1e-4 if dtype == torch.float32 else 0.3, rtol=2e-2)
+    torch.testing.assert_close(
+        ours.weight.grad.float(),
+        ref.weight.grad.float(),
+        atol=1e-4 if dtype == torch.float32 else 0.3,
+        rtol=2e-2,
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -63,16 +68,22 @@ def test_layernorm_is_a_drop_in_for_torch(bias, shape, backend):
     y_ref.pow(2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[name].grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            p.grad, dict(ref.named_parameters())[name].grad, atol=1e-4, rtol=1e-5
+        )
 
 
 ROUND_TRIPS = {
     "rms": (lambda: torch.nn.RMSNorm(32), lambda: resfuse.RMSNorm(32)),
-    "rms-no-affine": (lambda: torch.nn.RMSNorm(32, elementwise_affine=False),
-                      lambda: resfuse.RMSNorm(32, elementwise_affine=False)),
+    "rms-no-affine": (
+        lambda: torch.nn.RMSNorm(32, elementwise_affine=False),
+        lambda: resfuse.RMSNorm(32, elementwise_affine=False),
+    ),
     "layer": (lambda: torch.nn.LayerNorm(32), lambda: resfuse.LayerNorm(32)),
-    "layer-no-bias": (lambda: torch.nn.LayerNorm(32, bias=False),
-                      lambda: resfuse.LayerNorm(32, bias=False)),
+    "layer-no-bias": (
+        lambda: torch.nn.LayerNorm(32, bias=False),
+        lambda: resfuse.LayerNorm(32, bias=False),
+    ),
     "layer-2d": (lambda: torch.nn.LayerNorm((4, 8)), lambda: resfuse.LayerNorm((4, 8))),
 }
 
@@ -85,8 +96,8 @@ def test_state_dict_round_trips(kind):
         for p in theirs.parameters():
             p.normal_()
     assert set(ours.state_dict()) == set(theirs.state_dict())
-    ours.load_state_dict(theirs.state_dict())   # torch -> resfuse
-    back.load_state_dict(ours.state_dict())     # resfuse -> torch
+    ours.load_state_dict(theirs.state_dict())  # torch -> resfuse
+    back.load_state_dict(ours.state_dict())  # resfuse -> torch
     for k, v in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v) and torch.equal(back.state_dict()[k], v)
     x = torch.randn(3, *ours.normalized_shape)
@@ -167,5 +178,6 @@ def test_addnorm_post_norm_and_residual_scale(backend):
     x, r = torch.randn(3, 32, device=DEVICE), torch.randn(3, 32, device=DEVICE)
     y = block(x, r)
     assert isinstance(y, torch.Tensor)
-    torch.testing.assert_close(y, torch.nn.functional.layer_norm(2 * r + x, (32,), eps=1e-5),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        y, torch.nn.functional.layer_norm(2 * r + x, (32,), eps=1e-5), atol=1e-5, rtol=1e-5
+    )

@@ -4,14 +4,15 @@ backend): what they save for backward, their errors, the module."""
 
 import pytest
 import torch
-
-import resfuse
 from conftest import DEVICE
 from test_ops import SavedBytes
 
+import resfuse
+
 # on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
 BACKENDS = ["triton", "torch"] + (
-    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else []
+)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

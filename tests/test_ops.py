@@ -3,15 +3,16 @@ memory), gradients reaching one output only, torch.compile without graph breaks,
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import resfuse
-from conftest import DEVICE
 from resfuse import ops
 from resfuse.spec import AddNormSpec, Operands
 
 # on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
 BACKENDS = ["triton", "torch"] + (
-    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
+    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else []
+)
 
 
 class SavedBytes:
@@ -66,10 +67,13 @@ def test_activation_memory_fused_vs_eager(backend):
 
     n = B * T * D
     assert fused.total <= 2 * n + 16 * B * T, f"fused saves {fused.total / n:.2f} B/element"
-    assert all(t.dtype != torch.float32 or t.numel() < n for t in fused.tensors), \
+    assert all(t.dtype != torch.float32 or t.numel() < n for t in fused.tensors), (
         "the fused op saved a full-size fp32 tensor"
+    )
     ratio = eager.total / fused.total
-    assert ratio >= 2.9, f"eager saves {eager.total / n:.2f} B/elem, fused {fused.total / n:.2f}: {ratio:.2f}x"
+    assert ratio >= 2.9, (
+        f"eager saves {eager.total / n:.2f} B/elem, fused {fused.total / n:.2f}: {ratio:.2f}x"
+    )
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -81,7 +85,11 @@ def test_saved_tensors_are_h_and_row_stats(norm, backend):
     r = torch.randn(N, D, device=DEVICE, requires_grad=True)
     w = torch.nn.Parameter(torch.ones(D, device=DEVICE))
     gamma = torch.nn.Parameter(torch.full((D,), 0.1, device=DEVICE))
-    fn = resfuse.add_rms_norm if norm == "rms" else (lambda *a, **k: resfuse.add_layer_norm(a[0], a[1], a[2], None, *a[3:], **k))
+    fn = (
+        resfuse.add_rms_norm
+        if norm == "rms"
+        else (lambda *a, **k: resfuse.add_layer_norm(a[0], a[1], a[2], None, *a[3:], **k))
+    )
     with SavedBytes(exclude=[w, gamma]) as plain:
         fn(x, r, w, 1e-6, backend=backend)
     stats = 0 if norm == "rms" else 4 * N  # the LayerNorm mean, the backward's shift
@@ -165,8 +173,15 @@ def _call(norm, *, layer_scale=False, residual=True, rows=(2, 3)):
     b = torch.randn(D, device=DEVICE, requires_grad=True) if norm == "layer" else None
     bs = torch.randn(D, device=DEVICE, requires_grad=True) if layer_scale else None
     rs = torch.rand(*rows, device=DEVICE)
-    spec = AddNormSpec(norm=norm, eps=1e-5, residual_scale=0.5, has_residual=residual,
-                       has_bias=b is not None, has_branch_scale=layer_scale, has_rowscale=True)
+    spec = AddNormSpec(
+        norm=norm,
+        eps=1e-5,
+        residual_scale=0.5,
+        has_residual=residual,
+        has_bias=b is not None,
+        has_branch_scale=layer_scale,
+        has_rowscale=True,
+    )
     return spec, Operands(x, r, w, b, bs, rs)
 
 
@@ -179,8 +194,12 @@ def _op_args(norm, backend, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["rms", "layer", "layer_scale", "no_residual"])
 def test_opcheck_add_norm(variant, backend):
-    args = _op_args("rms" if variant == "rms" else "layer", backend,
-                    layer_scale=variant == "layer_scale", residual=variant != "no_residual")
+    args = _op_args(
+        "rms" if variant == "rms" else "layer",
+        backend,
+        layer_scale=variant == "layer_scale",
+        residual=variant != "no_residual",
+    )
     torch.library.opcheck(torch.ops.resfuse.add_norm.default, args)
 
 
@@ -188,11 +207,25 @@ def test_opcheck_add_norm(variant, backend):
 def test_opcheck_add_norm_backward(backend):
     spec, (x, r, w, b, bs, rs, _, _) = _call("layer", layer_scale=True)
     with torch.no_grad():
-        y, h, mean, mean_x = torch.ops.resfuse.add_norm(*_op_args("layer", backend, layer_scale=True))
+        y, h, mean, mean_x = torch.ops.resfuse.add_norm(
+            *_op_args("layer", backend, layer_scale=True)
+        )
     assert spec.dresidual == "kernel"  # the backward stores dresidual: every output exists
     # dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x, the spec, backend
-    args = (torch.randn_like(y), torch.randn_like(h), h, x.detach(), w.detach(), bs.detach(), rs,
-            None, mean, None, *spec.flat(), backend)
+    args = (
+        torch.randn_like(y),
+        torch.randn_like(h),
+        h,
+        x.detach(),
+        w.detach(),
+        bs.detach(),
+        rs,
+        None,
+        mean,
+        None,
+        *spec.flat(),
+        backend,
+    )
     torch.library.opcheck(torch.ops.resfuse.add_norm_backward.default, args)
 
 

@@ -31,8 +31,9 @@ def test_normalize_backward_matches_autograd(norm, weight, zero_centered, D):
     dy = torch.randn(6, 3, D, dtype=torch.float64)
     y = reference.normalize(h, w, b, 1e-5, norm=norm, zero_centered_weight=zero_centered)
     y.backward(dy)
-    dh, dw, db = reference.normalize_backward(h.detach(), dy, w, 1e-5, norm=norm,
-                                              zero_centered_weight=zero_centered)
+    dh, dw, db = reference.normalize_backward(
+        h.detach(), dy, w, 1e-5, norm=norm, zero_centered_weight=zero_centered
+    )
     torch.testing.assert_close(dh, h.grad)
     torch.testing.assert_close(db, b.grad)
     if weight:
@@ -46,7 +47,8 @@ def test_residual_sum_layouts():
     r = torch.randn(2, 3, 8, dtype=torch.float64)
     gamma = torch.randn(8, dtype=torch.float64)
     keep = torch.tensor([[0.0], [2.0]], dtype=torch.float64).expand(2, 3)
-    h = reference.residual_sum(x, r, residual_scale=0.5, branch_scale=gamma, rowscale=keep,
-                               compute_dtype=torch.float64)
+    h = reference.residual_sum(
+        x, r, residual_scale=0.5, branch_scale=gamma, rowscale=keep, compute_dtype=torch.float64
+    )
     torch.testing.assert_close(h, 0.5 * r + gamma * keep.unsqueeze(-1) * x)
     torch.testing.assert_close(h[0], 0.5 * r[0])  # a dropped sample keeps only its residual

@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from resfuse.spec import (AddNormSpec, Flag, Operands, backward_outputs, backward_present,
-                          family, forward_outputs, forward_present)
+from resfuse.spec import (
+    AddNormSpec,
+    Flag,
+    Operands,
+    backward_outputs,
+    backward_present,
+    family,
+    forward_outputs,
+    forward_present,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOLEANS = [f for f in AddNormSpec._fields if isinstance(AddNormSpec._field_defaults[f], bool)]
@@ -22,13 +30,15 @@ def _camel(name: str) -> str:
 def test_flag_bits_match_the_cuda_kernels():
     """csrc/add_norm_params.h's kFlag* are the same bits (the CUDA side decodes them)."""
     header = (ROOT / "csrc" / "add_norm_params.h").read_text()
-    cpp = {m.group(1): 1 << int(m.group(2))
-           for m in re.finditer(r"kFlag(\w+) = 1u << (\d+)", header)}
+    cpp = {
+        m.group(1): 1 << int(m.group(2)) for m in re.finditer(r"kFlag(\w+) = 1u << (\d+)", header)
+    }
     assert cpp == {_camel(f.name): int(f) for f in Flag}
 
 
 def test_flag_bits_match_the_triton_kernels():
     from resfuse.triton_kernels import add_norm_kernels as k
+
     for f in Flag:
         assert getattr(k, f"_{f.name}").value == int(f), f.name
 
@@ -36,11 +46,20 @@ def test_flag_bits_match_the_triton_kernels():
 @pytest.mark.parametrize("bits", range(0, 1 << 6))
 def test_flat_form_round_trips(bits):
     """Every boolean survives flat() / from_flat(), with the scalars and dtypes."""
-    values = {name: bool(bits >> (i % 6) & 1) ^ (i >= 6 and i % 2 == 1)
-              for i, name in enumerate(BOOLEANS)}
-    spec = AddNormSpec(norm="layer" if bits & 1 else "rms", eps=1e-3, residual_scale=0.5,
-                       branch_scale=2.0, x_dtype=torch.bfloat16, residual_dtype=torch.float32,
-                       h_dtype=torch.float16, out_dtype=torch.float32, **values)
+    values = {
+        name: bool(bits >> (i % 6) & 1) ^ (i >= 6 and i % 2 == 1) for i, name in enumerate(BOOLEANS)
+    }
+    spec = AddNormSpec(
+        norm="layer" if bits & 1 else "rms",
+        eps=1e-3,
+        residual_scale=0.5,
+        branch_scale=2.0,
+        x_dtype=torch.bfloat16,
+        residual_dtype=torch.float32,
+        h_dtype=torch.float16,
+        out_dtype=torch.float32,
+        **values,
+    )
     assert AddNormSpec.from_flat(*spec.flat()) == spec
     assert all(isinstance(v, (float, int, torch.dtype)) for v in spec.flat())
 
@@ -59,7 +78,7 @@ def test_every_boolean_has_a_bit():
 def test_dresidual_source():
     f32, bf16 = torch.float32, torch.bfloat16
     base = AddNormSpec(x_dtype=bf16, residual_dtype=bf16, h_dtype=bf16, out_dtype=bf16)
-    assert base.dresidual == "dx"                       # unit scales, one dtype: dx serves
+    assert base.dresidual == "dx"  # unit scales, one dtype: dx serves
     assert base._replace(residual_scale=2.0).dresidual == "kernel"
     assert base._replace(branch_scale=0.5).dresidual == "kernel"
     assert base._replace(has_branch_scale=True).dresidual == "kernel"
@@ -67,7 +86,7 @@ def test_dresidual_source():
     assert base._replace(residual_dtype=f32, h_dtype=f32).dresidual == "kernel"
     assert base._replace(has_residual=False).dresidual is None
     sandwich = base._replace(branch_norm=True, has_branch_weight=True)
-    assert sandwich.dresidual == "kernel"               # dx is the gradient through the norm
+    assert sandwich.dresidual == "kernel"  # dx is the gradient through the norm
     assert sandwich._replace(output_norm=False).dresidual == "dh"  # h = r + norm(x): passes dh
     assert sandwich._replace(output_norm=False, h_dtype=f32).dresidual == "kernel"
     assert base.flags & Flag.STORE_DRESIDUAL == 0
@@ -77,8 +96,12 @@ def test_dresidual_source():
 def test_h_is_x_and_what_the_backward_reads():
     plain = AddNormSpec(has_residual=False)
     assert plain.h_is_x and not plain.reads_x_in_backward
-    for change in (dict(has_residual=True), dict(branch_scale=2.0), dict(has_rowscale=True),
-                   dict(h_dtype=torch.float16)):
+    for change in (
+        dict(has_residual=True),
+        dict(branch_scale=2.0),
+        dict(has_rowscale=True),
+        dict(h_dtype=torch.float16),
+    ):
         assert not plain._replace(**change).h_is_x, change
     assert AddNormSpec(has_branch_scale=True).reads_x_in_backward
     assert AddNormSpec(branch_norm=True).reads_x_in_backward
@@ -91,18 +114,36 @@ def test_family():
 
 
 def test_output_metas():
-    spec = AddNormSpec(norm="layer", has_bias=True, has_branch_scale=True, store_h=False,
-                       x_dtype=torch.bfloat16, residual_dtype=torch.float32,
-                       h_dtype=torch.float32, out_dtype=torch.float16)
+    spec = AddNormSpec(
+        norm="layer",
+        has_bias=True,
+        has_branch_scale=True,
+        store_h=False,
+        x_dtype=torch.bfloat16,
+        residual_dtype=torch.float32,
+        h_dtype=torch.float32,
+        out_dtype=torch.float16,
+    )
     x = torch.empty(2, 3, 8)
     y, h, mean, mean_x = forward_outputs(spec, x, x.shape, x.shape[:-1])
     assert (y.shape, y.dtype, h.shape, mean.shape, mean_x.shape) == (
-        (2, 3, 8), torch.float16, (0,), (2, 3), (0,))
+        (2, 3, 8),
+        torch.float16,
+        (0,),
+        (2, 3),
+        (0,),
+    )
     assert forward_present(spec) == (True, False, True, False)
     grads = backward_outputs(spec, x, x.shape)
     assert [(tuple(g.shape), g.dtype) for g in grads] == [
-        ((2, 3, 8), torch.bfloat16), ((2, 3, 8), torch.float32), ((8,), torch.float32),
-        ((8,), torch.float32), ((8,), torch.float32), ((0,), torch.float32), ((0,), torch.float32)]
+        ((2, 3, 8), torch.bfloat16),
+        ((2, 3, 8), torch.float32),
+        ((8,), torch.float32),
+        ((8,), torch.float32),
+        ((8,), torch.float32),
+        ((0,), torch.float32),
+        ((0,), torch.float32),
+    ]
     assert backward_present(spec) == (True, True, True, True, True, False, False)
 
 
@@ -116,5 +157,6 @@ def test_triton_kernels_are_imported_only_as_resfuse_triton_kernels():
     """The top-level triton_kernels/ folder installs as resfuse.triton_kernels; importing it
     by its folder name (possible from a checkout) would load the kernels twice."""
     import sys
+
     assert "triton_kernels" not in sys.modules
     assert "resfuse.triton_kernels.add_norm_kernels" in sys.modules

@@ -27,15 +27,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ptxas_report  # noqa: E402
 
-WHEEL_FILES = ["resfuse/__init__.py", "resfuse/cuda_ext.py", "resfuse/ops.py",
-               "resfuse/triton_kernels/launch.py", "resfuse/triton_kernels/add_norm_kernels.py"]
+WHEEL_FILES = [
+    "resfuse/__init__.py",
+    "resfuse/cuda_ext.py",
+    "resfuse/ops.py",
+    "resfuse/triton_kernels/launch.py",
+    "resfuse/triton_kernels/add_norm_kernels.py",
+]
 EXTENSION_FILES = ["resfuse/_C.abi3.so", "resfuse/_cuda_build.json"]
-SDIST_FILES = ["setup.py", "MANIFEST.in", "README.md", "csrc/ops.cpp", "csrc/add_norm_fwd.cu",
-               "csrc/add_norm_bwd.cu", "csrc/add_norm_bwd_branch_norm.cu",
-               "csrc/add_norm_kernels.cuh", "csrc/add_norm_fwd_kernel.cuh",
-               "csrc/add_norm_bwd_kernel.cuh", "csrc/common.cuh",
-               "csrc/add_norm_launch.h", "csrc/add_norm_params.h", "csrc/add_norm_api.h",
-               "csrc/cuda_launcher.cuh", "triton_kernels/launch.py"]
+SDIST_FILES = [
+    "setup.py",
+    "MANIFEST.in",
+    "README.md",
+    "csrc/ops.cpp",
+    "csrc/add_norm_fwd.cu",
+    "csrc/add_norm_bwd.cu",
+    "csrc/add_norm_bwd_branch_norm.cu",
+    "csrc/add_norm_kernels.cuh",
+    "csrc/add_norm_fwd_kernel.cuh",
+    "csrc/add_norm_bwd_kernel.cuh",
+    "csrc/common.cuh",
+    "csrc/add_norm_launch.h",
+    "csrc/add_norm_params.h",
+    "csrc/add_norm_api.h",
+    "csrc/cuda_launcher.cuh",
+    "triton_kernels/launch.py",
+]
 
 IMPORT_CHECK = r"""
 import json, os, sys
@@ -67,12 +84,21 @@ def one(dist: Path, pattern: str) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("dist", type=Path)
-    ap.add_argument("--archs", required=True, help="the TORCH_CUDA_ARCH_LIST the wheel was built with")
+    ap.add_argument(
+        "--archs", required=True, help="the TORCH_CUDA_ARCH_LIST the wheel was built with"
+    )
     ap.add_argument("--ptxas-log", type=Path, required=True)
-    ap.add_argument("--other-torch", action="append", default=[], metavar="PYTHON",
-                    help="also install and import the wheel against this interpreter's torch")
+    ap.add_argument(
+        "--other-torch",
+        action="append",
+        default=[],
+        metavar="PYTHON",
+        help="also install and import the wheel against this interpreter's torch",
+    )
     args = ap.parse_args(argv)
 
     wheel = one(args.dist, "resfuse-*.whl")
@@ -99,19 +125,28 @@ def main(argv=None) -> int:
         fail(f"ptxas log {args.ptxas_log} covers {sorted(have)}, expected {sorted(want)}")
     spilling = [k for k in kernels if k.spills or k.stack_bytes]
     if spilling:
-        fail("register spills in the wheel's kernels:\n" + "\n".join(
-            f"  {k.arch} {k.short_name}: {k.spill_store_bytes}/{k.spill_load_bytes} B" for k in spilling))
+        fail(
+            "register spills in the wheel's kernels:\n"
+            + "\n".join(
+                f"  {k.arch} {k.short_name}: {k.spill_store_bytes}/{k.spill_load_bytes} B"
+                for k in spilling
+            )
+        )
 
     result = install_and_import(wheel, sys.executable)
-    print(f"check_wheel: {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MiB) and {sdist.name} OK; "
-          f"kernels for {', '.join(sorted(want))}, {len(kernels)} reported by ptxas, no spills; "
-          f"installed in a fresh venv: loads on torch {result['torch']} (built with "
-          f"{result['build']['torch']}, stable ABI >= {result['build']['stable_abi_target']})")
+    print(
+        f"check_wheel: {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MiB) and {sdist.name} OK; "
+        f"kernels for {', '.join(sorted(want))}, {len(kernels)} reported by ptxas, no spills; "
+        f"installed in a fresh venv: loads on torch {result['torch']} (built with "
+        f"{result['build']['torch']}, stable ABI >= {result['build']['stable_abi_target']})"
+    )
     print(result["backends"])
     for other in args.other_torch:
         result = install_and_import(wheel, other)
-        print(f"check_wheel: the same wheel loads on torch {result['torch']} ({other}) and "
-              f"registers its ops")
+        print(
+            f"check_wheel: the same wheel loads on torch {result['torch']} ({other}) and "
+            f"registers its ops"
+        )
     return 0
 
 
@@ -124,18 +159,27 @@ def install_and_import(wheel: Path, torch_python) -> dict:
         python = env_dir / "bin" / "python"
 
         def purelib(interpreter) -> str:
-            return subprocess.run([interpreter, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                [interpreter, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
 
         # torch (and its CUDA libraries) from that environment; not its .pth files, so no
         # editable resfuse
         Path(purelib(python), "_dev_torch.pth").write_text(purelib(torch_python) + "\n")
-        subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel.resolve())], check=True)
-        proc = subprocess.run([python, "-c", IMPORT_CHECK, str(env_dir)], capture_output=True,
-                              text=True, cwd=tmp)
+        subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--no-deps", str(wheel.resolve())], check=True
+        )
+        proc = subprocess.run(
+            [python, "-c", IMPORT_CHECK, str(env_dir)], capture_output=True, text=True, cwd=tmp
+        )
         if proc.returncode != 0:
-            fail(f"the installed wheel does not import cleanly on {torch_python}'s torch:\n"
-                 f"{proc.stderr[-4000:]}")
+            fail(
+                f"the installed wheel does not import cleanly on {torch_python}'s torch:\n"
+                f"{proc.stderr[-4000:]}"
+            )
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

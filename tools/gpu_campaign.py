@@ -47,15 +47,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from campaign import common, plan, summary  # noqa: E402
 
-PHASE_MODULES = {"env": "campaign.env", "install": "campaign.install",
-                 "correctness": "campaign.correctness", "bandwidth": "campaign.bandwidth",
-                 "model": "campaign.model", "sanitize": "campaign.sanitize",
-                 "report": "campaign.report"}
+PHASE_MODULES = {
+    "env": "campaign.env",
+    "install": "campaign.install",
+    "correctness": "campaign.correctness",
+    "bandwidth": "campaign.bandwidth",
+    "model": "campaign.model",
+    "sanitize": "campaign.sanitize",
+    "report": "campaign.report",
+}
 
 
 def run_phase(name: str, ctx: common.Context) -> int:
     """Inside the phase's own process: run it and write its record, whatever happens."""
     import importlib
+
     start = time.time()
     common.stop_children_on_sigterm()
     if ctx.rehearsal and os.environ.get("RESFUSE_CAMPAIGN_STALL") == name:
@@ -65,9 +71,12 @@ def run_phase(name: str, ctx: common.Context) -> int:
     except Exception as e:  # the record says what broke; the campaign goes on
         traceback.print_exc()
         previous = ctx.read_record(name) or {}
-        record = {**previous, "status": "failed",
-                  "summary": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-                  "traceback": traceback.format_exc()[-4000:]}
+        record = {
+            **previous,
+            "status": "failed",
+            "summary": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
     record.setdefault("status", "ok")
     record["seconds"] = round(time.time() - start, 1)
     ctx.write_record(name, record)
@@ -125,8 +134,11 @@ class Publisher:
                 os.replace(tmp, self.out_dir / name)
 
     def _to_results(self) -> None:
-        env = common.read_json(self.run_dir / common.PHASE_DIR / "env.json") \
-            if (self.run_dir / common.PHASE_DIR / "env.json").exists() else {}
+        env = (
+            common.read_json(self.run_dir / common.PHASE_DIR / "env.json")
+            if (self.run_dir / common.PHASE_DIR / "env.json").exists()
+            else {}
+        )
         dest = self.results_root / env.get("slug", "unknown-device")
         dest.mkdir(parents=True, exist_ok=True)
         for path in self.run_dir.rglob("*"):
@@ -139,6 +151,7 @@ class Publisher:
         def loop():
             while not self._stop.wait(self.period):
                 self.publish()
+
         self._thread = threading.Thread(target=loop, daemon=True)
         self._thread.start()
 
@@ -148,6 +161,7 @@ class Publisher:
 
 def _add_tail(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
     import io
+
     with open(path, "rb") as f:
         f.seek(-plan.LOG_LIMIT_BYTES, os.SEEK_END)
         data = b"[... earlier lines left out: the log keeps its last 2 MiB]\n" + f.read()
@@ -175,8 +189,11 @@ class Tee:
 def drive(args) -> int:
     rehearsal = args.rehearsal
     if not rehearsal and not args.allow_no_gpu and not _has_gpu():
-        print("gpu_campaign: no CUDA GPU here (torch.cuda.is_available() is False); on CPU run "
-              "the rehearsal: make gpu-campaign-rehearsal", file=sys.stderr)
+        print(
+            "gpu_campaign: no CUDA GPU here (torch.cuda.is_available() is False); on CPU run "
+            "the rehearsal: make gpu-campaign-rehearsal",
+            file=sys.stderr,
+        )
         return 2
     run_dir = Path(args.run_dir).resolve()
     if run_dir.exists():
@@ -195,11 +212,18 @@ def drive(args) -> int:
     start = time.time()
     end = start + total
     mode = "rehearsal on CPU (Triton interpreter, tiny shapes)" if rehearsal else "GPU"
-    print(f"[campaign] {mode}: {len(selected)} phases, {total:.0f} s in all; results in "
-          f"{run_dir}" + (f", published to {out_dir}" if out_dir else ""), flush=True)
+    print(
+        f"[campaign] {mode}: {len(selected)} phases, {total:.0f} s in all; results in "
+        f"{run_dir}" + (f", published to {out_dir}" if out_dir else ""),
+        flush=True,
+    )
     print(plan.describe(), flush=True)
-    campaign = {"mode": "rehearsal" if rehearsal else "gpu", "started": time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(start)), "budget_s": total, "phases": []}
+    campaign = {
+        "mode": "rehearsal" if rehearsal else "gpu",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start)),
+        "budget_s": total,
+        "phases": [],
+    }
     ctx_base = dict(run_dir=run_dir, rehearsal=rehearsal)
     # stopped from outside (a limit, ^C): the current phase's processes are stopped and what
     # was done is still published (a SIGKILL leaves the last periodic publication)
@@ -207,45 +231,76 @@ def drive(args) -> int:
     publisher.start()
     try:
         for i, phase in enumerate(selected):
-            later = sum(plan.budget(p.name, rehearsal) for p in selected[i + 1:])
+            later = sum(plan.budget(p.name, rehearsal) for p in selected[i + 1 :])
             now = time.time()
             deadline = end - later  # its own budget plus what the phases before left unused
-            entry = {"phase": phase.name, "budget_s": plan.budget(phase.name, rehearsal),
-                     "allowed_s": round(deadline - now, 1)}
+            entry = {
+                "phase": phase.name,
+                "budget_s": plan.budget(phase.name, rehearsal),
+                "allowed_s": round(deadline - now, 1),
+            }
             if deadline - now < 3:
                 entry.update(status="not run", summary="out of time")
                 campaign["phases"].append(entry)
                 continue
-            print(f"\n[campaign] === {phase.name} ({phase.what}): up to {deadline - now:.0f} s "
-                  f"[{now - start:.0f} s into the run]", flush=True)
+            print(
+                f"\n[campaign] === {phase.name} ({phase.what}): up to {deadline - now:.0f} s "
+                f"[{now - start:.0f} s into the run]",
+                flush=True,
+            )
             ctx = common.Context(deadline=deadline, **ctx_base)
-            cmd = [common.python(), str(Path(__file__).resolve()), "--phase", phase.name,
-                   "--run-dir", str(run_dir), "--deadline", repr(deadline)]
+            cmd = [
+                common.python(),
+                str(Path(__file__).resolve()),
+                "--phase",
+                phase.name,
+                "--run-dir",
+                str(run_dir),
+                "--deadline",
+                repr(deadline),
+            ]
             if rehearsal:
                 cmd.append("--rehearsal")
-            child = common.run_child(cmd, timeout=deadline - time.time(), env=common.child_env(ctx),
-                                     cwd=ctx.root, log_path=ctx.log_dir / f"{phase.name}.log",
-                                     prefix=lambda name=phase.name: f"[{name} {time.time() - start:5.0f}s] ")
+            child = common.run_child(
+                cmd,
+                timeout=deadline - time.time(),
+                env=common.child_env(ctx),
+                cwd=ctx.root,
+                log_path=ctx.log_dir / f"{phase.name}.log",
+                prefix=lambda name=phase.name: f"[{name} {time.time() - start:5.0f}s] ",
+            )
             record = ctx.read_record(phase.name) or {}
             if child.timed_out:  # what it wrote so far stands; it did not finish
                 record["status"] = "failed" if record.get("status") == "failed" else "partial"
                 so_far = record.get("summary", "")
-                record["summary"] = ("stopped at its deadline" + (
-                    f": {so_far}" if so_far and so_far != "running" else
-                    f"; what it did is in {common.PHASE_DIR}/{phase.name}.json"))
+                record["summary"] = "stopped at its deadline" + (
+                    f": {so_far}"
+                    if so_far and so_far != "running"
+                    else f"; what it did is in {common.PHASE_DIR}/{phase.name}.json"
+                )
                 ctx.write_record(phase.name, record)
             elif not record:
-                record = {"status": "failed", "summary": f"exited {child.returncode} without a "
-                          f"record: {child.tail.splitlines()[-1] if child.tail else ''}"[:300]}
-            entry.update(status=record.get("status", "failed"), summary=record.get("summary", ""),
-                         seconds=round(child.seconds, 1), exit=child.returncode)
+                record = {
+                    "status": "failed",
+                    "summary": f"exited {child.returncode} without a "
+                    f"record: {child.tail.splitlines()[-1] if child.tail else ''}"[:300],
+                }
+            entry.update(
+                status=record.get("status", "failed"),
+                summary=record.get("summary", ""),
+                seconds=round(child.seconds, 1),
+                exit=child.returncode,
+            )
             campaign["phases"].append(entry)
             campaign["elapsed_s"] = round(time.time() - start, 1)
             common.write_json(run_dir / common.PHASE_DIR / "campaign.json", campaign)
             summary.write(run_dir, campaign)
             publisher.publish()
-            print(f"[campaign] {phase.name}: {entry['status']} in {entry['seconds']} s: "
-                  f"{entry['summary']}", flush=True)
+            print(
+                f"[campaign] {phase.name}: {entry['status']} in {entry['seconds']} s: "
+                f"{entry['summary']}",
+                flush=True,
+            )
     finally:
         publisher.stop()
         campaign["elapsed_s"] = round(time.time() - start, 1)
@@ -260,19 +315,28 @@ def drive(args) -> int:
 def _has_gpu() -> bool:
     try:
         import torch
+
         return torch.cuda.is_available()
     except Exception:
         return False
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rehearsal", action="store_true", help="on CPU: every phase, tiny shapes")
     ap.add_argument("--out", help="where the returned files go (default: $OUT, else none)")
-    ap.add_argument("--run-dir", default=str(common.ROOT / "build" / "campaign" / "run"),
-                    help="the results folder being written")
-    ap.add_argument("--results-root", default=str(common.ROOT / "benchmarks" / "results"),
-                    help="without $OUT: the results land in RESULTS_ROOT/<gpu>/")
+    ap.add_argument(
+        "--run-dir",
+        default=str(common.ROOT / "build" / "campaign" / "run"),
+        help="the results folder being written",
+    )
+    ap.add_argument(
+        "--results-root",
+        default=str(common.ROOT / "benchmarks" / "results"),
+        help="without $OUT: the results land in RESULTS_ROOT/<gpu>/",
+    )
     ap.add_argument("--only", nargs="+", choices=list(PHASE_MODULES), help="run these phases only")
     ap.add_argument("--plan", action="store_true", help="print the phases and their deadlines")
     ap.add_argument("--allow-no-gpu", action="store_true", help=argparse.SUPPRESS)
@@ -283,8 +347,11 @@ def main(argv=None) -> int:
         print(plan.describe())
         return 0
     if args.phase:
-        ctx = common.Context(run_dir=Path(args.run_dir), rehearsal=args.rehearsal,
-                             deadline=args.deadline or time.time() + plan.budget(args.phase, args.rehearsal))
+        ctx = common.Context(
+            run_dir=Path(args.run_dir),
+            rehearsal=args.rehearsal,
+            deadline=args.deadline or time.time() + plan.budget(args.phase, args.rehearsal),
+        )
         return run_phase(args.phase, ctx)
     return drive(args)
 

@@ -21,7 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_SOURCES = ["csrc/add_norm_fwd.cu", "csrc/add_norm_bwd.cu", "csrc/add_norm_bwd_branch_norm.cu"]
+KERNEL_SOURCES = [
+    "csrc/add_norm_fwd.cu",
+    "csrc/add_norm_bwd.cu",
+    "csrc/add_norm_bwd_branch_norm.cu",
+]
 
 _FUNCTION = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
 _PROPS = re.compile(r"Function properties for (\S+)")
@@ -31,7 +35,7 @@ _USED = re.compile(r"Used (\d+) registers")
 
 @dataclass
 class KernelResources:
-    name: str          # mangled
+    name: str  # mangled
     arch: str
     registers: int
     stack_bytes: int
@@ -82,15 +86,28 @@ def nvcc() -> str:
 def compile_report(arch: int, source: str, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     cubin = out_dir / f"{Path(source).stem}.sm_{arch}.cubin"
-    cmd = [nvcc(), "-std=c++17", "-O3", "-cubin", f"-arch=sm_{arch}", "-Xptxas", "-v",
-           f"-I{ROOT / 'csrc'}", str(ROOT / source), "-o", str(cubin)]
+    cmd = [
+        nvcc(),
+        "-std=c++17",
+        "-O3",
+        "-cubin",
+        f"-arch=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        f"-I{ROOT / 'csrc'}",
+        str(ROOT / source),
+        "-o",
+        str(cubin),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-6000:]}")
     return proc.stderr + proc.stdout
 
 
-def report(archs=(80, 90), out_dir: Path | None = None, jobs: int | None = None) -> list[KernelResources]:
+def report(
+    archs=(80, 90), out_dir: Path | None = None, jobs: int | None = None
+) -> list[KernelResources]:
     out_dir = out_dir or ROOT / "build" / "ptxas"
     tasks = [(a, s) for a in archs for s in KERNEL_SOURCES]
     jobs = jobs or int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
@@ -100,7 +117,9 @@ def report(archs=(80, 90), out_dir: Path | None = None, jobs: int | None = None)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -110,8 +129,10 @@ def main(argv=None) -> int:
     else:
         print(f"{'arch':<6} {'regs':>4} {'stack':>5} {'spill st/ld':>11}  kernel")
         for k in sorted(kernels, key=lambda k: (k.arch, k.short_name)):
-            print(f"{k.arch:<6} {k.registers:>4} {k.stack_bytes:>5} "
-                  f"{k.spill_store_bytes:>5}/{k.spill_load_bytes:<5}  {k.short_name}")
+            print(
+                f"{k.arch:<6} {k.registers:>4} {k.stack_bytes:>5} "
+                f"{k.spill_store_bytes:>5}/{k.spill_load_bytes:<5}  {k.short_name}"
+            )
     return 1 if any(k.spills for k in kernels) else 0
 
 

@@ -39,8 +39,15 @@ CASES = {
 # name: (shape, x dtype, residual dtype, norm, misaligned, output norm, keywords)
 SANDWICH_CASES = {
     "sandwich_tiny": ((3, 1), F32, F32, "layer", False, True, {}),
-    "sandwich_small_zero_centered": ((5, 7), BF16, BF16, "rms", False, True,
-                                     dict(zero_centered_weight=True)),
+    "sandwich_small_zero_centered": (
+        (5, 7),
+        BF16,
+        BF16,
+        "rms",
+        False,
+        True,
+        dict(zero_centered_weight=True),
+    ),
     "sandwich_misaligned": ((33, 1000), F16, F16, "layer", True, True, {}),
     "norm_add_misaligned": ((33, 1000), BF16, BF16, "layer", True, False, {}),
     "sandwich_fp32_stream": ((4, 4097), BF16, F32, "rms", False, True, {}),
@@ -49,8 +56,24 @@ SANDWICH_CASES = {
     "sandwich_cluster_20000_misaligned": ((2, 20000), F32, F32, "rms", True, True, {}),
     "sandwich_streamed_140000": ((2, 140000), BF16, BF16, "layer", False, True, {}),
     "sandwich_many_rows": ((3000, 130), BF16, BF16, "layer", False, True, dict(out_dtype=F32)),
-    "sandwich_mixed_dtypes": ((7, 3, 768), F16, BF16, "layer", False, True, dict(residual_dtype=F32)),
-    "norm_add_mixed_dtypes": ((7, 3, 768), F16, BF16, "layer", False, False, dict(residual_dtype=F32)),
+    "sandwich_mixed_dtypes": (
+        (7, 3, 768),
+        F16,
+        BF16,
+        "layer",
+        False,
+        True,
+        dict(residual_dtype=F32),
+    ),
+    "norm_add_mixed_dtypes": (
+        (7, 3, 768),
+        F16,
+        BF16,
+        "layer",
+        False,
+        False,
+        dict(residual_dtype=F32),
+    ),
 }
 NAMES = (*SANDWICH_CASES, *CASES)
 
@@ -81,8 +104,9 @@ def sandwich_case(name, device, backend):
     wb, bb = vector(), vector() if norm == "layer" else None
     common = dict(norm=norm, branch_bias=bb, backend=backend, **kw)
     if output_norm:
-        y, h = resfuse.norm_add_norm(x, r, wb, vector(), bias=vector() if norm == "layer" else None,
-                                     **common)
+        y, h = resfuse.norm_add_norm(
+            x, r, wb, vector(), bias=vector() if norm == "layer" else None, **common
+        )
         torch.autograd.backward([y, h], [torch.randn_like(y), torch.randn_like(h)])
     else:
         h = resfuse.norm_add(x, r, wb, **common)
@@ -107,8 +131,12 @@ def add_norm_case(name, device, backend):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="+", metavar="NAME", help=f"cases to run (default all): {', '.join(NAMES)}")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--only", nargs="+", metavar="NAME", help=f"cases to run (default all): {', '.join(NAMES)}"
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backend", default="cuda")
     args = ap.parse_args(argv)
@@ -117,7 +145,9 @@ def main(argv=None) -> int:
         ap.error(f"unknown case(s) {unknown}; known: {', '.join(NAMES)}")
     torch.manual_seed(0)
     for name in args.only or NAMES:
-        (sandwich_case if name in SANDWICH_CASES else add_norm_case)(name, args.device, args.backend)
+        (sandwich_case if name in SANDWICH_CASES else add_norm_case)(
+            name, args.device, args.backend
+        )
         if args.device == "cuda":
             torch.cuda.synchronize()
         print(f"ok {name}", flush=True)

@@ -86,8 +86,19 @@ def _xhat(v, mean, rstd, mask, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _normalized_affine(v, mean, rstd, mask, W, B, cols, D, HAS_WEIGHT: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, FLAGS: tl.constexpr):
+def _normalized_affine(
+    v,
+    mean,
+    rstd,
+    mask,
+    W,
+    B,
+    cols,
+    D,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FLAGS: tl.constexpr,
+):
     """norm(v) * w' (+ b) for a tile whose row statistics are known; zero outside the mask.
     One of the two norms: its weight and bias are given (present or not) by the caller."""
     out = _xhat(v, mean, rstd, mask, (_RMS & FLAGS) != 0)
@@ -127,8 +138,21 @@ def _merge_moments(count, mean, m2, v, mask, n_chunk, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
-                  branch_scale, FLAGS: tl.constexpr):
+def _residual_add(
+    f,
+    R,
+    BS,
+    RS,
+    rows,
+    row_mask,
+    cols,
+    mask,
+    D,
+    stride_r,
+    residual_scale,
+    branch_scale,
+    FLAGS: tl.constexpr,
+):
     """h = residual_scale * r + branch_scale * bs[col] * rowscale[row] * f for one tile."""
     f = f * branch_scale
     if (_BRANCH_SCALE & FLAGS) != 0:
@@ -146,15 +170,48 @@ def _branch_value(X, WB, BB, rows, cols, mask, D, stride_x, mean_x, rstd_x, FLAG
     statistics."""
     f = _load(X, rows, cols, mask, stride_x)
     if (_BRANCH_NORM & FLAGS) != 0:
-        f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D,
-                               (_BRANCH_WEIGHT & FLAGS) != 0, (_BRANCH_BIAS & FLAGS) != 0, FLAGS)
+        f = _normalized_affine(
+            f,
+            mean_x,
+            rstd_x,
+            mask,
+            WB,
+            BB,
+            cols,
+            D,
+            (_BRANCH_WEIGHT & FLAGS) != 0,
+            (_BRANCH_BIAS & FLAGS) != 0,
+            FLAGS,
+        )
     return f
 
 
 @triton.jit
-def _fwd_rows_in_registers(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x,
-                           stride_r, stride_y, stride_h, eps, residual_scale, branch_scale,
-                           FLAGS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _fwd_rows_in_registers(
+    X,
+    R,
+    W,
+    B,
+    BS,
+    RS,
+    WB,
+    BB,
+    Y,
+    H,
+    rows,
+    row_mask,
+    cols,
+    D,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    eps,
+    residual_scale,
+    branch_scale,
+    FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """The forward of whole rows held in registers; returns the row means (mean, mean_x)."""
     IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
     mask = row_mask[:, None] & (cols < D)[None, :]
@@ -163,26 +220,62 @@ def _fwd_rows_in_registers(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, col
     if (_BRANCH_NORM & FLAGS) != 0:
         mean_x, var_x = _row_moments(f, mask, D, IS_RMS)
         rstd_x = tl.rsqrt(var_x + eps)
-        f = _normalized_affine(f, mean_x, rstd_x, mask, WB, BB, cols, D,
-                               (_BRANCH_WEIGHT & FLAGS) != 0, (_BRANCH_BIAS & FLAGS) != 0, FLAGS)
-    h = _residual_add(f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale,
-                      branch_scale, FLAGS)
+        f = _normalized_affine(
+            f,
+            mean_x,
+            rstd_x,
+            mask,
+            WB,
+            BB,
+            cols,
+            D,
+            (_BRANCH_WEIGHT & FLAGS) != 0,
+            (_BRANCH_BIAS & FLAGS) != 0,
+            FLAGS,
+        )
+    h = _residual_add(
+        f, R, BS, RS, rows, row_mask, cols, mask, D, stride_r, residual_scale, branch_scale, FLAGS
+    )
     if (_STORE_H & FLAGS) != 0:
         _store(H, h, rows, cols, mask, stride_h)
     mean = tl.zeros([BLOCK_M], tl.float32)
     if (_OUTPUT_NORM & FLAGS) != 0:
         mean, var = _row_moments(h, mask, D, IS_RMS)
         rstd = tl.rsqrt(var + eps)
-        y = _normalized_affine(h, mean, rstd, mask, W, B, cols, D, (_WEIGHT & FLAGS) != 0,
-                               (_BIAS & FLAGS) != 0, FLAGS)
+        y = _normalized_affine(
+            h, mean, rstd, mask, W, B, cols, D, (_WEIGHT & FLAGS) != 0, (_BIAS & FLAGS) != 0, FLAGS
+        )
         _store(Y, y, rows, cols, mask, stride_y)
     return mean, mean_x
 
 
 @triton.jit
-def _fwd_streamed(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x, stride_r,
-                  stride_y, stride_h, eps, residual_scale, branch_scale, FLAGS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_streamed(
+    X,
+    R,
+    W,
+    B,
+    BS,
+    RS,
+    WB,
+    BB,
+    Y,
+    H,
+    rows,
+    row_mask,
+    cols,
+    D,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    eps,
+    residual_scale,
+    branch_scale,
+    FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """The forward of rows too long for registers: pass 1 streams the row for h's statistics
     (and stores h), pass 2 recomputes h from x and r (L2 hits for a row in flight) rather
     than reading back the rounded h, so y matches the single-pass kernel. The branch norm's
@@ -197,8 +290,9 @@ def _fwd_streamed(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, str
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
             n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
-            count, mean_x, m2 = _merge_moments(count, mean_x, m2, _load(X, rows, c, mask, stride_x),
-                                               mask, n_chunk, IS_RMS)
+            count, mean_x, m2 = _merge_moments(
+                count, mean_x, m2, _load(X, rows, c, mask, stride_x), mask, n_chunk, IS_RMS
+            )
         rstd_x = tl.rsqrt(m2 / D + eps)
     count = tl.zeros([BLOCK_M], tl.float32)
     mean = tl.zeros([BLOCK_M], tl.float32)
@@ -206,9 +300,21 @@ def _fwd_streamed(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, str
     for start in range(0, D, BLOCK_D):
         c = start + cols
         mask = row_mask[:, None] & (c < D)[None, :]
-        h = _residual_add(_branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS),
-                          R, BS, RS, rows, row_mask, c, mask, D, stride_r, residual_scale,
-                          branch_scale, FLAGS)
+        h = _residual_add(
+            _branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS),
+            R,
+            BS,
+            RS,
+            rows,
+            row_mask,
+            c,
+            mask,
+            D,
+            stride_r,
+            residual_scale,
+            branch_scale,
+            FLAGS,
+        )
         if (_STORE_H & FLAGS) != 0:
             _store(H, h, rows, c, mask, stride_h)
         n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
@@ -218,23 +324,55 @@ def _fwd_streamed(X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, str
         for start in range(0, D, BLOCK_D):
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
-            h = _residual_add(_branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x,
-                                            FLAGS),
-                              R, BS, RS, rows, row_mask, c, mask, D, stride_r, residual_scale,
-                              branch_scale, FLAGS)
-            y = _normalized_affine(h, mean, rstd, mask, W, B, c, D, (_WEIGHT & FLAGS) != 0,
-                                   (_BIAS & FLAGS) != 0, FLAGS)
+            h = _residual_add(
+                _branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS),
+                R,
+                BS,
+                RS,
+                rows,
+                row_mask,
+                c,
+                mask,
+                D,
+                stride_r,
+                residual_scale,
+                branch_scale,
+                FLAGS,
+            )
+            y = _normalized_affine(
+                h, mean, rstd, mask, W, B, c, D, (_WEIGHT & FLAGS) != 0, (_BIAS & FLAGS) != 0, FLAGS
+            )
             _store(Y, y, rows, c, mask, stride_y)
     return mean, mean_x
 
 
 @triton.jit
 def add_norm_fwd_kernel(
-    X, R, W, B, BS, RS, WB, BB,  # inputs (pointers of absent features are dummies, never read)
-    Y, H, MEAN, MEAN_X,          # outputs; the LayerNorm means are the backward's shifts
-    n_rows, D, stride_x, stride_r, stride_y, stride_h,
-    eps, residual_scale, branch_scale,
-    FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    X,
+    R,
+    W,
+    B,
+    BS,
+    RS,
+    WB,
+    BB,  # inputs (pointers of absent features are dummies, never read)
+    Y,
+    H,
+    MEAN,
+    MEAN_X,  # outputs; the LayerNorm means are the backward's shifts
+    n_rows,
+    D,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    eps,
+    residual_scale,
+    branch_scale,
+    FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
 ):
     # torch.compile hands Python floats over as fp64; the math is fp32 by contract
     eps = tl.cast(eps, tl.float32)
@@ -246,12 +384,57 @@ def add_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     if SINGLE_PASS:
         mean, mean_x = _fwd_rows_in_registers(
-            X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x, stride_r,
-            stride_y, stride_h, eps, residual_scale, branch_scale, FLAGS, BLOCK_M)
+            X,
+            R,
+            W,
+            B,
+            BS,
+            RS,
+            WB,
+            BB,
+            Y,
+            H,
+            rows,
+            row_mask,
+            cols,
+            D,
+            stride_x,
+            stride_r,
+            stride_y,
+            stride_h,
+            eps,
+            residual_scale,
+            branch_scale,
+            FLAGS,
+            BLOCK_M,
+        )
     else:
         mean, mean_x = _fwd_streamed(
-            X, R, W, B, BS, RS, WB, BB, Y, H, rows, row_mask, cols, D, stride_x, stride_r,
-            stride_y, stride_h, eps, residual_scale, branch_scale, FLAGS, BLOCK_M, BLOCK_D)
+            X,
+            R,
+            W,
+            B,
+            BS,
+            RS,
+            WB,
+            BB,
+            Y,
+            H,
+            rows,
+            row_mask,
+            cols,
+            D,
+            stride_x,
+            stride_r,
+            stride_y,
+            stride_h,
+            eps,
+            residual_scale,
+            branch_scale,
+            FLAGS,
+            BLOCK_M,
+            BLOCK_D,
+        )
     if (_RMS & FLAGS) == 0:
         if (_OUTPUT_NORM & FLAGS) != 0:
             tl.store(MEAN + rows, mean, mask=row_mask)
@@ -303,8 +486,9 @@ def _weighted(dy, W, cols, D, HAS_WEIGHT: tl.constexpr, FLAGS: tl.constexpr):
 
 
 @triton.jit
-def _branch_grad(dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x, branch_scale,
-                 FLAGS: tl.constexpr):
+def _branch_grad(
+    dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x, branch_scale, FLAGS: tl.constexpr
+):
     """(df, dbranch_scale tile): the gradient reaching the branch value f, and bs's row terms
     (f is x here: the launcher does not combine a branch-scale tensor with the branch norm)."""
     df = dh * branch_scale
@@ -318,8 +502,26 @@ def _branch_grad(dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x, branch_
 
 
 @triton.jit
-def _chunk_dh(DY, H, W, DH, shift, rows, cols, mask, D, stride_dy, stride_h, stride_dh,
-              mean_d, rstd, c1, c2, HAS_DH: tl.constexpr, FLAGS: tl.constexpr):
+def _chunk_dh(
+    DY,
+    H,
+    W,
+    DH,
+    shift,
+    rows,
+    cols,
+    mask,
+    D,
+    stride_dy,
+    stride_h,
+    stride_dh,
+    mean_d,
+    rstd,
+    c1,
+    c2,
+    HAS_DH: tl.constexpr,
+    FLAGS: tl.constexpr,
+):
     """(dy, xhat, dh) for a chunk whose row coefficients are known: the output norm's
     gradient reaching h plus h's own upstream gradient."""
     IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
@@ -329,8 +531,16 @@ def _chunk_dh(DY, H, W, DH, shift, rows, cols, mask, D, stride_dy, stride_h, str
     if (_OUTPUT_NORM & FLAGS) != 0:
         d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
         dy = _load(DY, rows, cols, mask, stride_dy)
-        xhat, dh = _norm_grad(d, _weighted(dy, W, cols, D, (_WEIGHT & FLAGS) != 0, FLAGS),
-                              mean_d, rstd, c1, c2, mask, IS_RMS)
+        xhat, dh = _norm_grad(
+            d,
+            _weighted(dy, W, cols, D, (_WEIGHT & FLAGS) != 0, FLAGS),
+            mean_d,
+            rstd,
+            c1,
+            c2,
+            mask,
+            IS_RMS,
+        )
     if HAS_DH:
         dh += _load(DH, rows, cols, mask, stride_dh)
     return dy, xhat, dh
@@ -346,10 +556,41 @@ def _accumulate(PART, part, cols, D, tile):
 
 @triton.jit
 def _bwd_rows_in_registers(
-    DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART, DWB_PART,
-    DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh, stride_h, stride_x,
-    stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH: tl.constexpr,
-    FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DY,
+    DH,
+    H,
+    X,
+    W,
+    BS,
+    RS,
+    WB,
+    MEAN,
+    MEAN_X,
+    DX,
+    DR,
+    DW_PART,
+    DB_PART,
+    DBS_PART,
+    DWB_PART,
+    DBB_PART,
+    row_start,
+    row_end,
+    cols,
+    part,
+    D,
+    stride_dy,
+    stride_dh,
+    stride_h,
+    stride_x,
+    stride_dx,
+    stride_dr,
+    eps,
+    residual_scale,
+    branch_scale,
+    HAS_DH: tl.constexpr,
+    FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """The backward of whole tiles of BLOCK_M rows held in registers, read once; the
     parameter gradients accumulate in registers and go to this program's partial rows."""
@@ -378,7 +619,8 @@ def _bwd_rows_in_registers(
             dy = _load(DY, rows, cols, mask, stride_dy)
             g = _weighted(dy, W, cols, D, HAS_WEIGHT, FLAGS)
             mean_d, rstd, c1, c2 = _grad_coefficients(
-                tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS)
+                tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS
+            )
             xhat, dh = _norm_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS)
             if HAS_WEIGHT:
                 acc_dw += dy * xhat
@@ -388,8 +630,9 @@ def _bwd_rows_in_registers(
             dh += _load(DH, rows, cols, mask, stride_dh)
         if (_STORE_DRESIDUAL & FLAGS) != 0:
             _store(DR, dh * residual_scale, rows, cols, mask, stride_dr)
-        df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x,
-                               branch_scale, FLAGS)
+        df, dbs = _branch_grad(
+            dh, X, BS, RS, rows, row_mask, cols, mask, D, stride_x, branch_scale, FLAGS
+        )
         if HAS_BRANCH_SCALE:
             acc_dbs += dbs
         if (_BRANCH_NORM & FLAGS) != 0:
@@ -399,8 +642,14 @@ def _bwd_rows_in_registers(
             dx_ = _shifted(X, shift_x, rows, cols, mask, stride_x, IS_RMS)
             gb = _weighted(df, WB, cols, D, HAS_BRANCH_WEIGHT, FLAGS)
             mean_b, rstd_b, c1b, c2b = _grad_coefficients(
-                tl.sum(dx_, 1), tl.sum(dx_ * dx_, 1), tl.sum(gb * dx_, 1), tl.sum(gb, 1),
-                D, eps, IS_RMS)
+                tl.sum(dx_, 1),
+                tl.sum(dx_ * dx_, 1),
+                tl.sum(gb * dx_, 1),
+                tl.sum(gb, 1),
+                D,
+                eps,
+                IS_RMS,
+            )
             xhat_b, df2 = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
             if HAS_BRANCH_WEIGHT:
                 acc_dwb += df * xhat_b
@@ -422,10 +671,41 @@ def _bwd_rows_in_registers(
 
 @triton.jit
 def _bwd_streamed(
-    DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART, DWB_PART,
-    DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh, stride_h, stride_x,
-    stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH: tl.constexpr,
-    FLAGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DY,
+    DH,
+    H,
+    X,
+    W,
+    BS,
+    RS,
+    WB,
+    MEAN,
+    MEAN_X,
+    DX,
+    DR,
+    DW_PART,
+    DB_PART,
+    DBS_PART,
+    DWB_PART,
+    DBB_PART,
+    row_start,
+    row_end,
+    cols,
+    part,
+    D,
+    stride_dy,
+    stride_dh,
+    stride_h,
+    stride_x,
+    stride_dx,
+    stride_dr,
+    eps,
+    residual_scale,
+    branch_scale,
+    HAS_DH: tl.constexpr,
+    FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """The backward of rows longer than registers can hold together with the parameter-
     gradient accumulators (spills from about D = 16K in bf16): pass 1 streams column chunks
@@ -492,12 +772,31 @@ def _bwd_streamed(
         for start in range(0, D, BLOCK_D):
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
-            dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy, stride_h,
-                                     stride_dh, mean_d, rstd, c1, c2, HAS_DH, FLAGS)
+            dy, xhat, dh = _chunk_dh(
+                DY,
+                H,
+                W,
+                DH,
+                shift,
+                rows,
+                c,
+                mask,
+                D,
+                stride_dy,
+                stride_h,
+                stride_dh,
+                mean_d,
+                rstd,
+                c1,
+                c2,
+                HAS_DH,
+                FLAGS,
+            )
             if (_STORE_DRESIDUAL & FLAGS) != 0:
                 _store(DR, dh * residual_scale, rows, c, mask, stride_dr)
-            df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
-                                   branch_scale, FLAGS)
+            df, dbs = _branch_grad(
+                dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x, branch_scale, FLAGS
+            )
             if HAS_WEIGHT:
                 _accumulate(DW_PART, part, c, D, dy * xhat)
             if HAS_BIAS:
@@ -522,10 +821,29 @@ def _bwd_streamed(
             for start in range(0, D, BLOCK_D):
                 c = start + cols
                 mask = row_mask[:, None] & (c < D)[None, :]
-                dy, xhat, dh = _chunk_dh(DY, H, W, DH, shift, rows, c, mask, D, stride_dy,
-                                         stride_h, stride_dh, mean_d, rstd, c1, c2, HAS_DH, FLAGS)
-                df, dbs = _branch_grad(dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x,
-                                       branch_scale, FLAGS)
+                dy, xhat, dh = _chunk_dh(
+                    DY,
+                    H,
+                    W,
+                    DH,
+                    shift,
+                    rows,
+                    c,
+                    mask,
+                    D,
+                    stride_dy,
+                    stride_h,
+                    stride_dh,
+                    mean_d,
+                    rstd,
+                    c1,
+                    c2,
+                    HAS_DH,
+                    FLAGS,
+                )
+                df, dbs = _branch_grad(
+                    dh, X, BS, RS, rows, row_mask, c, mask, D, stride_x, branch_scale, FLAGS
+                )
                 dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
                 gb = _weighted(df, WB, c, D, HAS_BRANCH_WEIGHT, FLAGS)
                 xhat_b, dx = _norm_grad(dx_, gb, mean_b, rstd_b, c1b, c2b, mask, IS_RMS)
@@ -534,13 +852,40 @@ def _bwd_streamed(
 
 @triton.jit
 def add_norm_bwd_kernel(
-    DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X,            # inputs
-    DX, DR, DW_PART, DB_PART, DBS_PART, DWB_PART, DBB_PART,  # *_PART: (programs, D) fp32 sums
-    n_rows, D, rows_per_program,
-    stride_dy, stride_dh, stride_h, stride_x, stride_dx, stride_dr,
-    eps, residual_scale, branch_scale,
-    FLAGS: tl.constexpr, HAS_DH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    DY,
+    DH,
+    H,
+    X,
+    W,
+    BS,
+    RS,
+    WB,
+    MEAN,
+    MEAN_X,  # inputs
+    DX,
+    DR,
+    DW_PART,
+    DB_PART,
+    DBS_PART,
+    DWB_PART,
+    DBB_PART,  # *_PART: (programs, D) fp32 sums
+    n_rows,
+    D,
+    rows_per_program,
+    stride_dy,
+    stride_dh,
+    stride_h,
+    stride_x,
+    stride_dx,
+    stride_dr,
+    eps,
+    residual_scale,
+    branch_scale,
+    FLAGS: tl.constexpr,
+    HAS_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
 ):
     """Rows in registers (SINGLE_PASS) or streamed, picked by the launcher from D. HAS_DH:
     h's own upstream gradient exists (it is None when nothing used h)."""
@@ -557,13 +902,77 @@ def add_norm_bwd_kernel(
     part = pid.to(tl.int64) * D
     if SINGLE_PASS:
         _bwd_rows_in_registers(
-            DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART,
-            DWB_PART, DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh,
-            stride_h, stride_x, stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH,
-            FLAGS, BLOCK_M, BLOCK_D)
+            DY,
+            DH,
+            H,
+            X,
+            W,
+            BS,
+            RS,
+            WB,
+            MEAN,
+            MEAN_X,
+            DX,
+            DR,
+            DW_PART,
+            DB_PART,
+            DBS_PART,
+            DWB_PART,
+            DBB_PART,
+            row_start,
+            row_end,
+            cols,
+            part,
+            D,
+            stride_dy,
+            stride_dh,
+            stride_h,
+            stride_x,
+            stride_dx,
+            stride_dr,
+            eps,
+            residual_scale,
+            branch_scale,
+            HAS_DH,
+            FLAGS,
+            BLOCK_M,
+            BLOCK_D,
+        )
     else:
         _bwd_streamed(
-            DY, DH, H, X, W, BS, RS, WB, MEAN, MEAN_X, DX, DR, DW_PART, DB_PART, DBS_PART,
-            DWB_PART, DBB_PART, row_start, row_end, cols, part, D, stride_dy, stride_dh,
-            stride_h, stride_x, stride_dx, stride_dr, eps, residual_scale, branch_scale, HAS_DH,
-            FLAGS, BLOCK_M, BLOCK_D)
+            DY,
+            DH,
+            H,
+            X,
+            W,
+            BS,
+            RS,
+            WB,
+            MEAN,
+            MEAN_X,
+            DX,
+            DR,
+            DW_PART,
+            DB_PART,
+            DBS_PART,
+            DWB_PART,
+            DBB_PART,
+            row_start,
+            row_end,
+            cols,
+            part,
+            D,
+            stride_dy,
+            stride_dh,
+            stride_h,
+            stride_x,
+            stride_dx,
+            stride_dr,
+            eps,
+            residual_scale,
+            branch_scale,
+            HAS_DH,
+            FLAGS,
+            BLOCK_M,
+            BLOCK_D,
+        )

@@ -26,13 +26,39 @@ from .add_norm_kernels import add_norm_bwd_kernel, add_norm_fwd_kernel
 _TYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 # Pointer arguments and their element types; "act" is the activation dtype under test.
-_FWD_POINTERS = {"X": "act", "R": "act", "W": "fp32", "B": "fp32", "BS": "fp32", "RS": "fp32",
-                 "WB": "fp32", "BB": "fp32", "Y": "act", "H": "act", "MEAN": "fp32",
-                 "MEAN_X": "fp32"}
-_BWD_POINTERS = {"DY": "act", "DH": "act", "H": "act", "X": "act", "W": "fp32", "BS": "fp32",
-                 "RS": "fp32", "WB": "fp32", "MEAN": "fp32", "MEAN_X": "fp32", "DX": "act",
-                 "DR": "act", "DW_PART": "fp32", "DB_PART": "fp32", "DBS_PART": "fp32",
-                 "DWB_PART": "fp32", "DBB_PART": "fp32"}
+_FWD_POINTERS = {
+    "X": "act",
+    "R": "act",
+    "W": "fp32",
+    "B": "fp32",
+    "BS": "fp32",
+    "RS": "fp32",
+    "WB": "fp32",
+    "BB": "fp32",
+    "Y": "act",
+    "H": "act",
+    "MEAN": "fp32",
+    "MEAN_X": "fp32",
+}
+_BWD_POINTERS = {
+    "DY": "act",
+    "DH": "act",
+    "H": "act",
+    "X": "act",
+    "W": "fp32",
+    "BS": "fp32",
+    "RS": "fp32",
+    "WB": "fp32",
+    "MEAN": "fp32",
+    "MEAN_X": "fp32",
+    "DX": "act",
+    "DR": "act",
+    "DW_PART": "fp32",
+    "DB_PART": "fp32",
+    "DBS_PART": "fp32",
+    "DWB_PART": "fp32",
+    "DBB_PART": "fp32",
+}
 _FLOATS = {"eps", "residual_scale", "branch_scale"}
 
 # The calls whose kernels the tests and the table below compile, as resfuse describes them
@@ -40,13 +66,31 @@ _FLOATS = {"eps", "residual_scale", "branch_scale"}
 # of that family), the plain pre-norm add + RMSNorm users run most, the sandwich layout with
 # every feature it allows, and OLMo2's norm_add.
 SPECS = {
-    "all": AddNormSpec(norm="layer", residual_scale=0.5, zero_centered_weight=True,
-                       has_bias=True, has_branch_scale=True, has_rowscale=True),
+    "all": AddNormSpec(
+        norm="layer",
+        residual_scale=0.5,
+        zero_centered_weight=True,
+        has_bias=True,
+        has_branch_scale=True,
+        has_rowscale=True,
+    ),
     "rms": AddNormSpec(norm="rms"),
-    "norm_add_norm": AddNormSpec(norm="layer", zero_centered_weight=True, branch_norm=True,
-                                 has_bias=True, has_branch_weight=True, has_branch_bias=True),
-    "norm_add": AddNormSpec(norm="layer", branch_norm=True, output_norm=False, has_weight=False,
-                            has_branch_weight=True, has_branch_bias=True),
+    "norm_add_norm": AddNormSpec(
+        norm="layer",
+        zero_centered_weight=True,
+        branch_norm=True,
+        has_bias=True,
+        has_branch_weight=True,
+        has_branch_bias=True,
+    ),
+    "norm_add": AddNormSpec(
+        norm="layer",
+        branch_norm=True,
+        output_norm=False,
+        has_weight=False,
+        has_branch_weight=True,
+        has_branch_bias=True,
+    ),
 }
 
 
@@ -65,18 +109,26 @@ def ptxas_path() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_kernel(direction: str, D: int, dtype: str = "bf16", arch: int = 90,
-                   spec: AddNormSpec | str = "all") -> Compiled:
+def compile_kernel(
+    direction: str, D: int, dtype: str = "bf16", arch: int = 90, spec: AddNormSpec | str = "all"
+) -> Compiled:
     """Compile the forward or backward kernel of a call (a spec, or a name in SPECS) at its
     default launch configuration for D, as the launcher would (h's upstream gradient
     present in the backward)."""
     spec = SPECS[spec] if isinstance(spec, str) else spec
     if direction == "fwd":
-        fn, pointers, cfg = add_norm_fwd_kernel, _FWD_POINTERS, launch.fwd_config(D, spec.branch_norm)
+        fn, pointers, cfg = (
+            add_norm_fwd_kernel,
+            _FWD_POINTERS,
+            launch.fwd_config(D, spec.branch_norm),
+        )
         constexprs = {"FLAGS": spec.flags}
     elif direction == "bwd":
-        fn, pointers, cfg = add_norm_bwd_kernel, _BWD_POINTERS, launch.bwd_config(
-            D, reads_x=spec.reads_x_in_backward)
+        fn, pointers, cfg = (
+            add_norm_bwd_kernel,
+            _BWD_POINTERS,
+            launch.bwd_config(D, reads_x=spec.reads_x_in_backward),
+        )
         constexprs = {"FLAGS": spec.flags, "HAS_DH": True}
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
@@ -98,8 +150,9 @@ def compile_kernel(direction: str, D: int, dtype: str = "bf16", arch: int = 90,
                 if D % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps})
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps}
+    )
     ptx = compiled.asm["ptx"]
     regs, stores, loads = run_ptxas(ptx, arch)
     return Compiled(f"{fn.__name__}[D={D},{dtype}]", arch, ptx, regs, stores, loads, cfg.num_warps)
@@ -112,8 +165,12 @@ def run_ptxas(ptx: str, arch: int) -> tuple[int, int, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas_path(), f"-arch={sm}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [ptxas_path(), f"-arch={sm}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     text = out.stderr + out.stdout
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -129,9 +186,11 @@ def main(argv: list[str]) -> None:
                 for direction in ("fwd", "bwd"):
                     for name in ("all", "norm_add_norm"):
                         c = compile_kernel(direction, D, dtype, arch, name)
-                        print(f"sm_{arch} {direction} {name:<13} D={D:>6} {dtype}: "
-                              f"{c.registers:>3} regs, {c.num_warps:>2} warps, "
-                              f"spills {c.spill_stores}/{c.spill_loads} bytes")
+                        print(
+                            f"sm_{arch} {direction} {name:<13} D={D:>6} {dtype}: "
+                            f"{c.registers:>3} regs, {c.num_warps:>2} warps, "
+                            f"spills {c.spill_stores}/{c.spill_loads} bytes"
+                        )
 
 
 if __name__ == "__main__":

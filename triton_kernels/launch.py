@@ -67,8 +67,9 @@ def _config(D: int, max_fused: int, per_thread: int, chunk: tuple[int, int, int]
 
 @functools.lru_cache(maxsize=None)
 def fwd_config(D: int, branch_norm: bool = False) -> LaunchConfig:
-    return _config(D, MAX_FUSED_D_FWD, per_thread=16,
-                   chunk=CHUNK_FWD_BRANCH_NORM if branch_norm else CHUNK_FWD)
+    return _config(
+        D, MAX_FUSED_D_FWD, per_thread=16, chunk=CHUNK_FWD_BRANCH_NORM if branch_norm else CHUNK_FWD
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,7 +127,9 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     """(y, h, mean, mean_x), None where absent: the LayerNorm row means of h and (with the
     branch norm) of x are the backward's shifts."""
     if spec.branch_norm and (ops.branch_scale is not None or ops.rowscale is not None):
-        raise NotImplementedError("the branch norm does not combine with branch_scale tensors or rowscale")
+        raise NotImplementedError(
+            "the branch norm does not combine with branch_scale tensors or rowscale"
+        )
     x = ops.x
     n_rows, D = x.shape
     dev = x.device
@@ -144,13 +147,32 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     cfg = fwd_config(D, spec.branch_norm)
     with _on_device(dev):
         add_norm_fwd_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-            x, _or(ops.residual, x), _or(ops.weight, x), _or(ops.bias, x), _or(ops.branch_scale, x),
-            _or(ops.rowscale, x), _or(ops.branch_weight, x), _or(ops.branch_bias, x),
-            _or(y, x), _or(h, x), _or(mean, x), _or(mean_x, x),
-            n_rows, D, x.stride(0), _stride(ops.residual), _stride(y), _stride(h),
-            spec.eps, spec.residual_scale, spec.branch_scale,
-            FLAGS=spec.flags, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-            SINGLE_PASS=cfg.single_pass, num_warps=cfg.num_warps,
+            x,
+            _or(ops.residual, x),
+            _or(ops.weight, x),
+            _or(ops.bias, x),
+            _or(ops.branch_scale, x),
+            _or(ops.rowscale, x),
+            _or(ops.branch_weight, x),
+            _or(ops.branch_bias, x),
+            _or(y, x),
+            _or(h, x),
+            _or(mean, x),
+            _or(mean_x, x),
+            n_rows,
+            D,
+            x.stride(0),
+            _stride(ops.residual),
+            _stride(y),
+            _stride(h),
+            spec.eps,
+            spec.residual_scale,
+            spec.branch_scale,
+            FLAGS=spec.flags,
+            BLOCK_M=cfg.block_m,
+            BLOCK_D=cfg.block_d,
+            SINGLE_PASS=cfg.single_pass,
+            num_warps=cfg.num_warps,
         )
     return tuple.__new__(Forward, (y, h, mean, mean_x))  # a NamedTuple without argument binding
 
@@ -176,15 +198,37 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     some = dh if dy is None else dy
     with _on_device(dev):
         add_norm_bwd_kernel[(programs,)](
-            _or(dy, some), _or(dh, some), _or(h, some), _or(x, some), _or(inputs.weight, dx),
-            _or(inputs.branch_scale, dx), _or(inputs.rowscale, dx), _or(inputs.branch_weight, dx),
-            _or(inputs.mean, dx), _or(inputs.mean_x, dx),
-            dx, _or(dr, dx), *(_or(p, dx) for p in parts),
-            n_rows, D, rows_per_program,
-            _stride(dy), _stride(dh), _stride(h), _stride(x), dx.stride(0), _stride(dr),
-            spec.eps, spec.residual_scale, spec.branch_scale,
-            FLAGS=spec.flags, HAS_DH=dh is not None, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
-            SINGLE_PASS=cfg.single_pass, num_warps=cfg.num_warps,
+            _or(dy, some),
+            _or(dh, some),
+            _or(h, some),
+            _or(x, some),
+            _or(inputs.weight, dx),
+            _or(inputs.branch_scale, dx),
+            _or(inputs.rowscale, dx),
+            _or(inputs.branch_weight, dx),
+            _or(inputs.mean, dx),
+            _or(inputs.mean_x, dx),
+            dx,
+            _or(dr, dx),
+            *(_or(p, dx) for p in parts),
+            n_rows,
+            D,
+            rows_per_program,
+            _stride(dy),
+            _stride(dh),
+            _stride(h),
+            _stride(x),
+            dx.stride(0),
+            _stride(dr),
+            spec.eps,
+            spec.residual_scale,
+            spec.branch_scale,
+            FLAGS=spec.flags,
+            HAS_DH=dh is not None,
+            BLOCK_M=cfg.block_m,
+            BLOCK_D=cfg.block_d,
+            SINGLE_PASS=cfg.single_pass,
+            num_warps=cfg.num_warps,
         )
     # Second step of the deterministic reduction: a fixed-order sum over the programs' rows.
     return Grads(dx, dr, *(p.sum(0) if p is not None else None for p in parts))

@@ -16,15 +16,25 @@ _T = "transformers.models."
 # --------------------------------------------------------------------------- norms
 
 RMS_LLAMA = Norm("rms", eps="variance_epsilon", out_dtype="promote_weight")  # w * x.to(dtype)
-RMS_ROUND_ONCE = Norm("rms", eps="variance_epsilon")                          # (w * x).to(dtype)
-RMS_GEMMA = Norm("rms", eps="eps", zero_centered_weight=True)                 # x * (1 + w), fp32
+RMS_ROUND_ONCE = Norm("rms", eps="variance_epsilon")  # (w * x).to(dtype)
+RMS_GEMMA = Norm("rms", eps="eps", zero_centered_weight=True)  # x * (1 + w), fp32
 RMS_T5 = Norm("rms", eps="variance_epsilon", out_dtype="t5")
 TORCH_LAYER_NORM = Norm("layer", eps="eps", normalized_shape=True, autocast="layer_norm")
 # F.rms_norm's autocast behaviour is not verified on CUDA: under autocast the original runs
 TORCH_RMS_NORM = Norm("rms", eps="eps", normalized_shape=True, autocast="original")
-TIMM_LAYER_NORM = Norm("layer", eps="eps", normalized_shape=True, autocast="layer_norm",
-                       conditions=(Condition("_fast_norm", False, "timm's fast_norm is on (it "
-                                             "normalizes in the autocast dtype): left as it is"),))
+TIMM_LAYER_NORM = Norm(
+    "layer",
+    eps="eps",
+    normalized_shape=True,
+    autocast="layer_norm",
+    conditions=(
+        Condition(
+            "_fast_norm",
+            False,
+            "timm's fast_norm is on (it normalizes in the autocast dtype): left as it is",
+        ),
+    ),
+)
 
 NORMS = {
     "torch.nn.modules.normalization:LayerNorm": TORCH_LAYER_NORM,
@@ -49,8 +59,10 @@ _HF_ATTENTION = Call(input="hidden_states", args="all", var_kwargs=True, output=
 
 LLAMA_STYLE = Chain(
     input="hidden_states",
-    sublayers=(Sublayer("self_attn", "input_layernorm", _HF_ATTENTION),
-               Sublayer("mlp", "post_attention_layernorm")),
+    sublayers=(
+        Sublayer("self_attn", "input_layernorm", _HF_ATTENTION),
+        Sublayer("mlp", "post_attention_layernorm"),
+    ),
 )
 
 # Gemma2/3 (sandwich norms): r = r + post_norm(f); y = next_norm(r): each add is one
@@ -58,19 +70,27 @@ LLAMA_STYLE = Chain(
 # norm_add, or norm_add_norm with the next layer's norm with fuse_residual="across_layers".
 SANDWICH = Chain(
     input="hidden_states",
-    sublayers=(Sublayer("self_attn", "input_layernorm", _HF_ATTENTION,
-                        steps=(("post_attention_layernorm", "norm"),)),
-               Sublayer("mlp", "pre_feedforward_layernorm",
-                        steps=(("post_feedforward_layernorm", "norm"),))),
+    sublayers=(
+        Sublayer(
+            "self_attn",
+            "input_layernorm",
+            _HF_ATTENTION,
+            steps=(("post_attention_layernorm", "norm"),),
+        ),
+        Sublayer(
+            "mlp", "pre_feedforward_layernorm", steps=(("post_feedforward_layernorm", "norm"),)
+        ),
+    ),
 )
 
 # OLMo2 (reordered norms): r = r + norm(f), no norm after the add: each add is one norm_add
 # call; the last layer's closing add can carry into the final norm (norm_add_norm).
 REORDERED = Chain(
     input="hidden_states",
-    sublayers=(Sublayer("self_attn", None, _HF_ATTENTION,
-                        steps=(("post_attention_layernorm", "norm"),)),
-               Sublayer("mlp", None, steps=(("post_feedforward_layernorm", "norm"),))),
+    sublayers=(
+        Sublayer("self_attn", None, _HF_ATTENTION, steps=(("post_attention_layernorm", "norm"),)),
+        Sublayer("mlp", None, steps=(("post_feedforward_layernorm", "norm"),)),
+    ),
 )
 
 _KV_CACHE = ("cache", "past_key_values")  # transformers 5.24 / before its rename
@@ -78,40 +98,71 @@ _KV_CACHE = ("cache", "past_key_values")  # transformers 5.24 / before its renam
 GPT2_BLOCK = Chain(
     input="hidden_states",
     sublayers=(
-        Sublayer("attn", "ln_1", Call(args=(_KV_CACHE, "attention_mask", "use_cache"),
-                                      var_kwargs=True, output="first")),
-        Sublayer("crossattention", "ln_cross_attn",
-                 Call(args=(_KV_CACHE, "attention_mask", "encoder_hidden_states",
-                            "encoder_attention_mask"), output="first"),
-                 when="encoder_hidden_states"),
+        Sublayer(
+            "attn",
+            "ln_1",
+            Call(args=(_KV_CACHE, "attention_mask", "use_cache"), var_kwargs=True, output="first"),
+        ),
+        Sublayer(
+            "crossattention",
+            "ln_cross_attn",
+            Call(
+                args=(
+                    _KV_CACHE,
+                    "attention_mask",
+                    "encoder_hidden_states",
+                    "encoder_attention_mask",
+                ),
+                output="first",
+            ),
+            when="encoder_hidden_states",
+        ),
         Sublayer("mlp", "ln_2"),
     ),
 )
 
 GPT_NEOX_LAYER = Chain(
     input="hidden_states",
-    sublayers=(Sublayer("attention", "input_layernorm",
-                        Call(args="all", var_kwargs=True, output="first"),
-                        steps=(("post_attention_dropout", "module"),)),
-               Sublayer("mlp", "post_attention_layernorm",
-                        steps=(("post_mlp_dropout", "module"),))),
-    conditions=(Condition("use_parallel_residual", False,
-                          "parallel residual (attention and MLP both read the layer input): "
-                          "no add precedes a norm"),),
+    sublayers=(
+        Sublayer(
+            "attention",
+            "input_layernorm",
+            Call(args="all", var_kwargs=True, output="first"),
+            steps=(("post_attention_dropout", "module"),),
+        ),
+        Sublayer("mlp", "post_attention_layernorm", steps=(("post_mlp_dropout", "module"),)),
+    ),
+    conditions=(
+        Condition(
+            "use_parallel_residual",
+            False,
+            "parallel residual (attention and MLP both read the layer input): "
+            "no add precedes a norm",
+        ),
+    ),
 )
 
 TIMM_BLOCK = Chain(
     input="x",
-    sublayers=(Sublayer("attn", "norm1", Call(args="all"),
-                        steps=(("ls1", "layer_scale"), ("drop_path1", "drop_path"))),
-               Sublayer("mlp", "norm2", steps=(("ls2", "layer_scale"), ("drop_path2", "drop_path")))),
+    sublayers=(
+        Sublayer(
+            "attn",
+            "norm1",
+            Call(args="all"),
+            steps=(("ls1", "layer_scale"), ("drop_path1", "drop_path")),
+        ),
+        Sublayer("mlp", "norm2", steps=(("ls2", "layer_scale"), ("drop_path2", "drop_path"))),
+    ),
 )
 
-BERT_OUTPUT = PostNorm(input="hidden_states", residual="input_tensor", steps=("dense", "dropout"),
-                       norm="LayerNorm")
+BERT_OUTPUT = PostNorm(
+    input="hidden_states", residual="input_tensor", steps=("dense", "dropout"), norm="LayerNorm"
+)
 
-_T5_REASON = ("its add closes the sublayer; the next norm is in the next sublayer module, "
-              "after T5Block's fp16 clamp")
+_T5_REASON = (
+    "its add closes the sublayer; the next norm is in the next sublayer module, "
+    "after T5Block's fp16 clamp"
+)
 
 LAYERS = {
     _T + "llama.modeling_llama:LlamaDecoderLayer": LLAMA_STYLE,
@@ -152,10 +203,12 @@ STACKS = {
     _T + "gemma3.modeling_gemma3:Gemma3TextModel": _HF_DECODER_STACK,
     _T + "olmo2.modeling_olmo2:Olmo2Model": _HF_DECODER_STACK,
     _T + "gpt2.modeling_gpt2:GPT2Model": Stack(layers="h", final_norm="ln_f"),
-    _T + "gpt_neox.modeling_gpt_neox:GPTNeoXModel": Stack(layers="layers",
-                                                           final_norm="final_layer_norm"),
+    _T + "gpt_neox.modeling_gpt_neox:GPTNeoXModel": Stack(
+        layers="layers", final_norm="final_layer_norm"
+    ),
     "timm.models.vision_transformer:VisionTransformer": Stack(
-        layers="blocks", final_norm="norm", checkpointing="grad_checkpointing"),
+        layers="blocks", final_norm="norm", checkpointing="grad_checkpointing"
+    ),
 }
 
 # --------------------------------------------------------------------------- branch steps
@@ -185,24 +238,42 @@ PINS: dict[str, dict[str, str]] = {
     _T + "gemma2.modeling_gemma2:Gemma2RMSNorm": {"5c2e9225c5b8d85b": "transformers 5.24.0"},
     _T + "gemma3.modeling_gemma3:Gemma3RMSNorm": {"163839cb86636dc9": "transformers 5.24.0"},
     _T + "t5.modeling_t5:T5LayerNorm": {"b9a9b44f110a9096": "transformers 5.24.0"},
-    _T + "llama.modeling_llama:LlamaDecoderLayer": {"fbf05eae5547447b": "transformers 5.24.0",
-                                                    "6166aa4110fd0e82": "transformers 5.17.0"},
-    _T + "mistral.modeling_mistral:MistralDecoderLayer": {"4ef429e49b9781be": "transformers 5.24.0",
-                                                          "efab84b341e2abab": "transformers 5.17.0"},
-    _T + "qwen2.modeling_qwen2:Qwen2DecoderLayer": {"1adf1c20ba98a886": "transformers 5.24.0",
-                                                    "9765b2bf0357a18e": "transformers 5.17.0"},
-    _T + "qwen3.modeling_qwen3:Qwen3DecoderLayer": {"2fa6e2f9ea098623": "transformers 5.24.0",
-                                                    "f3d23d2fbd8500be": "transformers 5.17.0"},
-    _T + "gemma.modeling_gemma:GemmaDecoderLayer": {"b1290d543863fb6c": "transformers 5.24.0",
-                                                    "7812c0d3888dd4d6": "transformers 5.17.0"},
-    _T + "gemma2.modeling_gemma2:Gemma2DecoderLayer": {"0a0f3034d2dede17": "transformers 5.24.0",
-                                                       "3cc974a2c0a17ca2": "transformers 5.17.0"},
-    _T + "gemma3.modeling_gemma3:Gemma3DecoderLayer": {"21c921f5142dba06": "transformers 5.24.0",
-                                                       "74738223ee83506a": "transformers 5.17.0"},
-    _T + "olmo2.modeling_olmo2:Olmo2DecoderLayer": {"b5fdb6fcb3c0c175": "transformers 5.24.0",
-                                                    "85ce15ff32d73c7d": "transformers 5.17.0"},
-    _T + "gpt2.modeling_gpt2:GPT2Block": {"5f48931a1af69920": "transformers 5.24.0",
-                                          "4bb8f390e59e5b3c": "transformers 5.17.0"},
+    _T + "llama.modeling_llama:LlamaDecoderLayer": {
+        "fbf05eae5547447b": "transformers 5.24.0",
+        "6166aa4110fd0e82": "transformers 5.17.0",
+    },
+    _T + "mistral.modeling_mistral:MistralDecoderLayer": {
+        "4ef429e49b9781be": "transformers 5.24.0",
+        "efab84b341e2abab": "transformers 5.17.0",
+    },
+    _T + "qwen2.modeling_qwen2:Qwen2DecoderLayer": {
+        "1adf1c20ba98a886": "transformers 5.24.0",
+        "9765b2bf0357a18e": "transformers 5.17.0",
+    },
+    _T + "qwen3.modeling_qwen3:Qwen3DecoderLayer": {
+        "2fa6e2f9ea098623": "transformers 5.24.0",
+        "f3d23d2fbd8500be": "transformers 5.17.0",
+    },
+    _T + "gemma.modeling_gemma:GemmaDecoderLayer": {
+        "b1290d543863fb6c": "transformers 5.24.0",
+        "7812c0d3888dd4d6": "transformers 5.17.0",
+    },
+    _T + "gemma2.modeling_gemma2:Gemma2DecoderLayer": {
+        "0a0f3034d2dede17": "transformers 5.24.0",
+        "3cc974a2c0a17ca2": "transformers 5.17.0",
+    },
+    _T + "gemma3.modeling_gemma3:Gemma3DecoderLayer": {
+        "21c921f5142dba06": "transformers 5.24.0",
+        "74738223ee83506a": "transformers 5.17.0",
+    },
+    _T + "olmo2.modeling_olmo2:Olmo2DecoderLayer": {
+        "b5fdb6fcb3c0c175": "transformers 5.24.0",
+        "85ce15ff32d73c7d": "transformers 5.17.0",
+    },
+    _T + "gpt2.modeling_gpt2:GPT2Block": {
+        "5f48931a1af69920": "transformers 5.24.0",
+        "4bb8f390e59e5b3c": "transformers 5.17.0",
+    },
     _T + "gpt_neox.modeling_gpt_neox:GPTNeoXLayer": {"4d9ce63725b63373": "transformers 5.24.0"},
     _T + "bert.modeling_bert:BertSelfOutput": {"727debaa5ff1743f": "transformers 5.24.0"},
     _T + "bert.modeling_bert:BertOutput": {"692ae64ffebcf2dc": "transformers 5.24.0"},

@@ -30,25 +30,32 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from .. import checks
-from ..functional import norm_add, norm_add_norm
-from ..functional import add_norm
+from ..functional import add_norm, norm_add, norm_add_norm
 from .specs import Call, Chain, Norm, PostNorm, Sublayer
 
 _FLOAT = checks.FLOAT_DTYPES
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 
 # Instance attributes set by patch() (removed by unpatch()), kept in the module's __dict__ so
 # they are neither submodules nor state.
-CARRY = "_resfuse_carry"                    # on a norm: (h, h._version, y) handed over by a layer
-CARRY_INTO = "_resfuse_carry_into"          # on a layer: the norm that consumes its output
+CARRY = "_resfuse_carry"  # on a norm: (h, h._version, y) handed over by a layer
+CARRY_INTO = "_resfuse_carry_into"  # on a layer: the norm that consumes its output
 CHECKPOINT_FLAG = "_resfuse_checkpoint_flag"  # on a layer: (stack, attribute) of checkpointing
 
 
 def _has_hooks(module: nn.Module) -> bool:
     """Calling the fused method bypasses ``module.__call__``: only allowed without hooks."""
-    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-            or module._backward_pre_hooks):
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    ):
         return True
     return any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS)
 
@@ -63,27 +70,35 @@ class Binder:
         if any(p.kind == kinds.VAR_POSITIONAL for p in params):
             raise ValueError(f"{owner}.forward takes *args: its arguments cannot be bound by name")
         self.owner = owner
-        self.positional = tuple(p.name for p in params
-                                if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD))
+        self.positional = tuple(
+            p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+        )
         self.names = frozenset(p.name for p in params if p.kind != kinds.VAR_KEYWORD)
-        self.defaults = {p.name: p.default for p in params
-                         if p.kind != kinds.VAR_KEYWORD and p.default is not p.empty}
-        self.required = tuple(p.name for p in params
-                              if p.kind != kinds.VAR_KEYWORD and p.default is p.empty)
+        self.defaults = {
+            p.name: p.default
+            for p in params
+            if p.kind != kinds.VAR_KEYWORD and p.default is not p.empty
+        }
+        self.required = tuple(
+            p.name for p in params if p.kind != kinds.VAR_KEYWORD and p.default is p.empty
+        )
         self.var_kwargs = any(p.kind == kinds.VAR_KEYWORD for p in params)
 
     def bind(self, args: tuple, kwargs: dict) -> tuple[dict, dict]:
         if len(args) > len(self.positional):
-            raise TypeError(f"{self.owner}.forward takes {len(self.positional)} positional "
-                            f"arguments but {len(args)} were given")
+            raise TypeError(
+                f"{self.owner}.forward takes {len(self.positional)} positional "
+                f"arguments but {len(args)} were given"
+            )
         bound = dict(self.defaults)
         bound.update(zip(self.positional, args))
         extra = {}
         for name, value in kwargs.items():
             if name in self.names:
-                if name in self.positional[:len(args)]:
-                    raise TypeError(f"{self.owner}.forward got multiple values for argument "
-                                    f"{name!r}")
+                if name in self.positional[: len(args)]:
+                    raise TypeError(
+                        f"{self.owner}.forward got multiple values for argument {name!r}"
+                    )
                 bound[name] = value
             elif self.var_kwargs:
                 extra[name] = value
@@ -112,12 +127,12 @@ class NormOverride:
         """Whether resfuse can run this norm on ``x`` (else the original forward runs)."""
         if x.dtype not in _FLOAT or x.dim() == 0:
             return False
-        if (self._resfuse_spec.autocast == "original"
-                and torch.is_autocast_enabled(x.device.type)):
+        if self._resfuse_spec.autocast == "original" and torch.is_autocast_enabled(x.device.type):
             return False
         k = self._resfuse_trailing()
         if self._resfuse_spec.normalized_shape and (
-                x.dim() < k or tuple(x.shape[-k:]) != tuple(self.normalized_shape)):
+            x.dim() < k or tuple(x.shape[-k:]) != tuple(self.normalized_shape)
+        ):
             return False  # the original raises its own error
         D = x.shape[-k:].numel()
         for p in (self.weight, self._resfuse_bias()):
@@ -140,9 +155,15 @@ class NormOverride:
             return self._resfuse_original.forward(self, hidden_states)
         return self.resfuse_add_norm(hidden_states, None, prenorm=False)
 
-    def resfuse_add_norm(self, x: Tensor, residual: Optional[Tensor], *,
-                         branch_scale: Optional[Tensor] = None, rowscale: Optional[Tensor] = None,
-                         prenorm: bool = True):
+    def resfuse_add_norm(
+        self,
+        x: Tensor,
+        residual: Optional[Tensor],
+        *,
+        branch_scale: Optional[Tensor] = None,
+        rowscale: Optional[Tensor] = None,
+        prenorm: bool = True,
+    ):
         """``h = residual + branch_scale * rowscale * x``, ``y = self(h)`` in one call:
         ``(y, h)`` if ``prenorm`` else ``y``. ``h`` gets the dtype PyTorch's ``+`` would
         give it, ``y`` the dtype the original norm returns for ``h``."""
@@ -164,11 +185,20 @@ class NormOverride:
         if k > 1:  # rows span several trailing dims (torch.nn norms)
             weight = weight.reshape(D) if weight is not None else None
             bias = bias.reshape(D) if bias is not None else None
-        out = add_norm(x, residual, weight, bias, self._resfuse_eps(h_dtype),
-                       norm=spec.kind, branch_scale=branch_scale, rowscale=rowscale,
-                       zero_centered_weight=spec.zero_centered_weight, prenorm=prenorm,
-                       residual_dtype=h_dtype if residual is not None else None,
-                       out_dtype=spec.output_dtype(h_dtype, self.weight, device_type))
+        out = add_norm(
+            x,
+            residual,
+            weight,
+            bias,
+            self._resfuse_eps(h_dtype),
+            norm=spec.kind,
+            branch_scale=branch_scale,
+            rowscale=rowscale,
+            zero_centered_weight=spec.zero_centered_weight,
+            prenorm=prenorm,
+            residual_dtype=h_dtype if residual is not None else None,
+            out_dtype=spec.output_dtype(h_dtype, self.weight, device_type),
+        )
         if prenorm:
             return tuple(t.view(shape) for t in out)
         return out.view(shape)
@@ -181,14 +211,26 @@ class NormOverride:
         spec, device_type = self._resfuse_spec, x.device.type
         f_dtype = spec.output_dtype(x.dtype, self.weight, device_type)
         h_dtype = torch.promote_types(f_dtype, residual.dtype)
-        common = dict(norm=spec.kind, branch_bias=self._resfuse_bias(),
-                      zero_centered_weight=spec.zero_centered_weight, residual_dtype=h_dtype)
+        common = dict(
+            norm=spec.kind,
+            branch_bias=self._resfuse_bias(),
+            zero_centered_weight=spec.zero_centered_weight,
+            residual_dtype=h_dtype,
+        )
         eps = self._resfuse_eps(f_dtype)
         if next_norm is None:
             return norm_add(x, residual, self.weight, eps, **common)
         out_dtype = next_norm._resfuse_spec.output_dtype(h_dtype, next_norm.weight, device_type)
-        return norm_add_norm(x, residual, self.weight, next_norm.weight, eps,
-                             bias=next_norm._resfuse_bias(), out_dtype=out_dtype, **common)
+        return norm_add_norm(
+            x,
+            residual,
+            self.weight,
+            next_norm.weight,
+            eps,
+            bias=next_norm._resfuse_bias(),
+            out_dtype=out_dtype,
+            **common,
+        )
 
 
 # --------------------------------------------------------------------------- carrying
@@ -206,8 +248,12 @@ def take_carry(norm: nn.Module, x: Tensor) -> Optional[Tensor]:
         return None
     norm.__dict__[CARRY] = None
     h, version, y = carry
-    if (h is x and not torch.is_inference_mode_enabled() and x._version == version
-            and (y.requires_grad or not (torch.is_grad_enabled() and x.requires_grad))):
+    if (
+        h is x
+        and not torch.is_inference_mode_enabled()
+        and x._version == version
+        and (y.requires_grad or not (torch.is_grad_enabled() and x.requires_grad))
+    ):
         return y
     return None
 
@@ -245,7 +291,9 @@ def _can_fuse(norm, f: Tensor, residual: Tensor, scales, *, check_hooks: bool = 
     return norm.resfuse_supports(f)
 
 
-def _can_fuse_branch(branch, norm, f: Tensor, residual: Tensor, *, check_hooks: bool = True) -> bool:
+def _can_fuse_branch(
+    branch, norm, f: Tensor, residual: Tensor, *, check_hooks: bool = True
+) -> bool:
     """Whether ``residual + branch(f)`` (then ``norm``, if any) can run as one call: both
     resfuse norms over one dimension, of the same kind, weight convention and eps, no hooks
     on the branch norm (it would not see its call)."""
@@ -262,12 +310,16 @@ def _can_fuse_branch(branch, norm, f: Tensor, residual: Tensor, *, check_hooks: 
     b, n = branch._resfuse_spec, getattr(norm, "_resfuse_spec", None)
     if not isinstance(norm, NormOverride) or (check_hooks and _has_hooks(norm)):
         return False
-    h_dtype = torch.promote_types(b.output_dtype(f.dtype, branch.weight, f.device.type),
-                                  residual.dtype)
-    return (n.kind == b.kind and n.zero_centered_weight == b.zero_centered_weight
-            and norm._resfuse_trailing() == 1
-            and norm._resfuse_eps(h_dtype) == branch._resfuse_eps(h_dtype)
-            and norm.resfuse_supports(residual))
+    h_dtype = torch.promote_types(
+        b.output_dtype(f.dtype, branch.weight, f.device.type), residual.dtype
+    )
+    return (
+        n.kind == b.kind
+        and n.zero_centered_weight == b.zero_centered_weight
+        and norm._resfuse_trailing() == 1
+        and norm._resfuse_eps(h_dtype) == branch._resfuse_eps(h_dtype)
+        and norm.resfuse_supports(residual)
+    )
 
 
 def _fused_scales(scales, f: Tensor):
@@ -333,8 +385,9 @@ def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
                 fused = branch.resfuse_norm_add(f, residual, target)
         elif _can_fuse(target, f, residual, scales, check_hooks=False):
             branch_scale, rowscale = _fused_scales(scales, f)
-            fused = target.resfuse_add_norm(f, residual, branch_scale=branch_scale,
-                                            rowscale=rowscale)
+            fused = target.resfuse_add_norm(
+                f, residual, branch_scale=branch_scale, rowscale=rowscale
+            )
         if fused is not None:
             y, h = fused
             target.__dict__[CARRY] = (h, h._version, y)
@@ -370,8 +423,10 @@ class ChainOverride:
                 continue
             module = getattr(self, sub.module, None)
             if module is None:
-                raise ValueError(f"`{sub.when}` was passed, but this {type(self).__name__} has "
-                                 f"no `{sub.module}` (its config did not ask for one)")
+                raise ValueError(
+                    f"`{sub.when}` was passed, but this {type(self).__name__} has "
+                    f"no `{sub.module}` (its config did not ask for one)"
+                )
             norm = getattr(self, sub.norm) if sub.norm is not None else None
             if pending is None:
                 normed = norm(stream) if norm is not None else stream

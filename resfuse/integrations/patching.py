@@ -18,8 +18,15 @@ from typing import Optional, Union
 from torch import nn
 
 from . import architectures as table
-from .fused import (CARRY, CARRY_INTO, CHECKPOINT_FLAG, Binder, ChainOverride, NormOverride,
-                    PostNormOverride)
+from .fused import (
+    CARRY,
+    CARRY_INTO,
+    CHECKPOINT_FLAG,
+    Binder,
+    ChainOverride,
+    NormOverride,
+    PostNormOverride,
+)
 from .sources import class_key, package_version, resolve, source_digest
 from .specs import Chain, PostNorm, Unfused
 
@@ -65,12 +72,17 @@ class PatchReport:
     skipped: list[ModuleNote] = field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"resfuse.patch({self.model}, fuse_residual={self.fuse_residual!r}): "
-                 f"{len(self.norms)} norms replaced, {len(self.fused)} adds fused, "
-                 f"{len(self.skipped)} modules skipped"]
-        for title, notes, sep in (("norms", self.norms, " -> resfuse "),
-                                  ("fused", self.fused, ": "), ("unfused", self.unfused, ": "),
-                                  ("skipped", self.skipped, ": ")):
+        lines = [
+            f"resfuse.patch({self.model}, fuse_residual={self.fuse_residual!r}): "
+            f"{len(self.norms)} norms replaced, {len(self.fused)} adds fused, "
+            f"{len(self.skipped)} modules skipped"
+        ]
+        for title, notes, sep in (
+            ("norms", self.norms, " -> resfuse "),
+            ("fused", self.fused, ": "),
+            ("unfused", self.unfused, ": "),
+            ("skipped", self.skipped, ": "),
+        ):
             lines += [f"  {title:<8}{line}" for line in _grouped(notes, sep)]
         return "\n".join(lines)
 
@@ -88,8 +100,12 @@ def _generated_class(original: type, override: type, spec) -> type:
     cls = _GENERATED.get(key)
     if cls is None:
         name = "Resfuse" + original.__name__
-        attrs = {"__module__": __name__, "__qualname__": name,
-                 "_resfuse_original": original, "_resfuse_spec": spec}
+        attrs = {
+            "__module__": __name__,
+            "__qualname__": name,
+            "_resfuse_original": original,
+            "_resfuse_spec": spec,
+        }
         if override is not NormOverride:
             attrs["_resfuse_binder"] = Binder(_original_forward(original), original.__name__)
         cls = type(name, (override, original), attrs)
@@ -122,8 +138,10 @@ def _pin_problem(key: str, obj) -> Optional[str]:
             return f"source of {k} is not available to verify it"
         if digest not in verified:
             versions = ", ".join(sorted(set(verified.values())))
-            return (f"{k} differs from the code resfuse was verified against ({versions}; "
-                    f"installed: {package_version(k)}): left as it is")
+            return (
+                f"{k} differs from the code resfuse was verified against ({versions}; "
+                f"installed: {package_version(k)}): left as it is"
+            )
     return None
 
 
@@ -203,18 +221,22 @@ def _plan_norms(plan: _Plan, modules) -> None:
         spec = table.NORMS.get(key)
         if spec is None:
             if _NORM_NAME.search(type(module).__name__):
-                plan.report.skipped.append(ModuleNote(
-                    path, type(module).__name__, "unknown norm class: left as it is"))
+                plan.report.skipped.append(
+                    ModuleNote(path, type(module).__name__, "unknown norm class: left as it is")
+                )
             continue
         problem = _pin_problem(key, type(module))
-        if problem is None and not isinstance(getattr(module, "weight", None), (nn.Parameter,
-                                                                                type(None))):
+        if problem is None and not isinstance(
+            getattr(module, "weight", None), (nn.Parameter, type(None))
+        ):
             problem = "its weight is not a Parameter (or None)"
         if problem is None and not hasattr(module, spec.eps):
             problem = f"has no `{spec.eps}` attribute"
         if problem is None:
-            problem = next((c.reason for c in spec.conditions
-                            if getattr(module, c.attr, object()) != c.value), None)
+            problem = next(
+                (c.reason for c in spec.conditions if getattr(module, c.attr, object()) != c.value),
+                None,
+            )
         if problem:
             plan.report.skipped.append(ModuleNote(path, type(module).__name__, problem))
             continue
@@ -245,8 +267,11 @@ def _add_description(layer: nn.Module, sub, next_norm: Optional[str], plan: _Pla
 def _fused_adds(layer: nn.Module, spec: Chain, plan: _Plan) -> list[str]:
     """The adds inside ``layer`` that fuse with the norm after them. A conditional sublayer
     (GPT-2's cross-attention) changes which norm follows an add: both cases are listed."""
-    optional = [s for s in spec.sublayers
-                if s.when is not None and getattr(layer, s.module, None) is not None]
+    optional = [
+        s
+        for s in spec.sublayers
+        if s.when is not None and getattr(layer, s.module, None) is not None
+    ]
     cases = [(set(), "")]
     if optional:
         when = ", ".join(s.when for s in optional)
@@ -258,8 +283,9 @@ def _fused_adds(layer: nn.Module, spec: Chain, plan: _Plan) -> list[str]:
             what = _add_description(layer, prev, sub.norm, plan)
             if what:
                 found.setdefault(what, []).append(label)
-    return [what + (labels[0] if len(labels) < len(cases) else "")
-            for what, labels in found.items()]
+    return [
+        what + (labels[0] if len(labels) < len(cases) else "") for what, labels in found.items()
+    ]
 
 
 def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]]:
@@ -271,16 +297,27 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
         key = class_key(cls)
         spec = table.LAYERS.get(key)
         if spec is None:
-            if (_LAYER_NAME.search(cls.__name__) and key not in table.STACKS
-                    and key not in table.CONTAINERS):
-                plan.report.skipped.append(ModuleNote(
-                    path, cls.__name__, "unknown layer class: its residual adds are left as they are"))
+            if (
+                _LAYER_NAME.search(cls.__name__)
+                and key not in table.STACKS
+                and key not in table.CONTAINERS
+            ):
+                plan.report.skipped.append(
+                    ModuleNote(
+                        path,
+                        cls.__name__,
+                        "unknown layer class: its residual adds are left as they are",
+                    )
+                )
             continue
         if isinstance(spec, Unfused):
             plan.report.unfused.append(ModuleNote(path, cls.__name__, spec.reason))
             continue
-        unmet = [c.reason for c in getattr(spec, "conditions", ())
-                 if getattr(module, c.attr, object()) != c.value]
+        unmet = [
+            c.reason
+            for c in getattr(spec, "conditions", ())
+            if getattr(module, c.attr, object()) != c.value
+        ]
         if unmet:  # a known variant whose adds do not fuse (GPT-NeoX's parallel residual)
             plan.report.unfused.append(ModuleNote(path, cls.__name__, unmet[0]))
             continue
@@ -291,12 +328,17 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
         if isinstance(spec, PostNorm):
             if _norm_name(module, spec.norm, plan):
                 plan.add_layer(module, spec)
-                plan.report.fused.append(ModuleNote(
-                    path, cls.__name__, f"{' + '.join(spec.steps)} + {spec.residual} -> {spec.norm}"
-                    " (post-norm)"))
+                plan.report.fused.append(
+                    ModuleNote(
+                        path,
+                        cls.__name__,
+                        f"{' + '.join(spec.steps)} + {spec.residual} -> {spec.norm} (post-norm)",
+                    )
+                )
             else:
-                plan.report.unfused.append(ModuleNote(path, cls.__name__,
-                                                      f"{spec.norm} is not a resfuse norm"))
+                plan.report.unfused.append(
+                    ModuleNote(path, cls.__name__, f"{spec.norm} is not a resfuse norm")
+                )
             continue
         chains[id(module)] = (path, module, spec)
         for what in _fused_adds(module, spec, plan):
@@ -336,12 +378,18 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
                 plan.add_layer(layer, spec)
                 plan.report.fused.append(ModuleNote(lpath, name, f"closing add: {own}"))
             elif target is None:
-                plan.report.unfused.append(ModuleNote(
-                    lpath, name, f"closing add after {last}: no resfuse norm follows it"))
+                plan.report.unfused.append(
+                    ModuleNote(lpath, name, f"closing add after {last}: no resfuse norm follows it")
+                )
             elif not across_layers:
-                plan.report.unfused.append(ModuleNote(
-                    lpath, name, f"closing add after {last}: fuse_residual='across_layers' fuses "
-                    f"it with {where} {target}"))
+                plan.report.unfused.append(
+                    ModuleNote(
+                        lpath,
+                        name,
+                        f"closing add after {last}: fuse_residual='across_layers' fuses "
+                        f"it with {where} {target}",
+                    )
+                )
             else:
                 plan.add_layer(layer, spec)
                 plan.links.append((layer, CARRY_INTO, getattr(owner, target)))
@@ -370,16 +418,22 @@ def patch(model: nn.Module, *, fuse_residual: Union[bool, str] = True) -> PatchR
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(fuse_residual, (bool, str)) or fuse_residual not in (True, False,
-                                                                           "across_layers"):
-        raise ValueError(f"fuse_residual must be True, False or 'across_layers', got "
-                         f"{fuse_residual!r}")
+    if not isinstance(fuse_residual, (bool, str)) or fuse_residual not in (
+        True,
+        False,
+        "across_layers",
+    ):
+        raise ValueError(
+            f"fuse_residual must be True, False or 'across_layers', got {fuse_residual!r}"
+        )
     modules = list(model.named_modules())
     patched = [p or "(model)" for p, m in modules if is_patched(m)]
     if patched:
-        raise RuntimeError(f"model is already patched ({', '.join(patched[:3])}"
-                           f"{', ...' if len(patched) > 3 else ''}): call resfuse.unpatch(model) "
-                           "first")
+        raise RuntimeError(
+            f"model is already patched ({', '.join(patched[:3])}"
+            f"{', ...' if len(patched) > 3 else ''}): call resfuse.unpatch(model) "
+            "first"
+        )
 
     plan = _Plan(PatchReport(type(model).__name__, fuse_residual))
     _plan_norms(plan, modules)

@@ -49,11 +49,11 @@ class Norm:
       ``promote(t, float32, weight)``).
     """
 
-    kind: str                          # "rms" | "layer"
-    eps: str = "eps"                   # the attribute holding eps (None: finfo(dtype).eps)
+    kind: str  # "rms" | "layer"
+    eps: str = "eps"  # the attribute holding eps (None: finfo(dtype).eps)
     zero_centered_weight: bool = False  # y = normalize(h) * (1 + weight)
     out_dtype: str = "input"
-    normalized_shape: bool = False     # rows span ``self.normalized_shape`` (torch.nn norms)
+    normalized_shape: bool = False  # rows span ``self.normalized_shape`` (torch.nn norms)
     # Under autocast: "same" (plain elementwise code, which autocast leaves alone or runs in
     # fp32 anyway: the transformers norms), "layer_norm" (F.layer_norm, which CUDA autocast
     # runs in float32, returning float32), "original" (not verified: the original runs).
@@ -68,10 +68,14 @@ class Norm:
         if self.autocast not in ("same", "layer_norm", "original"):
             raise ValueError(f"Norm.autocast: unknown rule {self.autocast!r}")
 
-    def output_dtype(self, t: torch.dtype, weight: Optional[torch.Tensor],
-                     device_type: str = "cpu") -> torch.dtype:
-        if (self.autocast == "layer_norm" and device_type == "cuda"
-                and torch.is_autocast_enabled("cuda")):
+    def output_dtype(
+        self, t: torch.dtype, weight: Optional[torch.Tensor], device_type: str = "cpu"
+    ) -> torch.dtype:
+        if (
+            self.autocast == "layer_norm"
+            and device_type == "cuda"
+            and torch.is_autocast_enabled("cuda")
+        ):
             return torch.float32
         if self.out_dtype == "input" or weight is None:
             return t
@@ -115,10 +119,12 @@ class Call:
     def arg_names(self, available) -> tuple[Optional[str], ...]:
         """``args`` with each set of alternatives resolved against the names the layer's
         forward takes (None where it takes none of them)."""
+
         def pick(entry):
             if isinstance(entry, str):
                 return entry if entry in available else None
             return next((name for name in entry if name in available), None)
+
         return tuple(pick(entry) for entry in self.args)
 
 
@@ -147,8 +153,10 @@ class Sublayer:
                 raise ValueError(f"Sublayer {self.module}: unknown step role {role!r}")
         scaling = [r in ("layer_scale", "drop_path") for r in roles]
         if scaling != sorted(scaling):
-            raise ValueError(f"Sublayer {self.module}: layer_scale / drop_path steps must come "
-                             "last (they are fused into the add)")
+            raise ValueError(
+                f"Sublayer {self.module}: layer_scale / drop_path steps must come "
+                "last (they are fused into the add)"
+            )
 
     @property
     def module_steps(self) -> tuple[tuple[str, str], ...]:
@@ -183,7 +191,7 @@ class Chain:
     input: str
     sublayers: tuple[Sublayer, ...]
     conditions: tuple[Condition, ...] = ()
-    notes: tuple[str, ...] = ()        # adds the layer leaves unfused, for the report
+    notes: tuple[str, ...] = ()  # adds the layer leaves unfused, for the report
 
     family = "pre-norm layer"
 

@@ -13,33 +13,64 @@ from resfuse import auto_table
 
 
 def rec(op, hidden, rows, impl, ms, direction="fwd", dtype="bfloat16", error=None):
-    return {"op": op, "dtype": dtype, "rows": rows, "hidden": hidden, "direction": direction,
-            "impl": impl, "bytes": 1, "median_ms": None if error else ms,
-            "q20_ms": None, "q80_ms": None, "gbps": None if error else 1.0,
-            "frac_copy": None if error else 0.5, "error": error}
+    return {
+        "op": op,
+        "dtype": dtype,
+        "rows": rows,
+        "hidden": hidden,
+        "direction": direction,
+        "impl": impl,
+        "bytes": 1,
+        "median_ms": None if error else ms,
+        "q20_ms": None,
+        "q80_ms": None,
+        "gbps": None if error else 1.0,
+        "frac_copy": None if error else 0.5,
+        "error": error,
+    }
 
 
 def pair(op, hidden, rows, cuda_ms, triton_ms, **kw):
-    return [rec(op, hidden, rows, "resfuse-cuda", cuda_ms, **kw),
-            rec(op, hidden, rows, "resfuse-triton", triton_ms, **kw)]
+    return [
+        rec(op, hidden, rows, "resfuse-cuda", cuda_ms, **kw),
+        rec(op, hidden, rows, "resfuse-triton", triton_ms, **kw),
+    ]
 
 
 def results(kernels):
-    meta = {"label": "GPU", "device": "NVIDIA Test GPU", "slug": "nvidia-test-gpu",
-            "device_detail": "1 SM", "date": "2026-01-01 00:00", "torch": "2.14",
-            "triton": "3.8", "resfuse": "0.1.0", "python": "3.11",
-            "command": "python -m benchmarks", "backends_summary": ""}
-    impls = {name: {"family": "resfuse", "description": name, "unavailable": None}
-             for name in ("resfuse-triton", "resfuse-cuda")}
-    return {"meta": meta, "copy": {"bytes_per_s": 3e12, "buffer_bytes": 1 << 30, "median_ms": 0.7},
-            "implementations": impls, "kernels": kernels, "transformer": [], "plots": []}
+    meta = {
+        "label": "GPU",
+        "device": "NVIDIA Test GPU",
+        "slug": "nvidia-test-gpu",
+        "device_detail": "1 SM",
+        "date": "2026-01-01 00:00",
+        "torch": "2.14",
+        "triton": "3.8",
+        "resfuse": "0.1.0",
+        "python": "3.11",
+        "command": "python -m benchmarks",
+        "backends_summary": "",
+    }
+    impls = {
+        name: {"family": "resfuse", "description": name, "unavailable": None}
+        for name in ("resfuse-triton", "resfuse-cuda")
+    }
+    return {
+        "meta": meta,
+        "copy": {"bytes_per_s": 3e12, "buffer_bytes": 1 << 30, "median_ms": 0.7},
+        "implementations": impls,
+        "kernels": kernels,
+        "transformer": [],
+        "plots": [],
+    }
 
 
 def synthetic():
     return results(
         # cuda wins the two small row counts by 0.1 ms, triton the large one by 1 ms: the
         # sums (5.4 vs 4.6 ms) pick triton, as the time at stake says
-        pair("add_rms_norm", 4096, 1024, 0.1, 0.2) + pair("add_rms_norm", 4096, 4096, 0.3, 0.4)
+        pair("add_rms_norm", 4096, 1024, 0.1, 0.2)
+        + pair("add_rms_norm", 4096, 4096, 0.3, 0.4)
         + pair("add_rms_norm", 4096, 65536, 5.0, 4.0)
         # training: cuda; the backward alone is never an entry
         + pair("add_rms_norm", 4096, 4096, 1.0, 2.0, direction="fwd+bwd")
@@ -47,16 +78,22 @@ def synthetic():
         # a failed cuda record drops its row count from the comparison (triton's 0.1 there
         # is not counted)...
         + pair("norm_add_rms_norm", 8192, 4096, 2.0, 3.0)
-        + [rec("norm_add_rms_norm", 8192, 16384, "resfuse-cuda", None, error="out of memory"),
-           rec("norm_add_rms_norm", 8192, 16384, "resfuse-triton", 0.1)]
+        + [
+            rec("norm_add_rms_norm", 8192, 16384, "resfuse-cuda", None, error="out of memory"),
+            rec("norm_add_rms_norm", 8192, 16384, "resfuse-triton", 0.1),
+        ]
         # ...and a shape with no error-free pair at all has no entry
-        + [rec("rms_norm_add", 1024, 4096, "resfuse-cuda", None, error="unsupported: x"),
-           rec("rms_norm_add", 1024, 4096, "resfuse-triton", 1.0),
-           rec("add_layer_norm", 2048, 4096, "resfuse-triton", 1.0)]  # triton alone
+        + [
+            rec("rms_norm_add", 1024, 4096, "resfuse-cuda", None, error="unsupported: x"),
+            rec("rms_norm_add", 1024, 4096, "resfuse-triton", 1.0),
+            rec("add_layer_norm", 2048, 4096, "resfuse-triton", 1.0),
+        ]  # triton alone
         # the other families, and other implementations (ignored)
-        + pair("rms_norm_add", 2048, 4096, 1.0, 0.5) + pair("layer_norm", 768, 4096, 0.5, 1.0)
+        + pair("rms_norm_add", 2048, 4096, 1.0, 0.5)
+        + pair("layer_norm", 768, 4096, 0.5, 1.0)
         + pair("norm_add_layer_norm", 768, 4096, 1.0, 0.5, dtype="float16")
-        + [rec("add_rms_norm", 4096, 4096, "eager-hf", 0.01)])
+        + [rec("add_rms_norm", 4096, 4096, "eager-hf", 0.01)]
+    )
 
 
 def test_build_picks_the_faster_by_the_sum_over_rows():
@@ -64,9 +101,14 @@ def test_build_picks_the_faster_by_the_sum_over_rows():
     assert table["format"] == auto_table.FORMAT and table["slug"] == "nvidia-test-gpu"
     assert table["source"]["command"] == "python -m benchmarks"
     got = {(e["op"], e["direction"], e["hidden"]): e for e in table["entries"]}
-    assert set(got) == {("add_rms_norm", "fwd", 4096), ("add_rms_norm", "fwd+bwd", 4096),
-                        ("norm_add_rms_norm", "fwd", 8192), ("rms_norm_add", "fwd", 2048),
-                        ("layer_norm", "fwd", 768), ("norm_add_layer_norm", "fwd", 768)}
+    assert set(got) == {
+        ("add_rms_norm", "fwd", 4096),
+        ("add_rms_norm", "fwd+bwd", 4096),
+        ("norm_add_rms_norm", "fwd", 8192),
+        ("rms_norm_add", "fwd", 2048),
+        ("layer_norm", "fwd", 768),
+        ("norm_add_layer_norm", "fwd", 768),
+    }
     fwd = got[("add_rms_norm", "fwd", 4096)]
     assert fwd["backend"] == "triton" and fwd["rows"] == [1024, 4096, 65536]
     assert fwd["cuda_ms"] == pytest.approx(5.4) and fwd["triton_ms"] == pytest.approx(4.6)
@@ -75,14 +117,20 @@ def test_build_picks_the_faster_by_the_sum_over_rows():
     sandwich = got[("norm_add_rms_norm", "fwd", 8192)]
     assert sandwich["backend"] == "cuda" and sandwich["rows"] == [4096]
     assert sandwich["family"] == "norm_add_norm"
-    assert (got[("rms_norm_add", "fwd", 2048)]["family"], got[("layer_norm", "fwd", 768)]["family"],
-            got[("norm_add_layer_norm", "fwd", 768)]["norm"]) == ("norm_add", "norm", "layer")
+    assert (
+        got[("rms_norm_add", "fwd", 2048)]["family"],
+        got[("layer_norm", "fwd", 768)]["family"],
+        got[("norm_add_layer_norm", "fwd", 768)]["norm"],
+    ) == ("norm_add", "norm", "layer")
 
 
 def test_no_pair_no_table():
-    cpu_like = results([rec("add_rms_norm", 64, 64, "resfuse-triton", None,
-                            error="unavailable: no GPU"),
-                        rec("add_rms_norm", 64, 64, "resfuse-torch", 1.0)])
+    cpu_like = results(
+        [
+            rec("add_rms_norm", 64, 64, "resfuse-triton", None, error="unavailable: no GPU"),
+            rec("add_rms_norm", 64, 64, "resfuse-torch", 1.0),
+        ]
+    )
     assert generator.build(cpu_like) is None
     assert "## auto's choice" not in report.markdown(cpu_like)
 
@@ -122,16 +170,19 @@ def test_cli_writes_auto_table_next_to_results_and_reports_the_picks(tmp_path):
     written = json.loads((tmp_path / report.AUTO_TABLE_NAME).read_text())
     assert written == generator.build(synthetic())
     text = (tmp_path / report.REPORT_NAME).read_text()
-    section = text[text.index("## auto's choice"):text.index("## Kernels")]
+    section = text[text.index("## auto's choice") : text.index("## Kernels")]
     assert "| add_rms_norm | bfloat16 | forward | 4,096 | 5.400 | 4.600 | `triton` |" in section
-    assert ("| add_rms_norm | bfloat16 | forward + backward | 4,096 | 1.000 | 2.000 | `cuda` |"
-            in section)
+    assert (
+        "| add_rms_norm | bfloat16 | forward + backward | 4,096 | 1.000 | 2.000 | `cuda` |"
+        in section
+    )
     assert "backward |" not in section.replace("forward + backward |", "")
 
 
 def test_write_all_writes_no_table_without_both_backends(tmp_path):
-    written = report.write_all(results([rec("add_rms_norm", 64, 64, "resfuse-triton", 1.0)]),
-                               tmp_path)
+    written = report.write_all(
+        results([rec("add_rms_norm", 64, 64, "resfuse-triton", 1.0)]), tmp_path
+    )
     assert "auto_table" not in written and not (tmp_path / report.AUTO_TABLE_NAME).exists()
 
 

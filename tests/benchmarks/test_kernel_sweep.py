@@ -13,11 +13,17 @@ CPU_IMPLS = ["eager-hf", "eager-torch", "resfuse-torch"]
 
 
 def test_plan_orders_cases_by_compile_group_and_drops_oversized_shapes():
-    cases = kernels.plan(["rms_norm", "add_rms_norm"], ["bfloat16"], [64, 16], [128, 32],
-                         max_elements=64 * 32)
+    cases = kernels.plan(
+        ["rms_norm", "add_rms_norm"], ["bfloat16"], [64, 16], [128, 32], max_elements=64 * 32
+    )
     assert [(c.op, c.rows, c.hidden) for c in cases] == [
-        ("rms_norm", 16, 32), ("rms_norm", 64, 32), ("rms_norm", 16, 128),
-        ("add_rms_norm", 16, 32), ("add_rms_norm", 64, 32), ("add_rms_norm", 16, 128)]
+        ("rms_norm", 16, 32),
+        ("rms_norm", 64, 32),
+        ("rms_norm", 16, 128),
+        ("add_rms_norm", 16, 32),
+        ("add_rms_norm", 64, 32),
+        ("add_rms_norm", 16, 128),
+    ]
     with pytest.raises(ValueError, match="op must be one of"):
         kernels.plan(["add_norm"], ["bfloat16"], [1], [1])
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -25,10 +31,10 @@ def test_plan_orders_cases_by_compile_group_and_drops_oversized_shapes():
 
 
 def test_target_range():
-    assert kernels.in_target_range(4096, 8192)        # 2^25 elements
-    assert not kernels.in_target_range(2048, 8192)    # 2^24
-    assert not kernels.in_target_range(65536, 768)    # hidden below 1K
-    assert not kernels.in_target_range(4096, 32768)   # hidden above 16K
+    assert kernels.in_target_range(4096, 8192)  # 2^25 elements
+    assert not kernels.in_target_range(2048, 8192)  # 2^24
+    assert not kernels.in_target_range(65536, 768)  # hidden below 1K
+    assert not kernels.in_target_range(4096, 32768)  # hidden above 16K
 
 
 EXPECTED_LEAVES = {  # written out, not derived from the specs
@@ -111,8 +117,9 @@ def test_the_correctness_check_catches_wrong_implementations():
     assert "y:" in implementations.check("add_layer_norm", no_bias, args, grads)
     assert "y:" in implementations.check("add_layer_norm", rms, args, grads)
     detached_bias = lambda x, r, w, b: good(x, r, w, b.detach())  # noqa: E731
-    assert "dbias: no gradient" in implementations.check("add_layer_norm", detached_bias, args,
-                                                         grads)
+    assert "dbias: no gradient" in implementations.check(
+        "add_layer_norm", detached_bias, args, grads
+    )
     assert "outputs" in implementations.check("add_layer_norm", only_y, args, grads)
 
     # a backward that drops the gradient flowing into h
@@ -128,11 +135,13 @@ def test_the_correctness_check_catches_wrong_implementations():
     def broken_dh(x, r, w, b):
         y, h = good(x, r, w, b)
         return y, NoDh.apply(h)
+
     assert "dx:" in implementations.check("add_layer_norm", broken_dh, args, grads)
 
 
 class _NoGrad(torch.autograd.Function):
     """The identity, with a backward that loses the gradient: a kernel that forgets one."""
+
     @staticmethod
     def forward(ctx, t):
         return t.clone()
@@ -154,6 +163,7 @@ def test_the_correctness_check_catches_wrong_sandwiches(op):
         def fn(x, r, w, b, wb, bb):
             h = r + branch(x, w, b, wb, bb)
             return hf(h, w, b, eps), h
+
         return fn
 
     def check(fn):
@@ -170,21 +180,25 @@ def test_the_correctness_check_catches_wrong_sandwiches(op):
     assert "outputs" in check(lambda *a: good(*a)[:1])
     # the branch weight detached: its gradient is missing
     assert "dbranch_weight: no gradient" in check(
-        lambda x, r, w, b, wb, bb: good(x, r, w, b, wb.detach(), bb))
+        lambda x, r, w, b, wb, bb: good(x, r, w, b, wb.detach(), bb)
+    )
     # the gradient reaching h lost on its way to the residual: dresidual is dh_total
-    assert check(lambda x, r, w, b, wb, bb: good(x, _NoGrad.apply(r), w, b, wb, bb)
-                 ).startswith("dresidual:")
+    assert check(lambda x, r, w, b, wb, bb: good(x, _NoGrad.apply(r), w, b, wb, bb)).startswith(
+        "dresidual:"
+    )
     # the upstream dh dropped: every gradient of the branch is wrong, dx first
     assert check(lambda *a: (good(*a)[0], _NoGrad.apply(good(*a)[1]))).startswith("dx:")
     if op == "norm_add_layer_norm":
         # the branch bias left out of h
-        assert check(sandwich(lambda x, w, b, wb, bb: hf(x, wb, torch.zeros_like(bb) + 0 * bb,
-                                                          eps))).startswith("y:")
+        assert check(
+            sandwich(lambda x, w, b, wb, bb: hf(x, wb, torch.zeros_like(bb) + 0 * bb, eps))
+        ).startswith("y:")
     else:
         # a LayerNorm on the branch instead of an RMSNorm
         ln = implementations.hf_layer_norm
-        assert check(sandwich(lambda x, w, b, wb, bb: ln(x, wb, torch.zeros_like(wb), eps))
-                     ).startswith("y:")
+        assert check(
+            sandwich(lambda x, w, b, wb, bb: ln(x, wb, torch.zeros_like(wb), eps))
+        ).startswith("y:")
 
 
 def test_the_correctness_check_catches_a_wrong_norm_add():
@@ -200,8 +214,12 @@ def test_the_correctness_check_catches_a_wrong_norm_add():
         "returns (y, h)": lambda x, r, w, b, wb, bb: (r + hf(x, wb, None, 1e-6),) * 2,
         "loses dresidual": lambda x, r, w, b, wb, bb: (_NoGrad.apply(r) + hf(x, wb, None, 1e-6),),
     }
-    expected = {"no branch norm": "h:", "normalised after the add": "h:",
-                "returns (y, h)": "returned 2 outputs", "loses dresidual": "dresidual:"}
+    expected = {
+        "no branch norm": "h:",
+        "normalised after the add": "h:",
+        "returns (y, h)": "returned 2 outputs",
+        "loses dresidual": "dresidual:",
+    }
     for what, fn in wrong.items():
         assert implementations.check(op, fn, args, grads).startswith(expected[what]), what
     with pytest.raises(ValueError, match="takes 6 arguments"):
@@ -218,15 +236,28 @@ def test_peers_do_not_offer_the_sandwich_ops():
 def test_run_records_every_measurement_and_the_failures():
     cases = kernels.plan(["add_rms_norm", "layer_norm"], ["bfloat16"], [32], [16, 64])
     broken = implementations.Implementation(
-        "broken", "peer", "returns the residual sum as y", lambda op: lambda x, r, w, b: (
-            (x * 2,) if r is None else (r + x, r + x)), lambda device: None)
+        "broken",
+        "peer",
+        "returns the residual sum as y",
+        lambda op: lambda x, r, w, b: (x * 2,) if r is None else (r + x, r + x),
+        lambda device: None,
+    )
     only_rms = implementations.Implementation(
-        "only-rms", "peer", "RMSNorm only", _only_rms, lambda device: None)
+        "only-rms", "peer", "RMSNorm only", _only_rms, lambda device: None
+    )
     impls = implementations.select(["eager-hf", "resfuse-triton"]) + [broken, only_rms]
     progress = []
     checkpoints = []
-    records = kernels.run(cases, impls, DIRECTIONS, CPU, copy_bytes_per_s=1e10, settings=FAST,
-                          progress=progress.append, checkpoint=lambda r: checkpoints.append(len(r)))
+    records = kernels.run(
+        cases,
+        impls,
+        DIRECTIONS,
+        CPU,
+        copy_bytes_per_s=1e10,
+        settings=FAST,
+        progress=progress.append,
+        checkpoint=lambda r: checkpoints.append(len(r)),
+    )
     assert len(records) == len(progress) == len(cases) * len(impls) * len(DIRECTIONS)
     assert checkpoints == [12, 24, 36, 48]  # after each case
     by = {(r["op"], r["hidden"], r["impl"], r["direction"]): r for r in records}
@@ -237,9 +268,12 @@ def test_run_records_every_measurement_and_the_failures():
             assert ok["bytes"] == minimal_bytes(case.op, d, case.rows, case.hidden, torch.bfloat16)
             assert ok["gbps"] == pytest.approx(ok["bytes"] / ok["median_ms"] / 1e6)
             assert ok["frac_copy"] == pytest.approx(ok["gbps"] * 1e9 / 1e10)
-            assert by[(case.op, case.hidden, "resfuse-triton", d)]["error"].startswith("unavailable")
+            assert by[(case.op, case.hidden, "resfuse-triton", d)]["error"].startswith(
+                "unavailable"
+            )
             assert by[(case.op, case.hidden, "broken", d)]["error"].startswith(
-                "failed the correctness check")
+                "failed the correctness check"
+            )
             assert by[(case.op, case.hidden, "broken", d)]["median_ms"] is None
     assert by[("layer_norm", 16, "only-rms", "fwd")]["error"] == "unsupported: no LayerNorm"
     assert by[("add_rms_norm", 16, "only-rms", "fwd")]["error"] is None
@@ -272,6 +306,7 @@ def test_peers_and_gpu_backends_say_why_they_are_not_measured_on_cpu():
 
 def test_compiled_baseline_is_correct_and_compiles_once_for_all_row_counts():
     from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
     fn = implementations.BY_NAME["torch.compile"].make("add_rms_norm")
@@ -304,4 +339,6 @@ def test_run_stops_when_asked_and_leaves_no_record_for_the_rest():
     assert len(records) == 4 and all(r["error"] is None for r in records)
     assert [kernels.key_of(r) for r in records] == [
         (cases[0].op, "bfloat16", 16, cases[0].hidden, i, d)
-        for i in ("eager-hf", "eager-torch") for d in DIRECTIONS][:4]
+        for i in ("eager-hf", "eager-torch")
+        for d in DIRECTIONS
+    ][:4]

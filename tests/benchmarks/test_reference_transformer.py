@@ -78,8 +78,8 @@ def test_ledger_counts_each_storage_once_and_ignores_parameters():
     w = torch.nn.Parameter(torch.randn(8))
     x = torch.randn(4, 8, requires_grad=True)
     with memory.SavedTensorLedger(ignore=[w]) as ledger:
-        y = (x * x) * w          # x saved twice (one storage); w ignored; x * x saved by the mul
-        z = y[:, :2].exp()       # exp saves its output: a new 4 x 2 tensor
+        y = (x * x) * w  # x saved twice (one storage); w ignored; x * x saved by the mul
+        z = y[:, :2].exp()  # exp saves its output: a new 4 x 2 tensor
     assert ledger.tensors == 3
     assert ledger.bytes == 4 * 8 * 4 + 4 * 8 * 4 + 4 * 2 * 4
     z.sum().backward()  # the hooks hand the tensors back unchanged

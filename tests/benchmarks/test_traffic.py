@@ -4,8 +4,14 @@ written out by hand."""
 import pytest
 import torch
 
-from benchmarks.traffic import (DIRECTIONS, OPS, SPECS, full_tensors_moved, minimal_bytes,
-                                tensors_moved)
+from benchmarks.traffic import (
+    DIRECTIONS,
+    OPS,
+    SPECS,
+    full_tensors_moved,
+    minimal_bytes,
+    tensors_moved,
+)
 
 N, D = 4096, 1024
 BF16 = torch.bfloat16
@@ -63,7 +69,8 @@ def test_sandwich_rms_norm_bf16():
     # backward reads dy, dh, h and x (the branch norm's gradient needs x), writes dx and
     # dresidual (the gradient reaching h: not dx's); w_b and w read, dw_b and dw written
     assert minimal_bytes("norm_add_rms_norm", "bwd", N, D, BF16) == (
-        6 * 2 * N * D + 2 * 2 * D + 2 * 2 * D)
+        6 * 2 * N * D + 2 * 2 * D + 2 * 2 * D
+    )
     assert minimal_bytes("norm_add_rms_norm", "fwd+bwd", N, D, BF16) == 10 * 2 * N * D + 12 * D
 
 
@@ -71,10 +78,10 @@ def test_sandwich_layer_norm_adds_both_biases():
     # both biases read in the forward, both gradients written in the backward; the backward
     # reads no bias
     fp32 = torch.float32
-    assert minimal_bytes("norm_add_layer_norm", "fwd", N, D, fp32) == (
-        4 * 4 * N * D + 4 * 4 * D)
+    assert minimal_bytes("norm_add_layer_norm", "fwd", N, D, fp32) == (4 * 4 * N * D + 4 * 4 * D)
     assert minimal_bytes("norm_add_layer_norm", "bwd", N, D, fp32) == (
-        6 * 4 * N * D + 2 * 4 * D + 4 * 4 * D)
+        6 * 4 * N * D + 2 * 4 * D + 4 * 4 * D
+    )
 
 
 def test_olmo2_norm_add_passes_dh_through_as_dresidual():
@@ -96,12 +103,20 @@ def test_sandwich_with_an_fp32_residual_stream():
 
 def test_sandwich_tensors_by_name():
     assert tensors_moved("norm_add_layer_norm", "fwd") == (
-        ("x", "residual", "w_b", "b_b", "w", "b"), ("y", "h"))
+        ("x", "residual", "w_b", "b_b", "w", "b"),
+        ("y", "h"),
+    )
     assert tensors_moved("norm_add_layer_norm", "bwd") == (
-        ("dy", "dh", "h", "x", "w_b", "w"), ("dx", "dresidual", "dw_b", "db_b", "dw", "db"))
+        ("dy", "dh", "h", "x", "w_b", "w"),
+        ("dx", "dresidual", "dw_b", "db_b", "dw", "db"),
+    )
     # equal dtypes or not, the sandwich never shares dx as dresidual
     assert tensors_moved("norm_add_rms_norm", "bwd", dx_serves_as_dresidual=True)[1] == (
-        "dx", "dresidual", "dw_b", "dw")
+        "dx",
+        "dresidual",
+        "dw_b",
+        "dw",
+    )
     with pytest.raises(ValueError, match="fwd"):
         tensors_moved("rms_norm_add", "fwd+bwd")
 
@@ -120,7 +135,11 @@ def test_specs_name_outputs_and_arguments():
     assert SPECS["rms_norm_add"].arguments[4:] == ("branch_weight", "branch_bias")
     assert SPECS["rms_norm_add"].parameters == ("branch_weight",)
     assert SPECS["norm_add_layer_norm"].parameters == (
-        "weight", "bias", "branch_weight", "branch_bias")
+        "weight",
+        "bias",
+        "branch_weight",
+        "branch_bias",
+    )
 
 
 def test_full_tensors_moved():

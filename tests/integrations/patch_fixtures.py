@@ -8,7 +8,7 @@ from resfuse.integrations import fused
 
 @pytest.fixture(autouse=True)
 def backend(request, monkeypatch):
-    """"torch" (the CPU path of "auto") unless a test is parametrized with "triton" (the
+    """ "torch" (the CPU path of "auto") unless a test is parametrized with "triton" (the
     kernels themselves, under the interpreter on CPU)."""
     name = getattr(request, "param", "torch")
     monkeypatch.setenv("RESFUSE_BACKEND", name)
@@ -24,6 +24,7 @@ def count_fused(monkeypatch):
         def counting(x, residual, *args, **kwargs):
             calls["add_norm" if residual is not None else "norm"] += 1
             return original(x, residual, *args, **kwargs)
+
         return counting
 
     # add_norm, and the branch norm + add (+ norm) of the sandwich layouts

@@ -14,8 +14,10 @@ def test_patch_and_train_example(capsys):
     spec.loader.exec_module(example)
     example.main(["--steps", "1", "--fuse-residual", "across_layers"])
     out = capsys.readouterr().out
-    assert "resfuse.patch(LlamaForCausalLM, fuse_residual='across_layers'): 9 norms replaced, " \
-           "8 adds fused, 0 modules skipped" in out
+    assert (
+        "resfuse.patch(LlamaForCausalLM, fuse_residual='across_layers'): 9 norms replaced, "
+        "8 adds fused, 0 modules skipped" in out
+    )
     line = next(line for line in out.splitlines() if line.startswith("step 0:"))
     patched, unpatched = float(line.split()[4]), float(line.split()[6])
     assert abs(patched - unpatched) <= 1e-5 * abs(unpatched)

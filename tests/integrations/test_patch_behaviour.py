@@ -9,13 +9,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import DEVICE
+from patch_fixtures import backend, count_fused  # noqa: F401 (fixtures)
+from tiny_models import ARCHS, _encoder, _vit, assert_tracks, forward_backward, logits, transformers
 from torch import nn
 
 import resfuse
-from patch_fixtures import backend, count_fused  # noqa: F401 (fixtures)
 from resfuse.integrations import architectures, fused, patching, sources
-from conftest import DEVICE
-from tiny_models import ARCHS, _encoder, _vit, assert_tracks, forward_backward, logits, transformers
 
 LLAMA_LAYER = "transformers.models.llama.modeling_llama:LlamaDecoderLayer"
 LLAMA_NORM = "transformers.models.llama.modeling_llama:LlamaRMSNorm"
@@ -52,12 +52,16 @@ def test_report_is_short_and_says_what_happened():
     text = str(report)
     lines = text.splitlines()
     assert len(lines) <= 6, text
-    assert lines[0] == ("resfuse.patch(LlamaForCausalLM, fuse_residual=True): 5 norms replaced, "
-                        "2 adds fused, 0 modules skipped")
+    assert lines[0] == (
+        "resfuse.patch(LlamaForCausalLM, fuse_residual=True): 5 norms replaced, "
+        "2 adds fused, 0 modules skipped"
+    )
     assert "2 x LlamaDecoderLayer: self_attn add + post_attention_layernorm" in text
     assert "fuse_residual='across_layers' fuses it with next layer's input_layernorm" in text
-    assert [n.path for n in report.norms][:2] == ["model.layers.0.input_layernorm",
-                                                  "model.layers.0.post_attention_layernorm"]
+    assert [n.path for n in report.norms][:2] == [
+        "model.layers.0.input_layernorm",
+        "model.layers.0.post_attention_layernorm",
+    ]
 
 
 def test_fuse_residual_false_replaces_norms_only(count_fused):
@@ -92,9 +96,12 @@ def test_unknown_classes_are_named_and_left_alone():
     x = torch.randn(2, 8)
     expected = model(x)
     report = resfuse.patch(model)
-    assert sorted((n.cls, n.what) for n in report.skipped) == sorted([
+    assert sorted((n.cls, n.what) for n in report.skipped) == sorted(
+        [
             ("MyDecoderLayer", "unknown layer class: its residual adds are left as they are"),
-            ("MyRMSNorm", "unknown norm class: left as it is")])
+            ("MyRMSNorm", "unknown norm class: left as it is"),
+        ]
+    )
     assert [n.path for n in report.norms] == ["0.ln"]  # torch.nn.LayerNorm: exact semantics
     assert type(model[0]) is MyDecoderLayer and type(model[0].norm) is MyRMSNorm
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
@@ -109,8 +116,10 @@ def test_a_changed_layer_is_reported_and_left_alone(monkeypatch, count_fused):
     reasons = {n.what for n in report.skipped if n.cls == "LlamaDecoderLayer"}
     assert len(report.skipped) == 2 and len(reasons) == 1
     reason = reasons.pop()
-    assert "differs from the code resfuse was verified against (transformers 0.0; installed: " \
-           f"transformers {transformers.__version__})" in reason
+    assert (
+        "differs from the code resfuse was verified against (transformers 0.0; installed: "
+        f"transformers {transformers.__version__})" in reason
+    )
     assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)
     _assert_same_training(model, reference, spec.example())
     assert count_fused["add_norm"] == 0
@@ -129,7 +138,8 @@ def test_timm_fast_norm_is_left_alone():
     model.norm._fast_norm = True  # timm.layers.set_fast_norm(True) at construction
     report = resfuse.patch(model)
     assert [(n.path, n.what) for n in report.skipped] == [
-        ("norm", "timm's fast_norm is on (it normalizes in the autocast dtype): left as it is")]
+        ("norm", "timm's fast_norm is on (it normalizes in the autocast dtype): left as it is")
+    ]
     assert not patching.is_patched(model.norm) and len(report.norms) == 4
 
 
@@ -143,32 +153,44 @@ def test_source_digest_sees_code_not_comments(tmp_path, monkeypatch):
         spec.loader.exec_module(module)
         return sources.source_digest(module.Norm)
 
-    base = digest("a", '''
+    base = digest(
+        "a",
+        """
         class Norm:
             def forward(self, x: int) -> int:
                 return x * 2
-        ''')
-    same = digest("b", '''
+        """,
+    )
+    same = digest(
+        "b",
+        '''
         class Norm:
             """Docstring."""
             # a comment
             def forward(self, x):  # another
                 return (x *
                         2)
-        ''')
-    changed = digest("c", '''
+        ''',
+    )
+    changed = digest(
+        "c",
+        """
         class Norm:
             def forward(self, x):
                 return x * 3
-        ''')
+        """,
+    )
     assert base == same != changed
 
 
 def test_every_pinned_entry_matches_the_installed_release():
     """The table's pins are the installed transformers / timm (what this suite verifies)."""
-    keys = [k for k in list(architectures.NORMS) + list(architectures.LAYERS)
-            if not k.startswith("torch.") and not isinstance(architectures.LAYERS.get(k),
-                                                            architectures.Unfused)]
+    keys = [
+        k
+        for k in list(architectures.NORMS) + list(architectures.LAYERS)
+        if not k.startswith("torch.")
+        and not isinstance(architectures.LAYERS.get(k), architectures.Unfused)
+    ]
     for key in keys:
         assert key in architectures.PINS, f"{key} has no source pin"
         assert sources.source_digest(sources.resolve(key)) in architectures.PINS[key], key
@@ -180,9 +202,15 @@ def test_renamed_arguments_bind_to_the_name_the_layer_takes():
     either release; this checks the resolution itself)."""
     call = architectures.GPT2_BLOCK.sublayers[0].call
     assert call.arg_names({"hidden_states", "cache", "attention_mask", "use_cache"}) == (
-        "cache", "attention_mask", "use_cache")
+        "cache",
+        "attention_mask",
+        "use_cache",
+    )
     assert call.arg_names({"past_key_values", "attention_mask", "use_cache"}) == (
-        "past_key_values", "attention_mask", "use_cache")
+        "past_key_values",
+        "attention_mask",
+        "use_cache",
+    )
     assert call.arg_names({"attention_mask", "use_cache"})[0] is None  # patch reports it
 
 
@@ -212,7 +240,9 @@ def test_argument_errors():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         resfuse.patch("llama")
     for bad in ("yes", 1, None):
-        with pytest.raises(ValueError, match="fuse_residual must be True, False or 'across_layers'"):
+        with pytest.raises(
+            ValueError, match="fuse_residual must be True, False or 'across_layers'"
+        ):
             resfuse.patch(model, fuse_residual=bad)
     resfuse.patch(model)
     with pytest.raises(RuntimeError, match="already patched"):
@@ -230,7 +260,8 @@ def test_hooks_on_a_norm_still_fire(count_fused):
     seen = {}
     for name, m in (("patched", model), ("reference", reference)):
         m.model.layers[0].post_attention_layernorm.register_forward_hook(
-            lambda mod, args, out, name=name: seen.__setitem__(name, out.detach().clone()))
+            lambda mod, args, out, name=name: seen.__setitem__(name, out.detach().clone())
+        )
     _assert_same_training(model, reference, spec.example())
     assert_tracks(seen["patched"], seen["reference"], "hooked norm output")
     assert count_fused["add_norm"] == 1  # the hooked norm's add ran unfused, the other fused
@@ -382,8 +413,12 @@ def test_autocast_gives_every_layer_output_its_original_dtype(arch):
             if type(module).__name__.endswith(("DecoderLayer", "Block", "Output", "LayerFF")):
                 module.register_forward_hook(
                     lambda mod, args, out, seen=dtypes[name]: seen.append(
-                        (type(mod).__name__.removeprefix("Resfuse"),
-                         (out[0] if isinstance(out, tuple) else out).dtype)))
+                        (
+                            type(mod).__name__.removeprefix("Resfuse"),
+                            (out[0] if isinstance(out, tuple) else out).dtype,
+                        )
+                    )
+                )
     inputs = spec.example()
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16), torch.no_grad():
         ours, theirs = logits(model, inputs), logits(reference, inputs)
@@ -406,9 +441,11 @@ def test_torch_compile_of_a_patched_llama():
 
     def counting_backend(gm, example_inputs):
         ops_in_graph.extend(
-            n.args[1] is not None for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in (torch.ops.resfuse.add_norm,
-                                                         torch.ops.resfuse.add_norm.default))
+            n.args[1] is not None
+            for n in gm.graph.nodes
+            if n.op == "call_function"
+            and n.target in (torch.ops.resfuse.add_norm, torch.ops.resfuse.add_norm.default)
+        )
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
-
-import resfuse
 from patch_fixtures import backend, count_fused  # noqa: F401 (fixtures)
 from tiny_models import ARCHS, assert_tracks, forward_backward, logits
+
+import resfuse
 
 MODES = [True, "across_layers"]
 
@@ -121,8 +121,22 @@ def test_save_pretrained_round_trip(tmp_path):
         assert_tracks(logits(loaded, inputs), logits(model, inputs), "logits")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "gpt2",
-                                  "gpt_neox", "bert", "t5", "vit"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "llama",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "olmo2",
+        "gpt2",
+        "gpt_neox",
+        "bert",
+        "t5",
+        "vit",
+    ],
+)
 def test_bf16_forward_close(arch):
     """bf16 logits of the patched model are as close to the fp32 model as the original's
     (resfuse rounds each output once; HF's Llama norm rounds twice)."""

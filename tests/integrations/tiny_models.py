@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
 from conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
@@ -20,58 +19,112 @@ timm = pytest.importorskip("timm")
 transformers.logging.set_verbosity_error()
 
 VOCAB, HIDDEN, SEQ, BATCH = 64, 32, 7, 2
-_DECODER = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def _decoder(model_type: str, **overrides):
     def build():
         config = transformers.AutoConfig.for_model(model_type, **{**_DECODER, **overrides})
         return transformers.AutoModelForCausalLM.from_config(config)
+
     return build
 
 
 def _gpt2(**overrides):
     def build():
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4,
-                                         n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
-                                         attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
-                                         **overrides)
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **overrides,
+        )
         return transformers.GPT2LMHeadModel(config)
+
     return build
 
 
 def _gpt_neox(**overrides):
     def build():
-        config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
-                                            num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=48, bos_token_id=1, eos_token_id=2,
-                                            **overrides)
+        config = transformers.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            bos_token_id=1,
+            eos_token_id=2,
+            **overrides,
+        )
         return transformers.GPTNeoXForCausalLM(config)
+
     return build
 
 
 def _encoder(config_cls, model_cls, **overrides):
     def build():
-        config = config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=48, max_position_embeddings=40,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+        config = config_cls(
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=40,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **overrides,
+        )
         return model_cls(config)
+
     return build
 
 
 def _t5():
-    config = transformers.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=48, num_layers=2,
-                                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
+    config = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=HIDDEN,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+    )
     return transformers.T5ForConditionalGeneration(config)
 
 
 def _vit(**overrides):
     def build():
-        kwargs = dict(pretrained=False, img_size=16, patch_size=8, embed_dim=HIDDEN, depth=2,
-                      num_heads=4, init_values=0.5, num_classes=10)
+        kwargs = dict(
+            pretrained=False,
+            img_size=16,
+            patch_size=8,
+            embed_dim=HIDDEN,
+            depth=2,
+            num_heads=4,
+            init_values=0.5,
+            num_classes=10,
+        )
         return timm.create_model("vit_tiny_patch16_224", **{**kwargs, **overrides})
+
     return build
 
 
@@ -96,8 +149,8 @@ def _image(gen):
 class Arch:
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[torch.Generator], dict]
-    fused_adds: int   # adds fused with fuse_residual=True (2 layers)
-    linked: int = 2   # extra adds fused with "across_layers"
+    fused_adds: int  # adds fused with fuse_residual=True (2 layers)
+    linked: int = 2  # extra adds fused with "across_layers"
 
     def model(self, dtype=torch.float32, seed=0) -> torch.nn.Module:
         torch.manual_seed(seed)
@@ -123,7 +176,9 @@ def randomize_norms(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            owner = type(model.get_submodule(name.rsplit(".", 1)[0])).__name__ if "." in name else ""
+            owner = (
+                type(model.get_submodule(name.rsplit(".", 1)[0])).__name__ if "." in name else ""
+            )
             if "Norm" in owner or leaf == "gamma":
                 noise = torch.randn(p.shape, generator=gen)
                 base = 0.0 if (leaf == "bias" or "Gemma" in owner) else 1.0
@@ -147,8 +202,12 @@ ARCHS = {
     "gpt_neox": Arch(_gpt_neox(use_parallel_residual=False), _tokens, 2),
     "gpt_neox_parallel": Arch(_gpt_neox(use_parallel_residual=True), _tokens, 0, linked=0),
     "bert": Arch(_encoder(transformers.BertConfig, transformers.BertForMaskedLM), _tokens, 4, 0),
-    "roberta": Arch(_encoder(transformers.RobertaConfig, transformers.RobertaForMaskedLM,
-                             pad_token_id=1), _tokens, 4, 0),
+    "roberta": Arch(
+        _encoder(transformers.RobertaConfig, transformers.RobertaForMaskedLM, pad_token_id=1),
+        _tokens,
+        4,
+        0,
+    ),
     "t5": Arch(_t5, _seq2seq, 0, linked=0),
     "vit": Arch(_vit(), _image, 2),
 }

@@ -19,23 +19,45 @@ from typing import Optional
 import torch
 
 from resfuse.cuda_ext import LIMIT_NAMES
-from resfuse.spec import (AddNormSpec, BackwardInputs, Forward, Grads, Operands,
-                          backward_present, forward_present)
+from resfuse.spec import (
+    AddNormSpec,
+    BackwardInputs,
+    Forward,
+    Grads,
+    Operands,
+    backward_present,
+    forward_present,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
 # no _FORTIFY_SOURCE: its longjmp check rejects the emulator's jumps between fiber stacks
-FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-DRESFUSE_SIMT",
-         f"-I{ROOT / 'csrc'}", f"-I{HERE}", f"-I{CUDA_HOME / 'include'}"]
+FLAGS = [
+    "-std=c++20",
+    "-O1",
+    "-fPIC",
+    "-shared",
+    "-U_FORTIFY_SOURCE",
+    "-DRESFUSE_SIMT",
+    f"-I{ROOT / 'csrc'}",
+    f"-I{HERE}",
+    f"-I{CUDA_HOME / 'include'}",
+]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GUARD = 64  # sentinel elements before and after every output
 SENTINEL = 1234.5  # exactly representable in every dtype
 
 
 def sources() -> list[Path]:
-    return sorted([HERE / "sim_harness.cpp", HERE / "simt.h", *ROOT.glob("csrc/*.h"),
-                   *ROOT.glob("csrc/*.cuh")])
+    return sorted(
+        [
+            HERE / "sim_harness.cpp",
+            HERE / "simt.h",
+            *ROOT.glob("csrc/*.h"),
+            *ROOT.glob("csrc/*.cuh"),
+        ]
+    )
 
 
 def unavailable_reason() -> str:
@@ -60,7 +82,9 @@ def build(out_dir: Path, extra_flags: tuple[str, ...] = ()) -> Path:
         cmd = [os.environ.get("CXX", "g++"), *flags, str(HERE / "sim_harness.cpp"), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"building the emulator failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+            raise RuntimeError(
+                f"building the emulator failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}"
+            )
         os.replace(tmp, lib)
     return lib
 
@@ -99,11 +123,11 @@ class _Guarded:
             n *= s
         buf = torch.full((n + 2 * GUARD,), SENTINEL, dtype=dtype)
         self.buffers.append((buf, n))
-        return buf[GUARD:GUARD + n].view(shape)
+        return buf[GUARD : GUARD + n].view(shape)
 
     def check(self, what: str):
         for buf, n in self.buffers:
-            guards = torch.cat([buf[:GUARD], buf[GUARD + n:]])
+            guards = torch.cat([buf[:GUARD], buf[GUARD + n :]])
             assert torch.all(guards == SENTINEL), f"{what} wrote outside an output"
 
 
@@ -116,9 +140,16 @@ class SimBackend:
     kernels' maximum, like sm_90; 1: none, like sm_80). ``limits``: the kernels' launch limits,
     read from the compiled headers."""
 
-    def __init__(self, lib_path: Path, *, max_threads_fwd: Optional[int] = None,
-                 max_threads_bwd: Optional[int] = None, sms: int = 3, per_sm: int = 2,
-                 max_cluster: Optional[int] = None):
+    def __init__(
+        self,
+        lib_path: Path,
+        *,
+        max_threads_fwd: Optional[int] = None,
+        max_threads_bwd: Optional[int] = None,
+        sms: int = 3,
+        per_sm: int = 2,
+        max_cluster: Optional[int] = None,
+    ):
         self.lib = ctypes.CDLL(str(lib_path))
         self.lib.resfuse_sim_last_error.restype = ctypes.c_char_p
         out = (ctypes.c_int64 * len(LIMIT_NAMES))()
@@ -142,27 +173,49 @@ class SimBackend:
     def _fail(self, what: str):
         raise RuntimeError(f"{what}: {self.lib.resfuse_sim_last_error().decode()}")
 
-
     def forward(self, spec: AddNormSpec, ops: Operands) -> Forward:
         if spec.branch_norm and (ops.branch_scale is not None or ops.rowscale is not None):
-            raise NotImplementedError("the branch norm does not combine with branch_scale tensors or rowscale")
+            raise NotImplementedError(
+                "the branch norm does not combine with branch_scale tensors or rowscale"
+            )
         n_rows, D = ops.x.shape
         out = _Guarded()
         shapes = ((n_rows, D), (n_rows, D), (n_rows,), (n_rows,))
         dtypes = (spec.out_dtype, spec.h_dtype, torch.float32, torch.float32)
-        y, h, mean, mean_x = (out.empty(s, d) if present else None
-                              for present, s, d in zip(forward_present(spec), shapes, dtypes))
-        tensors = (SimTensor * 9)(_operand(ops.x), _operand(ops.residual), _operand(y), _operand(h),
-                                  _param(ops.weight), _param(ops.bias), _param(ops.branch_scale),
-                                  _param(ops.branch_weight), _param(ops.branch_bias))
+        y, h, mean, mean_x = (
+            out.empty(s, d) if present else None
+            for present, s, d in zip(forward_present(spec), shapes, dtypes)
+        )
+        tensors = (SimTensor * 9)(
+            _operand(ops.x),
+            _operand(ops.residual),
+            _operand(y),
+            _operand(h),
+            _param(ops.weight),
+            _param(ops.bias),
+            _param(ops.branch_scale),
+            _param(ops.branch_weight),
+            _param(ops.branch_bias),
+        )
         threads, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_forward(
-            tensors, _ptr(ops.rowscale), _ptr(mean), _ptr(mean_x), ctypes.c_int64(n_rows),
-            ctypes.c_int32(D), ctypes.c_float(spec.eps), ctypes.c_float(spec.residual_scale),
-            ctypes.c_float(spec.branch_scale), ctypes.c_uint32(spec.flags),
-            ctypes.c_int32(self.max_threads_fwd), ctypes.c_int32(self.sms),
-            ctypes.c_int32(self.per_sm), ctypes.c_int32(self.max_cluster), ctypes.byref(threads),
-            ctypes.byref(blocks))
+            tensors,
+            _ptr(ops.rowscale),
+            _ptr(mean),
+            _ptr(mean_x),
+            ctypes.c_int64(n_rows),
+            ctypes.c_int32(D),
+            ctypes.c_float(spec.eps),
+            ctypes.c_float(spec.residual_scale),
+            ctypes.c_float(spec.branch_scale),
+            ctypes.c_uint32(spec.flags),
+            ctypes.c_int32(self.max_threads_fwd),
+            ctypes.c_int32(self.sms),
+            ctypes.c_int32(self.per_sm),
+            ctypes.c_int32(self.max_cluster),
+            ctypes.byref(threads),
+            ctypes.byref(blocks),
+        )
         if rc:
             self._fail("forward")
         out.check("forward")
@@ -177,19 +230,37 @@ class SimBackend:
         dx = out.empty((n_rows, D), spec.x_dtype)
         dr = out.empty((n_rows, D), spec.residual_dtype) if present[1] else None
         grads = [out.empty((D,), torch.float32) if p else None for p in present[2:]]
-        tensors = (SimTensor * 9)(_operand(inputs.dy), _operand(inputs.dh), _operand(inputs.h),
-                                  _operand(inputs.x), _operand(dx), _operand(dr),
-                                  _param(inputs.weight if spec.output_norm else None),
-                                  _param(inputs.branch_scale), _param(inputs.branch_weight))
+        tensors = (SimTensor * 9)(
+            _operand(inputs.dy),
+            _operand(inputs.dh),
+            _operand(inputs.h),
+            _operand(inputs.x),
+            _operand(dx),
+            _operand(dr),
+            _param(inputs.weight if spec.output_norm else None),
+            _param(inputs.branch_scale),
+            _param(inputs.branch_weight),
+        )
         programs, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_backward(
-            tensors, _ptr(inputs.rowscale), _ptr(inputs.mean), _ptr(inputs.mean_x),
-            (ctypes.c_void_p * 5)(*map(_ptr, grads)), ctypes.c_int64(n_rows), ctypes.c_int32(D),
-            ctypes.c_float(spec.eps), ctypes.c_float(spec.residual_scale),
-            ctypes.c_float(spec.branch_scale), ctypes.c_uint32(spec.flags),
-            ctypes.c_int32(self.max_threads_bwd), ctypes.c_int32(self.sms),
-            ctypes.c_int32(self.per_sm), ctypes.c_int32(self.max_cluster), ctypes.byref(programs),
-            ctypes.byref(blocks))
+            tensors,
+            _ptr(inputs.rowscale),
+            _ptr(inputs.mean),
+            _ptr(inputs.mean_x),
+            (ctypes.c_void_p * 5)(*map(_ptr, grads)),
+            ctypes.c_int64(n_rows),
+            ctypes.c_int32(D),
+            ctypes.c_float(spec.eps),
+            ctypes.c_float(spec.residual_scale),
+            ctypes.c_float(spec.branch_scale),
+            ctypes.c_uint32(spec.flags),
+            ctypes.c_int32(self.max_threads_bwd),
+            ctypes.c_int32(self.sms),
+            ctypes.c_int32(self.per_sm),
+            ctypes.c_int32(self.max_cluster),
+            ctypes.byref(programs),
+            ctypes.byref(blocks),
+        )
         if rc:
             self._fail("backward")
         out.check("backward")

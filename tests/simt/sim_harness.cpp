@@ -32,9 +32,13 @@ struct SimLauncher {
   }
   int sm_count() const { return sms; }
   template <class K>
-  int blocks_per_sm(K, int, size_t) const { return per_sm; }
+  int blocks_per_sm(K, int, size_t) const {
+    return per_sm;
+  }
   template <class K>
-  int max_cluster_blocks(K) const { return max_cluster; }
+  int max_cluster_blocks(K) const {
+    return max_cluster;
+  }
   template <class K>
   int clusters_resident(K, int, size_t, int cluster_blocks) const {
     return sms * per_sm / cluster_blocks;
@@ -62,11 +66,10 @@ void resfuse_sim_limits(int64_t* out, int32_t n) {
 
 // tensors: x, residual, y, h, weight, bias, branch_scale, branch_weight, branch_bias
 // (ptr == nullptr when absent)
-int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, float* mean_x,
-                        int64_t rows, int32_t D, float eps, float residual_scale,
-                        float branch_scale_value, uint32_t flags, int32_t max_threads,
-                        int32_t sms, int32_t per_sm, int32_t max_cluster, int32_t* threads_per_row,
-                        int32_t* cluster_blocks) {
+int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, float* mean_x, int64_t rows,
+                        int32_t D, float eps, float residual_scale, float branch_scale_value, uint32_t flags,
+                        int32_t max_threads, int32_t sms, int32_t per_sm, int32_t max_cluster,
+                        int32_t* threads_per_row, int32_t* cluster_blocks) {
   try {
     using namespace resfuse;
     FwdParams p;
@@ -106,11 +109,10 @@ int resfuse_sim_forward(const SimTensor* t, const float* rowscale, float* mean, 
 // dbranch_scale, dbranch_weight, dbranch_bias (nullptr when not wanted). The partial buffers
 // are allocated here and filled with NaN: a program that skipped writing its row would poison
 // the sums.
-int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float* mean,
-                         const float* mean_x, float* const* grads, int64_t rows, int32_t D,
-                         float eps, float residual_scale, float branch_scale_value, uint32_t flags,
-                         int32_t max_threads, int32_t sms, int32_t per_sm, int32_t max_cluster,
-                         int32_t* programs, int32_t* cluster_blocks) {
+int resfuse_sim_backward(const SimTensor* t, const float* rowscale, const float* mean, const float* mean_x,
+                         float* const* grads, int64_t rows, int32_t D, float eps, float residual_scale,
+                         float branch_scale_value, uint32_t flags, int32_t max_threads, int32_t sms,
+                         int32_t per_sm, int32_t max_cluster, int32_t* programs, int32_t* cluster_blocks) {
   try {
     using namespace resfuse;
     BwdParams p;

@@ -49,7 +49,7 @@ struct Fiber {
   jmp_buf resume;
   std::unique_ptr<char[]> stack;
   uint3 index{0, 0, 0};
-  unsigned rank = 0;  // its block's rank in the cluster
+  unsigned rank = 0;    // its block's rank in the cluster
   int waiting_on = -1;  // barrier index, or -1 when runnable
   uint64_t waiting_generation = 0;
   bool started = false;
@@ -72,9 +72,9 @@ struct BlockMemory {
 
 struct Launch {
   dim3 grid, block;
-  unsigned threads = 0;   // per block
-  unsigned cluster = 1;   // blocks per cluster (along x)
-  unsigned warps = 0;     // per block
+  unsigned threads = 0;  // per block
+  unsigned cluster = 1;  // blocks per cluster (along x)
+  unsigned warps = 0;    // per block
   size_t smem_bytes = 0;
   std::vector<BlockMemory> memory;  // per block of the running cluster
   std::vector<Fiber> fibers;        // rank * threads + thread
@@ -143,7 +143,8 @@ T* map_shared_rank(T* p, unsigned rank) {
   }
   if (L.memory[rank].exited) fail("simt: distributed shared memory of a block that has exited");
   const auto* a = reinterpret_cast<const unsigned char*>(p);
-  const auto relocate = [&](const std::vector<unsigned char>& mine, std::vector<unsigned char>& theirs) -> T* {
+  const auto relocate = [&](const std::vector<unsigned char>& mine,
+                            std::vector<unsigned char>& theirs) -> T* {
     if (a < mine.data() || a >= mine.data() + mine.size()) return nullptr;
     return reinterpret_cast<T*>(theirs.data() + (a - mine.data()));
   };

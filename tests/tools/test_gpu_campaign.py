@@ -26,11 +26,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_campaign  # noqa: E402
 import sanitize_cases  # noqa: E402
-from campaign import (check, common, importer, install, plan, pytest_plugin,  # noqa: E402
-                      summary)
 
 from benchmarks import implementations, traffic  # noqa: E402
-
+from campaign import check, common, importer, install, plan, pytest_plugin, summary  # noqa: E402
 
 # --------------------------------------------------------------------------- the plan
 
@@ -68,8 +66,11 @@ def test_the_plan_names_only_what_exists():
         source = ROOT / path
         assert source.exists(), path
         if function:
-            names = {n.name for n in ast.walk(ast.parse(source.read_text()))
-                     if isinstance(n, ast.FunctionDef)}
+            names = {
+                n.name
+                for n in ast.walk(ast.parse(source.read_text()))
+                if isinstance(n, ast.FunctionDef)
+            }
             assert function in names, rule.path
         assert rule.backend in (None, "cuda", "triton") and rule.every >= 1
 
@@ -100,10 +101,14 @@ def _item(nodeid, backend=None):
 
 
 def test_select_keeps_by_file_function_backend_and_every():
-    items = ([_item(f"tests/a.py::test_x[{i}-{b}]", b) for i in range(6) for b in ("cuda", "triton")]
-             + [_item("tests/a.py::test_y"), _item("tests/b.py::test_z[1]")])
-    rules = (plan.TestRule("tests/a.py::test_x", "cuda"), plan.TestRule("tests/a.py::test_x", "triton", 3),
-             plan.TestRule("tests/b.py"))
+    items = [
+        _item(f"tests/a.py::test_x[{i}-{b}]", b) for i in range(6) for b in ("cuda", "triton")
+    ] + [_item("tests/a.py::test_y"), _item("tests/b.py::test_z[1]")]
+    rules = (
+        plan.TestRule("tests/a.py::test_x", "cuda"),
+        plan.TestRule("tests/a.py::test_x", "triton", 3),
+        plan.TestRule("tests/b.py"),
+    )
     kept, per_rule = pytest_plugin.select(items, rules)
     ids = [it.nodeid for it in kept]
     assert ids == [it.nodeid for it in items if it.nodeid in set(ids)]  # collection order
@@ -118,12 +123,17 @@ def test_select_keeps_by_file_function_backend_and_every():
 
 
 def test_correctness_summary_counts_what_was_not_reached():
-    shard = [{"shard": "0/2", "selected_all_shards": 5, "rules": []},
-             {"nodeid": "t1", "outcome": "passed", "seconds": 0.1, "message": ""},
-             {"nodeid": "t2", "outcome": "failed", "seconds": 0.2, "message": "E boom"}]
-    other = [{"shard": "1/2", "selected_all_shards": 5, "rules": []},
-             {"nodeid": "t3", "outcome": "not reached", "seconds": 0, "message": ""}]
+    shard = [
+        {"shard": "0/2", "selected_all_shards": 5, "rules": []},
+        {"nodeid": "t1", "outcome": "passed", "seconds": 0.1, "message": ""},
+        {"nodeid": "t2", "outcome": "failed", "seconds": 0.2, "message": "E boom"},
+    ]
+    other = [
+        {"shard": "1/2", "selected_all_shards": 5, "rules": []},
+        {"nodeid": "t3", "outcome": "not reached", "seconds": 0, "message": ""},
+    ]
     from campaign import correctness
+
     s = correctness.summarise([shard, other])
     assert s["selected"] == 5 and s["reported"] == 3 and s["unreported"] == 2
     assert s["outcomes"] == {"passed": 1, "failed": 1, "not reached": 1}
@@ -135,11 +145,14 @@ def test_correctness_summary_counts_what_was_not_reached():
 
 def test_a_child_past_its_deadline_is_stopped_with_its_children(tmp_path):
     marker = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time; p = subprocess.Popen(['sleep', '60']); "
-            f"open({str(marker)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; p = subprocess.Popen(['sleep', '60']); "
+        f"open({str(marker)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(60)"
+    )
     start = time.time()
-    result = common.run_child([sys.executable, "-c", code], timeout=2, echo=False,
-                              log_path=tmp_path / "child.log")
+    result = common.run_child(
+        [sys.executable, "-c", code], timeout=2, echo=False, log_path=tmp_path / "child.log"
+    )
     assert result.timed_out and time.time() - start < 15
     assert "started" in result.tail and "exit timeout" in (tmp_path / "child.log").read_text()
     pid = int(marker.read_text())
@@ -166,9 +179,24 @@ def test_a_stuck_phase_is_stopped_and_the_next_one_runs(tmp_path):
     env.pop("OUT", None)
     out, run_dir = tmp_path / "out", tmp_path / "run"
     start = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_campaign.py"), "--rehearsal",
-                           "--only", "env", "report", "--out", str(out), "--run-dir", str(run_dir)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "gpu_campaign.py"),
+            "--rehearsal",
+            "--only",
+            "env",
+            "report",
+            "--out",
+            str(out),
+            "--run-dir",
+            str(run_dir),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert time.time() - start < 200, proc.stdout[-2000:]
     campaign = json.loads((out / "campaign.json").read_text())
     by = {p["phase"]: p for p in campaign["phases"]}
@@ -185,13 +213,23 @@ def test_a_stuck_phase_is_stopped_and_the_next_one_runs(tmp_path):
 
 def _fake_run(run_dir: Path, slug="nvidia-h200", mode="gpu", entries=()):
     (run_dir / "campaign" / "logs").mkdir(parents=True)
-    common.write_json(run_dir / "campaign" / "campaign.json",
-                      {"mode": mode, "phases": [{"phase": "env", "status": "ok", "summary": "x",
-                                                 "seconds": 1}], "elapsed_s": 1, "budget_s": 480})
-    common.write_json(run_dir / "campaign" / "env.json", {"slug": slug, "device": {"name": "NVIDIA H200"}})
+    common.write_json(
+        run_dir / "campaign" / "campaign.json",
+        {
+            "mode": mode,
+            "phases": [{"phase": "env", "status": "ok", "summary": "x", "seconds": 1}],
+            "elapsed_s": 1,
+            "budget_s": 480,
+        },
+    )
+    common.write_json(
+        run_dir / "campaign" / "env.json", {"slug": slug, "device": {"name": "NVIDIA H200"}}
+    )
     common.write_json(run_dir / "auto_table.json", {"format": 1, "entries": list(entries)})
     (run_dir / "report.md").write_text("# report\n")
-    (run_dir / "campaign" / "logs" / "bandwidth.log").write_bytes(b"x" * (plan.LOG_LIMIT_BYTES + 100))
+    (run_dir / "campaign" / "logs" / "bandwidth.log").write_bytes(
+        b"x" * (plan.LOG_LIMIT_BYTES + 100)
+    )
     summary.write(run_dir, common.read_json(run_dir / "campaign" / "campaign.json"))
     (run_dir / "campaign.log").write_text("log\n")
 
@@ -219,8 +257,14 @@ def test_without_out_the_folder_goes_to_results_gpu(tmp_path):
 
 def test_import_puts_results_and_table_in_place(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "out"
-    entry = {"family": "add_norm", "norm": "rms", "dtype": "bfloat16", "direction": "fwd",
-             "hidden": 4096, "backend": "cuda"}
+    entry = {
+        "family": "add_norm",
+        "norm": "rms",
+        "dtype": "bfloat16",
+        "direction": "fwd",
+        "hidden": 4096,
+        "backend": "cuda",
+    }
     _fake_run(run_dir, entries=[entry])
     gpu_campaign.Publisher(run_dir, out, tmp_path / "results").publish()
     got = importer.import_run(out, tmp_path / "results", tmp_path / "tables")
@@ -250,11 +294,31 @@ def test_check_lists_what_is_missing(tmp_path):
 
 
 def test_summary_headline_shows_each_implementation_at_4096():
-    recs = [{"op": "add_rms_norm", "direction": "fwd", "dtype": "bfloat16", "hidden": 4096,
-             "impl": impl, "gbps": g, "frac_copy": g / 4000, "error": None}
-            for impl, g in (("resfuse-cuda", 3800.0), ("eager-hf", 1000.0))]
-    recs.append({"op": "add_rms_norm", "direction": "fwd", "dtype": "bfloat16", "hidden": 4096,
-                 "impl": "liger", "gbps": None, "frac_copy": None, "error": "unavailable: x"})
+    recs = [
+        {
+            "op": "add_rms_norm",
+            "direction": "fwd",
+            "dtype": "bfloat16",
+            "hidden": 4096,
+            "impl": impl,
+            "gbps": g,
+            "frac_copy": g / 4000,
+            "error": None,
+        }
+        for impl, g in (("resfuse-cuda", 3800.0), ("eager-hf", 1000.0))
+    ]
+    recs.append(
+        {
+            "op": "add_rms_norm",
+            "direction": "fwd",
+            "dtype": "bfloat16",
+            "hidden": 4096,
+            "impl": "liger",
+            "gbps": None,
+            "frac_copy": None,
+            "error": "unavailable: x",
+        }
+    )
     lines = summary.headline({"kernels": recs})
     assert lines[0].startswith("| bfloat16 D=4096 | resfuse-cuda | liger | eager-hf |")
     assert "| add_rms_norm fwd | 3,800 (95%) | n/a | 1,000 (25%) |" in lines
@@ -293,11 +357,16 @@ def test_sanitize_cases_reject_unknown_names():
 def test_campaign_code_has_no_undefined_names():
     """The GPU-only paths cannot run here: pyflakes reads them for typos and undefined names."""
     pyflakes = pytest.importorskip("pyflakes.api")
-    from pyflakes import reporter as pyflakes_reporter
     import io
+
+    from pyflakes import reporter as pyflakes_reporter
+
     out = io.StringIO()
-    files = [ROOT / "tools" / "gpu_campaign.py", ROOT / "tools" / "sanitize_cases.py",
-             *sorted((ROOT / "tools" / "campaign").glob("*.py"))]
+    files = [
+        ROOT / "tools" / "gpu_campaign.py",
+        ROOT / "tools" / "sanitize_cases.py",
+        *sorted((ROOT / "tools" / "campaign").glob("*.py")),
+    ]
     found = sum(pyflakes.checkPath(str(f), pyflakes_reporter.Reporter(out, out)) for f in files)
     assert found == 0, out.getvalue()
 
@@ -305,8 +374,10 @@ def test_campaign_code_has_no_undefined_names():
 def test_check_finds_bandwidth_paths_the_run_skipped(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "out"
     _fake_run(run_dir)
-    common.write_json(run_dir / "results.json", {"kernels": [
-        {"op": "add_rms_norm", "impl": "eager-hf", "direction": "fwd"}]})
+    common.write_json(
+        run_dir / "results.json",
+        {"kernels": [{"op": "add_rms_norm", "impl": "eager-hf", "direction": "fwd"}]},
+    )
     gpu_campaign.Publisher(run_dir, out, tmp_path / "results").publish()
     found = check._coverage(out / plan.ARCHIVE_NAME)
     assert any(f.startswith("bandwidth pass resfuse: no record") for f in found)

@@ -44,9 +44,20 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(DIMS), json.dumps(SPEC_NAMES),
-                           json.dumps(HEAVIEST)],
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            json.dumps(DIMS),
+            json.dumps(SPEC_NAMES),
+            json.dumps(HEAVIEST),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -72,8 +83,12 @@ OCCUPANCY_SPILL_BYTES = 8
 
 def test_no_register_spills_at_default_configurations(compiled):
     spilling = [r for r in compiled if r["spill_stores"] or r["spill_loads"]]
-    forced = [r for r in spilling if r["regs"] >= register_cap(r["warps"])
-              or max(r["spill_stores"], r["spill_loads"]) > OCCUPANCY_SPILL_BYTES]
+    forced = [
+        r
+        for r in spilling
+        if r["regs"] >= register_cap(r["warps"])
+        or max(r["spill_stores"], r["spill_loads"]) > OCCUPANCY_SPILL_BYTES
+    ]
     assert not forced, "register spills:\n" + "\n".join(map(str, forced))
     if spilling:
         print("\nptxas occupancy spills (registers to spare):\n" + "\n".join(map(str, spilling)))

@@ -36,6 +36,7 @@ _WARM_DEADLINE = [0.0]
 
 def _device():
     import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -50,8 +51,11 @@ def main_cases(scale: plan.BandwidthScale) -> list:
     def rows(hidden):
         return scale.rows or plan.rows_for(hidden)
 
-    cases = [KernelCase(op, dtype, rows(hidden), hidden) for dtype, hidden in scale.shapes
-             for op in plan.BANDWIDTH_OPS]
+    cases = [
+        KernelCase(op, dtype, rows(hidden), hidden)
+        for dtype, hidden in scale.shapes
+        for op in plan.BANDWIDTH_OPS
+    ]
     cases.append(KernelCase(*scale.qk_norm))
     passes = []
     for name, impls in plan.PASSES:
@@ -59,11 +63,18 @@ def main_cases(scale: plan.BandwidthScale) -> list:
         if name == "resfuse":
             impls = impls + scale.extra_impls
         if name == "compile":
-            chosen = [c for c in cases if c.op in scale.compile_ops
-                      and (c.hidden in scale.compile_hidden or c == cases[-1])]
+            chosen = [
+                c
+                for c in cases
+                if c.op in scale.compile_ops
+                and (c.hidden in scale.compile_hidden or c == cases[-1])
+            ]
         passes.append((name, impls, chosen, DIRECTIONS))
-    extras = [KernelCase(op, "bfloat16", rows(h), h) for h in scale.auto_table_hidden
-              for op in plan.AUTO_TABLE_OPS]
+    extras = [
+        KernelCase(op, "bfloat16", rows(h), h)
+        for h in scale.auto_table_hidden
+        for op in plan.AUTO_TABLE_OPS
+    ]
     passes.append(("auto-table", ("resfuse-cuda", "resfuse-triton"), extras, ("fwd", "fwd+bwd")))
     return passes
 
@@ -85,6 +96,7 @@ def warm(task: tuple) -> tuple:
     if time.time() > _WARM_DEADLINE[0]:
         return task, "skipped: warm-up deadline", 0.0
     import torch
+
     from benchmarks import implementations, kernels
 
     device = _device()
@@ -120,6 +132,7 @@ def warm_up(passes, scale: plan.BandwidthScale, deadline: float) -> dict:
     """Run ``warm`` for every compiled (implementation, case) in ``workers`` processes until
     ``deadline``; the costliest first (torch.compile, then autotuned peers)."""
     from benchmarks import implementations
+
     device = _device()
     cost = {"torch.compile": 0, "flash-attn": 1, "quack": 1, "resfuse-triton": 2, "liger": 3}
     tasks = []
@@ -129,13 +142,23 @@ def warm_up(passes, scale: plan.BandwidthScale, deadline: float) -> dict:
                 continue
             tasks += [(impl, c.op, c.dtype, c.rows, c.hidden, False) for c in cases]
     op, dtype, rows, hidden = scale.latency
-    tasks += [(impl, op, dtype, rows, hidden, True) for impl in plan.LATENCY_IMPLS
-              if impl not in NOTHING_TO_COMPILE + scale.latency_skip
-              and not implementations.BY_NAME[impl].unavailable(device)]
+    tasks += [
+        (impl, op, dtype, rows, hidden, True)
+        for impl in plan.LATENCY_IMPLS
+        if impl not in NOTHING_TO_COMPILE + scale.latency_skip
+        and not implementations.BY_NAME[impl].unavailable(device)
+    ]
     tasks.sort(key=lambda t: cost.get(t[0], 9))
     workers = scale.warmup_workers
-    summary = {"tasks": len(tasks), "workers": workers, "done": 0, "errors": {}, "seconds": 0.0,
-               "cpu_seconds": 0.0, "slowest": []}
+    summary = {
+        "tasks": len(tasks),
+        "workers": workers,
+        "done": 0,
+        "errors": {},
+        "seconds": 0.0,
+        "cpu_seconds": 0.0,
+        "slowest": [],
+    }
     if not tasks:
         return summary
     start = time.time()
@@ -150,22 +173,30 @@ def warm_up(passes, scale: plan.BandwidthScale, deadline: float) -> dict:
             except StopIteration:
                 break
             except multiprocessing.TimeoutError:
-                print(f"  warm-up: deadline reached, {summary['done']} of {len(tasks)} done", flush=True)
+                print(
+                    f"  warm-up: deadline reached, {summary['done']} of {len(tasks)} done",
+                    flush=True,
+                )
                 break
             summary["done"] += 1
             timings.append((seconds, task[0], f"{task[1]} {task[2]} {task[3]}x{task[4]}"))
             if outcome != "ok":
                 summary["errors"][f"{task[0]} {task[1]} {task[4]}"] = outcome
             if summary["done"] % 10 == 0 or summary["done"] == len(tasks):
-                print(f"  warm-up: {summary['done']} of {len(tasks)} compiled "
-                      f"({time.time() - start:.0f} s)", flush=True)
+                print(
+                    f"  warm-up: {summary['done']} of {len(tasks)} compiled "
+                    f"({time.time() - start:.0f} s)",
+                    flush=True,
+                )
     finally:
         pool.terminate()
         pool.join()
     summary["seconds"] = round(time.time() - start, 1)
     summary["cpu_seconds"] = round(sum(t[0] for t in timings), 1)
-    summary["slowest"] = [{"impl": i, "case": c, "seconds": round(s, 1)}
-                          for s, i, c in sorted(timings, reverse=True)[:8]]
+    summary["slowest"] = [
+        {"impl": i, "case": c, "seconds": round(s, 1)}
+        for s, i, c in sorted(timings, reverse=True)[:8]
+    ]
     return summary
 
 
@@ -177,6 +208,7 @@ def latency(device, scale: plan.BandwidthScale, stop) -> dict:
     Python (the host path: launch overhead and any CPU work) and replayed from a CUDA graph
     (the GPU's own time per call)."""
     import torch
+
     from benchmarks import implementations, kernels
 
     op, dtype, rows, hidden = scale.latency
@@ -190,8 +222,12 @@ def latency(device, scale: plan.BandwidthScale, stop) -> dict:
             break
         impl = implementations.BY_NAME[name]
         skipped = "not timed in the rehearsal" if name in scale.latency_skip else None
-        rec = {"impl": name, "eager_us": None, "graph_us": None,
-               "error": skipped or impl.unavailable(device)}
+        rec = {
+            "impl": name,
+            "eager_us": None,
+            "graph_us": None,
+            "error": skipped or impl.unavailable(device),
+        }
         out["records"].append(rec)
         if rec["error"]:
             continue
@@ -212,8 +248,11 @@ def latency(device, scale: plan.BandwidthScale, stop) -> dict:
                     rec["graph_note"] = "CUDA graphs need a GPU"
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        print(f"  latency {name:<15} eager {_us(rec['eager_us'])}  graph {_us(rec['graph_us'])}"
-              + (f"  ({rec['error']})" if rec["error"] else ""), flush=True)
+        print(
+            f"  latency {name:<15} eager {_us(rec['eager_us'])}  graph {_us(rec['graph_us'])}"
+            + (f"  ({rec['error']})" if rec["error"] else ""),
+            flush=True,
+        )
     return out
 
 
@@ -223,6 +262,7 @@ def _us(value: Optional[float]) -> str:
 
 def _sync(device) -> None:
     import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -230,6 +270,7 @@ def _sync(device) -> None:
 def _graph_us(fn, args, per_graph: int, replays: int) -> float:
     """``per_graph`` calls captured in one CUDA graph, replayed ``replays`` times."""
     import torch
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
@@ -265,13 +306,19 @@ def row_path(layout: dict) -> str:
 def cuda_paths(hiddens) -> dict:
     """{hidden: {fwd, bwd, bwd with the branch norm}}: the cuda backend's row layouts here."""
     from resfuse import backend_registry
+
     if not backend_registry.backends()["cuda"].available:
         return {}
     from resfuse import cuda_ext
-    return {h: {"fwd": row_path(cuda_ext.row_layout(h)),
-                "bwd": row_path(cuda_ext.row_layout(h, backward=True)),
-                "bwd_branch_norm": row_path(cuda_ext.row_layout(h, backward=True, branch_norm=True))}
-            for h in sorted(set(hiddens))}
+
+    return {
+        h: {
+            "fwd": row_path(cuda_ext.row_layout(h)),
+            "bwd": row_path(cuda_ext.row_layout(h, backward=True)),
+            "bwd_branch_norm": row_path(cuda_ext.row_layout(h, backward=True, branch_norm=True)),
+        }
+        for h in sorted(set(hiddens))
+    }
 
 
 def _line(case, recs: list) -> str:
@@ -279,15 +326,23 @@ def _line(case, recs: list) -> str:
     by_impl: dict = {}
     for r in recs:
         by_impl.setdefault(r["impl"], []).append(
-            f"{100 * r['frac_copy']:.0f}%" if r.get("frac_copy") else
-            ("n/a" if (r.get("error") or "").startswith(("unavailable", "unsupported")) else "err"))
+            f"{100 * r['frac_copy']:.0f}%"
+            if r.get("frac_copy")
+            else (
+                "n/a"
+                if (r.get("error") or "").startswith(("unavailable", "unsupported"))
+                else "err"
+            )
+        )
     cells = [f"{impl} {'/'.join(v)}" for impl, v in by_impl.items() if set(v) != {"n/a"}]
-    return (f"  {case.op} {case.dtype} {case.rows}x{case.hidden} (% of copy, fwd/bwd/fwd+bwd): "
-            + ("; ".join(cells) or "nothing available"))
+    return f"  {case.op} {case.dtype} {case.rows}x{case.hidden} (% of copy, fwd/bwd/fwd+bwd): " + (
+        "; ".join(cells) or "nothing available"
+    )
 
 
 def run(ctx: common.Context) -> dict:
     import torch
+
     from benchmarks import cli, implementations, kernels, report
     from benchmarks.timing import TimerSettings, copy_bandwidth
 
@@ -296,9 +351,13 @@ def run(ctx: common.Context) -> dict:
     settings = TimerSettings(**scale.timer)
     passes = main_cases(scale)
     impl_names = list(dict.fromkeys(n for _, names, _, _ in passes for n in names))
-    results = cli.new_results(device, cli.device_info(device), "campaign",
-                              "python3 tools/gpu_campaign.py" + (" --rehearsal" if ctx.rehearsal else ""),
-                              implementations.select(impl_names))
+    results = cli.new_results(
+        device,
+        cli.device_info(device),
+        "campaign",
+        "python3 tools/gpu_campaign.py" + (" --rehearsal" if ctx.rehearsal else ""),
+        implementations.select(impl_names),
+    )
     record = {"passes": [], "warmup": None}
     results_path = ctx.run_dir / report.JSON_NAME
 
@@ -311,8 +370,11 @@ def run(ctx: common.Context) -> dict:
 
     start = time.time()
     warm_deadline = start + plan.WARMUP_SHARE * (ctx.soft_deadline - start)
-    print(f"compile warm-up: {scale.warmup_workers} workers, for at most "
-          f"{warm_deadline - start:.0f} s", flush=True)
+    print(
+        f"compile warm-up: {scale.warmup_workers} workers, for at most "
+        f"{warm_deadline - start:.0f} s",
+        flush=True,
+    )
     record["warmup"] = warm_up(passes, scale, warm_deadline)
     save()
 
@@ -325,8 +387,16 @@ def run(ctx: common.Context) -> dict:
             save()
         planned = len(cases) * len(names) * len(directions)
         if stop():
-            record["passes"].append({"pass": name, "planned": planned, "reached": 0,
-                                     "measured": 0, "errors": 0, "note": "not started: out of time"})
+            record["passes"].append(
+                {
+                    "pass": name,
+                    "planned": planned,
+                    "reached": 0,
+                    "measured": 0,
+                    "errors": 0,
+                    "note": "not started: out of time",
+                }
+            )
             continue
         kept = list(results["kernels"])
         printed = [0]
@@ -336,18 +406,36 @@ def run(ctx: common.Context) -> dict:
             save()
             if new:  # the case just finished
                 last = new[-1]
-                case = next(c for c in cases if (c.op, c.dtype, c.rows, c.hidden) ==
-                            (last["op"], last["dtype"], last["rows"], last["hidden"]))
-                print(_line(case, new[printed[0]:]), flush=True)
+                case = next(
+                    c
+                    for c in cases
+                    if (c.op, c.dtype, c.rows, c.hidden)
+                    == (last["op"], last["dtype"], last["rows"], last["hidden"])
+                )
+                print(_line(case, new[printed[0] :]), flush=True)
                 printed[0] = len(new)
 
         print(f"pass {name}: {', '.join(names)} over {len(cases)} shapes", flush=True)
-        new = kernels.run(cases, implementations.select(list(names)), directions, device,
-                          results["copy"]["bytes_per_s"], settings, checkpoint=checkpoint, stop=stop)
+        new = kernels.run(
+            cases,
+            implementations.select(list(names)),
+            directions,
+            device,
+            results["copy"]["bytes_per_s"],
+            settings,
+            checkpoint=checkpoint,
+            stop=stop,
+        )
         results["kernels"] = kept + new
-        record["passes"].append({"pass": name, "planned": planned, "reached": len(new),
-                                 "measured": sum(1 for r in new if r.get("gbps")),
-                                 "errors": sum(1 for r in new if r.get("error"))})
+        record["passes"].append(
+            {
+                "pass": name,
+                "planned": planned,
+                "reached": len(new),
+                "measured": sum(1 for r in new if r.get("gbps")),
+                "errors": sum(1 for r in new if r.get("error")),
+            }
+        )
         save()
     if "latency" not in results and not stop():
         results["latency"] = latency(device, scale, stop)
@@ -356,26 +444,37 @@ def run(ctx: common.Context) -> dict:
     results["meta"]["cuda_row_paths"] = record["cuda_paths"]
     # the copy again at the end: the faster of the two is the ceiling
     if not ctx.out_of_time(5):
-        results["copy"] = cli._best_copy(results["copy"],
-                                         copy_bandwidth(device, scale.copy_bytes, settings))
+        results["copy"] = cli._best_copy(
+            results["copy"], copy_bandwidth(device, scale.copy_bytes, settings)
+        )
         kernels.rescale_to_copy(results["kernels"], results["copy"]["bytes_per_s"])
     save()
 
     planned = sum(p["planned"] for p in record["passes"])
     reached = sum(p["reached"] for p in record["passes"])
     measured = sum(p["measured"] for p in record["passes"])
-    wrong = [r for r in results["kernels"] if "correctness check" in (r.get("error") or "")
-             and r["impl"].startswith("resfuse")]
+    wrong = [
+        r
+        for r in results["kernels"]
+        if "correctness check" in (r.get("error") or "") and r["impl"].startswith("resfuse")
+    ]
     record["status"] = common.status_of(len(wrong), reached < planned)
-    record["wrong"] = [{k: r[k] for k in ("op", "dtype", "hidden", "impl", "error")} for r in wrong][:20]
+    record["wrong"] = [
+        {k: r[k] for k in ("op", "dtype", "hidden", "impl", "error")} for r in wrong
+    ][:20]
     lat = {r["impl"]: r for r in results.get("latency", {}).get("records", [])}
     cuda_lat = lat.get("resfuse-cuda", {})
     warm = record["warmup"]
-    record["summary"] = (f"{measured} timings, {reached} of {planned} planned reached; copy "
-                         f"{results['copy']['bytes_per_s'] / 1e9:,.0f} GB/s; warm-up "
-                         f"{warm['done']}/{warm['tasks']} in {warm['seconds']:.0f} s"
-                         + (f"; cuda latency {cuda_lat['eager_us']:.1f} us eager / "
-                            f"{cuda_lat['graph_us']:.1f} us graph"
-                            if cuda_lat.get("eager_us") and cuda_lat.get("graph_us") else "")
-                         + (f"; {len(wrong)} resfuse results WRONG" if wrong else ""))
+    record["summary"] = (
+        f"{measured} timings, {reached} of {planned} planned reached; copy "
+        f"{results['copy']['bytes_per_s'] / 1e9:,.0f} GB/s; warm-up "
+        f"{warm['done']}/{warm['tasks']} in {warm['seconds']:.0f} s"
+        + (
+            f"; cuda latency {cuda_lat['eager_us']:.1f} us eager / "
+            f"{cuda_lat['graph_us']:.1f} us graph"
+            if cuda_lat.get("eager_us") and cuda_lat.get("graph_us")
+            else ""
+        )
+        + (f"; {len(wrong)} resfuse results WRONG" if wrong else "")
+    )
     return record

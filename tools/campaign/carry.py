@@ -37,8 +37,16 @@ else:
 MANIFEST = "manifest.json"
 WHEEL_GLOB = "resfuse-*-cp310-abi3-*.whl"
 # the inputs of `make wheel`: a wheel older than any of them is rebuilt
-WHEEL_INPUTS = ("setup.py", "pyproject.toml", "MANIFEST.in", "csrc/*", "resfuse/**/*.py",
-                "resfuse/auto_tables/*.json", "triton_kernels/*.py", "benchmarks/*.py")
+WHEEL_INPUTS = (
+    "setup.py",
+    "pyproject.toml",
+    "MANIFEST.in",
+    "csrc/*",
+    "resfuse/**/*.py",
+    "resfuse/auto_tables/*.json",
+    "triton_kernels/*.py",
+    "benchmarks/*.py",
+)
 
 
 class CarryError(RuntimeError):
@@ -46,13 +54,17 @@ class CarryError(RuntimeError):
 
 
 def _newest_input(root: Path) -> float:
-    return max(p.stat().st_mtime for pattern in WHEEL_INPUTS for p in root.glob(pattern)
-               if p.is_file())
+    return max(
+        p.stat().st_mtime for pattern in WHEEL_INPUTS for p in root.glob(pattern) if p.is_file()
+    )
 
 
 # setup.py's package_dir, the longest prefix first: where a wheel's file comes from
-PACKAGE_DIRS = {"resfuse/triton_kernels/": "triton_kernels/", "resfuse/benchmarks/": "benchmarks/",
-                "resfuse/": "resfuse/"}
+PACKAGE_DIRS = {
+    "resfuse/triton_kernels/": "triton_kernels/",
+    "resfuse/benchmarks/": "benchmarks/",
+    "resfuse/": "resfuse/",
+}
 
 
 def _wheel_differs_from_tree(wheel: Path, root: Path) -> str:
@@ -62,7 +74,7 @@ def _wheel_differs_from_tree(wheel: Path, root: Path) -> str:
             prefix = next((p for p in PACKAGE_DIRS if name.startswith(p)), None)
             if prefix is None or not name.endswith(".py"):
                 continue
-            path = root / (PACKAGE_DIRS[prefix] + name[len(prefix):])
+            path = root / (PACKAGE_DIRS[prefix] + name[len(prefix) :])
             if not path.exists() or path.read_bytes() != z.read(name):
                 return name
     return ""
@@ -93,8 +105,10 @@ def wheel_build_info(wheel: Path) -> dict:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         if "resfuse/_C.abi3.so" not in names:
-            raise CarryError(f"{wheel.name} has no compiled extension (resfuse/_C.abi3.so): it "
-                             "was built without nvcc or a CUDA torch")
+            raise CarryError(
+                f"{wheel.name} has no compiled extension (resfuse/_C.abi3.so): it "
+                "was built without nvcc or a CUDA torch"
+            )
         return json.loads(z.read("resfuse/_cuda_build.json"))
 
 
@@ -105,14 +119,29 @@ def _pip_download(requirement: str, cache: Path, *extra: str, env=None) -> Path:
     def found():  # distribution files are named <project>-<version>[-...].whl / .tar.gz
         def matches(p):
             parts = p.name.replace(".tar.gz", "").split("-")
-            return (parts[0].lower().replace(".", "_") == name and len(parts) > 1
-                    and (not version or parts[1] == version) and p.name.endswith((".whl", ".tar.gz")))
+            return (
+                parts[0].lower().replace(".", "_") == name
+                and len(parts) > 1
+                and (not version or parts[1] == version)
+                and p.name.endswith((".whl", ".tar.gz"))
+            )
+
         return sorted(p for p in cache.iterdir() if matches(p))
 
     cache.mkdir(parents=True, exist_ok=True)
     if not found():
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", str(cache),
-               requirement, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--dest",
+            str(cache),
+            requirement,
+            *extra,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise CarryError(f"pip download {requirement} failed:\n{proc.stderr[-2000:]}")
@@ -126,10 +155,12 @@ def flash_attn_norm(cache: Path, dest: Path) -> dict:
     """flash-attn's Triton norm module (and the two modules it imports) from its sdist, as
     the package ``flash_attn`` under ``dest``."""
     import os
+
     name, version = plan.FLASH_ATTN
     env = dict(os.environ, FLASH_ATTENTION_SKIP_CUDA_BUILD="TRUE")  # metadata without nvcc
-    sdist = _pip_download(f"{name}=={version}", cache, "--no-binary", ":all:",
-                          "--no-build-isolation", env=env)
+    sdist = _pip_download(
+        f"{name}=={version}", cache, "--no-binary", ":all:", "--no-build-isolation", env=env
+    )
     if dest.exists():
         shutil.rmtree(dest)
     prefix = f"flash_attn-{version}/"
@@ -145,18 +176,27 @@ def flash_attn_norm(cache: Path, dest: Path) -> dict:
         (dest / package / "__init__.py").write_text(
             "# resfuse's GPU campaign: flash-attn's Triton norm alone, taken from the sdist "
             f"({sdist.name});\n# the package __init__, which loads flash-attn's CUDA extension, "
-            "is left out.\n")
-    return {"sdist": sdist.name, "sdist_sha256": common.file_sha256(sdist),
-            "files": list(plan.FLASH_ATTN_FILES)}
+            "is left out.\n"
+        )
+    return {
+        "sdist": sdist.name,
+        "sdist_sha256": common.file_sha256(sdist),
+        "files": list(plan.FLASH_ATTN_FILES),
+    }
 
 
 def tree_bytes(root: Path) -> int:
     """What the device tool copies of the working tree: tracked files and untracked ones git
     does not ignore."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=root, capture_output=True, check=True).stdout
-    return sum((root / n).stat().st_size for n in out.decode().split("\0")
-               if n and (root / n).is_file())
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout
+    return sum(
+        (root / n).stat().st_size for n in out.decode().split("\0") if n and (root / n).is_file()
+    )
 
 
 def folder_bytes(path: Path) -> int:
@@ -165,10 +205,15 @@ def folder_bytes(path: Path) -> int:
 
 def _commit(root: Path) -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -184,10 +229,17 @@ def build(root: Path = common.ROOT, carry: Path | None = None, build_wheel: bool
 
     wheel = resfuse_wheel(root, build_wheel)
     shutil.copy2(wheel, wheels / wheel.name)
-    manifest = {"format": 1, "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                "commit": _commit(root), "sources_digest": common.sources_digest(root),
-                "wheel": f"wheels/{wheel.name}", "wheel_build": wheel_build_info(wheel),
-                "peers": {}, "build_tools": {}, "not_carried": dict(plan.NOT_CARRIED)}
+    manifest = {
+        "format": 1,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": _commit(root),
+        "sources_digest": common.sources_digest(root),
+        "wheel": f"wheels/{wheel.name}",
+        "wheel_build": wheel_build_info(wheel),
+        "peers": {},
+        "build_tools": {},
+        "not_carried": dict(plan.NOT_CARRIED),
+    }
     name, version = plan.LIGER
     liger = _pip_download(f"{name}=={version}", cache)
     shutil.copy2(liger, wheels / liger.name)
@@ -197,9 +249,11 @@ def build(root: Path = common.ROOT, carry: Path | None = None, build_wheel: bool
         whl = _pip_download(tool, cache, "--only-binary", ":all:")
         shutil.copy2(whl, wheels / whl.name)
         manifest["build_tools"][tool] = f"wheels/{whl.name}"
-    manifest["files"] = {str(p.relative_to(carry)): {"bytes": p.stat().st_size,
-                                                     "sha256": common.file_sha256(p)}
-                         for p in sorted(carry.rglob("*")) if p.is_file()}
+    manifest["files"] = {
+        str(p.relative_to(carry)): {"bytes": p.stat().st_size, "sha256": common.file_sha256(p)}
+        for p in sorted(carry.rglob("*"))
+        if p.is_file()
+    }
     manifest["carry_bytes"] = sum(f["bytes"] for f in manifest["files"].values())
     manifest["tree_bytes"] = tree_bytes(root)
     common.write_json(carry / MANIFEST, manifest)
@@ -210,9 +264,11 @@ def build(root: Path = common.ROOT, carry: Path | None = None, build_wheel: bool
 def check_size(carry: Path, tree: int) -> int:
     total = folder_bytes(carry) + tree
     if total > plan.CARRY_LIMIT_BYTES:
-        raise CarryError(f"{carry} ({folder_bytes(carry) / 2**20:.1f} MiB) and the working tree "
-                         f"({tree / 2**20:.1f} MiB) exceed the device tool's "
-                         f"{plan.CARRY_LIMIT_BYTES >> 20} MiB")
+        raise CarryError(
+            f"{carry} ({folder_bytes(carry) / 2**20:.1f} MiB) and the working tree "
+            f"({tree / 2**20:.1f} MiB) exceed the device tool's "
+            f"{plan.CARRY_LIMIT_BYTES >> 20} MiB"
+        )
     return total
 
 
@@ -233,7 +289,9 @@ def verify(carry: Path) -> tuple[dict, list[str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--carry", type=Path, default=common.ROOT / plan.CARRY_DIR)
     ap.add_argument("--no-build", action="store_true", help="fail instead of running make wheel")
     args = ap.parse_args(argv)
@@ -243,10 +301,12 @@ def main(argv=None) -> int:
         print(f"gpu-carry: {e}", file=sys.stderr)
         return 1
     mib = 1 << 20
-    print(f"[carry] {args.carry}: {len(manifest['files'])} files, {manifest['carry_bytes'] / mib:.1f} "
-          f"MiB (+ tree {manifest['tree_bytes'] / mib:.1f} MiB, limit {plan.CARRY_LIMIT_BYTES // mib} "
-          f"MiB); resfuse wheel for {manifest['wheel_build'].get('arch_list')} built against torch "
-          f"{manifest['wheel_build'].get('torch')}, commit {manifest['commit']}")
+    print(
+        f"[carry] {args.carry}: {len(manifest['files'])} files, {manifest['carry_bytes'] / mib:.1f} "
+        f"MiB (+ tree {manifest['tree_bytes'] / mib:.1f} MiB, limit {plan.CARRY_LIMIT_BYTES // mib} "
+        f"MiB); resfuse wheel for {manifest['wheel_build'].get('arch_list')} built against torch "
+        f"{manifest['wheel_build'].get('torch')}, commit {manifest['commit']}"
+    )
     for rel, meta in manifest["files"].items():
         if meta["bytes"] > 100_000:
             print(f"        {meta['bytes'] / mib:6.2f} MiB  {rel}")

@@ -17,7 +17,10 @@ import tarfile
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
+    sys.path[:0] = [
+        str(Path(__file__).resolve().parents[1]),
+        str(Path(__file__).resolve().parents[2]),
+    ]
     from campaign import carry, common, plan  # noqa: E402
 else:
     from . import carry, common, plan
@@ -35,7 +38,9 @@ def problems(out_dir: Path, carry_dir: Path) -> list[str]:
     if manifest:
         size = carry.folder_bytes(carry_dir) + carry.tree_bytes(common.ROOT)
         if size > plan.CARRY_LIMIT_BYTES:
-            found.append(f"carry + tree {size / 2**20:.1f} MiB > {plan.CARRY_LIMIT_BYTES >> 20} MiB")
+            found.append(
+                f"carry + tree {size / 2**20:.1f} MiB > {plan.CARRY_LIMIT_BYTES >> 20} MiB"
+            )
     files = sorted(p.name for p in out_dir.iterdir() if p.is_file()) if out_dir.is_dir() else []
     if len(files) > plan.OUT_FILE_LIMIT:
         found.append(f"{out_dir} holds {len(files)} files, over {plan.OUT_FILE_LIMIT}: {files}")
@@ -61,7 +66,9 @@ def problems(out_dir: Path, carry_dir: Path) -> list[str]:
         for phase in plan.PHASES:
             entry = ran.get(phase.name)
             if entry is None or entry["status"] in ("failed", "not run"):
-                found.append(f"phase {phase.name}: {entry['status'] + ': ' + entry.get('summary', '') if entry else 'missing'}")
+                found.append(
+                    f"phase {phase.name}: {entry['status'] + ': ' + entry.get('summary', '') if entry else 'missing'}"
+                )
     summary = out_dir / "summary.md"
     if summary.exists() and "| phase | status |" not in summary.read_text():
         found.append("summary.md has no phase table")
@@ -69,8 +76,13 @@ def problems(out_dir: Path, carry_dir: Path) -> list[str]:
 
 
 # the report's sections a run that reached every phase has (benchmarks/report.py)
-REPORT_SECTIONS = ("## Implementations", "## resfuse.patch on transformers.LlamaModel",
-                   "## Reference transformer", "## Small-batch latency", "## Kernels")
+REPORT_SECTIONS = (
+    "## Implementations",
+    "## resfuse.patch on transformers.LlamaModel",
+    "## Reference transformer",
+    "## Small-batch latency",
+    "## Kernels",
+)
 
 
 def _coverage(tar_path: Path) -> list[str]:
@@ -78,7 +90,9 @@ def _coverage(tar_path: Path) -> list[str]:
     with the reason it was not), and the report has its sections: no code path of the
     bandwidth phase was skipped."""
     import json
+
     from campaign import bandwidth
+
     found = []
     with tarfile.open(tar_path) as tar:
         members = {Path(*Path(n).parts[1:]).as_posix(): n for n in tar.getnames()}
@@ -90,8 +104,10 @@ def _coverage(tar_path: Path) -> list[str]:
     for name, impls, cases, directions in bandwidth.main_cases(plan.bandwidth_scale(True)):
         missing = sorted({(c.op, i, d) for c in cases for i in impls for d in directions} - have)
         if missing:
-            found.append(f"bandwidth pass {name}: no record for {missing[:4]}"
-                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+            found.append(
+                f"bandwidth pass {name}: no record for {missing[:4]}"
+                + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            )
     if not results.get("latency", {}).get("records"):
         found.append("results.json: no latency records")
     for section in REPORT_SECTIONS:
@@ -101,7 +117,9 @@ def _coverage(tar_path: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", type=Path)
     ap.add_argument("--carry", type=Path, default=common.ROOT / plan.CARRY_DIR)
     args = ap.parse_args(argv)
@@ -109,10 +127,12 @@ def main(argv=None) -> int:
     if found:
         print("gpu-campaign-rehearsal: problems:\n  " + "\n  ".join(found), file=sys.stderr)
         return 1
-    print(f"gpu-campaign-rehearsal: ok: every file a GPU run returns is there ({args.out}); "
-          f"deadlines {plan.deadlines_total():.0f} s <= {plan.TOTAL_BUDGET_S} s; carry + tree "
-          f"{(carry.folder_bytes(args.carry) + carry.tree_bytes(common.ROOT)) / 2**20:.1f} MiB "
-          f"<= {plan.CARRY_LIMIT_BYTES >> 20} MiB")
+    print(
+        f"gpu-campaign-rehearsal: ok: every file a GPU run returns is there ({args.out}); "
+        f"deadlines {plan.deadlines_total():.0f} s <= {plan.TOTAL_BUDGET_S} s; carry + tree "
+        f"{(carry.folder_bytes(args.carry) + carry.tree_bytes(common.ROOT)) / 2**20:.1f} MiB "
+        f"<= {plan.CARRY_LIMIT_BYTES >> 20} MiB"
+    )
     return 0
 
 

@@ -20,13 +20,14 @@ from . import plan
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / "tools"
-PHASE_DIR = "campaign"          # inside the results folder: one JSON per phase, and logs/
+PHASE_DIR = "campaign"  # inside the results folder: one JSON per phase, and logs/
 
 
 @dataclass
 class Context:
     """One phase's view of the run. ``deadline``: time.time() by which the phase must have
     ended (it is killed then); it stops starting new work ``plan.SOFT_MARGIN_S`` earlier."""
+
     run_dir: Path
     rehearsal: bool
     deadline: float
@@ -121,8 +122,12 @@ def child_env(ctx: Context, extra: Optional[dict] = None) -> dict:
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.setdefault("CUDA_HOME", "/usr/local/cuda")
     if ctx.rehearsal:
         env["TRITON_INTERPRET"] = "1"
@@ -139,9 +144,9 @@ def child_env(ctx: Context, extra: Optional[dict] = None) -> dict:
 
 @dataclass
 class ChildResult:
-    returncode: Optional[int]   # None: killed at its deadline
+    returncode: Optional[int]  # None: killed at its deadline
     seconds: float
-    tail: str                   # the last lines it printed
+    tail: str  # the last lines it printed
 
     @property
     def timed_out(self) -> bool:
@@ -167,6 +172,7 @@ def spawn(cmd: Sequence[str], **kwargs) -> subprocess.Popen:
 def stop_children_on_sigterm() -> None:
     """In a phase's process: on SIGTERM (the driver's deadline), kill every child's process
     group, then exit at once (threads waiting on children are not waited for)."""
+
     def handler(*_):
         for proc in list(_LIVE):
             try:
@@ -174,6 +180,7 @@ def stop_children_on_sigterm() -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         os._exit(143)
+
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -199,10 +206,18 @@ def kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_child(cmd: Sequence[str], *, timeout: float, env: Optional[dict] = None,
-              cwd: Optional[Path] = None, log_path: Optional[Path] = None, prefix="",
-              echo: bool = True, on_line: Optional[Callable[[str], None]] = None,
-              tail_lines: int = 40) -> ChildResult:
+def run_child(
+    cmd: Sequence[str],
+    *,
+    timeout: float,
+    env: Optional[dict] = None,
+    cwd: Optional[Path] = None,
+    log_path: Optional[Path] = None,
+    prefix="",
+    echo: bool = True,
+    on_line: Optional[Callable[[str], None]] = None,
+    tail_lines: int = 40,
+) -> ChildResult:
     """Run ``cmd`` in its own process group; its output goes to ``log_path`` and (with
     ``prefix``, a string or a function returning one) to our stdout as it comes. At
     ``timeout`` seconds the whole group is stopped (SIGTERM, then SIGKILL), children
@@ -215,8 +230,16 @@ def run_child(cmd: Sequence[str], *, timeout: float, env: Optional[dict] = None,
         log_file = open(log_path, "a", buffering=1)
         log_file.write(f"$ {' '.join(map(str, cmd))}\n")
     try:
-        proc = spawn(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                     stdin=subprocess.DEVNULL, text=True, errors="replace")
+        proc = spawn(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        )
     except OSError as e:
         if log_file:
             log_file.write(f"could not start: {e}\n")
@@ -249,8 +272,9 @@ def run_child(cmd: Sequence[str], *, timeout: float, env: Optional[dict] = None,
     kill_group(proc)  # a child's own children (shards, workers) must not outlive it
     seconds = time.time() - start
     if log_file:
-        log_file.write(f"[exit {'timeout' if returncode is None else returncode} after "
-                       f"{seconds:.1f} s]\n")
+        log_file.write(
+            f"[exit {'timeout' if returncode is None else returncode} after {seconds:.1f} s]\n"
+        )
         log_file.close()
     return ChildResult(returncode, seconds, "\n".join(tail))
 

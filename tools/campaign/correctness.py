@@ -18,8 +18,12 @@ from pathlib import Path
 
 from . import common, plan
 
-FILES = ("tests/test_cuda_gpu.py", "tests/test_gpu.py", "tests/test_matrix.py",
-         "tests/test_modules.py")  # in priority order
+FILES = (
+    "tests/test_cuda_gpu.py",
+    "tests/test_gpu.py",
+    "tests/test_matrix.py",
+    "tests/test_modules.py",
+)  # in priority order
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -40,13 +44,23 @@ def summarise(shards: list[list[dict]]) -> dict:
     outcomes = Counter(t["outcome"] for t in tests)
     selected = heads[0]["selected_all_shards"] if heads else 0
     unreported = selected - len(tests) if heads and len(heads) == len(shards) else None
-    return {"selected": selected, "reported": len(tests), "outcomes": dict(outcomes),
-            "unreported": unreported, "rules": heads[0]["rules"] if heads else [],
-            "failures": [t for t in tests if t["outcome"] == "failed"],
-            "skip_reasons": dict(Counter(t["message"].splitlines()[0][:120] for t in tests
-                                         if t["outcome"] == "skipped").most_common(8)),
-            "slowest": sorted(({"nodeid": t["nodeid"], "seconds": t["seconds"]} for t in tests),
-                              key=lambda t: -t["seconds"])[:10]}
+    return {
+        "selected": selected,
+        "reported": len(tests),
+        "outcomes": dict(outcomes),
+        "unreported": unreported,
+        "rules": heads[0]["rules"] if heads else [],
+        "failures": [t for t in tests if t["outcome"] == "failed"],
+        "skip_reasons": dict(
+            Counter(
+                t["message"].splitlines()[0][:120] for t in tests if t["outcome"] == "skipped"
+            ).most_common(8)
+        ),
+        "slowest": sorted(
+            ({"nodeid": t["nodeid"], "seconds": t["seconds"]} for t in tests),
+            key=lambda t: -t["seconds"],
+        )[:10],
+    }
 
 
 def run(ctx: common.Context) -> dict:
@@ -61,13 +75,35 @@ def run(ctx: common.Context) -> dict:
     for i in range(shards):
         results = out_dir / f"shard{i}.jsonl"
         results.unlink(missing_ok=True)
-        cmd = [common.python(), "-m", "pytest", "-q", "-p", "campaign.pytest_plugin", "-p",
-               "no:cacheprovider", "--campaign-shard", f"{i}/{shards}", "--campaign-limit",
-               str(limit), "--campaign-deadline", repr(pytest_deadline), "--campaign-results",
-               str(results), "-o", "console_output_style=classic", *FILES]
+        cmd = [
+            common.python(),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "campaign.pytest_plugin",
+            "-p",
+            "no:cacheprovider",
+            "--campaign-shard",
+            f"{i}/{shards}",
+            "--campaign-limit",
+            str(limit),
+            "--campaign-deadline",
+            repr(pytest_deadline),
+            "--campaign-results",
+            str(results),
+            "-o",
+            "console_output_style=classic",
+            *FILES,
+        ]
         log = open(ctx.log_dir / f"correctness-shard{i}.log", "w")
-        procs.append((common.spawn(cmd, cwd=ctx.root, env=env, stdout=log,
-                                   stderr=subprocess.STDOUT), log, results))
+        procs.append(
+            (
+                common.spawn(cmd, cwd=ctx.root, env=env, stdout=log, stderr=subprocess.STDOUT),
+                log,
+                results,
+            )
+        )
     print(f"{shards} pytest shards over {', '.join(FILES)}", flush=True)
     last = 0.0
     while any(p.poll() is None for p, _, _ in procs) and time.time() < ctx.deadline - 2:
@@ -75,8 +111,10 @@ def run(ctx: common.Context) -> dict:
         if time.time() - last > 10:
             last = time.time()
             done = summarise([_read_lines(r) for _, _, r in procs])
-            print(f"  {done['reported']} of {done['selected']} tests done: {done['outcomes']}",
-                  flush=True)
+            print(
+                f"  {done['reported']} of {done['selected']} tests done: {done['outcomes']}",
+                flush=True,
+            )
             ctx.write_record("correctness", {"status": "partial", "summary": "running", **done})
     killed = 0
     for p, log, _ in procs:
@@ -94,16 +132,25 @@ def run(ctx: common.Context) -> dict:
     record["status"] = common.status_of(failed + len(errors), not_reached > 0 or killed > 0)
     # every rule must name tests that exist (a typo is caught in the rehearsal); on the GPU
     # every rule must also find tests of its backend (no cuda tests: the extension is missing)
-    empty = [r["rule"] for r in record["rules"] if r["collected"] == 0
-             or (not ctx.rehearsal and r["matched"] == 0)]
+    empty = [
+        r["rule"]
+        for r in record["rules"]
+        if r["collected"] == 0 or (not ctx.rehearsal and r["matched"] == 0)
+    ]
     if empty:
         record["status"] = "failed"
         record["empty_rules"] = empty
-    record["summary"] = (f"{o.get('passed', 0)} passed, {failed} failed, {o.get('skipped', 0)} "
-                         f"skipped, {not_reached} not reached of {record['selected']} selected "
-                         f"({shards} shards)" + (f"; pytest exit codes {errors}" if errors else "")
-                         + (f"; rules matching no test: {record['empty_rules']}"
-                            if record.get("empty_rules") else ""))
+    record["summary"] = (
+        f"{o.get('passed', 0)} passed, {failed} failed, {o.get('skipped', 0)} "
+        f"skipped, {not_reached} not reached of {record['selected']} selected "
+        f"({shards} shards)"
+        + (f"; pytest exit codes {errors}" if errors else "")
+        + (
+            f"; rules matching no test: {record['empty_rules']}"
+            if record.get("empty_rules")
+            else ""
+        )
+    )
     if record["failures"]:
         record["summary"] += "; first failure: " + record["failures"][0]["nodeid"]
     return record

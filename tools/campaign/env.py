@@ -11,9 +11,20 @@ import subprocess
 
 from . import common, plan
 
-SMI_FIELDS = ("name", "driver_version", "memory.total", "clocks.max.sm", "clocks.max.memory",
-              "clocks.sm", "clocks.mem", "power.limit", "temperature.gpu", "pcie.link.gen.current",
-              "compute_mode", "mig.mode.current")
+SMI_FIELDS = (
+    "name",
+    "driver_version",
+    "memory.total",
+    "clocks.max.sm",
+    "clocks.max.memory",
+    "clocks.sm",
+    "clocks.mem",
+    "power.limit",
+    "temperature.gpu",
+    "pcie.link.gen.current",
+    "compute_mode",
+    "mig.mode.current",
+)
 
 
 def nvidia_smi() -> dict:
@@ -21,8 +32,12 @@ def nvidia_smi() -> dict:
     if exe is None:
         return {"error": "nvidia-smi not found"}
     try:
-        out = subprocess.run([exe, f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=15)
+        out = subprocess.run(
+            [exe, f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": f"{type(e).__name__}: {e}"}
     if out.returncode != 0:
@@ -33,29 +48,41 @@ def nvidia_smi() -> dict:
 
 def run(ctx: common.Context) -> dict:
     import torch
+
     from benchmarks import cli
     from benchmarks.timing import TimerSettings, copy_bandwidth
 
     device = torch.device(ctx.device)
     info = cli.device_info(device)
-    record = {"slug": info["slug"], "label": info["label"], "versions": {
-        **cli.versions(), "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                 "cpu": cli.cpu_name()},
-        "device": {"name": info["device"], "detail": info["device_detail"]}}
+    record = {
+        "slug": info["slug"],
+        "label": info["label"],
+        "versions": {
+            **cli.versions(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version()
+            if torch.backends.cudnn.is_available()
+            else None,
+        },
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cli.cpu_name()},
+        "device": {"name": info["device"], "detail": info["device_detail"]},
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         record["device"].update(
-            capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
-            l2_bytes=getattr(props, "L2_cache_size", None), total_memory=props.total_memory,
+            capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            l2_bytes=getattr(props, "L2_cache_size", None),
+            total_memory=props.total_memory,
             max_threads_per_sm=getattr(props, "max_threads_per_multi_processor", None),
             shared_memory_per_block_optin=getattr(props, "shared_memory_per_block_optin", None),
-            warp_size=getattr(props, "warp_size", None))
+            warp_size=getattr(props, "warp_size", None),
+        )
         record["nvidia_smi"] = nvidia_smi()
     else:
-        record["nvidia_smi"] = nvidia_smi() if shutil.which("nvidia-smi") else {
-            "error": "no GPU: CPU rehearsal"}
+        record["nvidia_smi"] = (
+            nvidia_smi() if shutil.which("nvidia-smi") else {"error": "no GPU: CPU rehearsal"}
+        )
     common.write_json(ctx.record_path("env"), record)  # the facts first, in case the copy hangs
 
     # three measurements, the fastest is the ceiling (a clock still ramping up only slows a copy)
@@ -67,8 +94,10 @@ def run(ctx: common.Context) -> dict:
     d = record["device"]
     facts = [d["name"]]
     if "sm_count" in d:
-        facts.append(f"{d['sm_count']} SMs, L2 {(d['l2_bytes'] or 0) / (1 << 20):.0f} MiB, "
-                     f"{d['total_memory'] / (1 << 30):.0f} GiB, sm_{d['capability'].replace('.', '')}")
+        facts.append(
+            f"{d['sm_count']} SMs, L2 {(d['l2_bytes'] or 0) / (1 << 20):.0f} MiB, "
+            f"{d['total_memory'] / (1 << 30):.0f} GiB, sm_{d['capability'].replace('.', '')}"
+        )
     smi = record["nvidia_smi"]
     if "driver_version" in smi:
         facts.append(f"driver {smi['driver_version']}, SM clock max {smi.get('clocks.max.sm')}")

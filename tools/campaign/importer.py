@@ -21,14 +21,20 @@ else:
     from . import common, plan
 
 
-def import_run(source: Path, results_root: Path, tables: Path, allow_rehearsal: bool = False) -> dict:
+def import_run(
+    source: Path, results_root: Path, tables: Path, allow_rehearsal: bool = False
+) -> dict:
     archive = source / plan.ARCHIVE_NAME if source.is_dir() else source
     if not archive.exists():
         raise SystemExit(f"no {plan.ARCHIVE_NAME} in {source}")
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():  # the archive's own folder only, plain files
-                if not member.isfile() or member.name.startswith("/") or ".." in Path(member.name).parts:
+                if (
+                    not member.isfile()
+                    or member.name.startswith("/")
+                    or ".." in Path(member.name).parts
+                ):
                     raise SystemExit(f"{archive}: unexpected member {member.name!r}")
             try:
                 tar.extractall(tmp, filter="data")
@@ -59,7 +65,9 @@ def import_run(source: Path, results_root: Path, tables: Path, allow_rehearsal: 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("source", type=Path, help="the folder the campaign's files came back to")
     ap.add_argument("--results-root", type=Path, default=common.ROOT / "benchmarks" / "results")
     ap.add_argument("--tables", type=Path, default=common.ROOT / "resfuse" / "auto_tables")

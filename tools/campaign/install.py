@@ -60,10 +60,18 @@ def unpack_wheel(wheel: Path, dest: Path, scripts: Path | None = None) -> list[s
 
 # what the benchmarks import of each peer; flash-attn's norm module asks the GPU for its warp
 # size when imported, so on CPU only the modules it imports are tried
-PEER_IMPORTS = {"liger": ("liger_kernel.ops.fused_add_rms_norm", "liger_kernel.ops.rms_norm",
-                          "liger_kernel.ops.layer_norm"),
-                "flash-attn": ("flash_attn.utils.torch", "flash_attn.utils.library",
-                               "flash_attn.ops.triton.layer_norm")}
+PEER_IMPORTS = {
+    "liger": (
+        "liger_kernel.ops.fused_add_rms_norm",
+        "liger_kernel.ops.rms_norm",
+        "liger_kernel.ops.layer_norm",
+    ),
+    "flash-attn": (
+        "flash_attn.utils.torch",
+        "flash_attn.utils.library",
+        "flash_attn.ops.triton.layer_norm",
+    ),
+}
 
 
 def peer_imports(ctx: common.Context) -> dict:
@@ -73,15 +81,24 @@ def peer_imports(ctx: common.Context) -> dict:
         if ctx.rehearsal and peer == "flash-attn":
             modules = modules[:-1]
         code = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
-        child = common.run_child([common.python(), "-c", code, *modules], timeout=min(60, ctx.remaining()),
-                                 env=common.child_env(ctx), cwd=ctx.root, echo=False)
+        child = common.run_child(
+            [common.python(), "-c", code, *modules],
+            timeout=min(60, ctx.remaining()),
+            env=common.child_env(ctx),
+            cwd=ctx.root,
+            echo=False,
+        )
         out[peer] = "ok" if child.ok else (child.tail.splitlines()[-1] if child.tail else "failed")
     return out
 
 
 def _setuptools_importable(ctx: common.Context) -> bool:
-    probe = common.run_child([common.python(), "-c", "import setuptools"], timeout=30,
-                             env=common.child_env(ctx), echo=False)
+    probe = common.run_child(
+        [common.python(), "-c", "import setuptools"],
+        timeout=30,
+        env=common.child_env(ctx),
+        echo=False,
+    )
     return probe.ok
 
 
@@ -104,10 +121,14 @@ def check_wheel(ctx: common.Context, wheel: Path) -> dict:
     env = {k: v for k, v in common.child_env(ctx).items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(wheel_site)
     with tempfile.TemporaryDirectory() as outside:  # away from the tree's resfuse/
-        child = common.run_child([common.python(), str(HERE / "wheel_check.py"), str(wheel_site),
-                                  ctx.device], timeout=min(120, ctx.remaining()), env=env,
-                                 cwd=Path(outside), log_path=ctx.log_dir / "install-wheel.log",
-                                 prefix="  wheel: ")
+        child = common.run_child(
+            [common.python(), str(HERE / "wheel_check.py"), str(wheel_site), ctx.device],
+            timeout=min(120, ctx.remaining()),
+            env=env,
+            cwd=Path(outside),
+            log_path=ctx.log_dir / "install-wheel.log",
+            prefix="  wheel: ",
+        )
     result = _last_json(child.tail)
     result.update(ok=child.ok, seconds=round(child.seconds, 1), site=str(wheel_site))
     if not child.ok:
@@ -134,28 +155,47 @@ def _scratch_sources(ctx: common.Context) -> Path:
     for rel in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
         shutil.copy2(ctx.root / rel, src / rel)
     for rel in ("csrc", "resfuse", "triton_kernels", "benchmarks"):
-        shutil.copytree(ctx.root / rel, src / rel,
-                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "_cuda_build.json"))
+        shutil.copytree(
+            ctx.root / rel,
+            src / rel,
+            ignore=shutil.ignore_patterns("*.so", "__pycache__", "_cuda_build.json"),
+        )
     return src
 
 
 def source_build(ctx: common.Context, src: Path, arch: str, tools: Path, why: str) -> dict:
-    env = common.child_env(ctx, {
-        "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 4),
-        "RESFUSE_FORCE_CUDA_BUILD": "1",
-        "RESFUSE_PTXAS_LOG": str(ctx.log_dir / "ptxas-source-build.log")})
+    env = common.child_env(
+        ctx,
+        {
+            "TORCH_CUDA_ARCH_LIST": arch,
+            "MAX_JOBS": str(os.cpu_count() or 4),
+            "RESFUSE_FORCE_CUDA_BUILD": "1",
+            "RESFUSE_PTXAS_LOG": str(ctx.log_dir / "ptxas-source-build.log"),
+        },
+    )
     env["PATH"] = f"{tools / 'bin'}{os.pathsep}{env['PATH']}"
     if not _setuptools_importable(ctx):
         env["PYTHONPATH"] = f"{env['PYTHONPATH']}{os.pathsep}{tools}"
     print(f"source build for sm_{arch.replace('.', '')} in {src} ({why})", flush=True)
-    child = common.run_child([common.python(), "setup.py", "build_ext", "--inplace"], cwd=src,
-                             env=env, timeout=ctx.remaining(),
-                             log_path=ctx.log_dir / "install-source-build.log", prefix="  build: ",
-                             echo=False)
+    child = common.run_child(
+        [common.python(), "setup.py", "build_ext", "--inplace"],
+        cwd=src,
+        env=env,
+        timeout=ctx.remaining(),
+        log_path=ctx.log_dir / "install-source-build.log",
+        prefix="  build: ",
+        echo=False,
+    )
     built = sorted(str(p.relative_to(src)) for p in (src / "resfuse").glob("_C*.so"))
-    result = {"why": why, "arch": arch, "dir": str(src), "ok": child.ok and bool(built),
-              "seconds": round(child.seconds, 1), "built": built,
-              "timed_out": child.timed_out}
+    result = {
+        "why": why,
+        "arch": arch,
+        "dir": str(src),
+        "ok": child.ok and bool(built),
+        "seconds": round(child.seconds, 1),
+        "built": built,
+        "timed_out": child.timed_out,
+    }
     if not result["ok"]:
         result["error"] = child.tail[-1500:]
     return result
@@ -166,11 +206,18 @@ def verify_import(ctx: common.Context, src: Path) -> dict:
     env = common.child_env(ctx)
     paths = [p for p in env["PYTHONPATH"].split(os.pathsep) if p != str(ctx.root)]
     env["PYTHONPATH"] = os.pathsep.join([str(src)] + paths)
-    code = ("import json, resfuse; from resfuse import cuda_ext; "
-            "print(json.dumps({'file': resfuse.__file__, 'load_error': cuda_ext._load(), "
-            "'backends': {n: [s.available, s.reason] for n, s in resfuse.backends().items()}}))")
-    child = common.run_child([common.python(), "-c", code], timeout=min(90, ctx.remaining()),
-                             env=env, cwd=src, echo=False)
+    code = (
+        "import json, resfuse; from resfuse import cuda_ext; "
+        "print(json.dumps({'file': resfuse.__file__, 'load_error': cuda_ext._load(), "
+        "'backends': {n: [s.available, s.reason] for n, s in resfuse.backends().items()}}))"
+    )
+    child = common.run_child(
+        [common.python(), "-c", code],
+        timeout=min(90, ctx.remaining()),
+        env=env,
+        cwd=src,
+        echo=False,
+    )
     out = _last_json(child.tail)
     out["ok"] = child.ok and out.get("load_error") == ""
     return out
@@ -180,6 +227,7 @@ def _arch(ctx: common.Context) -> str:
     if ctx.rehearsal:
         return "9.0"
     import torch
+
     major, minor = torch.cuda.get_device_capability(0)
     return f"{major}.{minor}"
 
@@ -187,8 +235,9 @@ def _arch(ctx: common.Context) -> str:
 def run(ctx: common.Context) -> dict:
     record: dict = {}
     manifest, problems = carry.verify(ctx.carry_dir)
-    record["carry"] = {k: manifest.get(k) for k in ("created", "commit", "wheel", "wheel_build",
-                                                    "carry_bytes")}
+    record["carry"] = {
+        k: manifest.get(k) for k in ("created", "commit", "wheel", "wheel_build", "carry_bytes")
+    }
     record["carry"]["problems"] = problems
     tree_digest = common.sources_digest(ctx.root)
     record["carry"]["sources_match_tree"] = manifest.get("sources_digest") == tree_digest
@@ -208,8 +257,11 @@ def run(ctx: common.Context) -> dict:
     else:
         record["peers"]["liger"] = "not carried"
     flash = ctx.carry_dir / "peers" / "flash_attn" / "ops" / "triton" / "layer_norm.py"
-    record["peers"]["flash-attn"] = (f"Triton norm from {manifest['peers']['flash-attn']['sdist']}"
-                                     if flash.exists() else "not carried")
+    record["peers"]["flash-attn"] = (
+        f"Triton norm from {manifest['peers']['flash-attn']['sdist']}"
+        if flash.exists()
+        else "not carried"
+    )
     record["peer_imports"] = peer_imports(ctx)
     for tool, rel in manifest.get("build_tools", {}).items():
         if rel in files:
@@ -236,26 +288,44 @@ def run(ctx: common.Context) -> dict:
     if why_build or rehearse_build:
         src = _scratch_sources(ctx) if ctx.rehearsal else ctx.root
         record["source_build"] = source_build(
-            ctx, src, _arch(ctx), tools, why_build or "rehearsal: the fallback path, in a scratch copy")
+            ctx,
+            src,
+            _arch(ctx),
+            tools,
+            why_build or "rehearsal: the fallback path, in a scratch copy",
+        )
         ctx.write_record("install", record)
 
     record["import"] = verify_import(ctx, ctx.root)
     used = "source build" if why_build else "carried wheel"
     cuda = record["import"].get("backends", {}).get("cuda", [False, "?"])
     if ctx.rehearsal:
-        ok = record.get("wheel", {}).get("ok") and (not rehearse_build or record["source_build"]["ok"])
+        ok = record.get("wheel", {}).get("ok") and (
+            not rehearse_build or record["source_build"]["ok"]
+        )
         record["status"] = "ok" if ok and record["import"]["ok"] else "failed"
-        record["summary"] = (f"wheel loads on torch {record.get('wheel', {}).get('torch')} "
-                             f"(kernels need a GPU); peers import: {record['peer_imports']}"
-                             + (f"; fallback build "
-                             f"{'ok' if record['source_build']['ok'] else 'FAILED'} in "
-                             f"{record['source_build']['seconds']:.0f} s" if rehearse_build else ""))
+        record["summary"] = (
+            f"wheel loads on torch {record.get('wheel', {}).get('torch')} "
+            f"(kernels need a GPU); peers import: {record['peer_imports']}"
+            + (
+                f"; fallback build "
+                f"{'ok' if record['source_build']['ok'] else 'FAILED'} in "
+                f"{record['source_build']['seconds']:.0f} s"
+                if rehearse_build
+                else ""
+            )
+        )
     else:
         built_ok = not why_build or record["source_build"]["ok"]
         record["status"] = "ok" if built_ok and cuda[0] else "failed"
-        record["summary"] = (f"{used}: cuda backend {'available' if cuda[0] else 'UNAVAILABLE: ' + cuda[1]}"
-                             + (f" ({why_build})" if why_build else
-                                f"; wheel built on torch {manifest['wheel_build'].get('torch')} runs on "
-                                f"torch {record['wheel'].get('torch')}")
-                             + f"; peers import: {record['peer_imports']}")
+        record["summary"] = (
+            f"{used}: cuda backend {'available' if cuda[0] else 'UNAVAILABLE: ' + cuda[1]}"
+            + (
+                f" ({why_build})"
+                if why_build
+                else f"; wheel built on torch {manifest['wheel_build'].get('torch')} runs on "
+                f"torch {record['wheel'].get('torch')}"
+            )
+            + f"; peers import: {record['peer_imports']}"
+        )
     return record

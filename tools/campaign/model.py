@@ -27,7 +27,9 @@ def _relative(a, b) -> float:
 
 def _timer(device):
     import torch
+
     if device.type == "cuda":
+
         def mark():
             e = torch.cuda.Event(enable_timing=True)
             e.record()
@@ -36,6 +38,7 @@ def _timer(device):
         def between(a, b):
             b.synchronize()
             return a.elapsed_time(b)
+
         return mark, between
     return time.perf_counter, lambda a, b: (b - a) * 1e3
 
@@ -59,9 +62,16 @@ def llama_slice(ctx: common.Context) -> dict:
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=g)
     grad = torch.randn(batch, seq, config.hidden_size, device=device, generator=g).to(dtype)
     params = sum(p.numel() for p in base.parameters())
-    out = {"model": "transformers.LlamaModel", "transformers": transformers.__version__,
-           "config": scale.llama, "batch": batch, "seq": seq, "dtype": "bfloat16",
-           "params": params, "variants": []}
+    out = {
+        "model": "transformers.LlamaModel",
+        "transformers": transformers.__version__,
+        "config": scale.llama,
+        "batch": batch,
+        "seq": seq,
+        "dtype": "bfloat16",
+        "params": params,
+        "variants": [],
+    }
     mark, between = _timer(device)
     reference = None
     for name, fuse in VARIANTS:
@@ -82,15 +92,24 @@ def llama_slice(ctx: common.Context) -> dict:
 
         hidden = forward_backward()  # the first step: what it computes, against unpatched
         tensors = {"output": hidden.detach()}
-        tensors.update({f"grad {n}": p.grad.detach() for n, p in model.named_parameters()
-                        if p.grad is not None})
+        tensors.update(
+            {
+                f"grad {n}": p.grad.detach()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+        )
         if reference is None:
             reference = tensors
         else:
             errors = {k: _relative(tensors[k], reference[k]) for k in reference if k in tensors}
             worst = max(errors, key=errors.get)
-            row.update(max_rel_err=errors[worst], worst=worst, agrees=errors[worst] <= TOLERANCE,
-                       missing_grads=sorted(set(reference) - set(tensors))[:5])
+            row.update(
+                max_rel_err=errors[worst],
+                worst=worst,
+                agrees=errors[worst] <= TOLERANCE,
+                missing_grads=sorted(set(reference) - set(tensors))[:5],
+            )
         opt.zero_grad(set_to_none=True)
         del hidden, tensors
         with SavedTensorLedger(ignore=model.parameters()) as ledger:
@@ -121,14 +140,24 @@ def llama_slice(ctx: common.Context) -> dict:
             steps.append(between(t0, t2))
         if device.type == "cuda":
             row["peak_step_bytes"] = torch.cuda.max_memory_allocated() - resident
-        row.update(fwd_bwd_ms=statistics.median(fb) if fb else None,
-                   step_ms=statistics.median(steps) if steps else None, timed_steps=len(fb),
-                   tokens_per_s=batch * seq / (statistics.median(steps) / 1e3) if steps else None)
+        row.update(
+            fwd_bwd_ms=statistics.median(fb) if fb else None,
+            step_ms=statistics.median(steps) if steps else None,
+            timed_steps=len(fb),
+            tokens_per_s=batch * seq / (statistics.median(steps) / 1e3) if steps else None,
+        )
         out["variants"].append(row)
-        print(f"  {name:<22} fwd+bwd {row['fwd_bwd_ms'] or 0:8.1f} ms  step {row['step_ms'] or 0:8.1f} ms  "
-              f"saved {row['saved_bytes'] / 2**20:8.1f} MiB"
-              + (f"  peak {row['peak_step_bytes'] / 2**30:.2f} GiB" if "peak_step_bytes" in row else "")
-              + (f"  rel. err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""), flush=True)
+        print(
+            f"  {name:<22} fwd+bwd {row['fwd_bwd_ms'] or 0:8.1f} ms  step {row['step_ms'] or 0:8.1f} ms  "
+            f"saved {row['saved_bytes'] / 2**20:8.1f} MiB"
+            + (
+                f"  peak {row['peak_step_bytes'] / 2**30:.2f} GiB"
+                if "peak_step_bytes" in row
+                else ""
+            )
+            + (f"  rel. err {row['max_rel_err']:.1e}" if "max_rel_err" in row else ""),
+            flush=True,
+        )
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -137,6 +166,7 @@ def llama_slice(ctx: common.Context) -> dict:
 
 def reference_stack(ctx: common.Context) -> dict:
     import torch
+
     from benchmarks import transformer
 
     scale = plan.model_scale(ctx.rehearsal)
@@ -146,10 +176,13 @@ def reference_stack(ctx: common.Context) -> dict:
 
 def _new_results(ctx: common.Context) -> dict:
     import torch
+
     from benchmarks import cli
+
     device = torch.device(ctx.device)
-    results = cli.new_results(device, cli.device_info(device), "campaign",
-                              "python3 tools/gpu_campaign.py", [])
+    results = cli.new_results(
+        device, cli.device_info(device), "campaign", "python3 tools/gpu_campaign.py", []
+    )
     results["copy"] = {"bytes_per_s": float("nan"), "buffer_bytes": 0, "median_ms": None}
     return results
 
@@ -177,16 +210,24 @@ def run(ctx: common.Context) -> dict:
     base, fused = by.get("unpatched", {}), by.get("patched", {})
     wrong = [v["variant"] for v in record["llama"]["variants"] if v.get("agrees") is False]
     missing = [v["variant"] for v in record["llama"]["variants"] if v.get("step_ms") is None]
-    record["status"] = common.status_of(len(wrong), bool(missing) or "reference_stack" not in record)
+    record["status"] = common.status_of(
+        len(wrong), bool(missing) or "reference_stack" not in record
+    )
     parts = []
     if base.get("step_ms") and fused.get("step_ms"):
-        parts.append(f"Llama slice step {base['step_ms']:.1f} ms unpatched vs {fused['step_ms']:.1f} "
-                     f"ms patched (x{base['step_ms'] / fused['step_ms']:.2f})")
+        parts.append(
+            f"Llama slice step {base['step_ms']:.1f} ms unpatched vs {fused['step_ms']:.1f} "
+            f"ms patched (x{base['step_ms'] / fused['step_ms']:.2f})"
+        )
     if base.get("saved_bytes") and fused.get("saved_bytes"):
-        parts.append(f"saved for backward {_mib(base['saved_bytes'])} -> {_mib(fused['saved_bytes'])}")
+        parts.append(
+            f"saved for backward {_mib(base['saved_bytes'])} -> {_mib(fused['saved_bytes'])}"
+        )
     if base.get("peak_step_bytes") and fused.get("peak_step_bytes"):
-        parts.append(f"peak {base['peak_step_bytes'] / 2**30:.2f} -> "
-                     f"{fused['peak_step_bytes'] / 2**30:.2f} GiB")
+        parts.append(
+            f"peak {base['peak_step_bytes'] / 2**30:.2f} -> "
+            f"{fused['peak_step_bytes'] / 2**30:.2f} GiB"
+        )
     if wrong:
         parts.append(f"DISAGREES with unpatched: {wrong}")
     if missing:

@@ -60,12 +60,20 @@ def select(items, rules=plan.CORRECTNESS_RULES, limit: int = 0):
     for rule in rules:
         on_path = [it for it in items if rule_matches(plan.TestRule(rule.path), it)]
         matched = [it for it in on_path if rule.backend is None or _backend(it) == rule.backend]
-        kept = matched[::rule.every]
+        kept = matched[:: rule.every]
         if limit:
             kept = kept[:limit]
         keep.update(id(it) for it in kept)
-        per_rule.append({"rule": rule.path, "backend": rule.backend, "every": rule.every,
-                         "collected": len(on_path), "matched": len(matched), "kept": len(kept)})
+        per_rule.append(
+            {
+                "rule": rule.path,
+                "backend": rule.backend,
+                "every": rule.every,
+                "collected": len(on_path),
+                "matched": len(matched),
+                "kept": len(kept),
+            }
+        )
     return [it for it in items if id(it) in keep], per_rule
 
 
@@ -81,8 +89,16 @@ def pytest_collection_modifyitems(session, config, items):
     kept, per_rule = select(items, limit=config.getoption("campaign_limit"))
     mine = kept[index::count]
     chosen = {id(it) for it in mine}
-    _write(config, {"shard": f"{index}/{count}", "collected": len(items),
-                    "selected_all_shards": len(kept), "selected": len(mine), "rules": per_rule})
+    _write(
+        config,
+        {
+            "shard": f"{index}/{count}",
+            "collected": len(items),
+            "selected_all_shards": len(kept),
+            "selected": len(mine),
+            "rules": per_rule,
+        },
+    )
     deselected = [it for it in items if id(it) not in chosen]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
@@ -112,8 +128,15 @@ def pytest_runtest_logreport(report):
         message = _message(report)
         if report.skipped and NOT_REACHED in message:
             outcome = "not reached"
-        _write(_CONFIG[0], {"nodeid": report.nodeid, "outcome": outcome, "seconds": round(report.duration, 3),
-                            "message": message})
+        _write(
+            _CONFIG[0],
+            {
+                "nodeid": report.nodeid,
+                "outcome": outcome,
+                "seconds": round(report.duration, 3),
+                "message": message,
+            },
+        )
 
 
 _CONFIG = []  # pytest hands the reports no config: the one of this run

@@ -15,28 +15,46 @@ def run(ctx: common.Context) -> dict:
 
     results_path = ctx.run_dir / report.JSON_NAME
     if not results_path.exists():
-        empty = {"format": 1, "entries": [], "why_empty": "no results.json: the bandwidth phase "
-                 "measured nothing"}
+        empty = {
+            "format": 1,
+            "entries": [],
+            "why_empty": "no results.json: the bandwidth phase measured nothing",
+        }
         common.write_json(ctx.run_dir / report.AUTO_TABLE_NAME, empty)
         (ctx.run_dir / report.REPORT_NAME).write_text(
             "# resfuse GPU campaign: no measurements\n\nThe bandwidth phase wrote no results "
-            "(see summary.md and campaign/logs/bandwidth.log).\n")
+            "(see summary.md and campaign/logs/bandwidth.log).\n"
+        )
         return {"status": "failed", "summary": "no results.json to report on"}
     results = report.read_json(results_path)
     written = report.write_all(results, ctx.run_dir)
     table = build_auto_table.build(results)
     if table is None:
-        table = {"format": 1, "device": results["meta"].get("device"),
-                 "slug": results["meta"].get("slug"), "entries": [],
-                 "why_empty": "no shape has both resfuse-cuda and resfuse-triton measured"}
+        table = {
+            "format": 1,
+            "device": results["meta"].get("device"),
+            "slug": results["meta"].get("slug"),
+            "entries": [],
+            "why_empty": "no shape has both resfuse-cuda and resfuse-triton measured",
+        }
         common.write_json(ctx.run_dir / report.AUTO_TABLE_NAME, table)
     picks = [e["backend"] for e in table["entries"]]
     headline = summary.headline(results)
-    record = {"written": sorted(p.name for p in written.values()), "plots": results.get("plots", []),
-              "auto_table_entries": len(picks), "auto_table_cuda": picks.count("cuda"),
-              "headline": headline}
-    record["summary"] = (f"report.md, {len(record['plots'])} plots; auto table: {len(picks)} "
-                         f"entries" + (f" ({picks.count('cuda')} cuda, {picks.count('triton')} "
-                                       f"triton)" if picks else f" ({table.get('why_empty')})"))
+    record = {
+        "written": sorted(p.name for p in written.values()),
+        "plots": results.get("plots", []),
+        "auto_table_entries": len(picks),
+        "auto_table_cuda": picks.count("cuda"),
+        "headline": headline,
+    }
+    record["summary"] = (
+        f"report.md, {len(record['plots'])} plots; auto table: {len(picks)} "
+        f"entries"
+        + (
+            f" ({picks.count('cuda')} cuda, {picks.count('triton')} triton)"
+            if picks
+            else f" ({table.get('why_empty')})"
+        )
+    )
     record["status"] = "ok"
     return record

@@ -30,8 +30,9 @@ def find_sanitizer() -> str | None:
 
 def kernel_filter(sanitizer: str, ctx: common.Context) -> list[str]:
     """Only resfuse's kernels instrumented: the option's name differs between releases."""
-    helped = common.run_child([sanitizer, "--help"], timeout=30, echo=False,
-                              env=common.child_env(ctx), tail_lines=5000)
+    helped = common.run_child(
+        [sanitizer, "--help"], timeout=30, echo=False, env=common.child_env(ctx), tail_lines=5000
+    )
     for option in ("--kernel-name", "--kernel-regex"):
         if option in helped.tail:
             return [option, f"kns={plan.SANITIZE_KERNELS}"]
@@ -45,15 +46,30 @@ def run(ctx: common.Context) -> dict:
     env = common.child_env(ctx)
     if sanitizer is None or ctx.rehearsal:
         names = sorted({n for _, cases in plan.SANITIZE for n in cases})
-        child = common.run_child([common.python(), script, "--only", *names, "--device", ctx.device,
-                                  "--backend", "cuda" if not ctx.rehearsal else "torch"],
-                                 timeout=ctx.remaining(), env=env, cwd=ctx.root,
-                                 log_path=ctx.log_dir / "sanitize-cases.log", prefix="  ")
+        child = common.run_child(
+            [
+                common.python(),
+                script,
+                "--only",
+                *names,
+                "--device",
+                ctx.device,
+                "--backend",
+                "cuda" if not ctx.rehearsal else "torch",
+            ],
+            timeout=ctx.remaining(),
+            env=env,
+            cwd=ctx.root,
+            log_path=ctx.log_dir / "sanitize-cases.log",
+            prefix="  ",
+        )
         record["cases_without_sanitizer"] = {"ok": child.ok, "cases": names}
         reason = "compute-sanitizer not found" if sanitizer is None else "CPU rehearsal"
         record["status"] = "skipped" if child.ok else "failed"
-        record["summary"] = (f"not run ({reason}); the {len(names)} cases ran "
-                             f"{'fine' if child.ok else 'with an ERROR'} without it")
+        record["summary"] = (
+            f"not run ({reason}); the {len(names)} cases ran "
+            f"{'fine' if child.ok else 'with an ERROR'} without it"
+        )
         return record
     filt = kernel_filter(sanitizer, ctx)
     record["kernel_filter"] = filt
@@ -62,11 +78,29 @@ def run(ctx: common.Context) -> dict:
     children: dict = {}
 
     def one(tool, names):
-        cmd = [sanitizer, "--tool", tool, "--error-exitcode", "7", "--print-limit", "20", *filt,
-               common.python(), script, "--only", *names]
-        children[tool] = common.run_child(cmd, timeout=ctx.remaining(), env=env, cwd=ctx.root,
-                                          log_path=ctx.log_dir / f"sanitize-{tool}.log",
-                                          prefix=f"  {tool}: ", tail_lines=300)
+        cmd = [
+            sanitizer,
+            "--tool",
+            tool,
+            "--error-exitcode",
+            "7",
+            "--print-limit",
+            "20",
+            *filt,
+            common.python(),
+            script,
+            "--only",
+            *names,
+        ]
+        children[tool] = common.run_child(
+            cmd,
+            timeout=ctx.remaining(),
+            env=env,
+            cwd=ctx.root,
+            log_path=ctx.log_dir / f"sanitize-{tool}.log",
+            prefix=f"  {tool}: ",
+            tail_lines=300,
+        )
 
     threads = [threading.Thread(target=one, args=item) for item in plan.SANITIZE]
     for t in threads:
@@ -80,9 +114,16 @@ def run(ctx: common.Context) -> dict:
         found = SUMMARY.findall(child.tail)
         errors = int(found[-1]) if found else None
         done = [n for n in names if f"ok {n}" in child.tail]
-        record["tools"].append({"tool": tool, "cases": list(names), "completed": done,
-                                "errors": errors, "exit": child.returncode,
-                                "seconds": round(child.seconds, 1)})
+        record["tools"].append(
+            {
+                "tool": tool,
+                "cases": list(names),
+                "completed": done,
+                "errors": errors,
+                "exit": child.returncode,
+                "seconds": round(child.seconds, 1),
+            }
+        )
         if child.timed_out or len(done) < len(names):
             incomplete = True
         if errors or child.returncode not in (0, None):
@@ -90,6 +131,8 @@ def run(ctx: common.Context) -> dict:
     record["status"] = common.status_of(failures, incomplete)
     record["summary"] = "; ".join(
         f"{t['tool']}: {t['errors'] if t['errors'] is not None else '?'} errors, "
-        f"{len(t['completed'])}/{len(t['cases'])} cases" + (" (stopped)" if t["exit"] is None else "")
-        for t in record["tools"])
+        f"{len(t['completed'])}/{len(t['cases'])} cases"
+        + (" (stopped)" if t["exit"] is None else "")
+        for t in record["tools"]
+    )
     return record

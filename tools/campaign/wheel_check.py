@@ -22,11 +22,18 @@ def main() -> int:
     if not where.startswith(os.path.realpath(prefix)):
         raise SystemExit(f"resfuse imported from {where}, not from the wheel in {prefix}")
     reason = cuda_ext._load()
-    out = {"resfuse": where, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "build": cuda_ext.build_info(), "load_error": reason}
+    out = {
+        "resfuse": where,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "build": cuda_ext.build_info(),
+        "load_error": reason,
+    }
     if reason:
         print(json.dumps(out))
-        raise SystemExit(f"the wheel's extension does not load on torch {torch.__version__}: {reason}")
+        raise SystemExit(
+            f"the wheel's extension does not load on torch {torch.__version__}: {reason}"
+        )
     for op in ("cuda_add_norm_fwd", "cuda_add_norm_bwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resfuse::{op}", "CUDA"), op
     out["backends"] = {n: [s.available, s.reason] for n, s in resfuse.backends().items()}
@@ -38,8 +45,10 @@ def main() -> int:
         r = torch.randn_like(x)
         w = torch.randn(4096, device="cuda", requires_grad=True)
         wb = torch.randn(4096, device="cuda", requires_grad=True)
-        for name, call in (("add_rms_norm", lambda b: resfuse.add_rms_norm(x, r, w, backend=b)),
-                           ("norm_add_norm", lambda b: resfuse.norm_add_norm(x, r, wb, w, backend=b))):
+        for name, call in (
+            ("add_rms_norm", lambda b: resfuse.add_rms_norm(x, r, w, backend=b)),
+            ("norm_add_norm", lambda b: resfuse.norm_add_norm(x, r, wb, w, backend=b)),
+        ):
             got, want = call("cuda"), call("torch")
             for a, b in zip(got, want):
                 torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
