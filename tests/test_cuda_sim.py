@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import emulator_unavailable
+from conftest import cuda_launch_limits, emulator_unavailable
 from numerics import (
     DTYPES,
     FULL,
@@ -205,7 +205,16 @@ def test_misaligned_inputs_through_the_api(cuda_sim):
     torch.testing.assert_close(y.float(), y_ref.float(), atol=1.6e-2, rtol=1.6e-2)
 
 
-@pytest.mark.parametrize("D", [1, 7, 16, 17, 64, 1000, 4096, 4097, 8192, 16384, 16385, 65536])
+def _thread_sizes() -> list[int]:
+    """Small sizes, and around the forward's block row (from the kernels' limits)."""
+    L = cuda_launch_limits()
+    if L is None:  # no emulator (the module is skipped)
+        return []
+    row = L["fwd_block_row"]
+    return [1, 7, 16, 17, 64, 1000, 4096, 4097, row // 2, row, row + 1, 4 * row]
+
+
+@pytest.mark.parametrize("D", _thread_sizes())
 def test_threads_per_row_scale_with_D(D, sim):
     """Threads per row: the power of two giving each thread at most its share of chunks, up
     to the largest block (forward); longer rows span clusters of such blocks (sm_90)."""
