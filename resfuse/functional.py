@@ -87,9 +87,10 @@ def _call(
             out_dtype,
         ),
     )
+    compiling = torch.compiler.is_compiling()
     if backend == "auto":  # auto's measured choice depends on the call (auto_table)
         key = (spec.family, norm, x.dtype, D, needs_grad)
-        if torch.compiler.is_compiling() and not _auto_table.known_at_trace(D):
+        if compiling and not _auto_table.known_at_trace(D):
             key = None  # the choice is a constant of the graph: a symbolic D gets the rule
         backend = _backends.resolve(backend, x.device, key)
     else:
@@ -98,7 +99,7 @@ def _call(
         Operands,
         (_ops.rows(x, D), _ops.rows(residual, D), weight, bias, bs, _ops.flat(rowscale), bw, bb),
     )
-    y, h, _, _ = _ops.run(spec, ops, backend, needs_grad)
+    y, h, _, _ = _ops.run(spec, ops, backend, needs_grad, compiling)
     if len(shape) != 2:
         y = y.view(shape) if y is not None else y
         h = h.view(shape) if h is not None else h

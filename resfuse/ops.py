@@ -345,11 +345,12 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------- running a call
 
 
-def run(spec: AddNormSpec, ops: Operands, backend: str, needs_grad: bool) -> tuple:
+def run(spec: AddNormSpec, ops: Operands, backend: str, needs_grad: bool, compiling: bool) -> tuple:
     """``(y, h, mean, mean_x)`` of a call (None where absent) on a concrete backend, by the
-    path that fits: the registered op while torch.compile traces (the graph stays whole),
-    the autograd function when a gradient is needed, the backend itself otherwise."""
-    if torch.compiler.is_compiling():
+    path that fits: the registered op while torch.compile traces (``compiling``; the graph
+    stays whole), the autograd function when a gradient is needed, the backend itself
+    otherwise. The caller passes ``compiling``: it has asked already (one query per call)."""
+    if compiling:
         return absent_to_none(
             torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend), forward_present(spec)
         )
