@@ -89,6 +89,8 @@ def crossovers() -> list[int]:
         triton_launch.MAX_FUSED_D_BWD_READS_X,
         triton_launch.MAX_FUSED_D_BWD,
         triton_launch.MAX_FUSED_D_FWD,
+        triton_launch.MAX_FUSED_D_FWD_BRANCH_NORM,
+        triton_launch.MAX_REGISTER_SUMS_D_BWD,
     }
     cuda = cuda_launch_limits()
     if cuda is not None:

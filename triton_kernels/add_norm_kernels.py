@@ -54,13 +54,22 @@ _STORE_DRESIDUAL = tl.constexpr(int(Flag.STORE_DRESIDUAL))
 
 
 @triton.jit
-def _load(P, rows, cols, mask, stride):
-    return tl.load(P + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _load(P, rows, cols, mask, stride, EVICT: tl.constexpr = ""):
+    """A tile widened to fp32. ``EVICT``: the L2 eviction priority ("evict_last" for a first
+    pass whose data a second pass re-reads, "evict_first" for a last read)."""
+    return tl.load(
+        P + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0, eviction_policy=EVICT
+    ).to(tl.float32)
 
 
 @triton.jit
-def _store(P, v, rows, cols, mask, stride):
-    tl.store(P + rows[:, None] * stride + cols[None, :], v.to(P.dtype.element_ty), mask=mask)
+def _store(P, v, rows, cols, mask, stride, EVICT: tl.constexpr = ""):
+    tl.store(
+        P + rows[:, None] * stride + cols[None, :],
+        v.to(P.dtype.element_ty),
+        mask=mask,
+        eviction_policy=EVICT,
+    )
 
 
 @triton.jit
@@ -152,6 +161,7 @@ def _residual_add(
     residual_scale,
     branch_scale,
     FLAGS: tl.constexpr,
+    EVICT: tl.constexpr = "",
 ):
     """h = residual_scale * r + branch_scale * bs[col] * rowscale[row] * f for one tile."""
     f = f * branch_scale
@@ -160,15 +170,28 @@ def _residual_add(
     if (_ROWSCALE & FLAGS) != 0:
         f = f * tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     if (_RESIDUAL & FLAGS) != 0:
-        f = f + _load(R, rows, cols, mask, stride_r) * residual_scale
+        f = f + _load(R, rows, cols, mask, stride_r, EVICT) * residual_scale
     return f
 
 
 @triton.jit
-def _branch_value(X, WB, BB, rows, cols, mask, D, stride_x, mean_x, rstd_x, FLAGS: tl.constexpr):
+def _branch_value(
+    X,
+    WB,
+    BB,
+    rows,
+    cols,
+    mask,
+    D,
+    stride_x,
+    mean_x,
+    rstd_x,
+    FLAGS: tl.constexpr,
+    EVICT: tl.constexpr,
+):
     """f for one tile: x, or with the branch norm norm(x) * w_b' (+ b_b) given its row
     statistics."""
-    f = _load(X, rows, cols, mask, stride_x)
+    f = _load(X, rows, cols, mask, stride_x, EVICT)
     if (_BRANCH_NORM & FLAGS) != 0:
         f = _normalized_affine(
             f,
@@ -277,9 +300,12 @@ def _fwd_streamed(
     BLOCK_D: tl.constexpr,
 ):
     """The forward of rows too long for registers: pass 1 streams the row for h's statistics
-    (and stores h), pass 2 recomputes h from x and r (L2 hits for a row in flight) rather
-    than reading back the rounded h, so y matches the single-pass kernel. The branch norm's
-    statistics take one more pass over x first. Returns the row means (mean, mean_x)."""
+    (and stores h), pass 2 recomputes h from x and r rather than reading back the rounded h,
+    so y matches the single-pass kernel. Pass 2 finds x and r in L2: the launcher sizes the
+    persistent grid so that what all resident programs read between a row's two passes fits
+    in L2 (launch.rereads_fit_l2), and the eviction priorities keep pass 1's lines over the
+    streaming stores. The branch norm's statistics take one more pass over x first. Returns
+    the row means (mean, mean_x)."""
     IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
     mean_x = tl.zeros([BLOCK_M], tl.float32)
     rstd_x = tl.zeros([BLOCK_M], tl.float32)
@@ -291,7 +317,13 @@ def _fwd_streamed(
             mask = row_mask[:, None] & (c < D)[None, :]
             n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
             count, mean_x, m2 = _merge_moments(
-                count, mean_x, m2, _load(X, rows, c, mask, stride_x), mask, n_chunk, IS_RMS
+                count,
+                mean_x,
+                m2,
+                _load(X, rows, c, mask, stride_x, "evict_last"),
+                mask,
+                n_chunk,
+                IS_RMS,
             )
         rstd_x = tl.rsqrt(m2 / D + eps)
     count = tl.zeros([BLOCK_M], tl.float32)
@@ -301,7 +333,9 @@ def _fwd_streamed(
         c = start + cols
         mask = row_mask[:, None] & (c < D)[None, :]
         h = _residual_add(
-            _branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS),
+            _branch_value(
+                X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS, "evict_last"
+            ),
             R,
             BS,
             RS,
@@ -314,9 +348,10 @@ def _fwd_streamed(
             residual_scale,
             branch_scale,
             FLAGS,
+            "evict_last",
         )
         if (_STORE_H & FLAGS) != 0:
-            _store(H, h, rows, c, mask, stride_h)
+            _store(H, h, rows, c, mask, stride_h, "evict_first")
         n_chunk = tl.minimum(D - start, BLOCK_D).to(tl.float32)
         count, mean, m2 = _merge_moments(count, mean, m2, h, mask, n_chunk, IS_RMS)
     rstd = tl.rsqrt(m2 / D + eps)
@@ -325,7 +360,9 @@ def _fwd_streamed(
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
             h = _residual_add(
-                _branch_value(X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS),
+                _branch_value(
+                    X, WB, BB, rows, c, mask, D, stride_x, mean_x, rstd_x, FLAGS, "evict_first"
+                ),
                 R,
                 BS,
                 RS,
@@ -338,11 +375,12 @@ def _fwd_streamed(
                 residual_scale,
                 branch_scale,
                 FLAGS,
+                "evict_first",
             )
             y = _normalized_affine(
                 h, mean, rstd, mask, W, B, c, D, (_WEIGHT & FLAGS) != 0, (_BIAS & FLAGS) != 0, FLAGS
             )
-            _store(Y, y, rows, c, mask, stride_y)
+            _store(Y, y, rows, c, mask, stride_y, "evict_first")
     return mean, mean_x
 
 
@@ -379,10 +417,11 @@ def add_norm_fwd_kernel(
     residual_scale = tl.cast(residual_scale, tl.float32)
     branch_scale = tl.cast(branch_scale, tl.float32)
 
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_D)
     if SINGLE_PASS:
+        # one tile of BLOCK_M rows per program
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
         mean, mean_x = _fwd_rows_in_registers(
             X,
             R,
@@ -408,33 +447,46 @@ def add_norm_fwd_kernel(
             FLAGS,
             BLOCK_M,
         )
+        _store_means(MEAN, MEAN_X, mean, mean_x, rows, row_mask, FLAGS)
     else:
-        mean, mean_x = _fwd_streamed(
-            X,
-            R,
-            W,
-            B,
-            BS,
-            RS,
-            WB,
-            BB,
-            Y,
-            H,
-            rows,
-            row_mask,
-            cols,
-            D,
-            stride_x,
-            stride_r,
-            stride_y,
-            stride_h,
-            eps,
-            residual_scale,
-            branch_scale,
-            FLAGS,
-            BLOCK_M,
-            BLOCK_D,
-        )
+        # persistent: the launcher caps the grid so that the tiles open between their two
+        # passes fit in L2; the programs deal the tiles round-robin
+        for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+            # int64 rows: rows * stride can pass 2**31 (tile is a plain int in the interpreter)
+            rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile * BLOCK_M
+            row_mask = rows < n_rows
+            mean, mean_x = _fwd_streamed(
+                X,
+                R,
+                W,
+                B,
+                BS,
+                RS,
+                WB,
+                BB,
+                Y,
+                H,
+                rows,
+                row_mask,
+                cols,
+                D,
+                stride_x,
+                stride_r,
+                stride_y,
+                stride_h,
+                eps,
+                residual_scale,
+                branch_scale,
+                FLAGS,
+                BLOCK_M,
+                BLOCK_D,
+            )
+            _store_means(MEAN, MEAN_X, mean, mean_x, rows, row_mask, FLAGS)
+
+
+@triton.jit
+def _store_means(MEAN, MEAN_X, mean, mean_x, rows, row_mask, FLAGS: tl.constexpr):
+    """LayerNorm's row means: the backward's shifts."""
     if (_RMS & FLAGS) == 0:
         if (_OUTPUT_NORM & FLAGS) != 0:
             tl.store(MEAN + rows, mean, mask=row_mask)
@@ -446,9 +498,9 @@ def add_norm_fwd_kernel(
 
 
 @triton.jit
-def _shifted(P, shift, rows, cols, mask, stride, IS_RMS: tl.constexpr):
+def _shifted(P, shift, rows, cols, mask, stride, IS_RMS: tl.constexpr, EVICT: tl.constexpr = ""):
     """d = v - shift (LayerNorm's saved row mean) for one tile, zero outside the mask."""
-    d = _load(P, rows, cols, mask, stride)
+    d = _load(P, rows, cols, mask, stride, EVICT)
     if not IS_RMS:
         d = tl.where(mask, d - shift[:, None], 0.0)
     return d
@@ -521,6 +573,7 @@ def _chunk_dh(
     c2,
     HAS_DH: tl.constexpr,
     FLAGS: tl.constexpr,
+    EVICT: tl.constexpr = "",
 ):
     """(dy, xhat, dh) for a chunk whose row coefficients are known: the output norm's
     gradient reaching h plus h's own upstream gradient."""
@@ -529,8 +582,8 @@ def _chunk_dh(
     xhat = dy
     dh = dy
     if (_OUTPUT_NORM & FLAGS) != 0:
-        d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
-        dy = _load(DY, rows, cols, mask, stride_dy)
+        d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS, EVICT)
+        dy = _load(DY, rows, cols, mask, stride_dy, EVICT)
         xhat, dh = _norm_grad(
             d,
             _weighted(dy, W, cols, D, (_WEIGHT & FLAGS) != 0, FLAGS),
@@ -542,7 +595,7 @@ def _chunk_dh(
             IS_RMS,
         )
     if HAS_DH:
-        dh += _load(DH, rows, cols, mask, stride_dh)
+        dh += _load(DH, rows, cols, mask, stride_dh, EVICT)
     return dy, xhat, dh
 
 
@@ -667,6 +720,148 @@ def _bwd_rows_in_registers(
         tl.store(DWB_PART + part + cols, tl.sum(acc_dwb, 0), mask=col_mask)
     if HAS_BRANCH_BIAS:
         tl.store(DBB_PART + part + cols, tl.sum(acc_dbb, 0), mask=col_mask)
+
+
+@triton.jit
+def _add_at(K: tl.constexpr, t, a0, a1, a2, a3):
+    """(a0, a1, a2, a3) with t added to the K-th: one register accumulator per chunk of a
+    row (K is a static-unroll index, so this is resolved at compile time)."""
+    if K == 0:
+        a0 += t
+    elif K == 1:
+        a1 += t
+    elif K == 2:
+        a2 += t
+    else:
+        a3 += t
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _pick(K: tl.constexpr, a0, a1, a2, a3):
+    if K == 0:
+        return a0
+    elif K == 1:
+        return a1
+    elif K == 2:
+        return a2
+    return a3
+
+
+@triton.jit
+def _bwd_streamed_register_sums(
+    DY,
+    DH,
+    H,
+    W,
+    RS,
+    MEAN,
+    DX,
+    DR,
+    DW_PART,
+    DB_PART,
+    row_start,
+    row_end,
+    cols,
+    part,
+    D,
+    stride_dy,
+    stride_dh,
+    stride_h,
+    stride_dx,
+    stride_dr,
+    eps,
+    residual_scale,
+    branch_scale,
+    HAS_DH: tl.constexpr,
+    FLAGS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
+):
+    """The backward of the plain add + norm (no x read back) for rows streamed in N_CHUNKS
+    (<= 4) column chunks: pass 1 reduces the row sums, pass 2 re-reads the chunks from L2
+    (the launcher's grid keeps every program's open row there; pass 1 loads with evict_last)
+    for dx, and adds the chunk's parameter gradients into a register accumulator of its own
+    (the chunk loop is unrolled, one accumulator per chunk): no partial row is read back,
+    each program writes its partial rows once, at the end."""
+    tl.static_assert(N_CHUNKS <= 4, "one register accumulator per chunk, four at most")
+    IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
+    HAS_WEIGHT: tl.constexpr = (_WEIGHT & FLAGS) != 0
+    HAS_BIAS: tl.constexpr = (_BIAS & FLAGS) != 0
+    # tiles, summed over their rows only at the end: the same layout as the chunks' tiles
+    dw0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dw1 = dw0
+    dw2 = dw0
+    dw3 = dw0
+    db0 = dw0
+    db1 = dw0
+    db2 = dw0
+    db3 = dw0
+    for m in range(row_start, row_end, BLOCK_M):
+        rows = m + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        shift = tl.zeros([BLOCK_M], tl.float32)
+        if not IS_RMS:
+            shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        s_d = tl.zeros([BLOCK_M], tl.float32)
+        s_dd = s_d
+        s_gd = s_d
+        s_g = s_d
+        # a loop, not unrolled: an unrolled pass 1 would hoist every chunk's loads into
+        # registers at once (ptxas spilled so at 16K)
+        for start in range(0, D, BLOCK_D):
+            c = start + cols
+            mask = row_mask[:, None] & (c < D)[None, :]
+            d = _shifted(H, shift, rows, c, mask, stride_h, IS_RMS, "evict_last")
+            dy = _load(DY, rows, c, mask, stride_dy, "evict_last")
+            g = _weighted(dy, W, c, D, HAS_WEIGHT, FLAGS)
+            s_d += tl.sum(d, 1)
+            s_dd += tl.sum(d * d, 1)
+            s_gd += tl.sum(g * d, 1)
+            s_g += tl.sum(g, 1)
+        mean_d, rstd, c1, c2 = _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS)
+        for k in tl.static_range(N_CHUNKS):
+            c = k * BLOCK_D + cols
+            mask = row_mask[:, None] & (c < D)[None, :]
+            tl.debug_barrier()
+            dy, xhat, dh = _chunk_dh(
+                DY,
+                H,
+                W,
+                DH,
+                shift,
+                rows,
+                c,
+                mask,
+                D,
+                stride_dy,
+                stride_h,
+                stride_dh,
+                mean_d,
+                rstd,
+                c1,
+                c2,
+                HAS_DH,
+                FLAGS,
+                "evict_first",
+            )
+            if (_STORE_DRESIDUAL & FLAGS) != 0:
+                _store(DR, dh * residual_scale, rows, c, mask, stride_dr, "evict_first")
+            df = dh * branch_scale
+            if (_ROWSCALE & FLAGS) != 0:
+                df = df * tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+            _store(DX, df, rows, c, mask, stride_dx, "evict_first")
+            if HAS_WEIGHT:
+                dw0, dw1, dw2, dw3 = _add_at(k, dy * xhat, dw0, dw1, dw2, dw3)
+            if HAS_BIAS:
+                db0, db1, db2, db3 = _add_at(k, dy, db0, db1, db2, db3)
+    for k in tl.static_range(N_CHUNKS):
+        c = k * BLOCK_D + cols
+        if HAS_WEIGHT:
+            tl.store(DW_PART + part + c, tl.sum(_pick(k, dw0, dw1, dw2, dw3), 0), mask=c < D)
+        if HAS_BIAS:
+            tl.store(DB_PART + part + c, tl.sum(_pick(k, db0, db1, db2, db3), 0), mask=c < D)
 
 
 @triton.jit
@@ -886,9 +1081,11 @@ def add_norm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
+    REGISTER_CHUNKS: tl.constexpr,
 ):
-    """Rows in registers (SINGLE_PASS) or streamed, picked by the launcher from D. HAS_DH:
-    h's own upstream gradient exists (it is None when nothing used h)."""
+    """Rows in registers (SINGLE_PASS) or streamed (with the parameter-gradient sums in
+    REGISTER_CHUNKS register accumulators, or in the partial rows when 0), picked by the
+    launcher from D. HAS_DH: h's own upstream gradient exists (None when nothing used h)."""
     # Persistent grid: program p owns rows [p * rows_per_program, ...) and one row of each
     # partial-sum buffer, which it always writes (even with no rows), so the buffers can come
     # from torch.empty and the second-step reduction is deterministic (no atomics anywhere).
@@ -937,6 +1134,37 @@ def add_norm_bwd_kernel(
             FLAGS,
             BLOCK_M,
             BLOCK_D,
+        )
+    elif REGISTER_CHUNKS > 0:
+        _bwd_streamed_register_sums(
+            DY,
+            DH,
+            H,
+            W,
+            RS,
+            MEAN,
+            DX,
+            DR,
+            DW_PART,
+            DB_PART,
+            row_start,
+            row_end,
+            cols,
+            part,
+            D,
+            stride_dy,
+            stride_dh,
+            stride_h,
+            stride_dx,
+            stride_dr,
+            eps,
+            residual_scale,
+            branch_scale,
+            HAS_DH,
+            FLAGS,
+            BLOCK_M,
+            BLOCK_D,
+            REGISTER_CHUNKS,
         )
     else:
         _bwd_streamed(

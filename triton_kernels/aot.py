@@ -14,6 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -24,6 +25,7 @@ from . import launch
 from .add_norm_kernels import add_norm_bwd_kernel, add_norm_fwd_kernel
 
 _TYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+_TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Pointer arguments and their element types; "act" is the activation dtype under test.
 _FWD_POINTERS = {
@@ -127,9 +129,13 @@ def compile_kernel(
         fn, pointers, cfg = (
             add_norm_bwd_kernel,
             _BWD_POINTERS,
-            launch.bwd_config(D, reads_x=spec.reads_x_in_backward),
+            launch.bwd_config(
+                D,
+                reads_x=spec.reads_x_in_backward,
+                register_sums=launch.register_sums_fit(spec, _TORCH_DTYPE[dtype]),
+            ),
         )
-        constexprs = {"FLAGS": spec.flags, "HAS_DH": True}
+        constexprs = {"FLAGS": spec.flags, "HAS_DH": True, "REGISTER_CHUNKS": cfg.register_chunks}
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn

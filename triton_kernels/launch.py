@@ -18,27 +18,45 @@ from resfuse.spec import AddNormSpec, BackwardInputs, Forward, Grads, Operands, 
 
 from .add_norm_kernels import add_norm_bwd_kernel, add_norm_fwd_kernel
 
-# Largest row each kernel keeps whole in registers. Beyond it the kernels stream column
-# chunks of CHUNK_D in two passes over BLOCK_M rows (the second pass hits L2). The backward
-# holds more live tiles per element (xhat, g and the dweight/dbias accumulators) than the
-# forward (h), so its limit is lower: ptxas spills from D = 16K at 16 warps. The variants
-# that also read x in the backward (a LayerScale tensor or the branch norm: x's tile and
-# more accumulators) spill from 8K. These limits are spill-free for sm_80 and sm_90 in
-# fp32/fp16/bf16 (tests/triton_kernels/test_triton_compile.py checks).
+# Largest row each kernel keeps whole in registers (rows, BLOCK_M at a time, read once).
+# The backward holds more live tiles per element (xhat, g and the dweight/dbias accumulators)
+# than the forward (h), so its limit is lower: ptxas spills from D = 16K at 16 warps. The
+# variants that also read x in the backward (a LayerScale tensor or the branch norm: x's tile
+# and more accumulators) spill from 8K. These limits are spill-free for sm_80 and sm_90 in
+# fp32/fp16/bf16 (tests/triton_kernels/test_triton_compile.py checks). An fp32 row of 32K is
+# already half an SM's register file, so longer rows cannot stay in one program's registers.
 MAX_FUSED_D_FWD = 16384
+# the sandwich layout's forward holds x's tile through the branch norm as well: ptxas
+# spilled 4 bytes at 16K (LayerNorm, 128 registers at 16 warps)
+MAX_FUSED_D_FWD_BRANCH_NORM = 8192
 MAX_FUSED_D_BWD = 8192
 MAX_FUSED_D_BWD_READS_X = 4096
-# Chunked tiles (rows, columns, warps). Several rows per tile divide the backward's
-# partial-buffer read-modify-writes by that many; 8 fp32 elements per thread per live tile
-# keep every backward variant spill-free (ptxas spilled a few bytes with 2 x 2048 at 8 or
-# 16 warps), the forward holds fewer tiles and takes 16 (2 rows with the branch norm).
-CHUNK_FWD = (4, 2048, 8)
-CHUNK_FWD_BRANCH_NORM = (2, 2048, 8)
+# Longer rows are streamed in column chunks, two passes per row (statistics, then outputs),
+# by a persistent grid that keeps the second pass in L2 (rereads_fit_l2). Chunks are (rows,
+# columns, warps): one row, so that the data open between the passes is as small as it can
+# be; 16 fp32 elements per thread per live tile (16 warps x 32 threads x 16 = 8192 columns)
+# keep enough 128-bit loads in flight per SM with one or two programs per SM.
+CHUNK_FWD = (1, 8192, 16)
+CHUNK_FWD_BRANCH_NORM = (1, 4096, 8)
+# The backward of the plain add + norm (no x read back) up to this length streams its rows
+# in N chunks whose parameter-gradient sums stay in registers across rows, one accumulator
+# per chunk and gradient (a static unroll): the row is read from DRAM once and no partial
+# row is read back. 16K = 4 chunks of 4096 at 16 warps: 8 fp32 per thread per chunk, 32
+# registers per gradient. Past it (and for the variants that read x) the backward adds each
+# chunk's sums into this program's partial row (a read-modify-write per tile of CHUNK_BWD
+# rows, which the L2-sized grid keeps in L2).
+MAX_REGISTER_SUMS_D_BWD = 16384
+REGISTER_SUMS_CHUNKS = 4
+REGISTER_SUMS_WARPS = 16
 CHUNK_BWD = (2, 1024, 4)
 # Rows per program for small D: make each program's tile at least this many elements, so a
 # 64-wide q/k-norm row does not occupy a whole program (launch and reduction overhead).
 MIN_TILE_ELEMENTS = 2048
 MAX_BLOCK_M = 64
+# The share of L2 the data open between the two passes of the resident programs may take:
+# those lines are loaded with evict_last and the stores stream with evict_first, the rest
+# is margin for the other traffic and for the uneven hashing of lines over L2's slices.
+L2_BUDGET = 0.75
 
 
 @dataclass(frozen=True)
@@ -47,6 +65,14 @@ class LaunchConfig:
     block_d: int
     num_warps: int
     single_pass: bool
+    # streamed backward only: the number of column chunks whose parameter-gradient sums
+    # stay in registers (0: they go to the partial rows tile by tile)
+    register_chunks: int = 0
+
+    @property
+    def persistent(self) -> bool:
+        """The grid is sized from occupancy (and L2), not from the rows."""
+        return not self.single_pass
 
 
 def _warps(elements: int, per_thread: int) -> int:
@@ -67,30 +93,173 @@ def _config(D: int, max_fused: int, per_thread: int, chunk: tuple[int, int, int]
 
 @functools.lru_cache(maxsize=None)
 def fwd_config(D: int, branch_norm: bool = False) -> LaunchConfig:
-    return _config(
-        D, MAX_FUSED_D_FWD, per_thread=16, chunk=CHUNK_FWD_BRANCH_NORM if branch_norm else CHUNK_FWD
+    if branch_norm:
+        return _config(D, MAX_FUSED_D_FWD_BRANCH_NORM, per_thread=16, chunk=CHUNK_FWD_BRANCH_NORM)
+    return _config(D, MAX_FUSED_D_FWD, per_thread=16, chunk=CHUNK_FWD)
+
+
+def register_sums_fit(spec: AddNormSpec, activation: torch.dtype) -> bool:
+    """Whether the streamed backward of a call keeps its parameter-gradient sums in registers
+    spill-free (ptxas, sm_80 and sm_90, 16 warps, 4 chunks of 4096): the plain add + RMSNorm
+    with a weight and 16-bit activations (bf16; fp16 when dx serves as dresidual). A bias's
+    sums, a rowscale or fp32 tiles spill 8-300 bytes there: those take the partial rows."""
+    return (
+        spec.norm == "rms"
+        and spec.output_norm
+        and not spec.reads_x_in_backward
+        and not spec.has_bias
+        and not spec.has_rowscale
+        and (
+            activation == torch.bfloat16 or (activation == torch.float16 and spec.dresidual == "dx")
+        )
     )
 
 
 @functools.lru_cache(maxsize=None)
-def bwd_config(D: int, reads_x: bool = False) -> LaunchConfig:
-    """``reads_x``: the variant reads x in the backward (LayerScale tensor or branch norm)."""
+def bwd_config(D: int, reads_x: bool = False, register_sums: bool = False) -> LaunchConfig:
+    """``reads_x``: the variant reads x in the backward (LayerScale tensor or branch norm);
+    ``register_sums``: its streamed rows may keep the gradient sums in registers
+    (register_sums_fit)."""
     limit = MAX_FUSED_D_BWD_READS_X if reads_x else MAX_FUSED_D_BWD
+    block_d = triton.next_power_of_2(D)
+    if block_d > limit and register_sums and block_d <= MAX_REGISTER_SUMS_D_BWD:
+        return LaunchConfig(
+            1,
+            block_d // REGISTER_SUMS_CHUNKS,
+            REGISTER_SUMS_WARPS,
+            single_pass=False,
+            register_chunks=REGISTER_SUMS_CHUNKS,
+        )
     return _config(D, limit, per_thread=8, chunk=CHUNK_BWD)
 
 
+@dataclass(frozen=True)
+class Gpu:
+    """What the launch heuristics need to know of a GPU (``gpu_of`` reads it from the device;
+    ``GPUS`` holds the data sheets the static kernel model uses without one)."""
+
+    name: str
+    sms: int
+    l2_bytes: int
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_programs_per_sm: int = 32
+    smem_per_sm: int = 233472  # what the blocks of an SM may use together (sm_90: 228 KiB)
+    smem_reserved_per_program: int = 1024  # the driver's reservation per block (sm_80+)
+    dram_bytes_per_s: float = 0.0  # peak, for the model's estimates only
+
+
+# The static kernel model's machines (tools/kernel_model.py); a real device is read by gpu_of.
+GPUS = {
+    "H100": Gpu("H100 SXM", 132, 50 * 2**20, dram_bytes_per_s=3.35e12),
+    "H200": Gpu("H200 SXM", 132, 50 * 2**20, dram_bytes_per_s=4.8e12),
+    "B200": Gpu("B200", 148, 126 * 2**20, smem_per_sm=232448, dram_bytes_per_s=8.0e12),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def gpu_of(device_index: int) -> Gpu:
+    p = torch.cuda.get_device_properties(device_index)
+    return Gpu(
+        p.name,
+        p.multi_processor_count,
+        getattr(p, "L2_cache_size", 0) or 40 * 2**20,
+        getattr(p, "regs_per_multiprocessor", 65536),
+        getattr(p, "max_threads_per_multi_processor", 2048) // 32,
+        32,
+        getattr(p, "shared_memory_per_multiprocessor", 233472),
+    )
 
 
-def bwd_programs(n_rows: int, device: torch.device, cfg: LaunchConfig) -> int:
-    """Persistent grid size: enough programs to fill every SM with ~32 resident warps."""
+def programs_per_sm(gpu: Gpu, num_warps: int, registers: int, shared: int) -> int:
+    """How many programs of a compiled kernel (its registers per thread and shared memory
+    per program, as ptxas / the loaded binary report them) are resident on one SM at once."""
+    # registers are allocated per warp in units of 256
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_registers = gpu.regs_per_sm // (regs_per_warp * num_warps)
+    by_warps = gpu.max_warps_per_sm // num_warps
+    smem = -(-(shared + gpu.smem_reserved_per_program) // 128) * 128
+    by_shared = gpu.smem_per_sm // smem
+    return max(0, min(by_registers, by_warps, by_shared, gpu.max_programs_per_sm))
+
+
+def rereads_fit_l2(
+    gpu: Gpu, resident_programs: int, cfg: LaunchConfig, D: int, reread_bytes_per_element: int
+) -> bool:
+    """Whether a streamed pass that re-reads its tile finds it in L2: the tiles all resident
+    programs hold open between their two passes (``cfg.block_m`` rows of ``D``, the re-read
+    tensors' bytes per element together) fit in ``L2_BUDGET`` of the L2."""
+    open_bytes = resident_programs * cfg.block_m * D * reread_bytes_per_element
+    return open_bytes <= L2_BUDGET * gpu.l2_bytes
+
+
+def _persistent_programs(
+    tiles: int, cfg: LaunchConfig, gpu: Gpu, registers: int, shared: int, D: int, reread: int
+) -> int:
+    # As many programs as are resident at once (the compiled kernel's occupancy), whole
+    # waves of SMs; fewer where their open tiles would not fit in L2, but never fewer than
+    # one per SM (an idle SM costs more than a share of the rows read twice).
+    per_sm = max(1, programs_per_sm(gpu, cfg.num_warps, registers, shared))
+    while per_sm > 1 and not rereads_fit_l2(gpu, gpu.sms * per_sm, cfg, D, reread):
+        per_sm -= 1
+    return max(1, min(tiles, gpu.sms * per_sm))
+
+
+def fwd_programs(
+    n_rows: int,
+    cfg: LaunchConfig,
+    gpu: Gpu,
+    registers: int,
+    shared: int,
+    D: int = 0,
+    reread_bytes_per_element: int = 4,
+) -> int:
+    """The forward's grid: a program per tile of rows held in registers; for streamed rows a
+    persistent grid (see _persistent_programs). ``reread_bytes_per_element``: the bytes of x
+    and residual together, which the second pass reads again."""
     tiles = triton.cdiv(max(n_rows, 1), cfg.block_m)
-    if device.type == "cuda":
-        per_sm = max(1, 32 // cfg.num_warps)
-        return max(1, min(tiles, _sm_count(device.index) * per_sm))
-    return max(1, min(tiles, 4))  # interpreter: programs run one after another anyway
+    if cfg.single_pass:
+        return tiles
+    return _persistent_programs(tiles, cfg, gpu, registers, shared, D, reread_bytes_per_element)
+
+
+def bwd_programs(
+    n_rows: int,
+    cfg: LaunchConfig,
+    gpu: Gpu,
+    registers: int,
+    shared: int,
+    D: int = 0,
+    reread_bytes_per_element: int = 4,
+) -> int:
+    """The backward's persistent grid: every program holds its parameter-gradient sums, so
+    there are as many programs as are resident at once (the compiled kernel's occupancy), and
+    for streamed rows as few as keep the re-read tiles (h and dy: ``reread_bytes_per_element``
+    together) in L2."""
+    tiles = triton.cdiv(max(n_rows, 1), cfg.block_m)
+    return _persistent_programs(tiles, cfg, gpu, registers, shared, D, reread_bytes_per_element)
+
+
+# programs of a kernel the interpreter runs (one after another: a few are enough to cover the
+# persistent loops)
+INTERPRETER_PROGRAMS = 4
+_RESOURCES: dict = {}
+
+
+def _compiled_resources(kernel, key: tuple, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """(registers per thread, shared bytes) of the binary a launch will run, compiled ahead
+    of the launch (the grid depends on them); cached per specialisation. If this Triton
+    cannot say, the grid assumes one resident program per SM: (255 registers, 0)."""
+    res = _RESOURCES.get(key)
+    if res is None:
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled._init_handles()
+            res = (int(compiled.n_regs), int(compiled.metadata.shared))
+        except Exception:  # pragma: no cover - a Triton without these internals
+            res = (255, 0)
+        _RESOURCES[key] = res
+    return res
 
 
 class _on_device:
@@ -123,6 +292,36 @@ def _stride(t: Optional[torch.Tensor]) -> int:
     return t.stride(0) if t is not None else 0
 
 
+def _fp32_placeholder(device: torch.device) -> torch.Tensor:
+    """An fp32 pointer for compiling a kernel ahead of its launch (the partial buffers are
+    sized by the grid, which the compiled kernel decides)."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def _programs(grid_rule, kernel, n_rows, D, cfg, args, kwargs, reread: int) -> int:
+    """The grid of a launch by ``grid_rule`` (fwd_programs / bwd_programs), from the
+    resources of the binary it will run (a program per tile needs none of that)."""
+    tiles = triton.cdiv(max(n_rows, 1), cfg.block_m)
+    if cfg.single_pass and grid_rule is fwd_programs:
+        return tiles
+    device = args[0].device
+    if device.type != "cuda":
+        return max(1, min(tiles, INTERPRETER_PROGRAMS))
+    # what decides the binary: the constexprs, the pointers' dtypes, the JIT's 16-divisibility
+    # specialisation of the integers
+    key = (
+        kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel),
+        tuple(sorted(kwargs.items())),
+        tuple(
+            a.dtype if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1)
+            for a in args
+            if not isinstance(a, float)
+        ),
+    )
+    registers, shared = _compiled_resources(kernel, key, args, kwargs)
+    return grid_rule(n_rows, cfg, gpu_of(device.index), registers, shared, D, reread)
+
+
 def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     """(y, h, mean, mean_x), None where absent: the LayerNorm row means of h and (with the
     branch norm) of x are the backward's shifts."""
@@ -145,35 +344,40 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     if n_rows == 0:
         return Forward(y, h, mean, mean_x)
     cfg = fwd_config(D, spec.branch_norm)
+    args = (
+        x,
+        _or(ops.residual, x),
+        _or(ops.weight, x),
+        _or(ops.bias, x),
+        _or(ops.branch_scale, x),
+        _or(ops.rowscale, x),
+        _or(ops.branch_weight, x),
+        _or(ops.branch_bias, x),
+        _or(y, x),
+        _or(h, x),
+        _or(mean, x),
+        _or(mean_x, x),
+        n_rows,
+        D,
+        x.stride(0),
+        _stride(ops.residual),
+        _stride(y),
+        _stride(h),
+        spec.eps,
+        spec.residual_scale,
+        spec.branch_scale,
+    )
+    kwargs = dict(
+        FLAGS=spec.flags,
+        BLOCK_M=cfg.block_m,
+        BLOCK_D=cfg.block_d,
+        SINGLE_PASS=cfg.single_pass,
+        num_warps=cfg.num_warps,
+    )
+    reread = x.element_size() + (ops.residual.element_size() if ops.residual is not None else 0)
+    programs = _programs(fwd_programs, add_norm_fwd_kernel, n_rows, D, cfg, args, kwargs, reread)
     with _on_device(dev):
-        add_norm_fwd_kernel[(triton.cdiv(n_rows, cfg.block_m),)](
-            x,
-            _or(ops.residual, x),
-            _or(ops.weight, x),
-            _or(ops.bias, x),
-            _or(ops.branch_scale, x),
-            _or(ops.rowscale, x),
-            _or(ops.branch_weight, x),
-            _or(ops.branch_bias, x),
-            _or(y, x),
-            _or(h, x),
-            _or(mean, x),
-            _or(mean_x, x),
-            n_rows,
-            D,
-            x.stride(0),
-            _stride(ops.residual),
-            _stride(y),
-            _stride(h),
-            spec.eps,
-            spec.residual_scale,
-            spec.branch_scale,
-            FLAGS=spec.flags,
-            BLOCK_M=cfg.block_m,
-            BLOCK_D=cfg.block_d,
-            SINGLE_PASS=cfg.single_pass,
-            num_warps=cfg.num_warps,
-        )
+        add_norm_fwd_kernel[(programs,)](*args, **kwargs)
     return tuple.__new__(Forward, (y, h, mean, mean_x))  # a NamedTuple without argument binding
 
 
@@ -186,18 +390,17 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     dx = torch.empty((n_rows, D), dtype=spec.x_dtype, device=dev)
     store_dr = spec.dresidual == "kernel"
     dr = torch.empty((n_rows, D), dtype=spec.residual_dtype, device=dev) if store_dr else None
-    cfg = bwd_config(D, reads_x=spec.reads_x_in_backward)
-    programs = bwd_programs(n_rows, dev, cfg)
-    rows_per_program = triton.cdiv(triton.cdiv(max(n_rows, 1), programs), cfg.block_m) * cfg.block_m
-
-    def partial(needed: bool):
-        return torch.empty((programs, D), dtype=torch.float32, device=dev) if needed else None
-
-    # the gradients of weight, bias, branch_scale, branch_weight, branch_bias
-    parts = [partial(p) for p in backward_present(spec)[2:]]
+    cfg = bwd_config(
+        D, reads_x=spec.reads_x_in_backward, register_sums=register_sums_fit(spec, spec.x_dtype)
+    )
     some = dh if dy is None else dy
-    with _on_device(dev):
-        add_norm_bwd_kernel[(programs,)](
+    present = backward_present(spec)[2:]  # weight, bias, branch_scale, branch_weight, branch_bias
+
+    def arguments(programs: int, parts: list) -> tuple:
+        rows_per_program = cfg.block_m * triton.cdiv(
+            triton.cdiv(max(n_rows, 1), programs), cfg.block_m
+        )
+        return (
             _or(dy, some),
             _or(dh, some),
             _or(h, some),
@@ -223,12 +426,36 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
             spec.eps,
             spec.residual_scale,
             spec.branch_scale,
-            FLAGS=spec.flags,
-            HAS_DH=dh is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_D=cfg.block_d,
-            SINGLE_PASS=cfg.single_pass,
-            num_warps=cfg.num_warps,
         )
+
+    kwargs = dict(
+        FLAGS=spec.flags,
+        HAS_DH=dh is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_D=cfg.block_d,
+        SINGLE_PASS=cfg.single_pass,
+        REGISTER_CHUNKS=cfg.register_chunks,
+        num_warps=cfg.num_warps,
+    )
+    # the second pass re-reads h and dy (and x where the variant reads it)
+    reread = sum(t.element_size() for t in (h, dy) if t is not None)
+    if spec.reads_x_in_backward and x is not None:
+        reread += x.element_size()
+    programs = _programs(
+        bwd_programs,
+        add_norm_bwd_kernel,
+        n_rows,
+        D,
+        cfg,
+        arguments(1, [_fp32_placeholder(dev) if p else None for p in present]),
+        kwargs,
+        reread,
+    )
+    # the partial sums of each parameter gradient: one row per program
+    parts = [
+        torch.empty((programs, D), dtype=torch.float32, device=dev) if p else None for p in present
+    ]
+    with _on_device(dev):
+        add_norm_bwd_kernel[(programs,)](*arguments(programs, parts), **kwargs)
     # Second step of the deterministic reduction: a fixed-order sum over the programs' rows.
     return Grads(dx, dr, *(p.sum(0) if p is not None else None for p in parts))
