@@ -74,8 +74,11 @@ def _store(P, v, rows, cols, mask, stride, EVICT: tl.constexpr = ""):
 
 @triton.jit
 def _vector(P, cols, D):
-    """A per-channel parameter, fp32, zero past D."""
-    return tl.load(P + cols, mask=cols < D, other=0.0).to(tl.float32)
+    """A per-channel parameter as a [1, BLOCK_D] fp32 tile, zero past D. Loaded in the 2-D
+    tiles' own layout: a 1-D load gets a layout of its own, and broadcasting it over the
+    tile then costs a trip through shared memory (and registers) per chunk."""
+    c = cols[None, :]
+    return tl.load(P + c, mask=c < D, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -112,9 +115,9 @@ def _normalized_affine(
     One of the two norms: its weight and bias are given (present or not) by the caller."""
     out = _xhat(v, mean, rstd, mask, (_RMS & FLAGS) != 0)
     if HAS_WEIGHT:
-        out = out * _affine_weight(W, cols, D, FLAGS)[None, :]
+        out = out * _affine_weight(W, cols, D, FLAGS)
     if HAS_BIAS:
-        out = tl.where(mask, out + _vector(B, cols, D)[None, :], 0.0)
+        out = tl.where(mask, out + _vector(B, cols, D), 0.0)
     return out
 
 
@@ -166,7 +169,7 @@ def _residual_add(
     """h = residual_scale * r + branch_scale * bs[col] * rowscale[row] * f for one tile."""
     f = f * branch_scale
     if (_BRANCH_SCALE & FLAGS) != 0:
-        f = f * _vector(BS, cols, D)[None, :]
+        f = f * _vector(BS, cols, D)
     if (_ROWSCALE & FLAGS) != 0:
         f = f * tl.load(RS + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     if (_RESIDUAL & FLAGS) != 0:
@@ -533,7 +536,7 @@ def _norm_grad(d, g, mean_d, rstd, c1, c2, mask, IS_RMS: tl.constexpr):
 def _weighted(dy, W, cols, D, HAS_WEIGHT: tl.constexpr, FLAGS: tl.constexpr):
     """g = dy * w', the gradient reaching the normalised values."""
     if HAS_WEIGHT:
-        return dy * _affine_weight(W, cols, D, FLAGS)[None, :]
+        return dy * _affine_weight(W, cols, D, FLAGS)
     return dy
 
 
@@ -549,7 +552,7 @@ def _branch_grad(
     dbs = df
     if (_BRANCH_SCALE & FLAGS) != 0:
         dbs = df * _load(X, rows, cols, mask, stride_x)
-        df = df * _vector(BS, cols, D)[None, :]
+        df = df * _vector(BS, cols, D)
     return df, dbs
 
 
@@ -644,9 +647,12 @@ def _bwd_rows_in_registers(
     FLAGS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WEIGHTS_RESIDENT: tl.constexpr,
 ):
     """The backward of whole tiles of BLOCK_M rows held in registers, read once; the
-    parameter gradients accumulate in registers and go to this program's partial rows."""
+    parameter gradients accumulate in registers and go to this program's partial rows.
+    WEIGHTS_RESIDENT: the norms' weights are loaded once per program and stay in registers
+    (where that costs no occupancy, launch.bwd_config), else once per tile (L1 hits)."""
     IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
     HAS_WEIGHT: tl.constexpr = (_WEIGHT & FLAGS) != 0
     HAS_BIAS: tl.constexpr = (_BIAS & FLAGS) != 0
@@ -654,6 +660,13 @@ def _bwd_rows_in_registers(
     HAS_BRANCH_WEIGHT: tl.constexpr = (_BRANCH_WEIGHT & FLAGS) != 0
     HAS_BRANCH_BIAS: tl.constexpr = (_BRANCH_BIAS & FLAGS) != 0
     col_mask = cols < D
+    w = tl.zeros([1, BLOCK_D], tl.float32)
+    wb = w
+    if WEIGHTS_RESIDENT:
+        if HAS_WEIGHT:
+            w = _affine_weight(W, cols, D, FLAGS)
+        if HAS_BRANCH_WEIGHT:
+            wb = _affine_weight(WB, cols, D, FLAGS)
     acc_dw = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc_db = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc_dbs = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -670,7 +683,10 @@ def _bwd_rows_in_registers(
                 shift = tl.load(MEAN + rows, mask=row_mask, other=0.0)
             d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS)
             dy = _load(DY, rows, cols, mask, stride_dy)
-            g = _weighted(dy, W, cols, D, HAS_WEIGHT, FLAGS)
+            if WEIGHTS_RESIDENT and HAS_WEIGHT:
+                g = dy * w
+            else:
+                g = _weighted(dy, W, cols, D, HAS_WEIGHT, FLAGS)
             mean_d, rstd, c1, c2 = _grad_coefficients(
                 tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1), D, eps, IS_RMS
             )
@@ -693,7 +709,10 @@ def _bwd_rows_in_registers(
             if not IS_RMS:
                 shift_x = tl.load(MEAN_X + rows, mask=row_mask, other=0.0)
             dx_ = _shifted(X, shift_x, rows, cols, mask, stride_x, IS_RMS)
-            gb = _weighted(df, WB, cols, D, HAS_BRANCH_WEIGHT, FLAGS)
+            if WEIGHTS_RESIDENT and HAS_BRANCH_WEIGHT:
+                gb = df * wb
+            else:
+                gb = _weighted(df, WB, cols, D, HAS_BRANCH_WEIGHT, FLAGS)
             mean_b, rstd_b, c1b, c2b = _grad_coefficients(
                 tl.sum(dx_, 1),
                 tl.sum(dx_ * dx_, 1),
@@ -1082,6 +1101,7 @@ def add_norm_bwd_kernel(
     BLOCK_D: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
     REGISTER_CHUNKS: tl.constexpr,
+    WEIGHTS_RESIDENT: tl.constexpr,
 ):
     """Rows in registers (SINGLE_PASS) or streamed (with the parameter-gradient sums in
     REGISTER_CHUNKS register accumulators, or in the partial rows when 0), picked by the
@@ -1134,6 +1154,7 @@ def add_norm_bwd_kernel(
             FLAGS,
             BLOCK_M,
             BLOCK_D,
+            WEIGHTS_RESIDENT,
         )
     elif REGISTER_CHUNKS > 0:
         _bwd_streamed_register_sums(

@@ -7,6 +7,7 @@ Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels' JIT
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -105,10 +106,19 @@ class Compiled:
     spill_stores: int
     spill_loads: int
     num_warps: int
+    cubin: bytes = b""  # the binary Triton would load
+    shared: int = 0  # dynamic shared memory per program (what the launcher sizes grids with)
 
 
-def ptxas_path() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+def ptxas_path(arch: int = 90) -> str:
+    """The ptxas Triton itself runs for ``arch`` (a newer one for sm_100+: ptxas-blackwell)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 - another Triton layout: its bundled ptxas
+        name = "ptxas-blackwell" if arch >= 100 else "ptxas"
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
 def compile_kernel(
@@ -135,7 +145,12 @@ def compile_kernel(
                 register_sums=launch.register_sums_fit(spec, _TORCH_DTYPE[dtype]),
             ),
         )
-        constexprs = {"FLAGS": spec.flags, "HAS_DH": True, "REGISTER_CHUNKS": cfg.register_chunks}
+        constexprs = {
+            "FLAGS": spec.flags,
+            "HAS_DH": True,
+            "REGISTER_CHUNKS": cfg.register_chunks,
+            "WEIGHTS_RESIDENT": cfg.weights_resident,
+        }
     else:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
@@ -161,7 +176,17 @@ def compile_kernel(
     )
     ptx = compiled.asm["ptx"]
     regs, stores, loads = run_ptxas(ptx, arch)
-    return Compiled(f"{fn.__name__}[D={D},{dtype}]", arch, ptx, regs, stores, loads, cfg.num_warps)
+    return Compiled(
+        f"{fn.__name__}[D={D},{dtype}]",
+        arch,
+        ptx,
+        regs,
+        stores,
+        loads,
+        cfg.num_warps,
+        compiled.asm.get("cubin", b""),
+        int(compiled.metadata.shared),
+    )
 
 
 def run_ptxas(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -172,7 +197,7 @@ def run_ptxas(ptx: str, arch: int) -> tuple[int, int, int]:
         with open(src, "w") as f:
             f.write(ptx)
         out = subprocess.run(
-            [ptxas_path(), f"-arch={sm}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+            [ptxas_path(arch), f"-arch={sm}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True,
             text=True,
             check=True,
@@ -181,6 +206,155 @@ def run_ptxas(ptx: str, arch: int) -> tuple[int, int, int]:
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return regs, int(spill.group(1)), int(spill.group(2))
+
+
+# --------------------------------------------------------------------------- launches as made
+
+# The static kernel model (tools/kernel_model.py) analyses each kernel at the launch the
+# launcher itself makes: its arguments, constexprs and grid, not a restatement of them.
+# plan_launch runs launch.forward / launch.backward on meta tensors with the kernel objects
+# replaced by a recorder and the grid rule fed the resources of the binary compiled here for
+# the target GPU (what launch._programs asks the loaded binary on a real device).
+
+
+@dataclass
+class LaunchPlan:
+    """One launch of a Triton kernel as the launcher makes it on ``gpu``."""
+
+    direction: str
+    grid: int  # programs
+    arguments: dict  # every argument by name: tensors (meta), ints, floats, constexprs
+    num_warps: int
+    config: "launch.LaunchConfig"
+    compiled: Compiled  # the binary this launch runs
+    ptx_arguments: list  # the argument names of the PTX's parameters, in order
+    reread_bytes_per_element: int  # what the launcher told its grid rule
+    sizing_registers: int  # the registers of the binary the grid was sized from
+
+
+_COMPILED: dict = {}
+
+
+def compile_call(kernel, args: tuple, kwargs: dict, arch: int) -> tuple[Compiled, list]:
+    """Compile ``kernel`` for these arguments exactly as its JIT would on an ``arch`` GPU (the
+    JIT's own binder: the integers' 16-divisibility and ==1 specialisation, the pointers'
+    dtypes and alignment), without a GPU. Returns the binary and the names of its PTX
+    parameters in order. Cached per specialisation."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    jit = kernel
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    key = (
+        jit.fn.__name__,
+        arch,
+        tuple(signature.items()),
+        tuple(sorted((str(k), repr(v)) for k, v in constexprs.items())),
+        tuple(sorted((str(k), repr(v)) for k, v in attrs.items())),
+        repr(sorted(options.__dict__.items())),
+    )
+    if key not in _COMPILED:
+        src = ASTSource(jit, signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+        ptx = compiled.asm["ptx"]
+        regs, stores, loads = run_ptxas(ptx, arch)
+        _COMPILED[key] = (
+            Compiled(
+                jit.fn.__name__,
+                arch,
+                ptx,
+                regs,
+                stores,
+                loads,
+                compiled.metadata.num_warps,
+                compiled.asm.get("cubin", b""),
+                int(compiled.metadata.shared),
+            ),
+            [name for name, kind in signature.items() if kind != "constexpr"],
+        )
+    return _COMPILED[key]
+
+
+class _Recorder:
+    """Stands in for a kernel object of launch.py: records ``kernel[grid](*args, **kwargs)``."""
+
+    def __init__(self, jit):
+        self.jit = jit
+        self.fn = getattr(jit, "fn", jit)
+        self.calls: list = []
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+
+        return launch_
+
+
+def plan_launch(
+    direction: str, spec: AddNormSpec, tensors, gpu: "launch.Gpu", arch: int
+) -> LaunchPlan:
+    """The launch ``launch.forward(spec, tensors)`` (direction "fwd", tensors: Operands) or
+    ``launch.backward(spec, tensors)`` ("bwd", BackwardInputs) makes on ``gpu`` (a
+    ``launch.Gpu``), compiled for sm_``arch``. The tensors may be meta tensors: only their
+    shapes, strides and dtypes matter."""
+    if not hasattr(launch, "_programs"):
+        raise RuntimeError(
+            "triton_kernels/launch.py has no _programs(grid_rule, kernel, n_rows, D, cfg, args, "
+            "kwargs, reread, ...) any more: aot.plan_launch asks the launcher's grid through it"
+        )
+    name = "add_norm_fwd_kernel" if direction == "fwd" else "add_norm_bwd_kernel"
+    recorder = _Recorder(getattr(launch, name))
+    sizing: dict = {}
+    signature = inspect.signature(launch._programs)
+
+    def programs(*a, **kw):
+        # the launcher's own call, read by parameter name (their order may change)
+        call = signature.bind(*a, **kw).arguments
+        compiled, _ = compile_call(recorder.jit, call["args"], call["kwargs"], arch)
+        cfg, reread = call["cfg"], call["reread"]
+        sizing.update(cfg=cfg, reread=reread, registers=compiled.registers)
+        return call["grid_rule"](
+            call["n_rows"], cfg, gpu, compiled.registers, compiled.shared, call["D"], reread
+        )
+
+    saved = getattr(launch, name), launch._programs
+    setattr(launch, name, recorder)
+    launch._programs = programs
+    try:
+        if direction == "fwd":
+            launch.forward(spec, tensors)
+        elif direction == "bwd":
+            launch.backward(spec, tensors)
+        else:
+            raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+    finally:
+        setattr(launch, name, saved[0])
+        launch._programs = saved[1]
+    if len(recorder.calls) != 1 or not sizing:
+        raise RuntimeError(
+            f"expected one {name} launch sized by _programs, saw {len(recorder.calls)}"
+        )
+    (grid,), args, kwargs = recorder.calls[0]
+    compiled, ptx_arguments = compile_call(recorder.jit, args, kwargs, arch)
+    arguments = dict(zip(recorder.jit.arg_names, args))
+    arguments.update({k: v for k, v in kwargs.items() if k in recorder.jit.arg_names})
+    return LaunchPlan(
+        direction,
+        int(grid),
+        arguments,
+        int(kwargs.get("num_warps", compiled.num_warps)),
+        sizing["cfg"],
+        compiled,
+        ptx_arguments,
+        int(sizing["reread"]),
+        int(sizing["registers"]),
+    )
 
 
 def main(argv: list[str]) -> None:

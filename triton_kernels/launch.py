@@ -7,6 +7,7 @@ outputs and never write into an input.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Optional
@@ -49,6 +50,12 @@ MAX_REGISTER_SUMS_D_BWD = 16384
 REGISTER_SUMS_CHUNKS = 4
 REGISTER_SUMS_WARPS = 16
 CHUNK_BWD = (2, 1024, 4)
+# The backward's rows in registers keep the norms' weights in registers for the whole
+# program up to this block size (D <= 2048 at 8 fp32 per thread). Measured with ptxas
+# (sm_90, bf16/fp32, the plain and the heaviest specs): multi-row tiles need fewer registers
+# so (the weight is not rebuilt per tile: 163 -> 128 at D = 256), at 1K-2K it costs at
+# most one of 3-10 programs per SM, and at 4K (16 warps) it halves LayerNorm's occupancy.
+WEIGHTS_RESIDENT_MAX_WARPS = 8
 # Rows per program for small D: make each program's tile at least this many elements, so a
 # 64-wide q/k-norm row does not occupy a whole program (launch and reduction overhead).
 MIN_TILE_ELEMENTS = 2048
@@ -68,6 +75,9 @@ class LaunchConfig:
     # streamed backward only: the number of column chunks whose parameter-gradient sums
     # stay in registers (0: they go to the partial rows tile by tile)
     register_chunks: int = 0
+    # backward rows in registers only: the norms' weights stay in registers for the whole
+    # program (else reloaded per tile, from L1)
+    weights_resident: bool = False
 
     @property
     def persistent(self) -> bool:
@@ -100,19 +110,17 @@ def fwd_config(D: int, branch_norm: bool = False) -> LaunchConfig:
 
 def register_sums_fit(spec: AddNormSpec, activation: torch.dtype) -> bool:
     """Whether the streamed backward of a call keeps its parameter-gradient sums in registers
-    spill-free (ptxas, sm_80 and sm_90, 16 warps, 4 chunks of 4096): the plain add + RMSNorm
-    with a weight and 16-bit activations (bf16; fp16 when dx serves as dresidual). A bias's
-    sums, a rowscale or fp32 tiles spill 8-300 bytes there: those take the partial rows."""
-    return (
-        spec.norm == "rms"
-        and spec.output_norm
-        and not spec.reads_x_in_backward
-        and not spec.has_bias
-        and not spec.has_rowscale
-        and (
-            activation == torch.bfloat16 or (activation == torch.float16 and spec.dresidual == "dx")
-        )
-    )
+    spill-free (ptxas, sm_80 and sm_90, 16 warps, 4 chunks of 4096): the add + norm whose
+    backward reads no x, in bf16 (``activation``: the dtype of every activation tensor;
+    with fp16 or fp32 tiles ptxas spilled 8-270 bytes at 128 registers). The others add
+    each tile's sums into the program's partial row."""
+    return spec.output_norm and not spec.reads_x_in_backward and activation == torch.bfloat16
+
+
+def _activation_dtype(spec: AddNormSpec) -> Optional[torch.dtype]:
+    """The one dtype of every activation of a call, or None when they differ."""
+    dtypes = {spec.x_dtype, spec.residual_dtype, spec.h_dtype, spec.out_dtype}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +138,10 @@ def bwd_config(D: int, reads_x: bool = False, register_sums: bool = False) -> La
             single_pass=False,
             register_chunks=REGISTER_SUMS_CHUNKS,
         )
-    return _config(D, limit, per_thread=8, chunk=CHUNK_BWD)
+    cfg = _config(D, limit, per_thread=8, chunk=CHUNK_BWD)
+    if cfg.single_pass and cfg.num_warps <= WEIGHTS_RESIDENT_MAX_WARPS:
+        cfg = dataclasses.replace(cfg, weights_resident=True)
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -298,13 +309,12 @@ def _fp32_placeholder(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _programs(grid_rule, kernel, n_rows, D, cfg, args, kwargs, reread: int) -> int:
+def _programs(grid_rule, kernel, device, n_rows, D, cfg, args, kwargs, reread: int) -> int:
     """The grid of a launch by ``grid_rule`` (fwd_programs / bwd_programs), from the
     resources of the binary it will run (a program per tile needs none of that)."""
     tiles = triton.cdiv(max(n_rows, 1), cfg.block_m)
     if cfg.single_pass and grid_rule is fwd_programs:
         return tiles
-    device = args[0].device
     if device.type != "cuda":
         return max(1, min(tiles, INTERPRETER_PROGRAMS))
     # what decides the binary: the constexprs, the pointers' dtypes, the JIT's 16-divisibility
@@ -375,7 +385,9 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
         num_warps=cfg.num_warps,
     )
     reread = x.element_size() + (ops.residual.element_size() if ops.residual is not None else 0)
-    programs = _programs(fwd_programs, add_norm_fwd_kernel, n_rows, D, cfg, args, kwargs, reread)
+    programs = _programs(
+        fwd_programs, add_norm_fwd_kernel, dev, n_rows, D, cfg, args, kwargs, reread
+    )
     with _on_device(dev):
         add_norm_fwd_kernel[(programs,)](*args, **kwargs)
     return tuple.__new__(Forward, (y, h, mean, mean_x))  # a NamedTuple without argument binding
@@ -391,7 +403,9 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     store_dr = spec.dresidual == "kernel"
     dr = torch.empty((n_rows, D), dtype=spec.residual_dtype, device=dev) if store_dr else None
     cfg = bwd_config(
-        D, reads_x=spec.reads_x_in_backward, register_sums=register_sums_fit(spec, spec.x_dtype)
+        D,
+        reads_x=spec.reads_x_in_backward,
+        register_sums=register_sums_fit(spec, _activation_dtype(spec)),
     )
     some = dh if dy is None else dy
     present = backward_present(spec)[2:]  # weight, bias, branch_scale, branch_weight, branch_bias
@@ -435,6 +449,7 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
         BLOCK_D=cfg.block_d,
         SINGLE_PASS=cfg.single_pass,
         REGISTER_CHUNKS=cfg.register_chunks,
+        WEIGHTS_RESIDENT=cfg.weights_resident,
         num_warps=cfg.num_warps,
     )
     # the second pass re-reads h and dy (and x where the variant reads it)
@@ -444,6 +459,7 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     programs = _programs(
         bwd_programs,
         add_norm_bwd_kernel,
+        dev,
         n_rows,
         D,
         cfg,

@@ -2,6 +2,8 @@
 persistent grids sized from the compiled kernel's occupancy and from L2. No GPU needed: the
 rules take a GPU description (launch.GPUS) and a kernel's registers and shared memory."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -51,12 +53,16 @@ def test_streamed_forward_grid_keeps_the_second_pass_in_l2():
     assert launch.fwd_programs(1000, launch.fwd_config(4096), H100, 32, 0, 4096, 4) == 1000
 
 
-def test_register_sums_path_for_the_plain_add_rms_norm():
+def test_register_sums_path_for_the_plain_add_norm_in_bf16():
     plain = AddNormSpec(norm="rms")
     assert launch.register_sums_fit(plain, torch.bfloat16)
     assert not launch.register_sums_fit(plain, torch.float32)
-    assert not launch.register_sums_fit(AddNormSpec(norm="layer", has_bias=True), torch.bfloat16)
-    assert not launch.register_sums_fit(AddNormSpec(norm="rms", has_rowscale=True), torch.bfloat16)
+    assert not launch.register_sums_fit(plain, torch.float16)
+    assert launch.register_sums_fit(AddNormSpec(norm="layer", has_bias=True), torch.bfloat16)
+    assert launch.register_sums_fit(AddNormSpec(norm="rms", has_rowscale=True), torch.bfloat16)
+    # the variants that read x back (LayerScale tensor, branch norm) take the partial rows
+    assert not launch.register_sums_fit(AddNormSpec(has_branch_scale=True), torch.bfloat16)
+    assert not launch.register_sums_fit(AddNormSpec(branch_norm=True), torch.bfloat16)
     cfg = launch.bwd_config(16384, register_sums=True)
     assert cfg.register_chunks * cfg.block_d == 16384 and cfg.num_warps == 16
     assert launch.bwd_config(16384).register_chunks == 0  # the partial rows
@@ -67,3 +73,44 @@ def test_register_sums_path_for_the_plain_add_rms_norm():
 def test_sandwich_forward_leaves_registers_earlier():
     assert launch.fwd_config(16384).single_pass
     assert not launch.fwd_config(16384, branch_norm=True).single_pass
+
+
+def test_weights_stay_in_registers_for_short_backward_rows():
+    assert launch.bwd_config(256).weights_resident and launch.bwd_config(256).block_m > 1
+    assert launch.bwd_config(2048).weights_resident
+    assert not launch.bwd_config(4096).weights_resident  # 16 warps: occupancy would halve
+    assert not launch.bwd_config(16384, register_sums=True).weights_resident
+
+
+def test_grid_comes_from_the_binary_the_launch_runs(monkeypatch):
+    # the launcher compiles ahead of the launch (kernel.warmup) and reads the binary's
+    # registers and shared memory; once per specialisation
+    calls = []
+
+    class Compiled:
+        n_regs = 119
+        metadata = SimpleNamespace(shared=0)
+
+        def _init_handles(self):
+            pass
+
+    class Kernel:
+        fn = SimpleNamespace(__name__="fake_bwd")
+
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(grid)
+            return Compiled()
+
+    monkeypatch.setattr(launch, "gpu_of", lambda index: H100)
+    monkeypatch.setattr(launch, "_RESOURCES", {})
+    cfg = launch.bwd_config(8192)
+    args = (torch.empty(4, 8192), 1 << 14, 8192, 0.5)
+    cuda = torch.device("cuda", 0)
+    for _ in range(3):
+        n = launch._programs(launch.bwd_programs, Kernel(), cuda, 1 << 14, 8192, cfg, args, {}, 4)
+        assert n == H100.sms  # 119 registers at 16 warps: one program per SM
+    assert calls == [(1,)]
+    # the interpreter runs a few programs, whatever the binary
+    cpu = torch.device("cpu")
+    n = launch._programs(launch.bwd_programs, Kernel(), cpu, 1 << 14, 8192, cfg, args, {}, 4)
+    assert n == launch.INTERPRETER_PROGRAMS
