@@ -242,12 +242,17 @@ def bwd_programs(
     shared: int,
     D: int = 0,
     reread_bytes_per_element: int = 4,
+    partial_gradients: int = 0,
 ) -> int:
     """The backward's persistent grid: every program holds its parameter-gradient sums, so
     there are as many programs as are resident at once (the compiled kernel's occupancy), and
     for streamed rows as few as keep the re-read tiles (h and dy: ``reread_bytes_per_element``
-    together) in L2."""
+    together) in L2, and, where the sums go to the partial rows tile by tile, those rows
+    too (``partial_gradients`` fp32 rows of D per program)."""
     tiles = triton.cdiv(max(n_rows, 1), cfg.block_m)
+    if not cfg.single_pass and not cfg.register_chunks:
+        # per tile row: the program's partial rows count once per tile of block_m rows
+        reread_bytes_per_element += -(-4 * partial_gradients // cfg.block_m)
     return _persistent_programs(tiles, cfg, gpu, registers, shared, D, reread_bytes_per_element)
 
 
@@ -309,7 +314,7 @@ def _fp32_placeholder(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _programs(grid_rule, kernel, device, n_rows, D, cfg, args, kwargs, reread: int) -> int:
+def _programs(grid_rule, kernel, device, n_rows, D, cfg, args, kwargs, reread: int, *extra) -> int:
     """The grid of a launch by ``grid_rule`` (fwd_programs / bwd_programs), from the
     resources of the binary it will run (a program per tile needs none of that)."""
     tiles = triton.cdiv(max(n_rows, 1), cfg.block_m)
@@ -329,7 +334,7 @@ def _programs(grid_rule, kernel, device, n_rows, D, cfg, args, kwargs, reread: i
         ),
     )
     registers, shared = _compiled_resources(kernel, key, args, kwargs)
-    return grid_rule(n_rows, cfg, gpu_of(device.index), registers, shared, D, reread)
+    return grid_rule(n_rows, cfg, gpu_of(device.index), registers, shared, D, reread, *extra)
 
 
 def forward(spec: AddNormSpec, ops: Operands) -> Forward:
@@ -466,6 +471,7 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
         arguments(1, [_fp32_placeholder(dev) if p else None for p in present]),
         kwargs,
         reread,
+        sum(present),
     )
     # the partial sums of each parameter gradient: one row per program
     parts = [

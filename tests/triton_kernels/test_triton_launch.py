@@ -35,6 +35,18 @@ def test_backward_grid_follows_the_compiled_occupancy():
     assert launch.bwd_programs(5, cfg, H100, 64, 0, 8192, 4) == 5  # never more than tiles
 
 
+def test_streamed_backward_grid_counts_the_partial_rows_it_rewrites():
+    # 32K rows take the partial rows (2 x 1024 tiles, 4 warps): at 96 registers five
+    # programs fit an SM, but 660 x (2 rows x 32K x 4 B + 32K x 4 B) is far over L2; one
+    # per SM holds 132 x 384 KiB = 49.5 MiB, over 0.75 x 50 MiB too: still one per SM (never
+    # fewer), the model reports the re-read
+    cfg = launch.bwd_config(32768)
+    assert not cfg.single_pass and cfg.register_chunks == 0 and cfg.block_m == 2
+    assert launch.bwd_programs(1024, cfg, H100, 96, 0, 32768, 4, 1) == H100.sms
+    assert launch.bwd_programs(1024, cfg, H100, 96, 0, 16384, 4, 0) == 2 * H100.sms
+    assert launch.bwd_programs(1024, cfg, H100, 96, 0, 16384, 4, 2) == H100.sms
+
+
 def test_streamed_forward_grid_keeps_the_second_pass_in_l2():
     cfg = launch.fwd_config(65536)
     assert not cfg.single_pass and cfg.block_m == 1
