@@ -1064,7 +1064,9 @@ def _bwd_streamed(
                 _store(DX, dx, rows, c, mask, stride_dx)
 
 
-@triton.jit
+# rows_per_program follows the grid, which follows the compiled binary: not specialised, so the
+# binary compiled ahead of the launch (to size the grid) is the one that runs
+@triton.jit(do_not_specialize=["rows_per_program"])
 def add_norm_bwd_kernel(
     DY,
     DH,

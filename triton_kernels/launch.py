@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -45,11 +45,15 @@ CHUNK_FWD_BRANCH_NORM = (1, 4096, 8)
 # row is read back. 16K = 4 chunks of 4096 at 16 warps: 8 fp32 per thread per chunk, 32
 # registers per gradient. Past it (and for the variants that read x) the backward adds each
 # chunk's sums into this program's partial row (a read-modify-write per tile of CHUNK_BWD
-# rows, which the L2-sized grid keeps in L2).
+# rows, in L2 where the grid's working set fits: bwd_programs). Its registers per gradient
+# would be 64 at 32K (16 warps): LayerNorm's two gradients alone fill the 128 a thread has.
 MAX_REGISTER_SUMS_D_BWD = 16384
 REGISTER_SUMS_CHUNKS = 4
 REGISTER_SUMS_WARPS = 16
-CHUNK_BWD = (2, 1024, 4)
+# One row of 8192 columns at 16 warps: 16 elements per thread, so that one program per SM
+# (which is what L2 allows at 32K) still has 32 KiB of h and dy in flight (2 x 1024 at 4
+# warps had 8 KiB at one per SM); 98-127 registers, spill-free in every variant.
+CHUNK_BWD = (1, 8192, 16)
 # The backward's rows in registers keep the norms' weights in registers for the whole
 # program up to this block size (D <= 2048 at 8 fp32 per thread). Measured with ptxas
 # (sm_90, bf16/fp32, the plain and the heaviest specs): multi-row tiles need fewer registers
@@ -314,32 +318,79 @@ def _fp32_placeholder(device: torch.device) -> torch.Tensor:
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _programs(grid_rule, kernel, device, n_rows, D, cfg, args, kwargs, reread: int, *extra) -> int:
+# (kernel, args, kwargs) -> (the GPU, registers per thread, shared bytes per program) of the
+# binary a launch will run; None: the interpreter
+Sizing = Callable[[object, tuple, dict], tuple[Gpu, int, int]]
+
+
+def device_sizing(device: torch.device) -> Optional[Sizing]:
+    """The sizing of launches on ``device``: its own data and the binary compiled ahead of
+    the launch (the static kernel model passes its own, for a GPU on paper)."""
+    if device.type != "cuda":
+        return None
+    gpu = gpu_of(device.index)
+
+    def sizing(kernel, args: tuple, kwargs: dict) -> tuple[Gpu, int, int]:
+        # what decides the binary: the constexprs, the pointers' dtypes, the JIT's
+        # 16-divisibility specialisation of the integers
+        key = (
+            kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel),
+            tuple(sorted(kwargs.items())),
+            tuple(
+                a.dtype if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1)
+                for a in args
+                if not isinstance(a, float)
+            ),
+        )
+        return (gpu, *_compiled_resources(kernel, key, args, kwargs))
+
+    return sizing
+
+
+def _programs(
+    grid_rule, kernel, sizing: Optional[Sizing], n_rows, D, cfg, args, kwargs, reread, *extra
+) -> int:
     """The grid of a launch by ``grid_rule`` (fwd_programs / bwd_programs), from the
     resources of the binary it will run (a program per tile needs none of that)."""
     tiles = triton.cdiv(max(n_rows, 1), cfg.block_m)
     if cfg.single_pass and grid_rule is fwd_programs:
         return tiles
-    if device.type != "cuda":
+    if sizing is None:
         return max(1, min(tiles, INTERPRETER_PROGRAMS))
-    # what decides the binary: the constexprs, the pointers' dtypes, the JIT's 16-divisibility
-    # specialisation of the integers
-    key = (
-        kernel.fn.__name__ if hasattr(kernel, "fn") else repr(kernel),
-        tuple(sorted(kwargs.items())),
-        tuple(
-            a.dtype if isinstance(a, torch.Tensor) else (a % 16 == 0, a == 1)
-            for a in args
-            if not isinstance(a, float)
-        ),
-    )
-    registers, shared = _compiled_resources(kernel, key, args, kwargs)
-    return grid_rule(n_rows, cfg, gpu_of(device.index), registers, shared, D, reread, *extra)
+    gpu, registers, shared = sizing(kernel, args, kwargs)
+    return grid_rule(n_rows, cfg, gpu, registers, shared, D, reread, *extra)
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch as the launcher issues it: what the static kernel model reads
+    (triton_kernels/aot.py plan_launch) and what forward / backward run."""
+
+    kernel: object  # the @triton.jit function
+    programs: int
+    args: tuple
+    kwargs: dict  # constexprs and num_warps
+    cfg: LaunchConfig
+    reread_bytes_per_element: int  # what a second pass over a row reads again
+
+    def run(self, device: torch.device) -> None:
+        with _on_device(device):
+            self.kernel[(self.programs,)](*self.args, **self.kwargs)
 
 
 def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     """(y, h, mean, mean_x), None where absent: the LayerNorm row means of h and (with the
     branch norm) of x are the backward's shifts."""
+    plan, outputs = plan_forward(spec, ops, device_sizing(ops.x.device))
+    if plan is not None:
+        plan.run(ops.x.device)
+    return outputs
+
+
+def plan_forward(
+    spec: AddNormSpec, ops: Operands, sizing: Optional[Sizing]
+) -> tuple[Optional[KernelLaunch], Forward]:
+    """The forward's launch (None for no rows) and its outputs, allocated, not yet written."""
     if spec.branch_norm and (ops.branch_scale is not None or ops.rowscale is not None):
         raise NotImplementedError(
             "the branch norm does not combine with branch_scale tensors or rowscale"
@@ -356,8 +407,9 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     layer = spec.norm == "layer"
     mean = row_vector(layer and spec.output_norm)
     mean_x = row_vector(layer and spec.branch_norm)
+    outputs = tuple.__new__(Forward, (y, h, mean, mean_x))  # a NamedTuple, no binding
     if n_rows == 0:
-        return Forward(y, h, mean, mean_x)
+        return None, outputs
     cfg = fwd_config(D, spec.branch_norm)
     args = (
         x,
@@ -391,16 +443,27 @@ def forward(spec: AddNormSpec, ops: Operands) -> Forward:
     )
     reread = x.element_size() + (ops.residual.element_size() if ops.residual is not None else 0)
     programs = _programs(
-        fwd_programs, add_norm_fwd_kernel, dev, n_rows, D, cfg, args, kwargs, reread
+        fwd_programs, add_norm_fwd_kernel, sizing, n_rows, D, cfg, args, kwargs, reread
     )
-    with _on_device(dev):
-        add_norm_fwd_kernel[(programs,)](*args, **kwargs)
-    return tuple.__new__(Forward, (y, h, mean, mean_x))  # a NamedTuple without argument binding
+    return KernelLaunch(add_norm_fwd_kernel, programs, args, kwargs, cfg, reread), outputs
 
 
 def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     """(dx, dresidual or None, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias):
     the parameter gradients as fp32 sums over rows, None where absent."""
+    some = inputs.h if inputs.h is not None else inputs.dh
+    plan, (dx, dr, parts) = plan_backward(spec, inputs, device_sizing(some.device))
+    plan.run(some.device)
+    # Second step of the deterministic reduction: a fixed-order sum over the programs' rows.
+    return Grads(dx, dr, *(p.sum(0) if p is not None else None for p in parts))
+
+
+def plan_backward(
+    spec: AddNormSpec, inputs: BackwardInputs, sizing: Optional[Sizing]
+) -> tuple[KernelLaunch, tuple]:
+    """The backward's launch and its outputs (dx, dresidual or None, the partial-sum buffers
+    of the parameter gradients: weight, bias, branch_scale, branch_weight, branch_bias, None
+    where absent), allocated, not yet written."""
     dy, dh, h, x = inputs.dy, inputs.dh, inputs.h, inputs.x
     n_rows, D = (h if h is not None else dh).shape
     dev = (h if h is not None else dh).device
@@ -464,7 +527,7 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     programs = _programs(
         bwd_programs,
         add_norm_bwd_kernel,
-        dev,
+        sizing,
         n_rows,
         D,
         cfg,
@@ -477,7 +540,7 @@ def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
     parts = [
         torch.empty((programs, D), dtype=torch.float32, device=dev) if p else None for p in present
     ]
-    with _on_device(dev):
-        add_norm_bwd_kernel[(programs,)](*arguments(programs, parts), **kwargs)
-    # Second step of the deterministic reduction: a fixed-order sum over the programs' rows.
-    return Grads(dx, dr, *(p.sum(0) if p is not None else None for p in parts))
+    plan = KernelLaunch(
+        add_norm_bwd_kernel, programs, arguments(programs, parts), kwargs, cfg, reread
+    )
+    return plan, (dx, dr, parts)

@@ -36,15 +36,16 @@ def test_backward_grid_follows_the_compiled_occupancy():
 
 
 def test_streamed_backward_grid_counts_the_partial_rows_it_rewrites():
-    # 32K rows take the partial rows (2 x 1024 tiles, 4 warps): at 96 registers five
-    # programs fit an SM, but 660 x (2 rows x 32K x 4 B + 32K x 4 B) is far over L2; one
-    # per SM holds 132 x 384 KiB = 49.5 MiB, over 0.75 x 50 MiB too: still one per SM (never
-    # fewer), the model reports the re-read
+    # rows past the register sums take the partial rows, one row per tile: with 64
+    # registers two programs would fit an SM; at 32K with one gradient each holds
+    # 32K x (4 B of h and dy + 4 B of its partial row) = 256 KiB open, and 264 of them
+    # (66 MiB) are over 0.75 x 50 MiB: one per SM (33 MiB)
     cfg = launch.bwd_config(32768)
-    assert not cfg.single_pass and cfg.register_chunks == 0 and cfg.block_m == 2
-    assert launch.bwd_programs(1024, cfg, H100, 96, 0, 32768, 4, 1) == H100.sms
-    assert launch.bwd_programs(1024, cfg, H100, 96, 0, 16384, 4, 0) == 2 * H100.sms
-    assert launch.bwd_programs(1024, cfg, H100, 96, 0, 16384, 4, 2) == H100.sms
+    assert not cfg.single_pass and cfg.register_chunks == 0 and cfg.block_m == 1
+    assert launch.bwd_programs(1024, cfg, H100, 64, 0, 32768, 4, 1) == H100.sms
+    assert launch.rereads_fit_l2(H100, H100.sms, cfg, 32768, 8)
+    assert launch.bwd_programs(1024, cfg, H100, 64, 0, 16384, 4, 0) == 2 * H100.sms
+    assert launch.bwd_programs(1024, cfg, H100, 64, 0, 16384, 4, 2) == H100.sms
 
 
 def test_streamed_forward_grid_keeps_the_second_pass_in_l2():
@@ -117,12 +118,12 @@ def test_grid_comes_from_the_binary_the_launch_runs(monkeypatch):
     monkeypatch.setattr(launch, "_RESOURCES", {})
     cfg = launch.bwd_config(8192)
     args = (torch.empty(4, 8192), 1 << 14, 8192, 0.5)
-    cuda = torch.device("cuda", 0)
+    sizing = launch.device_sizing(torch.device("cuda", 0))
     for _ in range(3):
-        n = launch._programs(launch.bwd_programs, Kernel(), cuda, 1 << 14, 8192, cfg, args, {}, 4)
+        n = launch._programs(launch.bwd_programs, Kernel(), sizing, 1 << 14, 8192, cfg, args, {}, 4)
         assert n == H100.sms  # 119 registers at 16 warps: one program per SM
     assert calls == [(1,)]
     # the interpreter runs a few programs, whatever the binary
-    cpu = torch.device("cpu")
-    n = launch._programs(launch.bwd_programs, Kernel(), cpu, 1 << 14, 8192, cfg, args, {}, 4)
+    assert launch.device_sizing(torch.device("cpu")) is None
+    n = launch._programs(launch.bwd_programs, Kernel(), None, 1 << 14, 8192, cfg, args, {}, 4)
     assert n == launch.INTERPRETER_PROGRAMS
