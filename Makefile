@@ -59,6 +59,13 @@ test-gpu: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
+# the static kernel model (tools/kernel_model.py, README "Reading the static kernel model"):
+# a prediction from the compiled kernels, no GPU needed; KERNEL_MODEL_ARGS, e.g.
+# make kernel-model KERNEL_MODEL_ARGS="--gpu H100 B200 --markdown --compare benchmarks/results/<gpu>/results.json"
+.PHONY: kernel-model
+kernel-model: $(VENV)/.installed
+	$(PY) -m tools.kernel_model $(KERNEL_MODEL_ARGS)
+
 # after a GPU `make bench`: install the run's measured table for backend="auto" into the
 # package, make auto-table RESULTS=benchmarks/results/<gpu>/results.json
 .PHONY: auto-table

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import platform
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,9 @@ class Preset:
     max_elements: Optional[int] = 1 << 30  # 2 GiB per bf16 tensor: eager fwd+bwd fits 80 GB
     impls: Optional[tuple] = None  # None: every implementation
     timer: TimerSettings = field(default_factory=TimerSettings)
+    # the report's static kernel model section (tools/kernel_model.py): it compiles every
+    # kernel for the GPU, a minute or two
+    kernel_model: bool = True
 
 
 PRESETS = {
@@ -84,6 +90,7 @@ PRESETS = {
         timer=TimerSettings(
             warmup_ms=1, rep_ms=2, cuda_min_calls=3, cpu_budget_s=0.0, cpu_min_calls=2
         ),
+        kernel_model=False,
     ),
 }
 
@@ -273,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the measurements in OUT/results.json and run only the rest",
     )
+    p.add_argument(
+        "--kernel-model",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the report's static kernel model section (default: every preset but tiny)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--report-only",
@@ -384,8 +397,51 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
             report.write_json(results, out_dir / report.JSON_NAME)
     finally:
         progress.close()
+    if args.kernel_model if args.kernel_model is not None else preset.kernel_model:
+        report.write_json(results, out_dir / report.JSON_NAME)
+        results["kernel_model"] = kernel_model(out_dir / report.JSON_NAME)
+    else:
+        why = "--no-kernel-model" if args.kernel_model is False else f"the {preset_name} preset"
+        results["kernel_model"] = {"skipped": f"not asked for ({why}; --kernel-model computes it)"}
     report.write_all(results, out_dir)
     return results, out_dir
+
+
+# the source checkout's static kernel model (a tool, not part of the installed package)
+KERNEL_MODEL = Path(__file__).resolve().parent.parent / "tools" / "kernel_model.py"
+KERNEL_MODEL_TIMEOUT_S = 1800
+
+
+def kernel_model(results_path: Path) -> dict:
+    """The report's static kernel model section for this run: ``{"markdown",
+    "comparison_markdown", "gpu", "problems"}``, or ``{"skipped": why}``. Runs
+    ``python -m tools.kernel_model --json --results results.json`` in a subprocess (its
+    compiles need Triton's JIT, which a CPU run may have replaced with the interpreter)."""
+    if not KERNEL_MODEL.exists():
+        return {"skipped": "tools/kernel_model.py is not here (a source checkout has it)"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "tools.kernel_model", "--json", "--results", str(results_path)]
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=KERNEL_MODEL.parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=KERNEL_MODEL_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"the model took over {KERNEL_MODEL_TIMEOUT_S} s"}
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"skipped": lines[-1] if lines else f"exit status {proc.returncode}"}
+    out = json.loads(proc.stdout)
+    return {
+        "gpu": out["rows"][0]["gpu"] if out["rows"] else None,
+        "markdown": out["markdown"],
+        "comparison_markdown": out.get("comparison_markdown", ""),
+        "problems": sum(1 for r in out["rows"] if r["problems"]),
+    }
 
 
 def _best_copy(first: dict, second: dict) -> dict:

@@ -539,6 +539,27 @@ def _patched_models_section(results: dict) -> list[str]:
     return out
 
 
+def _kernel_model_section(results: dict) -> list[str]:
+    """The static kernel model's table (tools/kernel_model.py: predictions from the compiled
+    kernels, not measurements) and, on a GPU run, its predictions against this run's
+    measurements; ``cli.run`` computes it into ``results["kernel_model"]``."""
+    model = results.get("kernel_model")
+    out = ["## Static kernel model (a prediction, not a measurement)", ""]
+    if not model:
+        return out + [
+            "Not computed for this run (`python -m benchmarks` computes it where nvcc, Triton "
+            'and nvdisasm are installed; `make kernel-model` prints it; README: "Reading the '
+            'static kernel model").',
+            "",
+        ]
+    if model.get("skipped"):
+        return out + [f"Not computed: {model['skipped']}", ""]
+    out += [model["markdown"].rstrip(), ""]
+    if model.get("comparison_markdown"):
+        out += [model["comparison_markdown"].rstrip(), ""]
+    return out
+
+
 def _plots(results: dict) -> list[str]:
     names = results.get("plots") or []
     if not names:
@@ -574,6 +595,7 @@ def markdown(results: dict) -> str:
         + _transformer_sections(results)
         + _latency_section(results)
         + _kernel_sections(results)
+        + _kernel_model_section(results)
         + _plots(results)
         + _problems(results)
     )

@@ -7,7 +7,6 @@ Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels' JIT
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import subprocess
@@ -281,79 +280,42 @@ def compile_call(kernel, args: tuple, kwargs: dict, arch: int) -> tuple[Compiled
     return _COMPILED[key]
 
 
-class _Recorder:
-    """Stands in for a kernel object of launch.py: records ``kernel[grid](*args, **kwargs)``."""
-
-    def __init__(self, jit):
-        self.jit = jit
-        self.fn = getattr(jit, "fn", jit)
-        self.calls: list = []
-
-    def __getitem__(self, grid):
-        def launch_(*args, **kwargs):
-            self.calls.append((grid, args, kwargs))
-
-        return launch_
-
-
 def plan_launch(
     direction: str, spec: AddNormSpec, tensors, gpu: "launch.Gpu", arch: int
 ) -> LaunchPlan:
     """The launch ``launch.forward(spec, tensors)`` (direction "fwd", tensors: Operands) or
     ``launch.backward(spec, tensors)`` ("bwd", BackwardInputs) makes on ``gpu`` (a
-    ``launch.Gpu``), compiled for sm_``arch``. The tensors may be meta tensors: only their
-    shapes, strides and dtypes matter."""
-    if not hasattr(launch, "_programs"):
-        raise RuntimeError(
-            "triton_kernels/launch.py has no _programs(grid_rule, kernel, n_rows, D, cfg, args, "
-            "kwargs, reread, ...) any more: aot.plan_launch asks the launcher's grid through it"
-        )
-    name = "add_norm_fwd_kernel" if direction == "fwd" else "add_norm_bwd_kernel"
-    recorder = _Recorder(getattr(launch, name))
-    sizing: dict = {}
-    signature = inspect.signature(launch._programs)
+    ``launch.Gpu``), compiled for sm_``arch``: the launcher's own plan (plan_forward /
+    plan_backward) with the binary's resources from this compile. The tensors may be meta
+    tensors: only their shapes, strides and dtypes matter."""
+    sized: dict = {}
 
-    def programs(*a, **kw):
-        # the launcher's own call, read by parameter name (their order may change)
-        call = signature.bind(*a, **kw).arguments
-        compiled, _ = compile_call(recorder.jit, call["args"], call["kwargs"], arch)
-        cfg, reread = call["cfg"], call["reread"]
-        sizing.update(cfg=cfg, reread=reread, registers=compiled.registers)
-        return call["grid_rule"](
-            call["n_rows"], cfg, gpu, compiled.registers, compiled.shared, call["D"], reread
-        )
+    def sizing(kernel, args: tuple, kwargs: dict):
+        compiled, _ = compile_call(kernel, args, kwargs, arch)
+        sized["registers"] = compiled.registers
+        return gpu, compiled.registers, compiled.shared
 
-    saved = getattr(launch, name), launch._programs
-    setattr(launch, name, recorder)
-    launch._programs = programs
-    try:
-        if direction == "fwd":
-            launch.forward(spec, tensors)
-        elif direction == "bwd":
-            launch.backward(spec, tensors)
-        else:
-            raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
-    finally:
-        setattr(launch, name, saved[0])
-        launch._programs = saved[1]
-    if len(recorder.calls) != 1 or not sizing:
-        raise RuntimeError(
-            f"expected one {name} launch sized by _programs, saw {len(recorder.calls)}"
-        )
-    (grid,), args, kwargs = recorder.calls[0]
-    compiled, ptx_arguments = compile_call(recorder.jit, args, kwargs, arch)
-    arguments = dict(zip(recorder.jit.arg_names, args))
-    arguments.update({k: v for k, v in kwargs.items() if k in recorder.jit.arg_names})
+    if direction == "fwd":
+        plan, _ = launch.plan_forward(spec, tensors, sizing)
+    elif direction == "bwd":
+        plan, _ = launch.plan_backward(spec, tensors, sizing)
+    else:
+        raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+    if plan is None:
+        raise ValueError("no rows: nothing is launched")
+    compiled, ptx_arguments = compile_call(plan.kernel, plan.args, plan.kwargs, arch)
+    arguments = dict(zip(plan.kernel.arg_names, plan.args))
+    arguments.update({k: v for k, v in plan.kwargs.items() if k in plan.kernel.arg_names})
     return LaunchPlan(
         direction,
-        int(grid),
+        int(plan.programs),
         arguments,
-        int(kwargs.get("num_warps", compiled.num_warps)),
-        sizing["cfg"],
+        int(plan.kwargs.get("num_warps", compiled.num_warps)),
+        plan.cfg,
         compiled,
         ptx_arguments,
-        int(sizing["reread"]),
-        int(sizing["registers"]),
+        int(plan.reread_bytes_per_element),
+        int(sized.get("registers", compiled.registers)),
     )
 
 

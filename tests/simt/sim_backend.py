@@ -4,6 +4,11 @@
 triton_kernels/launch.py), so the CPU tests run the kernels' own source, launch heuristics
 and dtype dispatch through the whole autograd layer. Every output is allocated inside a
 guard band of sentinel values that must survive the call: a write past any output fails.
+
+``plan_forward`` / ``plan_backward`` run the same launch heuristics for a GPU the caller
+describes and return what would be launched (kernel symbol, grid, block, cluster, shared
+memory, parameter bytes) without running anything: the CUDA half of the static kernel model
+(tools/kernel_model.py).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -93,22 +99,61 @@ class SimTensor(ctypes.Structure):
     _fields_ = [("ptr", ctypes.c_void_p), ("row_stride", ctypes.c_int64), ("dtype", ctypes.c_int32)]
 
 
-def _operand(t: Optional[torch.Tensor]) -> SimTensor:
+# where a tensor's data is: its own pointer, or (planning) an address the caller makes up
+Address = Callable[[torch.Tensor], int]
+
+
+def _data_ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _operand(t: Optional[torch.Tensor], address: Address = _data_ptr) -> SimTensor:
     if t is None:
         return SimTensor(None, 0, 0)
     assert t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] == 1), "rows with unit column stride"
-    return SimTensor(t.data_ptr(), t.stride(0), DTYPE_CODES[t.dtype])
+    return SimTensor(address(t), t.stride(0), DTYPE_CODES[t.dtype])
 
 
-def _param(t: Optional[torch.Tensor]) -> SimTensor:
+def _param(t: Optional[torch.Tensor], address: Address = _data_ptr) -> SimTensor:
     if t is None:
         return SimTensor(None, 0, 0)
     assert t.dim() == 1 and (t.stride(0) == 1 or t.numel() == 1)
-    return SimTensor(t.data_ptr(), 0, DTYPE_CODES[t.dtype])
+    return SimTensor(address(t), 0, DTYPE_CODES[t.dtype])
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: Optional[torch.Tensor], address: Address = _data_ptr):
+    return None if t is None else ctypes.c_void_p(address(t))
+
+
+def _forward_tensors(ops: Operands, y, h, address: Address = _data_ptr):
+    """The harness's tensor list of a forward (csrc/ops.cpp's order)."""
+    return (SimTensor * 9)(
+        _operand(ops.x, address),
+        _operand(ops.residual, address),
+        _operand(y, address),
+        _operand(h, address),
+        _param(ops.weight, address),
+        _param(ops.bias, address),
+        _param(ops.branch_scale, address),
+        _param(ops.branch_weight, address),
+        _param(ops.branch_bias, address),
+    )
+
+
+def _backward_tensors(
+    spec: AddNormSpec, inputs: BackwardInputs, dx, dr, address: Address = _data_ptr
+):
+    return (SimTensor * 9)(
+        _operand(inputs.dy, address),
+        _operand(inputs.dh, address),
+        _operand(inputs.h, address),
+        _operand(inputs.x, address),
+        _operand(dx, address),
+        _operand(dr, address),
+        _param(inputs.weight if spec.output_norm else None, address),
+        _param(inputs.branch_scale, address),
+        _param(inputs.branch_weight, address),
+    )
 
 
 class _Guarded:
@@ -186,17 +231,7 @@ class SimBackend:
             out.empty(s, d) if present else None
             for present, s, d in zip(forward_present(spec), shapes, dtypes)
         )
-        tensors = (SimTensor * 9)(
-            _operand(ops.x),
-            _operand(ops.residual),
-            _operand(y),
-            _operand(h),
-            _param(ops.weight),
-            _param(ops.bias),
-            _param(ops.branch_scale),
-            _param(ops.branch_weight),
-            _param(ops.branch_bias),
-        )
+        tensors = _forward_tensors(ops, y, h)
         threads, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_forward(
             tensors,
@@ -230,17 +265,7 @@ class SimBackend:
         dx = out.empty((n_rows, D), spec.x_dtype)
         dr = out.empty((n_rows, D), spec.residual_dtype) if present[1] else None
         grads = [out.empty((D,), torch.float32) if p else None for p in present[2:]]
-        tensors = (SimTensor * 9)(
-            _operand(inputs.dy),
-            _operand(inputs.dh),
-            _operand(inputs.h),
-            _operand(inputs.x),
-            _operand(dx),
-            _operand(dr),
-            _param(inputs.weight if spec.output_norm else None),
-            _param(inputs.branch_scale),
-            _param(inputs.branch_weight),
-        )
+        tensors = _backward_tensors(spec, inputs, dx, dr)
         programs, blocks = ctypes.c_int32(0), ctypes.c_int32(0)
         rc = self.lib.resfuse_sim_backward(
             tensors,
@@ -267,3 +292,192 @@ class SimBackend:
         self.last["bwd_programs"] = programs.value
         self.last["bwd_cluster_blocks"] = blocks.value
         return Grads(dx, dr, *grads)
+
+
+# --------------------------------------------------------------------------- launch plans
+
+
+class _PlannedLaunch(ctypes.Structure):
+    _fields_ = [  # sim_harness.cpp's PlannedLaunch
+        ("kernel", ctypes.c_char * 256),
+        ("grid", ctypes.c_int64 * 3),
+        ("block", ctypes.c_int32 * 3),
+        ("cluster_blocks", ctypes.c_int32),
+        ("smem_bytes", ctypes.c_int64),
+        ("param_bytes", ctypes.c_int32),
+        ("params", ctypes.c_uint8 * 1024),
+        ("threads_per_row", ctypes.c_int32),
+        ("rows_per_block", ctypes.c_int32),
+        ("single_tile", ctypes.c_int32),
+    ]
+
+
+_BLOCKS_PER_SM = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32, ctypes.c_int64)
+_CLUSTERS_RESIDENT = ctypes.CFUNCTYPE(
+    ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32
+)
+_MAX_LAUNCHES = 4
+
+
+@dataclass(frozen=True)
+class PlannedLaunch:
+    """A launch as csrc/add_norm_launch.h would issue it on a GPU: the kernel's symbol (the
+    instantiation nvcc names the same), grid and block (x, y, z), blocks per cluster, dynamic
+    shared memory, the parameter struct's bytes, and (the add+norm kernels) the row layout
+    in them: threads per row, rows per block, whether the row is held in registers."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    cluster_blocks: int
+    smem_bytes: int
+    params: bytes
+    threads_per_row: int = 0
+    rows_per_block: int = 0
+    single_tile: bool = False
+
+
+@dataclass(frozen=True)
+class PlannedGpu:
+    """The GPU a plan is for: its SMs, its largest cluster (1: none), and the answers of its
+    runtime's occupancy queries for a kernel (symbol, block threads, dynamic shared bytes):
+    ``blocks_per_sm(...)`` and ``clusters_resident(..., cluster_blocks)``."""
+
+    sms: int
+    max_cluster: int
+    blocks_per_sm: Callable[[str, int, int], int]
+    clusters_resident: Callable[[str, int, int, int], int]
+
+
+def _callbacks(gpu: PlannedGpu, errors: list):
+    """The GPU's answers as C callbacks. An exception cannot cross back into C: it is kept in
+    ``errors`` (the caller raises it after the call) and the answer is 0."""
+
+    def blocks(kernel, threads, smem):
+        try:
+            return int(gpu.blocks_per_sm(kernel.decode(), threads, smem))
+        except Exception as e:  # noqa: BLE001 - re-raised by the caller
+            errors.append(e)
+            return 0
+
+    def clusters(kernel, threads, smem, cluster):
+        try:
+            return int(gpu.clusters_resident(kernel.decode(), threads, smem, cluster))
+        except Exception as e:  # noqa: BLE001 - re-raised by the caller
+            errors.append(e)
+            return 0
+
+    return _BLOCKS_PER_SM(blocks), _CLUSTERS_RESIDENT(clusters)
+
+
+def _launches(records, count: int) -> list[PlannedLaunch]:
+    out = []
+    for r in records[:count]:
+        out.append(
+            PlannedLaunch(
+                r.kernel.decode(),
+                tuple(r.grid),
+                tuple(r.block),
+                r.cluster_blocks,
+                r.smem_bytes,
+                bytes(r.params[: r.param_bytes]),
+                r.threads_per_row,
+                r.rows_per_block,
+                bool(r.single_tile),
+            )
+        )
+    return out
+
+
+def plan_forward(
+    lib_path: Path,
+    spec: AddNormSpec,
+    ops: Operands,
+    outputs: Forward,
+    address: Address,
+    gpu: PlannedGpu,
+) -> list[PlannedLaunch]:
+    """What the CUDA forward launches for ``ops`` (tensors of any device, meta included: only
+    their shapes, strides and dtypes are read; ``address`` gives each one's data address)
+    and the forward's ``outputs`` (None where absent)."""
+    lib = ctypes.CDLL(str(lib_path))
+    lib.resfuse_sim_last_error.restype = ctypes.c_char_p
+    records = (_PlannedLaunch * _MAX_LAUNCHES)()
+    count = ctypes.c_int32(0)
+    errors: list = []
+    blocks, clusters = _callbacks(gpu, errors)
+    n_rows, D = ops.x.shape
+    rc = lib.resfuse_sim_plan_forward(
+        _forward_tensors(ops, outputs.y, outputs.h, address),
+        _ptr(ops.rowscale, address),
+        _ptr(outputs.mean, address),
+        _ptr(outputs.mean_x, address),
+        ctypes.c_int64(n_rows),
+        ctypes.c_int32(D),
+        ctypes.c_float(spec.eps),
+        ctypes.c_float(spec.residual_scale),
+        ctypes.c_float(spec.branch_scale),
+        ctypes.c_uint32(spec.flags),
+        ctypes.c_int32(gpu.sms),
+        ctypes.c_int32(gpu.max_cluster),
+        blocks,
+        clusters,
+        records,
+        ctypes.c_int32(_MAX_LAUNCHES),
+        ctypes.byref(count),
+    )
+    if errors:
+        raise errors[0]
+    if rc:
+        raise RuntimeError(f"plan_forward: {lib.resfuse_sim_last_error().decode()}")
+    return _launches(records, count.value)
+
+
+def plan_backward(
+    lib_path: Path,
+    spec: AddNormSpec,
+    inputs: BackwardInputs,
+    dx: torch.Tensor,
+    dr: Optional[torch.Tensor],
+    grads: list[Optional[torch.Tensor]],
+    part_addresses: list[Optional[int]],
+    address: Address,
+    gpu: PlannedGpu,
+) -> tuple[list[PlannedLaunch], int]:
+    """What the CUDA backward launches (its kernel, then the reduction of the partial sums)
+    and its persistent grid's size: ``grads`` the five parameter gradients (None where not
+    wanted), ``part_addresses`` where their (programs, D) partial buffers would be."""
+    lib = ctypes.CDLL(str(lib_path))
+    lib.resfuse_sim_last_error.restype = ctypes.c_char_p
+    records = (_PlannedLaunch * _MAX_LAUNCHES)()
+    count, programs = ctypes.c_int32(0), ctypes.c_int32(0)
+    errors: list = []
+    blocks, clusters = _callbacks(gpu, errors)
+    n_rows, D = dx.shape
+    rc = lib.resfuse_sim_plan_backward(
+        _backward_tensors(spec, inputs, dx, dr, address),
+        _ptr(inputs.rowscale, address),
+        _ptr(inputs.mean, address),
+        _ptr(inputs.mean_x, address),
+        (ctypes.c_void_p * 5)(*(_ptr(g, address) for g in grads)),
+        (ctypes.c_void_p * 5)(*part_addresses),
+        ctypes.c_int64(n_rows),
+        ctypes.c_int32(D),
+        ctypes.c_float(spec.eps),
+        ctypes.c_float(spec.residual_scale),
+        ctypes.c_float(spec.branch_scale),
+        ctypes.c_uint32(spec.flags),
+        ctypes.c_int32(gpu.sms),
+        ctypes.c_int32(gpu.max_cluster),
+        blocks,
+        clusters,
+        records,
+        ctypes.c_int32(_MAX_LAUNCHES),
+        ctypes.byref(count),
+        ctypes.byref(programs),
+    )
+    if errors:
+        raise errors[0]
+    if rc:
+        raise RuntimeError(f"plan_backward: {lib.resfuse_sim_last_error().decode()}")
+    return _launches(records, count.value), programs.value

@@ -1,0 +1,3 @@
+"""The project's tools, run from the repository root: ``python -m tools.kernel_model`` (the
+static kernel model), ``python tools/ptxas_report.py``, ``python tools/gpu_campaign.py``...
+(a package so that ``python -m tools.<name>`` and ``from tools import ...`` work)."""
