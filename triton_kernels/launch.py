@@ -54,6 +54,10 @@ REGISTER_SUMS_WARPS = 16
 # (which is what L2 allows at 32K) still has 32 KiB of h and dy in flight (2 x 1024 at 4
 # warps had 8 KiB at one per SM); 98-127 registers, spill-free in every variant.
 CHUNK_BWD = (1, 8192, 16)
+# The variants that read x as well (three row tensors per chunk): ptxas held some sandwich
+# variants to 64 registers and spilled 4-24 bytes with 1 x 8192 at 16 warps, 1 x 4096 at 16
+# or 8 and 1 x 2048 at 4; 2 x 2048 at 8 warps compiles all 208 of them spill-free.
+CHUNK_BWD_READS_X = (2, 2048, 8)
 # The backward's rows in registers keep the norms' weights in registers for the whole
 # program up to this block size (D <= 2048 at 8 fp32 per thread). Measured with ptxas
 # (sm_90, bf16/fp32, the plain and the heaviest specs): multi-row tiles need fewer registers
@@ -142,7 +146,7 @@ def bwd_config(D: int, reads_x: bool = False, register_sums: bool = False) -> La
             single_pass=False,
             register_chunks=REGISTER_SUMS_CHUNKS,
         )
-    cfg = _config(D, limit, per_thread=8, chunk=CHUNK_BWD)
+    cfg = _config(D, limit, per_thread=8, chunk=CHUNK_BWD_READS_X if reads_x else CHUNK_BWD)
     if cfg.single_pass and cfg.num_warps <= WEIGHTS_RESIDENT_MAX_WARPS:
         cfg = dataclasses.replace(cfg, weights_resident=True)
     return cfg
