@@ -742,6 +742,19 @@ def _bwd_rows_in_registers(
 
 
 @triton.jit
+def _output_norm_chunk_sums(
+    DY, H, W, shift, rows, cols, mask, D, stride_dy, stride_h, FLAGS: tl.constexpr
+):
+    """A chunk's row sums of d, d*d, g*d and g for the output norm's gradient coefficients
+    (pass 1 of a streamed backward). Loaded evict_last: the next pass reads them again."""
+    IS_RMS: tl.constexpr = (_RMS & FLAGS) != 0
+    d = _shifted(H, shift, rows, cols, mask, stride_h, IS_RMS, "evict_last")
+    dy = _load(DY, rows, cols, mask, stride_dy, "evict_last")
+    g = _weighted(dy, W, cols, D, (_WEIGHT & FLAGS) != 0, FLAGS)
+    return tl.sum(d, 1), tl.sum(d * d, 1), tl.sum(g * d, 1), tl.sum(g, 1)
+
+
+@triton.jit
 def _add_at(K: tl.constexpr, t, a0, a1, a2, a3):
     """(a0, a1, a2, a3) with t added to the K-th: one register accumulator per chunk of a
     row (K is a static-unroll index, so this is resolved at compile time)."""
@@ -832,13 +845,13 @@ def _bwd_streamed_register_sums(
         for start in range(0, D, BLOCK_D):
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
-            d = _shifted(H, shift, rows, c, mask, stride_h, IS_RMS, "evict_last")
-            dy = _load(DY, rows, c, mask, stride_dy, "evict_last")
-            g = _weighted(dy, W, c, D, HAS_WEIGHT, FLAGS)
-            s_d += tl.sum(d, 1)
-            s_dd += tl.sum(d * d, 1)
-            s_gd += tl.sum(g * d, 1)
-            s_g += tl.sum(g, 1)
+            t_d, t_dd, t_gd, t_g = _output_norm_chunk_sums(
+                DY, H, W, shift, rows, c, mask, D, stride_dy, stride_h, FLAGS
+            )
+            s_d += t_d
+            s_dd += t_dd
+            s_gd += t_gd
+            s_g += t_g
         mean_d, rstd, c1, c2 = _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS)
         for k in tl.static_range(N_CHUNKS):
             c = k * BLOCK_D + cols
@@ -969,14 +982,15 @@ def _bwd_streamed(
             c = start + cols
             mask = row_mask[:, None] & (c < D)[None, :]
             if OUTPUT_NORM:
-                d = _shifted(H, shift, rows, c, mask, stride_h, IS_RMS)
-                g = _weighted(_load(DY, rows, c, mask, stride_dy), W, c, D, HAS_WEIGHT, FLAGS)
-                s_d += tl.sum(d, 1)
-                s_dd += tl.sum(d * d, 1)
-                s_gd += tl.sum(g * d, 1)
-                s_g += tl.sum(g, 1)
+                t_d, t_dd, t_gd, t_g = _output_norm_chunk_sums(
+                    DY, H, W, shift, rows, c, mask, D, stride_dy, stride_h, FLAGS
+                )
+                s_d += t_d
+                s_dd += t_dd
+                s_gd += t_gd
+                s_g += t_g
             if BRANCH_NORM:
-                dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS)
+                dx_ = _shifted(X, shift_x, rows, c, mask, stride_x, IS_RMS, "evict_last")
                 s_x += tl.sum(dx_, 1)
                 s_xx += tl.sum(dx_ * dx_, 1)
         mean_d, rstd, c1, c2 = _grad_coefficients(s_d, s_dd, s_gd, s_g, D, eps, IS_RMS)

@@ -87,11 +87,6 @@ class LaunchConfig:
     # program (else reloaded per tile, from L1)
     weights_resident: bool = False
 
-    @property
-    def persistent(self) -> bool:
-        """The grid is sized from occupancy (and L2), not from the rows."""
-        return not self.single_pass
-
 
 def _warps(elements: int, per_thread: int) -> int:
     # About `per_thread` fp32 elements per thread per live tile: enough independent 128-bit
