@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .distributed import check as _distribution
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16 or bfloat16"
 
@@ -34,6 +36,7 @@ def activation(x) -> Tensor:
         raise ValueError(
             f"x's last dimension (the normalized one) must be non-empty, got shape {_shape(x)}"
         )
+    _distribution("x", x, x)
     return x
 
 
@@ -45,6 +48,7 @@ def same_as_x(name: str, t, x: Tensor) -> Tensor:
             "(resfuse does not broadcast)"
         )
     _device(name, t, x)
+    _distribution(name, t, x)
     return t
 
 
@@ -55,6 +59,7 @@ def vector(name: str, t, x: Tensor) -> Tensor:
     if t.shape != (D,):
         raise ValueError(f"{name} must have shape ({D},) (x's last dimension), got {_shape(t)}")
     _device(name, t, x)
+    _distribution(name, t, x)
     return t
 
 
@@ -71,6 +76,7 @@ def rowscale(t, x: Tensor) -> Tensor:
             f"rowscale must be broadcastable to x.shape[:-1] = {tuple(lead)}, got {_shape(t)}"
         )
     _device("rowscale", t, x)
+    _distribution("rowscale", t, x)
     return t.to(torch.float32).expand(lead).contiguous()
 
 

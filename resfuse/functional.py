@@ -13,6 +13,7 @@ from . import auto_table as _auto_table
 from . import backend_registry as _backends
 from . import checks
 from . import ops as _ops
+from .distributed import is_dtensor
 from .spec import NORMS, AddNormSpec, Operands, h_is_x
 
 _new = tuple.__new__  # builds a NamedTuple from its fields in order, without binding arguments
@@ -95,6 +96,9 @@ def _call(
         backend = _backends.resolve(backend, x.device, key)
     else:
         backend = _backends.resolve(backend, x.device)
+    if is_dtensor(x):  # the rows stay where they are (checks.py refused a split row)
+        y, h, _, _ = _ops.run_distributed(spec, _new(Operands, operands), backend)
+        return y, h
     ops = _new(
         Operands,
         (_ops.rows(x, D), _ops.rows(residual, D), weight, bias, bs, _ops.flat(rowscale), bw, bb),

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backend_registry as _backends
+from . import distributed as _distributed
 from .spec import (
     AddNormSpec,
     BackwardInputs,
@@ -357,3 +358,17 @@ def run(spec: AddNormSpec, ops: Operands, backend: str, needs_grad: bool, compil
     if needs_grad:
         return _AddNormFunction.apply(spec, backend, *ops)
     return _backends.implementation(backend).forward(spec, ops)
+
+
+def run_distributed(spec: AddNormSpec, ops: Operands, backend: str) -> tuple:
+    """``(y, h, mean, mean_x)`` of a call on DTensors: always the registered op (the
+    dispatcher is where DTensor applies the sharding rules of ``distributed.py``), on the
+    operands as the caller shaped them (N-D: reshaping a sequence-sharded (batch, seq,
+    hidden) DTensor to rows would gather it), with the registered autograd."""
+    return absent_to_none(
+        torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend), forward_present(spec)
+    )
+
+
+# DTensor's sharding rules of the two ops (None, or why DTensor calls cannot run here)
+DTENSOR_UNSUPPORTED = _distributed.register_sharding_rules()

@@ -23,7 +23,7 @@ hooks (they must see their call), a dtype resfuse does not take (float64), shape
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from torch.nn.modules import module as _nn_module
 
 from .. import checks
 from ..functional import add_norm, norm_add, norm_add_norm
+from . import engines
 from .specs import Call, Chain, Norm, PostNorm, Sublayer
 
 _FLOAT = checks.FLOAT_DTYPES
@@ -44,7 +45,7 @@ _GLOBAL_HOOKS = (
 # Instance attributes set by patch() (removed by unpatch()), kept in the module's __dict__ so
 # they are neither submodules nor state.
 CARRY = "_resfuse_carry"  # on a norm: (h, h._version, y) handed over by a layer
-CARRY_INTO = "_resfuse_carry_into"  # on a layer: the norm that consumes its output
+CARRY_INTO = "_resfuse_carry_into"  # on a layer: the Link to the norm that consumes its output
 CHECKPOINT_FLAG = "_resfuse_checkpoint_flag"  # on a layer: (stack, attribute) of checkpointing
 
 
@@ -174,17 +175,15 @@ class NormOverride:
             h_dtype = torch.promote_types(h_dtype, branch_scale.dtype)
         if residual is not None:
             h_dtype = torch.promote_types(h_dtype, residual.dtype)
-        # Rows as a 2-D (N, D) problem, reshaped back outside the autograd function: its
-        # outputs then are not views, so they can be edited in place like any tensor.
         shape, k, device_type = x.shape, self._resfuse_trailing(), x.device.type
-        D = shape[-k:].numel()
-        x = x.reshape(-1, D)
-        residual = residual.reshape(x.shape) if residual is not None else None
-        if rowscale is not None:
-            rowscale = rowscale.expand(shape[:-k]).reshape(-1)
-        if k > 1:  # rows span several trailing dims (torch.nn norms)
+        if k > 1:  # rows span several trailing dims (torch.nn norms): one row of their product
+            D = shape[-k:].numel()
+            x = x.reshape(*shape[:-k], D)
+            residual = residual.reshape(x.shape) if residual is not None else None
             weight = weight.reshape(D) if weight is not None else None
             bias = bias.reshape(D) if bias is not None else None
+        # else the leading dims stay as they are: the functional API makes rows of them, and
+        # a DTensor sharded over the sequence must not be reshaped (it would be gathered)
         out = add_norm(
             x,
             residual,
@@ -199,6 +198,8 @@ class NormOverride:
             residual_dtype=h_dtype if residual is not None else None,
             out_dtype=spec.output_dtype(h_dtype, self.weight, device_type),
         )
+        if k == 1:
+            return out
         if prenorm:
             return tuple(t.view(shape) for t in out)
         return out.view(shape)
@@ -236,6 +237,42 @@ class NormOverride:
 # --------------------------------------------------------------------------- carrying
 
 
+class Link:
+    """A layer's closing add fused with the norm that follows it (``"across_layers"``): the
+    next layer's first norm or the stack's final norm. Before each fused call it checks that
+    the model is still built as it was patched (``steps``: each ``(parent, name, child)``
+    down to the norm; a wrapper put in between, FSDP1 or a checkpoint wrapper, breaks it),
+    that no engine keeps the norm's parameters for its own module's forward
+    (``engines.foreign_owner``) and that no engine needs the layer's backward to start at
+    its output (``engines.unit_bypassed``, ``callers``: the layer and its container). When either fails the closing add runs unfused; the first
+    time, ``on_fallback(reason)`` updates the report and warns."""
+
+    def __init__(
+        self, callers: tuple, norm: nn.Module, steps: tuple, on_fallback: Callable[[str], None]
+    ):
+        self.callers = callers
+        self.norm = norm
+        self.steps = steps
+        self.path = tuple(child for _, _, child in steps)
+        self.on_fallback = on_fallback
+        self.fallbacks: set[str] = set()
+
+    def problem(self) -> Optional[str]:
+        for parent, name, child in self.steps:
+            if parent._modules.get(name) is not child:
+                return f"`{name}` of {type(parent).__name__} was replaced after patching"
+        return engines.unit_bypassed(self.callers) or engines.foreign_owner(self.path, self.norm)
+
+    def usable(self) -> bool:
+        problem = self.problem()
+        if problem is None:
+            return True
+        if problem not in self.fallbacks:
+            self.fallbacks.add(problem)
+            self.on_fallback(problem)
+        return False
+
+
 def take_carry(norm: nn.Module, x: Tensor) -> Optional[Tensor]:
     """The output a layer already computed for this norm in its fused closing add, if ``x`` is
     exactly the tensor that layer returned, unmodified (same object, same version counter)
@@ -247,6 +284,9 @@ def take_carry(norm: nn.Module, x: Tensor) -> Optional[Tensor]:
     if carry is None:
         return None
     norm.__dict__[CARRY] = None
+    if engines.autograd_reruns():
+        # checkpointed: its recomputation will compute the norm, so the forward must as well
+        return None
     h, version, y = carry
     if (
         h is x
@@ -261,7 +301,8 @@ def take_carry(norm: nn.Module, x: Tensor) -> Optional[Tensor]:
 def _carry_allowed(layer: nn.Module) -> bool:
     # Not traced (a side channel dynamo would have to guard), not in inference mode (no
     # version counter to check), not under gradient checkpointing (the recompute would
-    # hand over a second, unused output).
+    # hand over a second, unused output, and a non-reentrant checkpoint needs the forward
+    # and its recomputation to save the same tensors).
     if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return False
     if layer.training:
@@ -270,7 +311,7 @@ def _carry_allowed(layer: nn.Module) -> bool:
         flag = layer.__dict__.get(CHECKPOINT_FLAG)
         if flag is not None and getattr(flag[0], flag[1], False):
             return False
-    return True
+    return not engines.autograd_reruns()
 
 
 # --------------------------------------------------------------------------- layers
@@ -373,8 +414,9 @@ def _add(layer: nn.Module, pending, residual: Tensor, norm) -> tuple[Tensor, Ten
 
 def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
     """The layer's closing add; carried into the next norm's kernel when linked."""
-    target = layer.__dict__.get(CARRY_INTO) if _carry_allowed(layer) else None
-    if target is not None:
+    link = layer.__dict__.get(CARRY_INTO) if _carry_allowed(layer) else None
+    if link is not None and link.usable():
+        target = link.norm
         sub, f = pending
         scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
         fused = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -18,12 +19,14 @@ from typing import Optional, Union
 from torch import nn
 
 from . import architectures as table
+from .engines import model_class, rebase
 from .fused import (
     CARRY,
     CARRY_INTO,
     CHECKPOINT_FLAG,
     Binder,
     ChainOverride,
+    Link,
     NormOverride,
     PostNormOverride,
 )
@@ -120,7 +123,17 @@ def _original_forward(cls: type):
 
 
 def is_patched(module: nn.Module) -> bool:
-    return "_resfuse_original" in type(module).__dict__
+    """Patched by resfuse, also when an engine has since wrapped the class (FSDP2)."""
+    return getattr(type(module), "_resfuse_original", None) is not None
+
+
+def _unpatched_class(cls: type) -> type:
+    """The class a patched module had: the generated class's original, also under an
+    engine's wrapper class made after patching (``FSDPResfuseX`` -> ``FSDPX``)."""
+    if "_resfuse_original" in vars(cls):
+        return cls._resfuse_original
+    generated = next(c for c in cls.__mro__ if "_resfuse_original" in vars(c))
+    return rebase(cls, generated, generated._resfuse_original)
 
 
 # --------------------------------------------------------------------------- validation
@@ -150,17 +163,18 @@ def _check_step(layer: nn.Module, attr: str, role: str) -> Optional[str]:
     if not isinstance(module, nn.Module):
         return f"has no module `{attr}`"
     if role in table.STEP_CLASSES:
-        key = class_key(type(module))
+        cls = model_class(type(module))
+        key = class_key(cls)
         if key not in table.STEP_CLASSES[role]:
-            return f"`{attr}` is a {type(module).__name__}, not one of the {role} classes it knows"
-        return _pin_problem(key, type(module))
+            return f"`{attr}` is a {cls.__name__}, not one of the {role} classes it knows"
+        return _pin_problem(key, cls)
     return None
 
 
 def _check_layer(module: nn.Module, spec) -> Optional[str]:
     """Why the generic forward must not run this instance, or None."""
     try:
-        binder = Binder(_original_forward(type(module)), type(module).__name__)
+        binder = Binder(_original_forward(type(module)), model_class(type(module)).__name__)
     except (TypeError, ValueError) as e:
         return f"its forward's arguments cannot be bound: {e}"
     if isinstance(spec, PostNorm):
@@ -217,15 +231,16 @@ class _Plan:
 
 def _plan_norms(plan: _Plan, modules) -> None:
     for path, module in modules:
-        key = class_key(type(module))
+        cls = model_class(type(module))
+        key = class_key(cls)
         spec = table.NORMS.get(key)
         if spec is None:
-            if _NORM_NAME.search(type(module).__name__):
+            if _NORM_NAME.search(cls.__name__):
                 plan.report.skipped.append(
-                    ModuleNote(path, type(module).__name__, "unknown norm class: left as it is")
+                    ModuleNote(path, cls.__name__, "unknown norm class: left as it is")
                 )
             continue
-        problem = _pin_problem(key, type(module))
+        problem = _pin_problem(key, cls)
         if problem is None and not isinstance(
             getattr(module, "weight", None), (nn.Parameter, type(None))
         ):
@@ -238,10 +253,10 @@ def _plan_norms(plan: _Plan, modules) -> None:
                 None,
             )
         if problem:
-            plan.report.skipped.append(ModuleNote(path, type(module).__name__, problem))
+            plan.report.skipped.append(ModuleNote(path, cls.__name__, problem))
             continue
         plan.norms[id(module)] = (module, _generated_class(type(module), NormOverride, spec))
-        plan.report.norms.append(ModuleNote(path, type(module).__name__, spec.describe()))
+        plan.report.norms.append(ModuleNote(path, cls.__name__, spec.describe()))
 
 
 def _norm_name(layer: nn.Module, attr: Optional[str], plan: _Plan) -> Optional[str]:
@@ -293,7 +308,7 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
     not) for the across-layer links."""
     chains = {}
     for path, module in modules:
-        cls = type(module)
+        cls = model_class(type(module))
         key = class_key(cls)
         spec = table.LAYERS.get(key)
         if spec is None:
@@ -353,50 +368,108 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
     """The closing add of each layer in a known stack: carried into the next layer's first
     norm / the final norm (across_layers), or reported as left unfused."""
     for path, stack_module in modules:
-        stack = table.STACKS.get(class_key(type(stack_module)))
-        layers = getattr(stack_module, stack.layers, None) if stack else None
-        if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+        stack = table.STACKS.get(class_key(model_class(type(stack_module))))
+        container = getattr(stack_module, stack.layers, None) if stack else None
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
             continue
-        layers = list(layers)
+        keys = list(container._modules)
+        layers = [container._modules[k] for k in keys]
         for i, layer in enumerate(layers):
             if id(layer) not in chains:
                 continue
             lpath, _, spec = chains[id(layer)]
-            name = type(layer).__name__
+            name = model_class(type(layer)).__name__
             last = spec.sublayers[-1].module
             if i + 1 < len(layers):
                 nxt = chains.get(id(layers[i + 1]))
                 owner = layers[i + 1]
                 attr = nxt[2].sublayers[0].norm if nxt else None
                 where = "next layer's"
+                steps = ((container, keys[i + 1], owner),)
             else:
                 owner, attr = stack_module, stack.final_norm
-                where = f"{type(stack_module).__name__}'s final"
+                where = f"{model_class(type(stack_module)).__name__}'s final"
+                steps = ()
             target = _norm_name(owner, attr, plan)
             own = _add_description(layer, spec.sublayers[-1], None, plan)  # a branch norm
-            if own and (target is None or not across_layers):
-                plan.add_layer(layer, spec)
-                plan.report.fused.append(ModuleNote(lpath, name, f"closing add: {own}"))
-            elif target is None:
-                plan.report.unfused.append(
-                    ModuleNote(lpath, name, f"closing add after {last}: no resfuse norm follows it")
-                )
-            elif not across_layers:
-                plan.report.unfused.append(
-                    ModuleNote(
-                        lpath,
-                        name,
-                        f"closing add after {last}: fuse_residual='across_layers' fuses "
-                        f"it with {where} {target}",
+            if target is None or not across_layers:
+                if own:
+                    plan.add_layer(layer, spec)
+                    plan.report.fused.append(ModuleNote(lpath, name, f"closing add: {own}"))
+                elif target is None:
+                    plan.report.unfused.append(
+                        ModuleNote(
+                            lpath, name, f"closing add after {last}: no resfuse norm follows it"
+                        )
                     )
-                )
-            else:
-                plan.add_layer(layer, spec)
-                plan.links.append((layer, CARRY_INTO, getattr(owner, target)))
-                if stack.checkpointing:
-                    plan.links.append((layer, CHECKPOINT_FLAG, (stack_module, stack.checkpointing)))
-                own = f"{own} + " if own else f"closing add after {last} + "
-                plan.report.fused.append(ModuleNote(lpath, name, f"{own}{where} {target}"))
+                else:
+                    plan.report.unfused.append(
+                        ModuleNote(
+                            lpath,
+                            name,
+                            f"closing add after {last}: fuse_residual='across_layers' fuses "
+                            f"it with {where} {target}",
+                        )
+                    )
+                continue
+            norm = getattr(owner, target)
+            steps += ((owner, target, norm),)
+            notes = _LinkNotes(plan.report, lpath, name, own, f"{where} {target}", last)
+            plan.add_layer(layer, spec)
+            link = Link((container, layer), norm, steps, notes.fell_back)
+            problem = link.problem()
+            if problem:  # an engine already manages the next norm: per layer, said so
+                notes.add_unlinked(problem)
+                continue
+            plan.links.append((layer, CARRY_INTO, link))
+            if stack.checkpointing:
+                plan.links.append((layer, CHECKPOINT_FLAG, (stack_module, stack.checkpointing)))
+            notes.add_linked()
+
+
+class _LinkNotes:
+    """The report's lines about one across-layer link, at patch time and when an engine
+    found at run time makes the link fall back (the report then says so, and one warning
+    per reason is raised)."""
+
+    def __init__(self, report: PatchReport, path: str, cls: str, own, target: str, last: str):
+        self.report, self.path, self.cls = report, path, cls
+        self.own, self.target, self.last = own, target, last
+        self.linked: Optional[ModuleNote] = None
+
+    def add_linked(self) -> None:
+        what = f"{self.own} + " if self.own else f"closing add after {self.last} + "
+        self.linked = ModuleNote(self.path, self.cls, f"{what}{self.target}")
+        self.report.fused.append(self.linked)
+
+    def add_unlinked(self, problem: str) -> None:
+        if self.own:
+            self.report.fused.append(ModuleNote(self.path, self.cls, f"closing add: {self.own}"))
+        self.report.unfused.append(
+            ModuleNote(
+                self.path,
+                self.cls,
+                f"closing add after {self.last} not fused with {self.target}: {problem}",
+            )
+        )
+
+    def fell_back(self, problem: str) -> None:
+        if self.linked in self.report.fused:
+            self.report.fused.remove(self.linked)
+        self.add_unlinked(problem)
+        key = (id(self.report), problem)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                f"resfuse.patch(fuse_residual='across_layers'): {self.cls}'s closing add "
+                f"runs unfused, not with {self.target}: {problem} (across layers resfuse "
+                "fuses only where no engine keeps a module's parameters or backward to that "
+                "module; the report lists the layers)",
+                stacklevel=4,
+            )
+
+
+_WARNED: set = set()
 
 
 # --------------------------------------------------------------------------- public API
@@ -465,6 +538,6 @@ def unpatch(model: nn.Module) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for module in model.modules():
         if is_patched(module):
-            module.__class__ = type(module)._resfuse_original
+            module.__class__ = _unpatched_class(type(module))
         for attr in _INSTANCE_ATTRS:
             module.__dict__.pop(attr, None)
