@@ -2,6 +2,7 @@
 PYTHON        ?= python3
 VENV          ?= .venv
 TORCH_VERSION ?= 2.14.1
+DEEPSPEED_VERSION ?= 0.19.8
 # the nvcc on PATH may be a wrapper: point torch's extension builder at the real toolkit
 export CUDA_HOME ?= /usr/local/cuda
 
@@ -20,6 +21,9 @@ HAVE_NVCC := $(shell test -x "$(CUDA_HOME)/bin/nvcc" && echo 1 || echo 0)
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
+	# DeepSpeed (ZeRO-3 on CPU ranks, tests/distributed/test_deepspeed.py) is an sdist whose
+	# build imports torch: built against the venv's torch
+	$(PIP) install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	TORCH_CUDA_ARCH_LIST="$(DEV_CUDA_ARCHS)" RESFUSE_FORCE_CUDA_BUILD=$(HAVE_NVCC) \
 	  RESFUSE_PTXAS_LOG=build/ptxas.log $(PIP) install -q --no-build-isolation -e .
 	touch $@

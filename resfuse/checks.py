@@ -12,6 +12,10 @@ from torch import Tensor
 
 from .distributed import check as _distribution
 
+# plain tensors skip the DTensor checks (a type test instead of two isinstance calls: this
+# runs for every operand of every call)
+_PLAIN = (Tensor, torch.nn.Parameter)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float16 or bfloat16"
 
@@ -36,7 +40,8 @@ def activation(x) -> Tensor:
         raise ValueError(
             f"x's last dimension (the normalized one) must be non-empty, got shape {_shape(x)}"
         )
-    _distribution("x", x, x)
+    if type(x) not in _PLAIN:
+        _distribution("x", x, x)
     return x
 
 
@@ -48,7 +53,8 @@ def same_as_x(name: str, t, x: Tensor) -> Tensor:
             "(resfuse does not broadcast)"
         )
     _device(name, t, x)
-    _distribution(name, t, x)
+    if type(t) not in _PLAIN or type(x) not in _PLAIN:
+        _distribution(name, t, x)
     return t
 
 
@@ -59,7 +65,8 @@ def vector(name: str, t, x: Tensor) -> Tensor:
     if t.shape != (D,):
         raise ValueError(f"{name} must have shape ({D},) (x's last dimension), got {_shape(t)}")
     _device(name, t, x)
-    _distribution(name, t, x)
+    if type(t) not in _PLAIN or type(x) not in _PLAIN:
+        _distribution(name, t, x)
     return t
 
 
@@ -76,7 +83,8 @@ def rowscale(t, x: Tensor) -> Tensor:
             f"rowscale must be broadcastable to x.shape[:-1] = {tuple(lead)}, got {_shape(t)}"
         )
     _device("rowscale", t, x)
-    _distribution("rowscale", t, x)
+    if type(t) not in _PLAIN or type(x) not in _PLAIN:
+        _distribution("rowscale", t, x)
     return t.to(torch.float32).expand(lead).contiguous()
 
 

@@ -96,7 +96,8 @@ def _call(
         backend = _backends.resolve(backend, x.device, key)
     else:
         backend = _backends.resolve(backend, x.device)
-    if is_dtensor(x):  # the rows stay where they are (checks.py refused a split row)
+    if type(x) is not Tensor and is_dtensor(x):  # the rows stay where they are (checks.py
+        # refused a split row)
         y, h, _, _ = _ops.run_distributed(spec, _new(Operands, operands), backend)
         return y, h
     ops = _new(

@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ..distributed import DTensor
 
@@ -138,6 +139,47 @@ def unit_bypassed(callers: Iterable[nn.Module]) -> Optional[str]:
             "its backward must start from its own output"
         )
     return None
+
+
+# --------------------------------------------------------------------------- hooks
+
+# Modules whose hooks only gather / release parameters and track the module's inputs and
+# outputs for backward, whatever those are: DeepSpeed ZeRO-3 and FSDP2. A norm with only such
+# hooks can run the fused add + norm through its own call (its parameters gathered there).
+# Any other hook (a user's, SequenceParallel's input conversion) must see the original call.
+_ENGINE_HOOK_MODULES = ("deepspeed.", "torch.distributed.fsdp.")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def _hook_module(fn) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    return getattr(fn, "__module__", None) or ""
+
+
+def hook_owner(module: nn.Module) -> Optional[str]:
+    """None when ``module`` has no hooks (nor are global hooks set), ``"engine"`` when all
+    its hooks are an engine's (``_ENGINE_HOOK_MODULES``), else ``"user"``."""
+    if any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS):
+        return "user"
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
+    if not any(hooks):
+        return None
+    for registry in hooks:
+        for fn in registry.values():
+            if not _hook_module(fn).startswith(_ENGINE_HOOK_MODULES):
+                return "user"
+    return "engine"
 
 
 # --------------------------------------------------------------------------- autograd

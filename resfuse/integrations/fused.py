@@ -27,7 +27,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _nn_module
 
 from .. import checks
 from ..functional import add_norm, norm_add, norm_add_norm
@@ -35,12 +34,6 @@ from . import engines
 from .specs import Call, Chain, Norm, PostNorm, Sublayer
 
 _FLOAT = checks.FLOAT_DTYPES
-_GLOBAL_HOOKS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-)
 
 # Instance attributes set by patch() (removed by unpatch()), kept in the module's __dict__ so
 # they are neither submodules nor state.
@@ -51,14 +44,7 @@ CHECKPOINT_FLAG = "_resfuse_checkpoint_flag"  # on a layer: (stack, attribute) o
 
 def _has_hooks(module: nn.Module) -> bool:
     """Calling the fused method bypasses ``module.__call__``: only allowed without hooks."""
-    if (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    ):
-        return True
-    return any(getattr(_nn_module, name, None) for name in _GLOBAL_HOOKS)
+    return engines.hook_owner(module) is not None
 
 
 class Binder:
@@ -148,7 +134,14 @@ class NormOverride:
         eps = getattr(self, self._resfuse_spec.eps)
         return torch.finfo(dtype).eps if eps is None else float(eps)
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        resfuse_residual: Optional[Tensor] = None,
+        resfuse_layout: str = "add_norm",
+    ):
+        if resfuse_residual is not None:
+            return self._resfuse_in_call(hidden_states, resfuse_residual, resfuse_layout)
         carried = take_carry(self, hidden_states)
         if carried is not None:
             return carried
@@ -203,6 +196,23 @@ class NormOverride:
         if prenorm:
             return tuple(t.view(shape) for t in out)
         return out.view(shape)
+
+    def _resfuse_in_call(self, x: Tensor, residual: Tensor, layout: str):
+        """A fused call of resfuse's own layers run inside this module's call, where engine
+        hooks (ZeRO-3, FSDP2) have gathered its parameters (``_fuses_through_call``):
+        ``"add_norm"`` -> (y, h) of ``self(residual + x)``; ``"post_norm"`` -> y;
+        ``"norm_add"`` -> ``residual + self(x)``. The original arithmetic where resfuse
+        cannot run it."""
+        if layout == "norm_add":
+            if self.resfuse_supports(x) and self._resfuse_trailing() == 1:
+                return self.resfuse_norm_add(x, residual)
+            return residual + self._resfuse_original.forward(self, x)
+        prenorm = layout == "add_norm"
+        if self.resfuse_supports(x):
+            return self.resfuse_add_norm(x, residual, prenorm=prenorm)
+        h = residual + x
+        y = self._resfuse_original.forward(self, h)
+        return (y, h) if prenorm else y
 
     def resfuse_norm_add(self, x: Tensor, residual: Tensor, next_norm=None):
         """``h = residual + self(x)`` and, with ``next_norm``, ``y = next_norm(h)`` in one call:
@@ -317,9 +327,7 @@ def _carry_allowed(layer: nn.Module) -> bool:
 # --------------------------------------------------------------------------- layers
 
 
-def _can_fuse(norm, f: Tensor, residual: Tensor, scales, *, check_hooks: bool = True) -> bool:
-    if not isinstance(norm, NormOverride) or (check_hooks and _has_hooks(norm)):
-        return False
+def _can_fuse_inputs(f: Tensor, residual: Tensor, scales) -> bool:
     if f.dtype not in _FLOAT or residual.dtype not in _FLOAT or f.dim() < 2:
         return False
     if f.shape != residual.shape or f.device != residual.device:
@@ -329,7 +337,27 @@ def _can_fuse(norm, f: Tensor, residual: Tensor, scales, *, check_hooks: bool = 
             gamma = module.gamma
             if gamma.dtype not in _FLOAT or gamma.shape != f.shape[-1:]:
                 return False
-    return norm.resfuse_supports(f)
+    return True
+
+
+def _can_fuse(norm, f: Tensor, residual: Tensor, scales, *, check_hooks: bool = True) -> bool:
+    """Whether ``norm.resfuse_add_norm(f, residual, ...)`` may run, here, outside the norm's
+    call."""
+    if not isinstance(norm, NormOverride) or (check_hooks and _has_hooks(norm)):
+        return False
+    return _can_fuse_inputs(f, residual, scales) and norm.resfuse_supports(f)
+
+
+def _fuses_through_call(norm, f: Tensor, residual: Tensor, scales=()) -> bool:
+    """Whether ``norm(f, residual, layout)`` may run the fused call inside the norm's own
+    call: its hooks are all an engine's, which gathers its parameters there (ZeRO-3
+    partitions every module's), and no LayerScale or drop-path scales the branch
+    (LayerScale's gamma belongs to another module, gathered in that module's call)."""
+    if not isinstance(norm, NormOverride) or engines.hook_owner(norm) != "engine":
+        return False
+    if any(not isinstance(m, nn.Identity) for m, _ in scales):
+        return False
+    return _can_fuse_inputs(f, residual, scales)
 
 
 def _can_fuse_branch(
@@ -402,11 +430,17 @@ def _add(layer: nn.Module, pending, residual: Tensor, norm) -> tuple[Tensor, Ten
                 return h, h
             y, h = branch.resfuse_norm_add(f, residual, norm)
             return h, y
+        if norm is None and _fuses_through_call(branch, f, residual):
+            h = branch(f, residual, "norm_add")
+            return h, h
         f = branch(f)  # unfused: the branch norm on its own, then the add (+ norm) below
     scales = [(getattr(layer, attr), role) for attr, role in sub.scale_steps]
     if norm is not None and _can_fuse(norm, f, residual, scales):
         branch_scale, rowscale = _fused_scales(scales, f)
         y, h = norm.resfuse_add_norm(f, residual, branch_scale=branch_scale, rowscale=rowscale)
+        return h, y
+    if norm is not None and _fuses_through_call(norm, f, residual, scales):
+        y, h = norm(f, residual, "add_norm")
         return h, y
     h = residual + _scaled_branch(scales, f)
     return h, (norm(h) if norm is not None else h)
@@ -498,4 +532,6 @@ class PostNormOverride:
         norm = getattr(self, spec.norm)
         if _can_fuse(norm, f, residual, ()):
             return norm.resfuse_add_norm(f, residual, prenorm=False)
+        if _fuses_through_call(norm, f, residual):
+            return norm(f, residual, "post_norm")
         return norm(f + residual)

@@ -485,7 +485,10 @@ def patch(model: nn.Module, *, fuse_residual: Union[bool, str] = True) -> PatchR
     checkpointing behave as before), or ``"across_layers"`` (also each layer's closing add
     with the next layer's first norm and with the final norm; the layer still returns the
     true hidden state, and the fused norm output is handed to the next norm only when that
-    exact, unmodified tensor arrives there).
+    exact, unmodified tensor arrives there). A module's parameters are read only inside
+    that module's own call (FSDP2, DeepSpeed ZeRO-3 and offloading rely on it): where an
+    engine owns the next norm, the closing add runs unfused and the report says why.
+    The model may be patched before or after FSDP2's ``fully_shard``.
 
     Returns a :class:`PatchReport`; ``resfuse.unpatch(model)`` restores the original classes.
     """

@@ -5,6 +5,7 @@ ZeRO-3's hooks around each module's own call."""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -38,11 +39,25 @@ def zero3(arch: str, mode, partitioned_at_build: bool = False, steps: int = 2) -
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
+    # (deepspeed.comm's attribute `torch` is torch itself: the module comes from importlib)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    # DeepSpeed compiles a shared-memory all-reduce for inference on its first init (about
+    # 30 s of g++ on this machine); training on gloo never calls it
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")  # joins the world's process group
     spec = ARCHS[arch]
     if partitioned_at_build:
-        with deepspeed.zero.Init():
-            model, reference = spec.build(), spec.build()
+        # transformers builds under zero.Init (and initializes the partitioned weights) while
+        # an HfDeepSpeedConfig with stage 3 is alive
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_config = HfDeepSpeedConfig(dict(_CONFIG))  # noqa: F841 - kept alive on purpose
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            models.append(spec.build())
+        model, reference = models
     else:
         model, reference = spec.model(), spec.model()
     report = resfuse.patch(model, fuse_residual=mode)
@@ -66,7 +81,9 @@ def zero3(arch: str, mode, partitioned_at_build: bool = False, steps: int = 2) -
                 engine.step()
             worst["logits"] = max(worst["logits"], _worst(*outs))
             for name in grads[1]:
-                worst["grads"] = max(worst["grads"], _worst(grads[0][name], grads[1][name]))
+                err = _worst(grads[0][name], grads[1][name])
+            if err > worst["grads"]:
+                worst["grads"], worst["worst_grad"] = err, name
             worst["grads_compared"] = len(grads[1])
     worst["report"] = str(report)
     worst["warnings"] = sorted({str(w.message) for w in caught if "resfuse" in str(w.message)})

@@ -88,7 +88,9 @@ def _train_side_by_side(model, reference, inputs, steps: int, step=None) -> dict
         worst["logits"] = max(worst["logits"], _worst(*outs))
         assert grads[0].keys() == grads[1].keys(), "the two models' gradients differ in names"
         for name in grads[1]:
-            worst["grads"] = max(worst["grads"], _worst(grads[0][name], grads[1][name]))
+            err = _worst(grads[0][name], grads[1][name])
+            if err > worst["grads"]:
+                worst["grads"], worst["worst_grad"] = err, name
         worst["grads_compared"] = len(grads[1])
         for opt in optimizers:
             opt.step()

@@ -60,7 +60,10 @@ class World:
     tests' sys.path), with ``env`` set in each before anything is imported."""
 
     def __init__(self, module: str, env: Optional[dict] = None, start_timeout: float = 180.0):
-        self.module, self.env, self.start_timeout = module, dict(env or {}), start_timeout
+        # the ranks share one machine: CPU tensors and gloo, also where the suite itself runs
+        # on a GPU (RESFUSE_TEST_DEVICE=cuda: one GPU cannot host two NCCL ranks)
+        self.env = {"RESFUSE_TEST_DEVICE": "cpu", **(env or {})}
+        self.module, self.start_timeout = module, start_timeout
         self.procs: list = []
 
     def _start(self) -> None:
