@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - a build without torch.distributed
 # x's leading dims); the rest are activations of x's shape
 PARAMETERS = ("weight", "bias", "branch_scale", "branch_weight", "branch_bias")
 PER_ROW = ("rowscale", "mean", "mean_x")
+UNSUPPORTED: Optional[str] = None  # why DTensor calls cannot run (register_sharding_rules)
 
 
 def is_dtensor(t) -> bool:
@@ -60,6 +61,10 @@ def check(name: str, t: Tensor, x: Tensor) -> None:
         )
     if not is_dtensor(t):
         return
+    if UNSUPPORTED is not None:
+        raise TypeError(
+            f"{name} is a DTensor, which this torch cannot run resfuse on: {UNSUPPORTED}"
+        )
     if t.device_mesh != x.device_mesh:
         raise ValueError(f"{name} is a DTensor on another device mesh than x's")
     if name in PARAMETERS:
@@ -145,13 +150,23 @@ def _backward_rule(
 
 
 def register_sharding_rules() -> Optional[str]:
-    """Register the rules with DTensor; returns why not, or None. Called once at import."""
+    """Register the rules with DTensor; returns why not, or None (also kept in
+    ``UNSUPPORTED`` for :func:`check`). Called once, by ops.py, after the ops exist."""
+    global UNSUPPORTED
+    UNSUPPORTED = _register()
+    return UNSUPPORTED
+
+
+def _register() -> Optional[str]:
     if DTensor is None:
         return "this torch build has no torch.distributed"
     try:
         from torch.distributed.tensor.experimental import register_sharding
     except ImportError as e:  # pragma: no cover - torch < 2.5
         return f"torch.distributed.tensor.experimental.register_sharding is missing: {e}"
-    register_sharding(torch.ops.resfuse.add_norm.default)(_forward_rule)
-    register_sharding(torch.ops.resfuse.add_norm_backward.default)(_backward_rule)
+    try:  # an experimental API: a release that changes it must not break `import resfuse`
+        register_sharding(torch.ops.resfuse.add_norm.default)(_forward_rule)
+        register_sharding(torch.ops.resfuse.add_norm_backward.default)(_backward_rule)
+    except Exception as e:  # pragma: no cover - depends on the torch release
+        return f"registering the DTensor sharding rules failed: {type(e).__name__}: {e}"
     return None

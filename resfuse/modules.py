@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as _functional
+from .distributed import is_dtensor
 from .functional import add_norm
 
 _Shape = Union[int, Sequence[int]]
@@ -220,7 +221,13 @@ class AddNorm(nn.Module):
             return None
         keep = 1.0 - self.drop_path
         shape = (x.shape[0],) + (1,) * (x.dim() - 2)  # one draw per sample, broadcast over tokens
-        return torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(keep) / keep
+        mask = torch.empty(shape, device=x.device, dtype=torch.float32).bernoulli_(keep) / keep
+        if is_dtensor(x):  # one draw for every rank: rank 0's, replicated over the mesh
+            from torch.distributed.tensor import Replicate, distribute_tensor
+
+            mesh = x.device_mesh
+            mask = distribute_tensor(mask, mesh, [Replicate()] * mesh.ndim)
+        return mask
 
     def forward(self, x: Tensor, residual: Tensor):
         return add_norm(

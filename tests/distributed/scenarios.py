@@ -344,36 +344,39 @@ def dtensor_errors() -> dict:
 
 
 def modules_with_dtensor_parameters() -> dict:
-    """resfuse.RMSNorm / LayerNorm with their parameters distributed (replicated) and a
-    sequence-sharded input, against the same modules on whole tensors."""
+    """resfuse's modules with their parameters distributed (replicated) and sequence-sharded
+    inputs, against the same modules on whole tensors (AddNorm in training, with LayerScale
+    and drop-path: every rank draws the same seed, so the masks agree)."""
     from torch.distributed.tensor import distribute_module, distribute_tensor
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 9, 16, generator=gen)
-    residual = torch.randn(2, 9, 16, generator=gen)
+    x = torch.randn(4, 9, 16, generator=gen)
+    residual = torch.randn(4, 9, 16, generator=gen)
+    modules = {
+        "RMSNorm": resfuse.RMSNorm(16),
+        "LayerNorm": resfuse.LayerNorm(16),
+        "AddNorm": resfuse.AddNorm(16, "layer", layer_scale_init=0.5, drop_path=0.5).train(),
+        "NormAddNorm": resfuse.NormAddNorm(16, zero_centered_weight=True),
+    }
     out = {}
-    for cls in (resfuse.RMSNorm, resfuse.LayerNorm):
-        torch.manual_seed(0)
-        plain = cls(16)
+    for name, plain in modules.items():
         with torch.no_grad():
             for p in plain.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
         sharded = distribute_module(copy.deepcopy(plain), mesh)  # parameters replicated
+        torch.manual_seed(11)
         y, h = plain(x, residual)
         (y * 2 + h).sum().backward()
+        torch.manual_seed(11)
         dy, dh = sharded(
             distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(residual, mesh, [Shard(1)])
         )
         (dy * 2 + dh).sum().backward()
         errs = [_worst(dy, y), _worst(dh, h)]
-        errs += [
-            _worst(sp.grad, pp.grad) for sp, pp in zip(sharded.parameters(), plain.parameters())
-        ]
-        out[cls.__name__] = max(errs)
-        out[cls.__name__ + "_param_types"] = sorted(
-            {type(p).__name__ for p in sharded.parameters()}
-        )
+        errs += [_worst(s.grad, p.grad) for s, p in zip(sharded.parameters(), plain.parameters())]
+        out[name] = max(errs)
+        out[name + "_param_types"] = sorted({type(p).__name__ for p in sharded.parameters()})
     return out
 
 

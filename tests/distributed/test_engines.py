@@ -179,6 +179,6 @@ def test_dtensor_errors_name_the_argument_and_placement(world):
 
 def test_modules_accept_dtensor_parameters(world):
     r = world.run("modules_with_dtensor_parameters")[0]
-    for name in ("RMSNorm", "LayerNorm"):
+    for name in ("RMSNorm", "LayerNorm", "AddNorm", "NormAddNorm"):
         assert r[name] <= 1.0
         assert r[name + "_param_types"] == ["DTensor"]
