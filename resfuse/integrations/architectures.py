@@ -1,10 +1,13 @@
 """The architecture table: which classes resfuse.patch knows, as declarative entries.
 
 Keys are ``"module:qualname"`` (nothing here imports transformers or timm); a model's module
-matches an entry when its class is exactly that class. Adding an architecture = adding its
-entries here (a ``Norm`` for its norm class, a ``Chain`` / ``PostNorm`` for the layer whose adds
-fuse, a ``Stack`` for the module that runs the layers), its source digests to ``PINS`` (see
-sources.py), and a tiny model to tests/integrations/tiny_models.py.
+matches an entry when its class is exactly that class. An entry *claims* a computation;
+``resfuse.patch`` checks the claim on the installed code before it uses it: each norm is
+run against resfuse's norm (probes.py), each layer's forward is read as a dataflow and
+matched with its entry (layout.py). Adding an architecture = adding its entries here (a
+``Norm`` for its norm class, a ``Chain`` / ``PostNorm`` for the layer whose adds fuse, a
+``Stack`` for the module that runs the layers) and a tiny model to
+tests/integrations/tiny_models.py.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ NORMS = {
 
 # transformers attention: ``self_attn(hidden_states=normed, <every layer argument>, **kwargs)``,
 # returning (output, weights)
-_HF_ATTENTION = Call(input="hidden_states", args="all", var_kwargs=True, output="first")
+_HF_ATTENTION = Call(output="first")
 
 LLAMA_STYLE = Chain(
     input="hidden_states",
@@ -93,28 +96,18 @@ REORDERED = Chain(
     ),
 )
 
-_KV_CACHE = ("cache", "past_key_values")  # transformers 5.24 / before its rename
-
 GPT2_BLOCK = Chain(
     input="hidden_states",
     sublayers=(
         Sublayer(
             "attn",
             "ln_1",
-            Call(args=(_KV_CACHE, "attention_mask", "use_cache"), var_kwargs=True, output="first"),
+            Call(output="first"),
         ),
         Sublayer(
             "crossattention",
             "ln_cross_attn",
-            Call(
-                args=(
-                    _KV_CACHE,
-                    "attention_mask",
-                    "encoder_hidden_states",
-                    "encoder_attention_mask",
-                ),
-                output="first",
-            ),
+            Call(output="first"),
             when="encoder_hidden_states",
         ),
         Sublayer("mlp", "ln_2"),
@@ -127,7 +120,7 @@ GPT_NEOX_LAYER = Chain(
         Sublayer(
             "attention",
             "input_layernorm",
-            Call(args="all", var_kwargs=True, output="first"),
+            Call(output="first"),
             steps=(("post_attention_dropout", "module"),),
         ),
         Sublayer("mlp", "post_attention_layernorm", steps=(("post_mlp_dropout", "module"),)),
@@ -148,7 +141,7 @@ TIMM_BLOCK = Chain(
         Sublayer(
             "attn",
             "norm1",
-            Call(args="all"),
+            Call(),
             steps=(("ls1", "layer_scale"), ("drop_path1", "drop_path")),
         ),
         Sublayer("mlp", "norm2", steps=(("ls2", "layer_scale"), ("drop_path2", "drop_path"))),
@@ -217,75 +210,4 @@ STACKS = {
 STEP_CLASSES = {
     "layer_scale": ("timm.layers.layer_scale:LayerScale", "torch.nn.modules.linear:Identity"),
     "drop_path": ("timm.layers.drop:DropPath", "torch.nn.modules.linear:Identity"),
-}
-
-# --------------------------------------------------------------------------- pins
-
-# Code the fused forwards reproduce, with the digests of the releases the tests verified
-# (sources.source_digest). A class whose source matches none is left as it is and reported.
-# transformers 5.17.0 (the GPU machines' release) differs from 5.24.0 in the decoder layers
-# only by the KV-cache argument's name (past_key_values, renamed cache in 5.24 behind a
-# deprecation wrapper): the fused forwards bind arguments by the layer's own names.
-# torch.nn classes are not pinned: their semantics are torch's documented API.
-PINS: dict[str, dict[str, str]] = {
-    "timm.layers.norm:LayerNorm": {"9a97b1b8a854d400": "timm 1.0.31"},
-    _T + "llama.modeling_llama:LlamaRMSNorm": {"824678046af17af7": "transformers 5.24.0"},
-    _T + "mistral.modeling_mistral:MistralRMSNorm": {"3e2c62dce71b5665": "transformers 5.24.0"},
-    _T + "qwen2.modeling_qwen2:Qwen2RMSNorm": {"4ded61b168f0dbb7": "transformers 5.24.0"},
-    _T + "qwen3.modeling_qwen3:Qwen3RMSNorm": {"9db62704a3b115de": "transformers 5.24.0"},
-    _T + "olmo2.modeling_olmo2:Olmo2RMSNorm": {"bea6ef06d5b59fea": "transformers 5.24.0"},
-    _T + "gemma.modeling_gemma:GemmaRMSNorm": {"9c7dcb8cc1c84826": "transformers 5.24.0"},
-    _T + "gemma2.modeling_gemma2:Gemma2RMSNorm": {"5c2e9225c5b8d85b": "transformers 5.24.0"},
-    _T + "gemma3.modeling_gemma3:Gemma3RMSNorm": {"163839cb86636dc9": "transformers 5.24.0"},
-    _T + "t5.modeling_t5:T5LayerNorm": {"b9a9b44f110a9096": "transformers 5.24.0"},
-    _T + "llama.modeling_llama:LlamaDecoderLayer": {
-        "fbf05eae5547447b": "transformers 5.24.0",
-        "6166aa4110fd0e82": "transformers 5.17.0",
-    },
-    _T + "mistral.modeling_mistral:MistralDecoderLayer": {
-        "4ef429e49b9781be": "transformers 5.24.0",
-        "efab84b341e2abab": "transformers 5.17.0",
-    },
-    _T + "qwen2.modeling_qwen2:Qwen2DecoderLayer": {
-        "1adf1c20ba98a886": "transformers 5.24.0",
-        "9765b2bf0357a18e": "transformers 5.17.0",
-    },
-    _T + "qwen3.modeling_qwen3:Qwen3DecoderLayer": {
-        "2fa6e2f9ea098623": "transformers 5.24.0",
-        "f3d23d2fbd8500be": "transformers 5.17.0",
-    },
-    _T + "gemma.modeling_gemma:GemmaDecoderLayer": {
-        "b1290d543863fb6c": "transformers 5.24.0",
-        "7812c0d3888dd4d6": "transformers 5.17.0",
-    },
-    _T + "gemma2.modeling_gemma2:Gemma2DecoderLayer": {
-        "0a0f3034d2dede17": "transformers 5.24.0",
-        "3cc974a2c0a17ca2": "transformers 5.17.0",
-    },
-    _T + "gemma3.modeling_gemma3:Gemma3DecoderLayer": {
-        "21c921f5142dba06": "transformers 5.24.0",
-        "74738223ee83506a": "transformers 5.17.0",
-    },
-    _T + "olmo2.modeling_olmo2:Olmo2DecoderLayer": {
-        "b5fdb6fcb3c0c175": "transformers 5.24.0",
-        "85ce15ff32d73c7d": "transformers 5.17.0",
-    },
-    _T + "gpt2.modeling_gpt2:GPT2Block": {
-        "5f48931a1af69920": "transformers 5.24.0",
-        "4bb8f390e59e5b3c": "transformers 5.17.0",
-    },
-    _T + "gpt_neox.modeling_gpt_neox:GPTNeoXLayer": {"4d9ce63725b63373": "transformers 5.24.0"},
-    _T + "bert.modeling_bert:BertSelfOutput": {"727debaa5ff1743f": "transformers 5.24.0"},
-    _T + "bert.modeling_bert:BertOutput": {"692ae64ffebcf2dc": "transformers 5.24.0"},
-    _T + "roberta.modeling_roberta:RobertaSelfOutput": {"9000f5a90a2107ca": "transformers 5.24.0"},
-    _T + "roberta.modeling_roberta:RobertaOutput": {"b30c0e7c8c00de25": "transformers 5.24.0"},
-    "timm.models.vision_transformer:Block": {"fdbf1fd78677bbcf": "timm 1.0.31"},
-    "timm.layers.layer_scale:LayerScale": {"cc070ab3d46eaca0": "timm 1.0.31"},
-    "timm.layers.drop:DropPath": {"3670eae0e77ef457": "timm 1.0.31"},
-    "timm.layers.drop:drop_path": {"6986ce17c0453cee": "timm 1.0.31"},
-}
-
-# Entries that rely on more code than their own class (DropPath calls drop_path).
-PIN_DEPENDENCIES = {
-    "timm.layers.drop:DropPath": ("timm.layers.drop:drop_path",),
 }

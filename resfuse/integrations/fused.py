@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..functional import add_norm, norm_add, norm_add_norm
-from . import engines
-from .specs import Call, Chain, Norm, PostNorm, Sublayer
+from . import engines, layout
+from .specs import Chain, Norm, PostNorm, Sublayer
 
 _FLOAT = checks.FLOAT_DTYPES
 
@@ -106,6 +106,7 @@ class NormOverride:
 
     _resfuse_original: type
     _resfuse_spec: Norm
+    _resfuse_backend = "auto"  # probes.py runs the reference ("torch") on its copies
 
     def _resfuse_trailing(self) -> int:
         return len(self.normalized_shape) if self._resfuse_spec.normalized_shape else 1
@@ -190,6 +191,7 @@ class NormOverride:
             prenorm=prenorm,
             residual_dtype=h_dtype if residual is not None else None,
             out_dtype=spec.output_dtype(h_dtype, self.weight, device_type),
+            backend=self._resfuse_backend,
         )
         if k == 1:
             return out
@@ -227,6 +229,7 @@ class NormOverride:
             branch_bias=self._resfuse_bias(),
             zero_centered_weight=spec.zero_centered_weight,
             residual_dtype=h_dtype,
+            backend=self._resfuse_backend,
         )
         eps = self._resfuse_eps(f_dtype)
         if next_norm is None:
@@ -333,6 +336,8 @@ def _can_fuse_inputs(f: Tensor, residual: Tensor, scales) -> bool:
     if f.shape != residual.shape or f.device != residual.device:
         return False
     for module, role in scales:
+        if role == "scalar" and (isinstance(module, bool) or not isinstance(module, (int, float))):
+            return False
         if role == "layer_scale" and not isinstance(module, nn.Identity):
             gamma = module.gamma
             if gamma.dtype not in _FLOAT or gamma.shape != f.shape[-1:]:
@@ -356,7 +361,7 @@ def _fuses_through_call(norm, f: Tensor, residual: Tensor, scales=()) -> bool:
     if not isinstance(norm, NormOverride) or engines.hook_owner(norm) != "engine":
         return False
     if any(not isinstance(m, nn.Identity) for m, _ in scales):
-        return False
+        return False  # (a scalar, too: the norm's call takes no scale)
     return _can_fuse_inputs(f, residual, scales)
 
 
@@ -392,11 +397,15 @@ def _can_fuse_branch(
 
 
 def _fused_scales(scales, f: Tensor):
-    """branch_scale (the LayerScale gamma) and rowscale (the drop-path keep mask / keep),
-    the mask drawn exactly as timm's drop_path draws it, so the RNG stream is the same."""
+    """branch_scale (the LayerScale gamma, or a scalar multiplier such as Granite's
+    ``residual_multiplier``) and rowscale (the drop-path keep mask / keep), the mask drawn
+    exactly as timm's drop_path draws it, so the RNG stream is the same."""
     branch_scale = rowscale = None
     mask_dtype = f.dtype
     for module, role in scales:
+        if role == "scalar":
+            branch_scale = float(module)
+            continue
         if isinstance(module, nn.Identity):
             continue
         if role == "layer_scale":
@@ -413,8 +422,8 @@ def _fused_scales(scales, f: Tensor):
 
 
 def _scaled_branch(scales, f: Tensor) -> Tensor:
-    for module, _ in scales:  # unfused: the original modules, in order
-        f = module(f)
+    for module, role in scales:  # unfused: the original operations, in order
+        f = f * module if role == "scalar" else module(f)
     return f
 
 
@@ -471,28 +480,38 @@ def _close(layer: nn.Module, pending, residual: Tensor) -> Tensor:
     return _add(layer, pending, residual, None)[0]
 
 
-def _call(module: nn.Module, x: Tensor, call: Call, layer_input: str, bound: dict, extra: dict):
-    if call.args == "all":
-        kwargs = {k: v for k, v in bound.items() if k != layer_input}
-    else:  # (bound holds every named argument of the layer, defaults included)
-        kwargs = {k: bound[k] for k in call.arg_names(bound)}
-    if call.var_kwargs:
+def _call(module: nn.Module, x: Tensor, binding, bound: dict, extra: dict):
+    """The sublayer call as the layer's own code makes it (``layout.Binding``, read from
+    the forward by layout.py): the stream positionally or by keyword, the layer arguments
+    it passes under the names it passes them, its ``**kwargs`` if it forwards them."""
+    args = [] if binding.input is not None else [x]
+    args += [bound[v] if kind == "arg" else v for kind, v in binding.args]
+    kwargs = {k: (bound[v] if kind == "arg" else v) for k, (kind, v) in binding.kwargs}
+    if binding.input is not None:
+        kwargs[binding.input] = x
+    if binding.var_kwargs:
         kwargs.update(extra)
-    out = module(x, **kwargs) if call.input is None else module(**{call.input: x}, **kwargs)
-    return out[0] if call.output == "first" else out
+    return module(*args, **kwargs)
 
 
 class ChainOverride:
-    """The one forward of every pre-norm layer (``specs.Chain``)."""
+    """The one forward of every pre-norm layer (``specs.Chain``), replaying the calls the
+    verified forward makes (``_resfuse_bindings``) and returning what it returns
+    (``_resfuse_verified.returns``: the stream, or a tuple template)."""
 
     _resfuse_original: type
     _resfuse_spec: Chain
     _resfuse_binder: Binder
+    _resfuse_verified: layout.Verified
+    _resfuse_bindings: dict
+    _resfuse_globals: dict
 
     def forward(self, *args, **kwargs):
         spec = self._resfuse_spec
         bound, extra = self._resfuse_binder.bind(args, kwargs)
-        stream = bound[spec.input]
+        template = self._resfuse_verified.returns
+        outputs = {} if template is not None else None
+        stream = bound[self._resfuse_verified.stream]
         pending: Optional[tuple[Sublayer, Tensor]] = None  # branch output not yet added
         for sub in spec.sublayers:
             if sub.when is not None and bound.get(sub.when) is None:
@@ -508,11 +527,19 @@ class ChainOverride:
                 normed = norm(stream) if norm is not None else stream
             else:
                 stream, normed = _add(self, pending, stream, norm)
-            out = _call(module, normed, sub.call, spec.input, bound, extra)
+            out = _call(module, normed, self._resfuse_bindings[sub.module], bound, extra)
+            if outputs is not None:
+                outputs[sub.module] = out
+            if sub.call.output == "first":
+                out = out[0]
             for attr, _ in sub.eager_steps:
                 out = getattr(self, attr)(out)
             pending = (sub, out)
-        return _close(self, pending, stream)
+        stream = _close(self, pending, stream)
+        if template is None:
+            return stream
+        tests = dict(self._resfuse_verified.tests)
+        return layout.evaluate(template, stream, outputs, bound, self, tests, self._resfuse_globals)
 
 
 class PostNormOverride:

@@ -19,6 +19,7 @@ from typing import Optional, Union
 from torch import nn
 
 from . import architectures as table
+from . import layout, probes
 from .engines import model_class, rebase
 from .fused import (
     CARRY,
@@ -29,8 +30,9 @@ from .fused import (
     Link,
     NormOverride,
     PostNormOverride,
+    _fused_scales,
 )
-from .sources import class_key, package_version, resolve, source_digest
+from .sources import class_key
 from .specs import Chain, PostNorm, Unfused
 
 _INSTANCE_ATTRS = (CARRY, CARRY_INTO, CHECKPOINT_FLAG)
@@ -95,11 +97,11 @@ class PatchReport:
 _GENERATED: dict[tuple, type] = {}
 
 
-def _generated_class(original: type, override: type, spec) -> type:
-    """``Resfuse<Name>(override, original)``, one per (class, entry), so torch.compile sees a
-    stable type. transformers' GradientCheckpointingLayer wraps the new forward in its
-    checkpointing logic when the class is created, as for any subclass."""
-    key = (original, override, spec)
+def _generated_class(original: type, override: type, spec, verified=None) -> type:
+    """``Resfuse<Name>(override, original)``, one per (class, entry, verified forward), so
+    torch.compile sees a stable type. transformers' GradientCheckpointingLayer wraps the new
+    forward in its checkpointing logic when the class is created, as for any subclass."""
+    key = (original, override, spec, verified)
     cls = _GENERATED.get(key)
     if cls is None:
         name = "Resfuse" + original.__name__
@@ -110,7 +112,11 @@ def _generated_class(original: type, override: type, spec) -> type:
             "_resfuse_spec": spec,
         }
         if override is not NormOverride:
-            attrs["_resfuse_binder"] = Binder(_original_forward(original), original.__name__)
+            forward = _original_forward(original)
+            attrs["_resfuse_binder"] = Binder(forward, original.__name__)
+            attrs["_resfuse_verified"] = verified
+            attrs["_resfuse_bindings"] = dict(verified.bindings)
+            attrs["_resfuse_globals"] = forward.__globals__
         cls = type(name, (override, original), attrs)
         _GENERATED[key] = cls
     return cls
@@ -139,64 +145,62 @@ def _unpatched_class(cls: type) -> type:
 # --------------------------------------------------------------------------- validation
 
 
-def _pin_problem(key: str, obj) -> Optional[str]:
-    """Why the code behind ``key`` cannot be trusted to match its entry, or None."""
-    for k in (key,) + table.PIN_DEPENDENCIES.get(key, ()):
-        verified = table.PINS.get(k)
-        if verified is None:
-            continue
-        target = obj if k == key else resolve(k)
-        digest = source_digest(target)
-        if digest is None:
-            return f"source of {k} is not available to verify it"
-        if digest not in verified:
-            versions = ", ".join(sorted(set(verified.values())))
-            return (
-                f"{k} differs from the code resfuse was verified against ({versions}; "
-                f"installed: {package_version(k)}): left as it is"
-            )
-    return None
-
-
 def _check_step(layer: nn.Module, attr: str, role: str) -> Optional[str]:
+    if role == "scalar":
+        return None  # a plain attribute read per call (fused._fused_scales checks its type)
     module = getattr(layer, attr, None)
     if not isinstance(module, nn.Module):
         return f"has no module `{attr}`"
     if role in table.STEP_CLASSES:
         cls = model_class(type(module))
-        key = class_key(cls)
-        if key not in table.STEP_CLASSES[role]:
+        if class_key(cls) not in table.STEP_CLASSES[role]:
             return f"`{attr}` is a {cls.__name__}, not one of the {role} classes it knows"
-        return _pin_problem(key, cls)
+        return probes.step_problem(module, role, _fused_scales)
     return None
 
 
-def _check_layer(module: nn.Module, spec) -> Optional[str]:
-    """Why the generic forward must not run this instance, or None."""
+# Verified forwards per (class, entry): [(Verified, the static tests it decided)]; a new
+# instance reuses one whose decided tests come out the same for it.
+_VERIFIED: dict[tuple, list] = {}
+
+
+def _verify_layer(module: nn.Module, cls: type, spec):
+    """``(Verified, None)``, or ``(None, why)``: the layer's forward matched against its
+    entry (layout.py), cached per class and the instance attributes its code branches on."""
+    candidates = _VERIFIED.setdefault((cls, spec), [])
+    forward = _original_forward(cls)
+    for verified in candidates:
+        try:
+            if all(
+                layout.static_test(code, forward.__globals__, module, src) == value
+                for src, code, value in verified.static
+            ):
+                return verified, None
+        except layout.Refused:
+            continue
     try:
-        binder = Binder(_original_forward(type(module)), model_class(type(module)).__name__)
+        if isinstance(spec, PostNorm):
+            verified = layout.verify_post_norm(cls, module, spec)
+        else:
+            verified = layout.verify_chain(cls, module, spec)
+    except layout.Refused as e:
+        return None, f"its forward does not compute the {spec.family} it is listed as: {e}"
+    candidates.append(verified)
+    return verified, None
+
+
+def _check_layer(module: nn.Module, cls: type, spec) -> Optional[str]:
+    """Why the generic forward must not run this instance (besides its code), or None."""
+    try:
+        Binder(_original_forward(cls), cls.__name__)
     except (TypeError, ValueError) as e:
         return f"its forward's arguments cannot be bound: {e}"
     if isinstance(spec, PostNorm):
-        for name in (spec.input, spec.residual):
-            if name not in binder.names:
-                return f"its forward has no argument `{name}`"
         for attr in spec.steps + (spec.norm,):
             if not isinstance(getattr(module, attr, None), nn.Module):
                 return f"has no module `{attr}`"
         return None
-    if spec.input not in binder.names:
-        return f"its forward has no argument `{spec.input}`"
     for sub in spec.sublayers:
-        if sub.when is not None and sub.when not in binder.names:
-            return f"its forward has no argument `{sub.when}`"
-        if isinstance(sub.call.args, tuple):
-            names = sub.call.arg_names(binder.names)
-            missing = [a for a, name in zip(sub.call.args, names) if name is None]
-            if missing:
-                return f"its forward has no argument(s) {missing}"
-        if sub.call.var_kwargs and not binder.var_kwargs:
-            return "its forward takes no **kwargs"
         if sub.when is not None and getattr(module, sub.module, None) is None:
             continue  # optional sublayer absent on this instance (GPT-2 without cross-attention)
         attrs = [sub.module] + ([sub.norm] if sub.norm else [])
@@ -220,9 +224,10 @@ class _Plan:
     layers: dict[int, tuple[nn.Module, type]] = field(default_factory=dict)
     links: list[tuple[nn.Module, str, object]] = field(default_factory=list)
 
-    def add_layer(self, module: nn.Module, spec) -> None:
+    def add_layer(self, module: nn.Module, spec, verified) -> None:
         override = PostNormOverride if isinstance(spec, PostNorm) else ChainOverride
-        self.layers[id(module)] = (module, _generated_class(type(module), override, spec))
+        generated = _generated_class(type(module), override, spec, verified)
+        self.layers[id(module)] = (module, generated)
 
     def swaps(self):
         yield from self.norms.values()
@@ -240,10 +245,8 @@ def _plan_norms(plan: _Plan, modules) -> None:
                     ModuleNote(path, cls.__name__, "unknown norm class: left as it is")
                 )
             continue
-        problem = _pin_problem(key, cls)
-        if problem is None and not isinstance(
-            getattr(module, "weight", None), (nn.Parameter, type(None))
-        ):
+        problem = None
+        if not isinstance(getattr(module, "weight", None), (nn.Parameter, type(None))):
             problem = "its weight is not a Parameter (or None)"
         if problem is None and not hasattr(module, spec.eps):
             problem = f"has no `{spec.eps}` attribute"
@@ -251,6 +254,10 @@ def _plan_norms(plan: _Plan, modules) -> None:
             problem = next(
                 (c.reason for c in spec.conditions if getattr(module, c.attr, object()) != c.value),
                 None,
+            )
+        if problem is None:  # its forward computes what resfuse's norm computes (probes.py)
+            problem = probes.norm_problem(
+                module, spec, lambda: _generated_class(cls, NormOverride, spec)
             )
         if problem:
             plan.report.skipped.append(ModuleNote(path, cls.__name__, problem))
@@ -336,13 +343,15 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
         if unmet:  # a known variant whose adds do not fuse (GPT-NeoX's parallel residual)
             plan.report.unfused.append(ModuleNote(path, cls.__name__, unmet[0]))
             continue
-        problem = _pin_problem(key, cls) or _check_layer(module, spec)
+        verified, problem = None, _check_layer(module, cls, spec)
+        if problem is None:
+            verified, problem = _verify_layer(module, cls, spec)
         if problem:
             plan.report.skipped.append(ModuleNote(path, cls.__name__, problem))
             continue
         if isinstance(spec, PostNorm):
             if _norm_name(module, spec.norm, plan):
-                plan.add_layer(module, spec)
+                plan.add_layer(module, spec, verified)
                 plan.report.fused.append(
                     ModuleNote(
                         path,
@@ -355,9 +364,9 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
                     ModuleNote(path, cls.__name__, f"{spec.norm} is not a resfuse norm")
                 )
             continue
-        chains[id(module)] = (path, module, spec)
+        chains[id(module)] = (path, module, spec, verified)
         for what in _fused_adds(module, spec, plan):
-            plan.add_layer(module, spec)
+            plan.add_layer(module, spec, verified)
             plan.report.fused.append(ModuleNote(path, cls.__name__, what))
         for note in spec.notes:
             plan.report.unfused.append(ModuleNote(path, cls.__name__, note))
@@ -377,7 +386,7 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
         for i, layer in enumerate(layers):
             if id(layer) not in chains:
                 continue
-            lpath, _, spec = chains[id(layer)]
+            lpath, _, spec, verified = chains[id(layer)]
             name = model_class(type(layer)).__name__
             last = spec.sublayers[-1].module
             if i + 1 < len(layers):
@@ -394,7 +403,7 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
             own = _add_description(layer, spec.sublayers[-1], None, plan)  # a branch norm
             if target is None or not across_layers:
                 if own:
-                    plan.add_layer(layer, spec)
+                    plan.add_layer(layer, spec, verified)
                     plan.report.fused.append(ModuleNote(lpath, name, f"closing add: {own}"))
                 elif target is None:
                     plan.report.unfused.append(
@@ -415,7 +424,7 @@ def _plan_links(plan: _Plan, modules, chains, across_layers: bool) -> None:
             norm = getattr(owner, target)
             steps += ((owner, target, norm),)
             notes = _LinkNotes(plan.report, lpath, name, own, f"{where} {target}", last)
-            plan.add_layer(layer, spec)
+            plan.add_layer(layer, spec, verified)
             link = Link((container, layer), norm, steps, notes.fell_back)
             problem = link.problem()
             if problem:  # an engine already manages the next norm: per layer, said so

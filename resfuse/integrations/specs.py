@@ -19,15 +19,17 @@ matched by the exact class of each of its modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 # How the branch output of a sublayer is turned into what is added to the stream:
 # "module" is called as is (dropout, a norm on the branch, Identity), "layer_scale"
-# becomes branch_scale (the module's ``gamma``), "drop_path" becomes rowscale (the
-# per-sample keep mask / keep probability, drawn as timm draws it).
-STEP_ROLES = ("module", "norm", "layer_scale", "drop_path")
+# becomes branch_scale (the module's ``gamma``), "scalar" multiplies by a plain number
+# attribute of the layer (Granite's ``residual_multiplier``: branch_scale too), "drop_path"
+# becomes rowscale (the per-sample keep mask / keep probability, drawn as timm draws it).
+STEP_ROLES = ("module", "norm", "layer_scale", "scalar", "drop_path")
+_SCALING = ("layer_scale", "scalar", "drop_path")
 
 
 @dataclass(frozen=True)
@@ -92,40 +94,16 @@ class Norm:
 
 @dataclass(frozen=True)
 class Call:
-    """How a layer calls a sublayer's module.
+    """How a sublayer's module answers: ``output`` "tensor", or "first" when it returns a
+    tuple whose first item is the branch output (attention modules returning weights,
+    MoE blocks returning router logits). Which arguments the layer passes it, and under
+    which names, is read from the layer's own forward (layout.py), release by release."""
 
-    ``input``: None passes the normalized stream positionally, a name passes it by keyword.
-    ``args``: the layer's own arguments forwarded by name (same name on both sides), or
-    ``"all"`` for every named argument of the layer other than its input. An entry may be a
-    tuple of alternative names, for an argument a release renamed in the layer and its
-    sublayers alike (transformers' ``past_key_values`` -> ``cache``): the one the layer's
-    forward takes.
-    ``var_kwargs``: forward the layer's ``**kwargs`` too.
-    ``output``: "tensor", or "first" when the module returns a tuple whose first item is
-    the branch output (attention modules returning weights).
-    """
-
-    input: Optional[str] = None
-    args: Union[str, tuple[Union[str, tuple[str, ...]], ...]] = ()
-    var_kwargs: bool = False
     output: str = "tensor"
 
     def __post_init__(self):
         if self.output not in ("tensor", "first"):
             raise ValueError(f"Call.output must be 'tensor' or 'first', got {self.output!r}")
-        if isinstance(self.args, str) and self.args != "all":
-            raise ValueError(f"Call.args must be a tuple of names or 'all', got {self.args!r}")
-
-    def arg_names(self, available) -> tuple[Optional[str], ...]:
-        """``args`` with each set of alternatives resolved against the names the layer's
-        forward takes (None where it takes none of them)."""
-
-        def pick(entry):
-            if isinstance(entry, str):
-                return entry if entry in available else None
-            return next((name for name in entry if name in available), None)
-
-        return tuple(pick(entry) for entry in self.args)
 
 
 @dataclass(frozen=True)
@@ -151,12 +129,14 @@ class Sublayer:
         for role in roles:
             if role not in STEP_ROLES:
                 raise ValueError(f"Sublayer {self.module}: unknown step role {role!r}")
-        scaling = [r in ("layer_scale", "drop_path") for r in roles]
+        scaling = [r in _SCALING for r in roles]
         if scaling != sorted(scaling):
             raise ValueError(
-                f"Sublayer {self.module}: layer_scale / drop_path steps must come "
+                f"Sublayer {self.module}: layer_scale / scalar / drop_path steps must come "
                 "last (they are fused into the add)"
             )
+        if sum(r in ("layer_scale", "scalar") for r in roles) > 1:
+            raise ValueError(f"Sublayer {self.module}: one branch scale at most")
 
     @property
     def module_steps(self) -> tuple[tuple[str, str], ...]:
@@ -180,7 +160,7 @@ class Sublayer:
 
     @property
     def scale_steps(self) -> tuple[tuple[str, str], ...]:
-        return tuple(s for s in self.steps if s[1] in ("layer_scale", "drop_path"))
+        return tuple(s for s in self.steps if s[1] in _SCALING)
 
 
 @dataclass(frozen=True)
