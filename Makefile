@@ -47,10 +47,18 @@ format: $(VENV)/.installed
 # CPU: the Triton kernels themselves run under the interpreter (tests/conftest.py sets it)
 test: $(VENV)/.installed lint
 	RESFUSE_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest tests -q
+	$(MAKE) test-releases
 ifeq ($(HAVE_NVCC),1)
 	$(MAKE) wheel-check
 	$(MAKE) gpu-campaign-rehearsal
 endif
+
+# the integration tests on other transformers releases, each in its own environment beside
+# the shared torch (build/releases/, about 2 minutes); writes docs/RELEASES.md's table
+RELEASES ?= 4.51.3 4.57.6 5.0.0 5.10.4
+.PHONY: test-releases
+test-releases: $(VENV)/.installed
+	$(PY) tools/test_releases.py --releases $(RELEASES) --with-pinned --table docs/RELEASES.md
 
 # on a machine with a CUDA GPU: the same suite on CUDA tensors, plus the GPU-only tests
 test-gpu: $(VENV)/.installed

@@ -47,7 +47,8 @@ NORMS = {
     _T + "mistral.modeling_mistral:MistralRMSNorm": RMS_LLAMA,
     _T + "qwen2.modeling_qwen2:Qwen2RMSNorm": RMS_LLAMA,
     _T + "qwen3.modeling_qwen3:Qwen3RMSNorm": RMS_LLAMA,
-    _T + "olmo2.modeling_olmo2:Olmo2RMSNorm": RMS_ROUND_ONCE,
+    # rounds after the weight since transformers 4.54, like Llama's before
+    _T + "olmo2.modeling_olmo2:Olmo2RMSNorm": (RMS_ROUND_ONCE, RMS_LLAMA),
     _T + "gemma.modeling_gemma:GemmaRMSNorm": RMS_GEMMA,
     _T + "gemma2.modeling_gemma2:Gemma2RMSNorm": RMS_GEMMA,
     _T + "gemma3.modeling_gemma3:Gemma3RMSNorm": RMS_GEMMA,
@@ -185,7 +186,10 @@ CONTAINERS = {
 
 # --------------------------------------------------------------------------- stacks
 
-_HF_DECODER_STACK = Stack(layers="layers", final_norm="norm")
+# transformers < 4.54 keeps the gradient checkpointing switch on the stack (the stack's loop
+# checkpoints each layer), later releases on each layer as well
+_HF_CHECKPOINTING = "gradient_checkpointing"
+_HF_DECODER_STACK = Stack(layers="layers", final_norm="norm", checkpointing=_HF_CHECKPOINTING)
 STACKS = {
     _T + "llama.modeling_llama:LlamaModel": _HF_DECODER_STACK,
     _T + "mistral.modeling_mistral:MistralModel": _HF_DECODER_STACK,
@@ -195,9 +199,9 @@ STACKS = {
     _T + "gemma2.modeling_gemma2:Gemma2Model": _HF_DECODER_STACK,
     _T + "gemma3.modeling_gemma3:Gemma3TextModel": _HF_DECODER_STACK,
     _T + "olmo2.modeling_olmo2:Olmo2Model": _HF_DECODER_STACK,
-    _T + "gpt2.modeling_gpt2:GPT2Model": Stack(layers="h", final_norm="ln_f"),
+    _T + "gpt2.modeling_gpt2:GPT2Model": Stack(layers="h", final_norm="ln_f", checkpointing=_HF_CHECKPOINTING),
     _T + "gpt_neox.modeling_gpt_neox:GPTNeoXModel": Stack(
-        layers="layers", final_norm="final_layer_norm"
+        layers="layers", final_norm="final_layer_norm", checkpointing=_HF_CHECKPOINTING
     ),
     "timm.models.vision_transformer:VisionTransformer": Stack(
         layers="blocks", final_norm="norm", checkpointing="grad_checkpointing"

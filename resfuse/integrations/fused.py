@@ -539,7 +539,7 @@ class ChainOverride:
         if template is None:
             return stream
         tests = dict(self._resfuse_verified.tests)
-        return layout.evaluate(template, stream, outputs, bound, self, tests, self._resfuse_globals)
+        return layout.evaluate(template, stream, outputs, bound, self, tests)
 
 
 class PostNormOverride:

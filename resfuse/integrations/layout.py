@@ -30,6 +30,7 @@ generic forward fills in with the same values at run time.
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
 import math
 import textwrap
@@ -129,6 +130,16 @@ class Tup(Sym):
 
 
 @dataclass(frozen=True)
+class Concat(Sym):
+    """A tuple concatenation whose parts are not all known tuples (``(h,) + outputs[1:]``)."""
+
+    parts: tuple
+
+    def __str__(self):
+        return " + ".join(str(p) for p in self.parts)
+
+
+@dataclass(frozen=True)
 class Add(Sym):
     a: Sym
     b: Sym
@@ -213,13 +224,30 @@ def _is_module_attr(ctx: _Context, name: str) -> bool:
     return isinstance(getattr(ctx.instance, name, None), nn.Module)
 
 
+def _tuple_like(v: Sym) -> bool:
+    return isinstance(v, (Tup, Concat, Slice))
+
+
 def _concat(a: Sym, b: Sym) -> Sym:
-    if isinstance(a, Tup) and isinstance(b, Tup):
-        return Tup(a.items + b.items)
+    """``a + b``: a tuple concatenation when either side is a tuple (or a slice of one),
+    else an addition."""
     if isinstance(a, Cond):
         return Cond(a.test, _concat(a.then, b), _concat(a.other, b))
     if isinstance(b, Cond):
         return Cond(b.test, _concat(a, b.then), _concat(a, b.other))
+    if isinstance(a, Tup) and isinstance(b, Tup):
+        return Tup(a.items + b.items)
+    if _tuple_like(a) or _tuple_like(b):
+        parts = []
+        for v in (a, b):
+            parts += list(v.parts) if isinstance(v, Concat) else [v]
+        merged = []
+        for p in parts:  # adjacent known tuples merge
+            if merged and isinstance(p, Tup) and isinstance(merged[-1], Tup):
+                merged[-1] = Tup(merged[-1].items + p.items)
+            elif not (isinstance(p, Tup) and not p.items):
+                merged.append(p)
+        return merged[0] if len(merged) == 1 else Concat(tuple(merged))
     return Add(a, b)
 
 
@@ -381,8 +409,24 @@ def static_test(code, module_globals: dict, instance, src: str = "") -> bool:
 
 
 def _runtime_test(test: ast.AST, ctx: _Context) -> str:
+    """Record a test on the layer's arguments (and ``self``) as a function ``(self, bound)``
+    of the bound arguments, for the return template at run time."""
     src = _source(test)
-    ctx.tests.setdefault(src, compile(ast.Expression(test), "<layout test>", "eval"))
+    if src not in ctx.tests:
+
+        class _Bound(ast.NodeTransformer):
+            def visit_Name(self, node):
+                if node.id in ctx.params and node.id != "self":
+                    key = ast.Constant(node.id)
+                    return ast.copy_location(
+                        ast.Subscript(ast.Name("__bound", ast.Load()), key, ast.Load()), node
+                    )
+                return node
+
+        body = _Bound().visit(copy.deepcopy(test))
+        args = ast.arguments([], [ast.arg("self"), ast.arg("__bound")], None, [], [], None, [])
+        fn = ast.fix_missing_locations(ast.Expression(ast.Lambda(args, body)))
+        ctx.tests[src] = eval(compile(fn, "<layout test>", "eval"), ctx.globals)
     return src
 
 
@@ -401,8 +445,11 @@ def _assign(target: ast.AST, value: Sym, env: dict) -> None:
 _IGNORED_CALLS = ("warnings.warn", "logger.warning", "logger.warning_once", "logger.info")
 
 
-def _run(stmts: list, env: dict, ctx: _Context) -> Sym:
-    """The value the statements return from ``env`` (a Cond tree over run-time tests)."""
+def _run(stmts: list, env: dict, ctx: _Context, assumed: Optional[dict] = None) -> Sym:
+    """The value the statements return from ``env`` (a Cond tree over run-time tests);
+    ``assumed``: the run-time tests this path has already decided (a test met again on the
+    same path takes the same branch)."""
+    assumed = {} if assumed is None else assumed
     for i, stmt in enumerate(stmts):
         if isinstance(stmt, ast.Return):
             return _eval(stmt.value, env, ctx) if stmt.value is not None else Const(None)
@@ -429,12 +476,15 @@ def _run(stmts: list, env: dict, ctx: _Context) -> Sym:
             rest = stmts[i + 1 :]
             if kind == "static":
                 branch = stmt.body if _static_value(stmt.test, ctx) else stmt.orelse
-                return _run(list(branch) + rest, env, ctx)
+                return _run(list(branch) + rest, env, ctx, assumed)
             if kind == "activation":
                 raise Refused(f"a branch on the activation: `if {_source(stmt.test)}:`")
             test = _runtime_test(stmt.test, ctx)
-            then = _run(list(stmt.body) + rest, dict(env), ctx)
-            other = _run(list(stmt.orelse) + rest, dict(env), ctx)
+            if test in assumed:
+                branch = stmt.body if assumed[test] else stmt.orelse
+                return _run(list(branch) + rest, env, ctx, assumed)
+            then = _run(list(stmt.body) + rest, dict(env), ctx, {**assumed, test: True})
+            other = _run(list(stmt.orelse) + rest, dict(env), ctx, {**assumed, test: False})
             if isinstance(then, Raises):
                 return other
             if isinstance(other, Raises):
@@ -639,35 +689,25 @@ def _enabled(sub: Sublayer, assumed: tuple) -> Optional[bool]:
     return None
 
 
-def _replace(v: Sym, target: Sym, by: Sym) -> Sym:
-    if v == target:
-        return by
-    if isinstance(v, Tup):
-        return Tup(tuple(_replace(i, target, by) for i in v.items))
-    if isinstance(v, Cond):
-        return Cond(v.test, _replace(v.then, target, by), _replace(v.other, target, by))
-    return v
-
-
 def _check_template(v: Sym, sub_modules: set) -> None:
-    """What a return template may hold: the stream, tuples, sublayer outputs (items and
-    slices), layer arguments, constants, run-time choices."""
+    """What a return template may hold: the stream, tuples and their concatenations, the
+    raw outputs of the sublayer calls (and items and slices of any of these), layer
+    arguments, constants, run-time choices."""
     if isinstance(v, (Final, Arg, Const)):
         return
-    if isinstance(v, Tup):
-        for i in v.items:
-            _check_template(i, sub_modules)
+    if isinstance(v, ModCall) and v.module in sub_modules:
+        return
+    if isinstance(v, (Tup, Concat)):
+        for part in v.items if isinstance(v, Tup) else v.parts:
+            _check_template(part, sub_modules)
         return
     if isinstance(v, Cond):
         _check_template(v.then, sub_modules)
         _check_template(v.other, sub_modules)
         return
     if isinstance(v, (Item, Slice)):
-        base = v.of
-        while isinstance(base, (Item, Slice)):
-            base = base.of
-        if isinstance(base, ModCall) and base.module in sub_modules:
-            return
+        _check_template(v.of, sub_modules)
+        return
     raise Refused(f"it returns `{v}` besides the stream")
 
 
@@ -681,7 +721,7 @@ def verify_chain(cls: type, instance: nn.Module, spec: Chain) -> Verified:
     for assumed, value in _leaves(result):
         if isinstance(value, Raises):
             continue
-        out = value.items[0] if isinstance(value, Tup) and value.items else value
+        out = _first(value)
         active = []
         for sub in spec.sublayers:
             if sub.when is None:
@@ -700,8 +740,8 @@ def verify_chain(cls: type, instance: nn.Module, spec: Chain) -> Verified:
         if s != Stream():
             raise Refused(f"the first add starts from `{s}`, not from the layer input `{stream}`")
         streams.add(out)
-        if isinstance(value, Tup):
-            templates.append((assumed, _replace(value, out, Final())))
+        if isinstance(value, (Tup, Concat)):
+            templates.append(assumed)
         elif value != out:
             raise Refused(f"it returns `{value}`")
     if not streams:
@@ -724,6 +764,15 @@ def _statics(ctx: _Context) -> tuple:
     return tuple((src, code, value) for src, (code, value) in sorted(ctx.static.items()))
 
 
+def _first(v: Sym) -> Sym:
+    """The stream a return value carries: itself, or the first item of a returned tuple."""
+    if isinstance(v, Tup) and v.items:
+        return v.items[0]
+    if isinstance(v, Concat) and isinstance(v.parts[0], Tup) and v.parts[0].items:
+        return v.parts[0].items[0]
+    return v
+
+
 def _rebuild(v: Sym, streams: set) -> Sym:
     """The return Cond tree with every verified stream expression replaced by Final."""
     if isinstance(v, Cond):
@@ -732,6 +781,8 @@ def _rebuild(v: Sym, streams: set) -> Sym:
         return Final()
     if isinstance(v, Tup):
         return Tup(tuple(Final() if i in streams else i for i in v.items))
+    if isinstance(v, Concat):
+        return Concat(tuple(_rebuild(p, streams) for p in v.parts))
     return v
 
 
@@ -770,39 +821,33 @@ def verify_post_norm(cls: type, instance: nn.Module, spec: PostNorm) -> Verified
 # --------------------------------------------------------------------------- run time
 
 
-def evaluate(
-    template: Sym, stream, outputs: dict, bound: dict, layer, tests: dict, module_globals: dict
-):
-    """The value of a return template at run time: ``stream`` for Final, sublayer outputs
-    by module attribute, layer arguments, run-time tests evaluated on ``bound`` and the
-    layer (as the original code would)."""
+def evaluate(template: Sym, stream, outputs: dict, bound: dict, layer, tests: dict):
+    """The value of a return template at run time: ``stream`` for Final, the raw outputs of
+    the sublayer calls by module attribute, layer arguments, and the run-time tests as
+    functions of (layer, bound arguments) (plain Python: torch.compile traces them)."""
     if isinstance(template, Final):
         return stream
     if isinstance(template, Const):
         return template.value
     if isinstance(template, Arg):
         return bound.get(template.name)
-    if isinstance(template, Tup):
-        return tuple(
-            evaluate(i, stream, outputs, bound, layer, tests, module_globals)
-            for i in template.items
-        )
-    if isinstance(template, Cond):
-        scope = {"self": layer, **bound}
-        branch = (
-            template.then if eval(tests[template.test], module_globals, scope) else template.other
-        )
-        return evaluate(branch, stream, outputs, bound, layer, tests, module_globals)
-    if isinstance(template, Item):
-        return evaluate(template.of, stream, outputs, bound, layer, tests, module_globals)[
-            template.index
-        ]
-    if isinstance(template, Slice):
-        return evaluate(template.of, stream, outputs, bound, layer, tests, module_globals)[
-            template.start : template.stop
-        ]
     if isinstance(template, ModCall):
         return outputs[template.module]
+    if isinstance(template, Tup):
+        return tuple(evaluate(i, stream, outputs, bound, layer, tests) for i in template.items)
+    if isinstance(template, Concat):
+        out = ()
+        for part in template.parts:
+            out = out + tuple(evaluate(part, stream, outputs, bound, layer, tests))
+        return out
+    if isinstance(template, Cond):
+        branch = template.then if tests[template.test](layer, bound) else template.other
+        return evaluate(branch, stream, outputs, bound, layer, tests)
+    if isinstance(template, Item):
+        return evaluate(template.of, stream, outputs, bound, layer, tests)[template.index]
+    if isinstance(template, Slice):
+        value = evaluate(template.of, stream, outputs, bound, layer, tests)
+        return value[template.start : template.stop]
     raise TypeError(f"not a return template: {template}")  # verify_chain refused it
 
 

@@ -234,36 +234,40 @@ class _Plan:
         yield from self.layers.values()
 
 
+def _norm_problem(module: nn.Module, cls: type, spec) -> Optional[str]:
+    """Why ``module`` cannot run as the table's ``spec``, or None."""
+    if not isinstance(getattr(module, "weight", None), (nn.Parameter, type(None))):
+        return "its weight is not a Parameter (or None)"
+    if not hasattr(module, spec.eps):
+        return f"has no `{spec.eps}` attribute"
+    for c in spec.conditions:
+        if getattr(module, c.attr, object()) != c.value:
+            return c.reason
+    # its forward computes what resfuse's norm computes for this spec (probes.py)
+    return probes.norm_problem(module, spec, lambda: _generated_class(cls, NormOverride, spec))
+
+
 def _plan_norms(plan: _Plan, modules) -> None:
     for path, module in modules:
         cls = model_class(type(module))
-        key = class_key(cls)
-        spec = table.NORMS.get(key)
-        if spec is None:
+        candidates = table.NORMS.get(class_key(cls))
+        if candidates is None:
             if _NORM_NAME.search(cls.__name__):
                 plan.report.skipped.append(
                     ModuleNote(path, cls.__name__, "unknown norm class: left as it is")
                 )
             continue
-        problem = None
-        if not isinstance(getattr(module, "weight", None), (nn.Parameter, type(None))):
-            problem = "its weight is not a Parameter (or None)"
-        if problem is None and not hasattr(module, spec.eps):
-            problem = f"has no `{spec.eps}` attribute"
-        if problem is None:
-            problem = next(
-                (c.reason for c in spec.conditions if getattr(module, c.attr, object()) != c.value),
-                None,
-            )
-        if problem is None:  # its forward computes what resfuse's norm computes (probes.py)
-            problem = probes.norm_problem(
-                module, spec, lambda: _generated_class(cls, NormOverride, spec)
-            )
-        if problem:
-            plan.report.skipped.append(ModuleNote(path, cls.__name__, problem))
+        # a class whose semantics changed between releases lists one spec per semantics:
+        # the first its installed code verifies as is the one it runs
+        if not isinstance(candidates, tuple):
+            candidates = (candidates,)
+        problems = [_norm_problem(module, cls, spec) for spec in candidates]
+        chosen = next((spec for spec, p in zip(candidates, problems) if p is None), None)
+        if chosen is None:
+            plan.report.skipped.append(ModuleNote(path, cls.__name__, problems[0]))
             continue
-        plan.norms[id(module)] = (module, _generated_class(type(module), NormOverride, spec))
-        plan.report.norms.append(ModuleNote(path, cls.__name__, spec.describe()))
+        plan.norms[id(module)] = (module, _generated_class(type(module), NormOverride, chosen))
+        plan.report.norms.append(ModuleNote(path, cls.__name__, chosen.describe()))
 
 
 def _norm_name(layer: nn.Module, attr: Optional[str], plan: _Plan) -> Optional[str]:

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from patch_fixtures import backend, count_fused  # noqa: F401 (fixtures)
-from tiny_models import ARCHS, assert_tracks, forward_backward, logits
+from tiny_models import ARCHS, assert_tracks, forward_backward, logits, refused
 
 import resfuse
 
@@ -26,8 +26,14 @@ def test_logits_and_every_gradient_match(arch, mode, backend, count_fused):
 
     report = resfuse.patch(model, fuse_residual=mode)
     expected_adds = spec.fused_adds + (spec.linked if mode == "across_layers" else 0)
-    assert len(report.fused) == expected_adds, str(report)
-    assert report.norms and not report.skipped, str(report)
+    reason = refused(arch)
+    if reason is None:
+        assert len(report.fused) == expected_adds, str(report)
+        assert report.norms and not report.skipped, str(report)
+    else:  # this release's layer is refused, with its reason: the norms only
+        assert report.skipped and all(reason in n.what for n in report.skipped), str(report)
+        assert report.norms and not report.fused, str(report)
+        expected_adds = 0
 
     out, grads = forward_backward(model, inputs)
     ref_out, ref_grads = forward_backward(reference, inputs)

@@ -13,7 +13,16 @@ import textwrap
 import pytest
 import torch
 from patch_fixtures import backend, count_fused  # noqa: F401 (fixtures)
-from tiny_models import ARCHS, _vit, assert_tracks, forward_backward, logits, transformers
+from tiny_models import (
+    ARCHS,
+    LAYERS_RETURN_TUPLES,
+    _vit,
+    assert_tracks,
+    forward_backward,
+    logits,
+    refused,
+    transformers,
+)
 
 import resfuse
 from resfuse.integrations import layout, patching
@@ -163,6 +172,7 @@ CHANGED = {
 }
 
 
+@pytest.mark.skipif(LAYERS_RETURN_TUPLES, reason="this release's LlamaModel expects tuples")
 def test_a_cosmetically_rewritten_layer_still_patches(
     code, monkeypatch, verified_caches, count_fused
 ):
@@ -366,5 +376,9 @@ def test_the_installed_releases_every_entry_verifies():
     models' instances (test_patch_models checks what the patched models compute)."""
     for name, arch in ARCHS.items():
         report = resfuse.patch(arch.model(), fuse_residual="across_layers")
-        assert not report.skipped, f"{name}: {report}"
+        reason = refused(name)
+        if reason is None:
+            assert not report.skipped, f"{name}: {report}"
+        else:
+            assert all(reason in n.what for n in report.skipped), f"{name}: {report}"
     assert transformers.__version__

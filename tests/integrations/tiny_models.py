@@ -213,6 +213,25 @@ ARCHS = {
 }
 
 
+# Layers the installed transformers release writes so that resfuse refuses them, with the
+# reason patch must give (tools/test_releases.py runs the suite on older releases): the
+# tests then require that refusal, norms-only patching and the unpatched results
+_RELEASE = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+_SLIDING_MASK = "which is neither a layer argument nor a constant"  # a mask sliced in the layer
+REFUSED = {
+    # transformers < 4.54: Gemma2/3's layer slices the sliding-window mask itself
+    "gemma2": _SLIDING_MASK if _RELEASE < (4, 54) else None,
+    "gemma3": _SLIDING_MASK if _RELEASE < (4, 54) else None,
+}
+# transformers < 4.54 layers return a tuple (hidden_states, ...)
+LAYERS_RETURN_TUPLES = _RELEASE < (4, 54)
+
+
+def refused(arch: str):
+    """The reason resfuse refuses ``arch``'s layers on this release, or None."""
+    return REFUSED.get(arch)
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
