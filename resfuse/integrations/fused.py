@@ -111,10 +111,17 @@ class NormOverride:
     def _resfuse_trailing(self) -> int:
         return len(self.normalized_shape) if self._resfuse_spec.normalized_shape else 1
 
+    def _resfuse_weight(self) -> Optional[Tensor]:
+        return getattr(self, "weight", None)  # (OLMo's LayerNorm has none)
+
     def resfuse_supports(self, x: Tensor) -> bool:
         """Whether resfuse can run this norm on ``x`` (else the original forward runs)."""
         if x.dtype not in _FLOAT or x.dim() == 0:
             return False
+        if self._resfuse_spec.channels_first:
+            if x.dim() < 2:
+                return False
+            x = x.movedim(1, -1)
         if self._resfuse_spec.autocast == "original" and torch.is_autocast_enabled(x.device.type):
             return False
         k = self._resfuse_trailing()
@@ -123,7 +130,7 @@ class NormOverride:
         ):
             return False  # the original raises its own error
         D = x.shape[-k:].numel()
-        for p in (self.weight, self._resfuse_bias()):
+        for p in (self._resfuse_weight(), self._resfuse_bias()):
             if p is not None and (p.dtype not in _FLOAT or p.numel() != D or p.device != x.device):
                 return False
         return True
@@ -132,7 +139,9 @@ class NormOverride:
         return getattr(self, "bias", None) if self._resfuse_spec.kind == "layer" else None
 
     def _resfuse_eps(self, dtype: torch.dtype) -> float:
-        eps = getattr(self, self._resfuse_spec.eps)
+        eps = self._resfuse_spec.eps
+        if isinstance(eps, str):
+            eps = getattr(self, eps)
         return torch.finfo(dtype).eps if eps is None else float(eps)
 
     def forward(
@@ -148,6 +157,9 @@ class NormOverride:
             return carried
         if not self.resfuse_supports(hidden_states):
             return self._resfuse_original.forward(self, hidden_states)
+        if self._resfuse_spec.channels_first:  # rows are the channels of each position
+            y = self.resfuse_add_norm(hidden_states.movedim(1, -1), None, prenorm=False)
+            return y.movedim(-1, 1)
         return self.resfuse_add_norm(hidden_states, None, prenorm=False)
 
     def resfuse_add_norm(
@@ -163,9 +175,9 @@ class NormOverride:
         ``(y, h)`` if ``prenorm`` else ``y``. ``h`` gets the dtype PyTorch's ``+`` would
         give it, ``y`` the dtype the original norm returns for ``h``."""
         spec = self._resfuse_spec
-        weight, bias = self.weight, self._resfuse_bias()
+        weight, bias = self._resfuse_weight(), self._resfuse_bias()
         h_dtype = x.dtype
-        if branch_scale is not None:
+        if isinstance(branch_scale, Tensor):
             h_dtype = torch.promote_types(h_dtype, branch_scale.dtype)
         if residual is not None:
             h_dtype = torch.promote_types(h_dtype, residual.dtype)
@@ -190,7 +202,7 @@ class NormOverride:
             zero_centered_weight=spec.zero_centered_weight,
             prenorm=prenorm,
             residual_dtype=h_dtype if residual is not None else None,
-            out_dtype=spec.output_dtype(h_dtype, self.weight, device_type),
+            out_dtype=spec.output_dtype(h_dtype, self._resfuse_weight(), device_type),
             backend=self._resfuse_backend,
         )
         if k == 1:
@@ -222,7 +234,7 @@ class NormOverride:
         the one ``next_norm`` returns for ``h``; the branch output is not rounded before the
         add (the original rounds it to its output dtype: expect one-ulp differences)."""
         spec, device_type = self._resfuse_spec, x.device.type
-        f_dtype = spec.output_dtype(x.dtype, self.weight, device_type)
+        f_dtype = spec.output_dtype(x.dtype, self._resfuse_weight(), device_type)
         h_dtype = torch.promote_types(f_dtype, residual.dtype)
         common = dict(
             norm=spec.kind,
@@ -233,13 +245,15 @@ class NormOverride:
         )
         eps = self._resfuse_eps(f_dtype)
         if next_norm is None:
-            return norm_add(x, residual, self.weight, eps, **common)
-        out_dtype = next_norm._resfuse_spec.output_dtype(h_dtype, next_norm.weight, device_type)
+            return norm_add(x, residual, self._resfuse_weight(), eps, **common)
+        out_dtype = next_norm._resfuse_spec.output_dtype(
+            h_dtype, next_norm._resfuse_weight(), device_type
+        )
         return norm_add_norm(
             x,
             residual,
-            self.weight,
-            next_norm.weight,
+            self._resfuse_weight(),
+            next_norm._resfuse_weight(),
             eps,
             bias=next_norm._resfuse_bias(),
             out_dtype=out_dtype,
@@ -336,8 +350,12 @@ def _can_fuse_inputs(f: Tensor, residual: Tensor, scales) -> bool:
     if f.shape != residual.shape or f.device != residual.device:
         return False
     for module, role in scales:
-        if role == "scalar" and (isinstance(module, bool) or not isinstance(module, (int, float))):
-            return False
+        if role == "scale":
+            if isinstance(module, Tensor):
+                if module.dtype not in _FLOAT or module.shape != f.shape[-1:]:
+                    return False
+            elif isinstance(module, bool) or not isinstance(module, (int, float)):
+                return False
         if role == "layer_scale" and not isinstance(module, nn.Identity):
             gamma = module.gamma
             if gamma.dtype not in _FLOAT or gamma.shape != f.shape[-1:]:
@@ -350,6 +368,8 @@ def _can_fuse(norm, f: Tensor, residual: Tensor, scales, *, check_hooks: bool = 
     call."""
     if not isinstance(norm, NormOverride) or (check_hooks and _has_hooks(norm)):
         return False
+    if norm._resfuse_spec.channels_first:  # normalizes dim 1, an add's rows are dim -1
+        return False
     return _can_fuse_inputs(f, residual, scales) and norm.resfuse_supports(f)
 
 
@@ -359,6 +379,8 @@ def _fuses_through_call(norm, f: Tensor, residual: Tensor, scales=()) -> bool:
     partitions every module's), and no LayerScale or drop-path scales the branch
     (LayerScale's gamma belongs to another module, gathered in that module's call)."""
     if not isinstance(norm, NormOverride) or engines.hook_owner(norm) != "engine":
+        return False
+    if norm._resfuse_spec.channels_first:
         return False
     if any(not isinstance(m, nn.Identity) for m, _ in scales):
         return False  # (a scalar, too: the norm's call takes no scale)
@@ -373,6 +395,12 @@ def _can_fuse_branch(
     on the branch norm (it would not see its call)."""
     if not isinstance(branch, NormOverride) or _has_hooks(branch):
         return False
+    if (
+        branch._resfuse_spec.channels_first
+        or getattr(norm, "_resfuse_spec", None) is not None
+        and norm._resfuse_spec.channels_first
+    ):
+        return False
     if f.dtype not in _FLOAT or residual.dtype not in _FLOAT:
         return False
     if f.shape != residual.shape or f.device != residual.device or f.dim() < 1:
@@ -385,7 +413,7 @@ def _can_fuse_branch(
     if not isinstance(norm, NormOverride) or (check_hooks and _has_hooks(norm)):
         return False
     h_dtype = torch.promote_types(
-        b.output_dtype(f.dtype, branch.weight, f.device.type), residual.dtype
+        b.output_dtype(f.dtype, branch._resfuse_weight(), f.device.type), residual.dtype
     )
     return (
         n.kind == b.kind
@@ -397,14 +425,18 @@ def _can_fuse_branch(
 
 
 def _fused_scales(scales, f: Tensor):
-    """branch_scale (the LayerScale gamma, or a scalar multiplier such as Granite's
-    ``residual_multiplier``) and rowscale (the drop-path keep mask / keep), the mask drawn
+    """branch_scale (the LayerScale gamma, or a layer attribute the branch is multiplied by:
+    Granite's ``residual_multiplier``, CaiT's ``gamma_1``) and rowscale (the drop-path keep mask / keep), the mask drawn
     exactly as timm's drop_path draws it, so the RNG stream is the same."""
     branch_scale = rowscale = None
     mask_dtype = f.dtype
     for module, role in scales:
-        if role == "scalar":
-            branch_scale = float(module)
+        if role == "scale":  # a number or a per-channel parameter of the layer
+            if isinstance(module, Tensor):
+                branch_scale = module
+                mask_dtype = torch.promote_types(mask_dtype, module.dtype)
+            else:
+                branch_scale = float(module)
             continue
         if isinstance(module, nn.Identity):
             continue
@@ -423,7 +455,7 @@ def _fused_scales(scales, f: Tensor):
 
 def _scaled_branch(scales, f: Tensor) -> Tensor:
     for module, role in scales:  # unfused: the original operations, in order
-        f = f * module if role == "scalar" else module(f)
+        f = f * module if role == "scale" else module(f)
     return f
 
 
@@ -530,8 +562,11 @@ class ChainOverride:
             out = _call(module, normed, self._resfuse_bindings[sub.module], bound, extra)
             if outputs is not None:
                 outputs[sub.module] = out
-            if sub.call.output == "first":
+            binding = self._resfuse_bindings[sub.module]
+            if binding.first is True or (binding.first and isinstance(out, tuple)):
                 out = out[0]
+            if binding.reshape:
+                out = out.view(stream.shape)
             for attr, _ in sub.eager_steps:
                 out = getattr(self, attr)(out)
             pending = (sub, out)

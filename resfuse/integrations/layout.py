@@ -117,6 +117,32 @@ class Slice(Sym):
 
 
 @dataclass(frozen=True)
+class Reshaped(Sym):
+    """``x.view(y.shape)`` / ``x.reshape(y.shape)`` / ``x.view_as(y)``: x in y's shape (Llama 4's
+    MoE returns (tokens, hidden) rows, viewed back as the residual before the add)."""
+
+    of: Sym
+    like: Sym
+
+    def __str__(self):
+        return f"{self.of}.view({self.like}.shape)"
+
+
+@dataclass(frozen=True)
+class IfTuple(Sym):
+    """``x[index] if isinstance(x, tuple) else (x if index == 0 else default)`` of a module's
+    output (MoE blocks that return a tuple in some releases:
+    ``if isinstance(h, tuple): h, router_logits = h`` / ``else: router_logits = None``)."""
+
+    of: Sym
+    index: int = 0
+    default: Any = None
+
+    def __str__(self):
+        return f"{self.of}[{self.index}] if it is a tuple"
+
+
+@dataclass(frozen=True)
 class Tup(Sym):
     items: tuple
 
@@ -361,6 +387,16 @@ def _eval_call(node: ast.Call, env: dict, ctx: _Context) -> Sym:
             else:
                 kwargs.append((kw.arg, _eval(kw.value, env, ctx)))
         return ModCall(func.attr, tuple(args), tuple(kwargs), star)
+    if isinstance(func, ast.Attribute) and len(node.args) == 1 and not node.keywords:
+        arg = node.args[0]
+        if (
+            func.attr in ("view", "reshape")
+            and isinstance(arg, ast.Attribute)
+            and arg.attr == "shape"
+        ):
+            return Reshaped(_eval(func.value, env, ctx), _eval(arg.value, env, ctx))
+        if func.attr in ("view_as", "reshape_as"):
+            return Reshaped(_eval(func.value, env, ctx), _eval(arg, env, ctx))
     operands = tuple(_eval(a, env, ctx) for a in node.args if not isinstance(a, ast.Starred))
     operands += tuple(_eval(k.value, env, ctx) for k in node.keywords)
     if isinstance(func, ast.Attribute):
@@ -442,6 +478,67 @@ def _assign(target: ast.AST, value: Sym, env: dict) -> None:
         raise Refused(f"assignment to `{_source(target)}` (only local names are followed)")
 
 
+def _first_if_tuple(stmt: ast.If, env: dict) -> bool:
+    """The idiom ``if isinstance(h, tuple): h, extra = h`` (or ``h = h[0]``), with an optional
+    ``else: extra = <constant>``, on a module's output: ``h`` and ``extra`` become IfTuple
+    values of it."""
+    test = stmt.test
+    if len(stmt.body) != 1 or not isinstance(stmt.body[0], ast.Assign):
+        return False
+    if not (
+        isinstance(test, ast.Call)
+        and isinstance(test.func, ast.Name)
+        and test.func.id == "isinstance"
+        and len(test.args) == 2
+        and isinstance(test.args[0], ast.Name)
+        and isinstance(test.args[1], ast.Name)
+        and test.args[1].id == "tuple"
+    ):
+        return False
+    name = test.args[0].id
+    value = env.get(name)
+    if not isinstance(value, ModCall):
+        return False
+    defaults = {}
+    for other in stmt.orelse:  # `else: router_logits = None`
+        if not (
+            isinstance(other, ast.Assign)
+            and len(other.targets) == 1
+            and isinstance(other.targets[0], ast.Name)
+            and isinstance(other.value, ast.Constant)
+        ):
+            return False
+        defaults[other.targets[0].id] = other.value.value
+    assign = stmt.body[0]
+    if len(assign.targets) != 1:
+        return False
+    target, source = assign.targets[0], assign.value
+    if isinstance(target, ast.Name) and target.id == name:
+        if not (
+            isinstance(source, ast.Subscript)
+            and isinstance(source.value, ast.Name)
+            and source.value.id == name
+            and _const_int(source.slice) == 0
+        ):
+            return False
+        names = [name]
+    elif isinstance(target, ast.Tuple) and isinstance(source, ast.Name) and source.id == name:
+        names = [e.id if isinstance(e, ast.Name) else None for e in target.elts]
+        if not names or names[0] != name or None in names:
+            return False
+    else:
+        return False
+    if set(defaults) - set(names[1:]):
+        return False
+    for i, other in enumerate(names[1:], start=1):
+        if other in defaults:
+            env[other] = IfTuple(value, i, defaults[other])
+        else:  # no value when the output is not a tuple: unusable
+            env[other] = Op(f"{other} (from a tuple that may not be one)")
+    env[name] = IfTuple(value, 0)
+    return True
+
+
 _IGNORED_CALLS = ("warnings.warn", "logger.warning", "logger.warning_once", "logger.info")
 
 
@@ -471,6 +568,8 @@ def _run(stmts: list, env: dict, ctx: _Context, assumed: Optional[dict] = None) 
                 env[stmt.target.id] = Mul(current, value)
             else:
                 env[stmt.target.id] = Op(_source(stmt), (current, value))
+        elif isinstance(stmt, ast.If) and _first_if_tuple(stmt, env):
+            continue
         elif isinstance(stmt, ast.If):
             kind = _test_kind(stmt.test, env, ctx)
             rest = stmts[i + 1 :]
@@ -550,20 +649,24 @@ def interpret(cls: type, instance: nn.Module, stream: Optional[str] = None):
 class Binding:
     """How this release's code calls one sublayer: the stream passed positionally (``None``)
     or by keyword; the other positional arguments and keywords, each from a layer argument
-    (``("arg", name)``) or a constant (``("const", value)``); and whether the layer's
-    ``**kwargs`` go along."""
+    (``("arg", name)``) or a constant (``("const", value)``); whether the layer's
+    ``**kwargs`` go along; whether it takes the first item of the module's output."""
 
     input: Optional[str]
     args: tuple = ()
     kwargs: tuple = ()  # ((keyword, (kind, value)), ...)
     var_kwargs: bool = False
+    # the branch output is the first item of what the module returns (True), or of it when it
+    # is a tuple ("if_tuple")
+    first: Union[bool, str] = False
+    reshape: bool = False  # the branch output is viewed in the residual's shape before the add
 
 
 @dataclass(frozen=True)
 class Verified:
     """What the verified forward does, for the generic forward to replay: the binding of each
-    sublayer's call (by module attribute), the scalar branch scales found (``scales``: per
-    sublayer index, the attribute holding it), and the return template (None: the stream)."""
+    sublayer's call (by module attribute), the return template (None: the stream), the
+    run-time tests the template uses, the tests the instance decided, the stream's name."""
 
     bindings: tuple  # ((module attr, Binding), ...)
     returns: Optional[Sym] = None
@@ -583,7 +686,9 @@ def _source_of(v: Sym, params: frozenset):
     return None
 
 
-def _binding(call: ModCall, operand: Sym, sub: Sublayer, ctx: _Context) -> Binding:
+def _binding(
+    call: ModCall, operand: Sym, sub: Sublayer, ctx: _Context, first, reshape: bool
+) -> Binding:
     """The binding of ``call`` whose stream operand is ``operand``; Refused if some argument
     is neither a layer argument nor a constant."""
     where = f"the call of `{sub.module}`"
@@ -616,13 +721,19 @@ def _binding(call: ModCall, operand: Sym, sub: Sublayer, ctx: _Context) -> Bindi
         if not (isinstance(call.star, Arg) and call.star.name.startswith("**")):
             raise Refused(f"{where} passes `**{call.star}`")
         var_kwargs = True
-    return Binding(input_name, tuple(args), tuple(kwargs), var_kwargs)
+    return Binding(input_name, tuple(args), tuple(kwargs), var_kwargs, first, reshape)
 
 
-def _peel_steps(branch: Sym, sub: Sublayer, scale_attr) -> Sym:
+def call_text(binding: Binding) -> str:
+    """A binding as the keywords it passes, for messages."""
+    parts = [f"{k}={v}" for k, (_, v) in binding.kwargs]
+    return ", ".join(parts + (["**kwargs"] if binding.var_kwargs else []))
+
+
+def _peel_steps(branch: Sym, sub: Sublayer) -> Sym:
     """The module output under ``sub``'s steps (innermost first): Refused on a mismatch."""
     for attr, role in reversed(sub.steps):
-        if role == "scalar":
+        if role == "scale":
             if isinstance(branch, Mul) and SelfAttr(attr) in (branch.a, branch.b):
                 branch = branch.b if branch.a == SelfAttr(attr) else branch.a
                 continue
@@ -649,18 +760,33 @@ def _peel_sublayer(stream: Sym, sub: Sublayer, ctx: _Context, bindings: dict) ->
     problems = []
     for previous, branch in ((stream.a, stream.b), (stream.b, stream.a)):
         try:
-            out = _peel_steps(branch, sub, None)
-            if sub.call.output == "first":
-                if not (isinstance(out, Item) and out.index == 0):
-                    raise Refused(f"expected the first output of `{sub.module}`, found `{out}`")
+            out = _peel_steps(branch, sub)
+            reshape = isinstance(out, Reshaped) and out.like == previous
+            if reshape:
                 out = out.of
+            first = False
+            if (
+                isinstance(out, Item)
+                and out.index == 0
+                and isinstance(out.of, ModCall)
+                and out.of.module == sub.module
+            ):
+                out, first = out.of, True
+            elif isinstance(out, IfTuple) and out.index == 0 and isinstance(out.of, ModCall):
+                out, first = out.of, "if_tuple"
             if not (isinstance(out, ModCall) and out.module == sub.module):
                 raise Refused(f"expected a call of `{sub.module}`, found `{out}`")
             if sub.norm is None:
                 operand = previous
             else:
                 operand = ModCall(sub.norm, (previous,), ())
-            bindings[sub.module] = _binding(out, operand, sub, ctx)
+            binding = _binding(out, operand, sub, ctx, first, reshape)
+            if bindings.get(sub.module, binding) != binding:
+                raise Refused(
+                    f"the call of `{sub.module}` takes other arguments on another path of the "
+                    f"forward (`{call_text(bindings[sub.module])}` / `{call_text(binding)}`)"
+                )
+            bindings[sub.module] = binding
             return previous
         except Refused as e:
             problems.append(str(e))
@@ -705,7 +831,7 @@ def _check_template(v: Sym, sub_modules: set) -> None:
         _check_template(v.then, sub_modules)
         _check_template(v.other, sub_modules)
         return
-    if isinstance(v, (Item, Slice)):
+    if isinstance(v, (Item, Slice, IfTuple)):
         _check_template(v.of, sub_modules)
         return
     raise Refused(f"it returns `{v}` besides the stream")
@@ -845,6 +971,11 @@ def evaluate(template: Sym, stream, outputs: dict, bound: dict, layer, tests: di
         return evaluate(branch, stream, outputs, bound, layer, tests)
     if isinstance(template, Item):
         return evaluate(template.of, stream, outputs, bound, layer, tests)[template.index]
+    if isinstance(template, IfTuple):
+        value = evaluate(template.of, stream, outputs, bound, layer, tests)
+        if isinstance(value, tuple):
+            return value[template.index]
+        return value if template.index == 0 else template.default
     if isinstance(template, Slice):
         value = evaluate(template.of, stream, outputs, bound, layer, tests)
         return value[template.start : template.stop]

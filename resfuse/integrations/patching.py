@@ -146,8 +146,8 @@ def _unpatched_class(cls: type) -> type:
 
 
 def _check_step(layer: nn.Module, attr: str, role: str) -> Optional[str]:
-    if role == "scalar":
-        return None  # a plain attribute read per call (fused._fused_scales checks its type)
+    if role == "scale":
+        return None  # an attribute read per call (fused._can_fuse_inputs checks it)
     module = getattr(layer, attr, None)
     if not isinstance(module, nn.Module):
         return f"has no module `{attr}`"
@@ -238,7 +238,7 @@ def _norm_problem(module: nn.Module, cls: type, spec) -> Optional[str]:
     """Why ``module`` cannot run as the table's ``spec``, or None."""
     if not isinstance(getattr(module, "weight", None), (nn.Parameter, type(None))):
         return "its weight is not a Parameter (or None)"
-    if not hasattr(module, spec.eps):
+    if isinstance(spec.eps, str) and not hasattr(module, spec.eps):
         return f"has no `{spec.eps}` attribute"
     for c in spec.conditions:
         if getattr(module, c.attr, object()) != c.value:
@@ -314,10 +314,41 @@ def _fused_adds(layer: nn.Module, spec: Chain, plan: _Plan) -> list[str]:
     ]
 
 
+def _choose_layer_spec(module: nn.Module, cls: type, candidates):
+    """``(spec, verified, None)`` for the first of the table's candidates (one entry, or a
+    tuple of them: a class whose layout depends on its configuration or release) that this
+    instance's code computes; ``(None, None, why)`` for an Unfused entry or unmet
+    conditions (a known variant whose adds do not fuse: GPT-NeoX's parallel residual);
+    else ``(first candidate, None, why)``."""
+    if not isinstance(candidates, tuple):
+        candidates = (candidates,)
+    problems = []
+    for spec in candidates:
+        if isinstance(spec, Unfused):
+            return None, None, spec.reason
+        unmet = [
+            c.reason
+            for c in getattr(spec, "conditions", ())
+            if getattr(module, c.attr, object()) != c.value
+        ]
+        if unmet:
+            problems.append((None, unmet[0]))
+            continue
+        verified, problem = None, _check_layer(module, cls, spec)
+        if problem is None:
+            verified, problem = _verify_layer(module, cls, spec)
+        if problem is None:
+            return spec, verified, None
+        problems.append((spec, problem))
+    spec, problem = next((p for p in problems if p[0] is not None), problems[0])
+    return spec, None, problem
+
+
 def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]]:
     """Plan the layers whose adds fuse inside them; return every valid Chain layer (fused or
     not) for the across-layer links."""
     chains = {}
+    known: list[str] = []  # paths of the known layers: what is inside them is theirs
     for path, module in modules:
         cls = model_class(type(module))
         key = class_key(cls)
@@ -327,6 +358,7 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
                 _LAYER_NAME.search(cls.__name__)
                 and key not in table.STACKS
                 and key not in table.CONTAINERS
+                and not any(path.startswith(k) for k in known)
             ):
                 plan.report.skipped.append(
                     ModuleNote(
@@ -336,20 +368,11 @@ def _plan_layers(plan: _Plan, modules) -> dict[int, tuple[str, nn.Module, Chain]
                     )
                 )
             continue
-        if isinstance(spec, Unfused):
-            plan.report.unfused.append(ModuleNote(path, cls.__name__, spec.reason))
+        known.append(path + ".")
+        spec, verified, problem = _choose_layer_spec(module, cls, spec)
+        if spec is None:  # a known variant whose adds do not fuse, and why
+            plan.report.unfused.append(ModuleNote(path, cls.__name__, problem))
             continue
-        unmet = [
-            c.reason
-            for c in getattr(spec, "conditions", ())
-            if getattr(module, c.attr, object()) != c.value
-        ]
-        if unmet:  # a known variant whose adds do not fuse (GPT-NeoX's parallel residual)
-            plan.report.unfused.append(ModuleNote(path, cls.__name__, unmet[0]))
-            continue
-        verified, problem = None, _check_layer(module, cls, spec)
-        if problem is None:
-            verified, problem = _verify_layer(module, cls, spec)
         if problem:
             plan.report.skipped.append(ModuleNote(path, cls.__name__, problem))
             continue

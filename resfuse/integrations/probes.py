@@ -73,7 +73,8 @@ def _copy(module: nn.Module, cls: type, shapes: dict, gen: torch.Generator, dtyp
     for name in _HOOK_DICTS:
         if name in vars(clone):
             setattr(clone, name, OrderedDict())
-    clone._parameters = OrderedDict()
+    # registered-but-absent parameters (a LayerNorm without bias) stay None
+    clone._parameters = OrderedDict((k, None) for k, v in module._parameters.items() if v is None)
     clone._buffers = OrderedDict(
         (k, v) for k, v in module._buffers.items() if v is None or not v.is_meta
     )
@@ -115,6 +116,8 @@ def norm_problem(module: nn.Module, spec: Norm, patched: Callable[[], type]) -> 
 
 
 def _probe_input(module: nn.Module, spec: Norm, shapes: dict, gen) -> torch.Tensor:
+    if spec.channels_first:  # (N, C, H, W)
+        return 0.8 + 1.5 * torch.randn((2,) + tuple(shapes["weight"]) + (3, 2), generator=gen)
     if spec.normalized_shape:
         trailing = tuple(module.normalized_shape)
     elif "weight" in shapes:
@@ -131,7 +134,7 @@ def _probe_norm(module, cls, spec: Norm, shapes: dict, patched_cls: type) -> Opt
     x = _probe_input(module, spec, shapes, gen)
     for x_dtype, w_dtype, atol, rtol in _CASES:
         clone = _copy(module, cls, shapes, torch.Generator().manual_seed(99), w_dtype)
-        if isinstance(getattr(clone, spec.eps, None), float):
+        if isinstance(spec.eps, str) and isinstance(getattr(clone, spec.eps, None), float):
             setattr(clone, spec.eps, _PROBE_EPS)
         xi = x.to(x_dtype)
         with torch.no_grad():

@@ -19,17 +19,18 @@ matched by the exact class of each of its modules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 # How the branch output of a sublayer is turned into what is added to the stream:
 # "module" is called as is (dropout, a norm on the branch, Identity), "layer_scale"
-# becomes branch_scale (the module's ``gamma``), "scalar" multiplies by a plain number
-# attribute of the layer (Granite's ``residual_multiplier``: branch_scale too), "drop_path"
-# becomes rowscale (the per-sample keep mask / keep probability, drawn as timm draws it).
-STEP_ROLES = ("module", "norm", "layer_scale", "scalar", "drop_path")
-_SCALING = ("layer_scale", "scalar", "drop_path")
+# becomes branch_scale (the module's ``gamma``), "scale" multiplies by an attribute of the
+# layer that is a number (Granite's ``residual_multiplier``) or a per-channel parameter
+# (CaiT's ``gamma_1``): branch_scale too; "drop_path" becomes rowscale (the per-sample keep
+# mask / keep probability, drawn as timm draws it).
+STEP_ROLES = ("module", "norm", "layer_scale", "scale", "drop_path")
+_SCALING = ("layer_scale", "scale", "drop_path")
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,13 @@ class Norm:
     """
 
     kind: str  # "rms" | "layer"
-    eps: str = "eps"  # the attribute holding eps (None: finfo(dtype).eps)
+    # the attribute holding eps (its value None: finfo(dtype).eps), or eps itself where the
+    # class hard-codes it (OLMo's LayerNorm)
+    eps: Union[str, float] = "eps"
     zero_centered_weight: bool = False  # y = normalize(h) * (1 + weight)
     out_dtype: str = "input"
     normalized_shape: bool = False  # rows span ``self.normalized_shape`` (torch.nn norms)
+    channels_first: bool = False  # (N, C, ...) input normalized over C (timm's LayerNorm2d)
     # Under autocast: "same" (plain elementwise code, which autocast leaves alone or runs in
     # fp32 anyway: the transformers norms), "layer_norm" (F.layer_norm, which CUDA autocast
     # runs in float32, returning float32), "original" (not verified: the original runs).
@@ -93,22 +97,10 @@ class Norm:
 
 
 @dataclass(frozen=True)
-class Call:
-    """How a sublayer's module answers: ``output`` "tensor", or "first" when it returns a
-    tuple whose first item is the branch output (attention modules returning weights,
-    MoE blocks returning router logits). Which arguments the layer passes it, and under
-    which names, is read from the layer's own forward (layout.py), release by release."""
-
-    output: str = "tensor"
-
-    def __post_init__(self):
-        if self.output not in ("tensor", "first"):
-            raise ValueError(f"Call.output must be 'tensor' or 'first', got {self.output!r}")
-
-
-@dataclass(frozen=True)
 class Sublayer:
-    """``stream = stream + steps(module(norm(stream)))``.
+    """``stream = stream + steps(module(norm(stream)))``: the module's output, or the first
+    item of the tuple it returns (attention weights, router logits), as the layer's own code
+    takes it (layout.py reads which, release by release).
 
     ``norm``: the attribute of the norm applied to the stream first (None: the module takes
     the stream itself, OLMo2). ``steps``: ``(attribute, role)`` applied in order to the module
@@ -120,7 +112,6 @@ class Sublayer:
 
     module: str
     norm: Optional[str]
-    call: Call = Call()
     steps: tuple[tuple[str, str], ...] = ()
     when: Optional[str] = None
 
@@ -132,10 +123,10 @@ class Sublayer:
         scaling = [r in _SCALING for r in roles]
         if scaling != sorted(scaling):
             raise ValueError(
-                f"Sublayer {self.module}: layer_scale / scalar / drop_path steps must come "
+                f"Sublayer {self.module}: layer_scale / scale / drop_path steps must come "
                 "last (they are fused into the add)"
             )
-        if sum(r in ("layer_scale", "scalar") for r in roles) > 1:
+        if sum(r in ("layer_scale", "scale") for r in roles) > 1:
             raise ValueError(f"Sublayer {self.module}: one branch scale at most")
 
     @property

@@ -81,13 +81,20 @@ class ReadsOfReleased(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
 def _train_partitioned(model, inputs):
     partitioned = Partitioned(model)
     watch = ReadsOfReleased(partitioned)
     model.zero_grad(set_to_none=True)
     with watch:
         out = model(**inputs)
-    out = out if isinstance(out, torch.Tensor) else out.logits
+    out = _output(out)
     partitioned.gather_all()
     weights = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).reshape(out.shape)
     (out.float() * weights).sum().backward()
@@ -99,8 +106,11 @@ def _train_partitioned(model, inputs):
 
 # fused adds of one forward of the tiny (2-layer) models when every norm is an engine-hooked
 # module: each add that a norm of the same layer follows fuses inside that norm's call;
-# nothing fuses across modules (across_layers changes nothing), nor with LayerScale (its gamma
-# is another module's parameter), nor a sandwich's branch norm with the norm after the add
+# nothing fuses across modules (across_layers changes nothing), nor with a branch scale
+# (LayerScale's gamma is another module's parameter; a scale attribute is not passed into
+# the norm's call), nor a sandwich's branch norm with the norm after the add. Models whose
+# own code reads a parameter outside its owner (position tables, relative embeddings) cannot
+# run partitioned this way and are skipped.
 ADDS_UNDER_ENGINE = {
     "llama": 2,
     "mistral": 2,
@@ -118,6 +128,63 @@ ADDS_UNDER_ENGINE = {
     "roberta": 4,
     "t5": 0,
     "vit": 0,
+    "ministral": 2,
+    "ministral3": 2,
+    "mixtral": 2,
+    "qwen2_moe": 2,
+    "qwen3_moe": 2,
+    "qwen3_next": 2,
+    "qwen2_vl": 2,
+    "qwen2_5_vl": 2,
+    "qwen3_vl": 2,
+    "qwen3_vl_moe": 2,
+    "glm": 2,
+    "glm4": 4,
+    "smollm3": 2,
+    "deepseek_v2": 2,
+    "deepseek_v3": 2,
+    "hunyuan_v1_dense": 2,
+    "hunyuan_v1_moe": 2,
+    "mllama": 1,
+    "mllama_text": 1,
+    "phi3": 2,
+    "granite": 0,
+    "granitemoe": 0,
+    "granitemoeshared": 0,
+    "starcoder2": 2,
+    # its norms hold no parameters: nothing to gather, so across layers still fuses
+    "olmo": (2, 4),
+    "olmo3": 4,
+    "exaone4": 4,
+    "gpt_oss": 2,
+    "nemotron": 2,
+    "cohere": 0,
+    "cohere2": 0,
+    "stablelm": 2,
+    "stablelm_parallel": 0,
+    "falcon": 0,
+    "falcon_sequential": 0,
+    "falcon_new_arch": 0,
+    "gptj": 0,
+    "phi": 0,
+    "minicpm3": 0,
+    "llama4": 2,
+    "llava": 2,
+    "paligemma": 2,
+    "internvl": 2,
+    "xlm_roberta": 4,
+    "electra": 4,
+    "distilbert": 0,
+    "modernbert": 2,
+    "hf_vit": 2,
+    "hf_vit_model": 2,
+    "clip_vision": 2,
+    "whisper": 0,
+    "deit_tiny": 2,
+    "deit3_small": 0,
+    "cait_xxs24": 0,
+    "swin_tiny": 0,
+    "convnext_atto": 0,
 }
 
 
@@ -134,13 +201,19 @@ def test_parameters_are_read_only_inside_their_owners_call(arch, mode, monkeypat
         gen = torch.Generator().manual_seed(5)
         inputs["encoder_hidden_states"] = torch.randn(2, 5, 32, generator=gen)
 
-    ref_out, ref_grads, ref_reads = _train_partitioned(reference, inputs)
+    try:
+        ref_out, ref_grads, ref_reads = _train_partitioned(reference, inputs)
+    except Exception as e:  # the model's own code reads a released parameter
+        pytest.skip(f"{arch} cannot run with its parameters released outside their owners: {e}")
     out, grads, reads = _train_partitioned(model, inputs)
     # the original code's own reads outside an owner (BERT's decoder bias, tied to its
     # parent's) are the model's business; resfuse must add none
     extra = [r for r in reads if r not in ref_reads]
     assert extra == [], "parameters read outside their owner's call:\n" + "\n".join(extra[:10])
-    assert count_fused["add_norm"] == (0 if refused(arch) else ADDS_UNDER_ENGINE[arch])
+    expected = ADDS_UNDER_ENGINE[arch]
+    if isinstance(expected, tuple):  # (per layer, across layers)
+        expected = expected[mode == "across_layers"]
+    assert count_fused["add_norm"] == (0 if refused(arch) else expected)
     assert_tracks(out, ref_out, "logits")
     assert grads.keys() == ref_grads.keys()
     floor = 1e-6 * max(g.abs().max().item() for g in ref_grads.values())
