@@ -18,21 +18,23 @@ HAVE_NVCC := $(shell test -x "$(CUDA_HOME)/bin/nvcc" && echo 1 || echo 0)
 
 .PHONY: test test-gpu install clean wheel wheel-check wheel-check-torch
 
-$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/* csrc/cpu/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION) -r requirements-dev.txt
 	# DeepSpeed (ZeRO-3 on CPU ranks, tests/distributed/test_deepspeed.py) is an sdist whose
 	# build imports torch: built against the venv's torch
 	$(PIP) install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	TORCH_CUDA_ARCH_LIST="$(DEV_CUDA_ARCHS)" RESFUSE_FORCE_CUDA_BUILD=$(HAVE_NVCC) \
-	  RESFUSE_PTXAS_LOG=build/ptxas.log $(PIP) install -q --no-build-isolation -e .
+	  RESFUSE_FORCE_CPU_BUILD=1 RESFUSE_PTXAS_LOG=build/ptxas.log \
+	  $(PIP) install -q --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
 
 # the linters and formatters (configured in pyproject.toml and .clang-format), checked by
 # `make test`; `make format` applies them
-CXX_SOURCES := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp tests/simt/*.cpp tests/simt/*.h)
+CXX_SOURCES := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp \
+                 tests/simt/*.cpp tests/simt/*.h)
 .PHONY: lint format
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -46,7 +48,7 @@ format: $(VENV)/.installed
 
 # CPU: the Triton kernels themselves run under the interpreter (tests/conftest.py sets it)
 test: $(VENV)/.installed lint
-	RESFUSE_REQUIRE_CUDA_EXT=$(HAVE_NVCC) $(PY) -m pytest tests -q
+	RESFUSE_REQUIRE_CUDA_EXT=$(HAVE_NVCC) RESFUSE_REQUIRE_CPU_EXT=1 $(PY) -m pytest tests -q
 	$(MAKE) test-releases
 ifeq ($(HAVE_NVCC),1)
 	$(MAKE) wheel-check

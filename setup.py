@@ -1,11 +1,15 @@
-"""Build resfuse: the Python package, its Triton kernels (installed as resfuse.triton_kernels)
-and, when a CUDA build of torch and nvcc are present, the CUDA extension from csrc/.
+"""Build resfuse: the Python package, its Triton kernels (installed as resfuse.triton_kernels),
+the CPU extension from csrc/cpu/ (resfuse._C_cpu) whenever a C++ compiler and torch >= 2.10
+are there, and, when a CUDA build of torch and nvcc are present, the CUDA extension from
+csrc/ (resfuse._C).
 
 Environment:
   TORCH_CUDA_ARCH_LIST      GPU architectures to compile for (default "8.0;8.6;8.9;9.0")
   MAX_JOBS                  parallel compile jobs (ninja)
-  RESFUSE_SKIP_CUDA_BUILD=1   install the pure-Python package only
+  RESFUSE_SKIP_CUDA_BUILD=1   install without the CUDA extension
   RESFUSE_FORCE_CUDA_BUILD=1  a missing toolchain or a failed build is an error, not a warning
+  RESFUSE_SKIP_CPU_BUILD=1    install without the CPU extension
+  RESFUSE_FORCE_CPU_BUILD=1   a failed CPU build is an error, not a warning
   RESFUSE_PTXAS_LOG=path    also write ptxas's resource report (-Xptxas -v) of the build there
   RESFUSE_LINEINFO=1        keep source line info in the kernels (compute-sanitizer, profilers;
                             triples the size of the device code)
@@ -23,6 +27,14 @@ DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0"
 # The extension uses PyTorch's stable ABI as of this release: one build serves every
 # torch >= 2.10 with the same CUDA major version (csrc/ops.cpp).
 STABLE_ABI_TARGET = (2, 10)
+CPU_SOURCES = [
+    "csrc/cpu/ops_cpu.cpp",
+    "csrc/cpu/add_norm_cpu.cpp",
+    # the row loops, one file per instruction set (picked at run time)
+    "csrc/cpu/add_norm_cpu_generic.cpp",
+    "csrc/cpu/add_norm_cpu_avx2.cpp",
+    "csrc/cpu/add_norm_cpu_avx512.cpp",
+]
 SOURCES = [
     "csrc/ops.cpp",
     "csrc/add_norm_fwd.cu",
@@ -36,6 +48,41 @@ def _flag(name: str) -> bool:
 
 
 FORCE = _flag("RESFUSE_FORCE_CUDA_BUILD")
+FORCE_CPU = _flag("RESFUSE_FORCE_CPU_BUILD")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+
+
+def _stable_abi_define() -> str:
+    return "-DTORCH_TARGET_VERSION=0x%02x%02x000000000000" % STABLE_ABI_TARGET
+
+
+def cpu_extension():
+    """The CPU kernels' CppExtension, or None (with a warning saying why)."""
+    if _flag("RESFUSE_SKIP_CPU_BUILD"):
+        print("resfuse: RESFUSE_SKIP_CPU_BUILD=1, installing without the CPU extension")
+        return None
+
+    def skip(reason):
+        if FORCE_CPU:
+            sys.exit(f"RESFUSE_FORCE_CPU_BUILD=1 but the CPU extension cannot be built: {reason}")
+        warnings.warn(f"resfuse: building without the CPU extension ({reason})")
+        return None
+
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as e:  # noqa: BLE001
+        return skip(f"torch is not importable: {e}")
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if version < STABLE_ABI_TARGET:
+        return skip(f"torch {torch.__version__} predates the stable ABI (torch >= 2.10)")
+    return cpp_extension.CppExtension(
+        "resfuse._C_cpu",
+        CPU_SOURCES,
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", _stable_abi_define()]},
+        py_limited_api=True,
+    )
 
 
 def _skip(reason: str):
@@ -70,8 +117,7 @@ def cuda_extension():
     if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
         return _skip("nvcc not found (set CUDA_HOME to a CUDA toolkit)")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    target = "-DTORCH_TARGET_VERSION=0x%02x%02x000000000000" % STABLE_ABI_TARGET
-    common = ["-O3", target, "-DUSE_CUDA"]
+    common = ["-O3", _stable_abi_define(), "-DUSE_CUDA"]
     nvcc = common + ["-std=c++17"]
     if _flag("RESFUSE_LINEINFO"):
         nvcc.append("-lineinfo")
@@ -80,7 +126,7 @@ def cuda_extension():
     return cpp_extension.CUDAExtension(
         "resfuse._C",
         SOURCES,
-        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+        include_dirs=[CSRC],
         extra_compile_args={"cxx": common, "nvcc": nvcc},
         py_limited_api=True,
     )
@@ -120,20 +166,24 @@ def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildResfuseExtension(BuildExtension):
-        """Falls back to the pure-Python package when the build fails (unless forced) and
-        keeps ptxas's report when asked."""
+        """Builds each extension on its own: one that fails leaves the package without it
+        (a warning; an error when forced), and keeps ptxas's report when asked."""
 
         def build_extensions(self):
+            self._build_with_ptxas_log()
+
+        def build_extension(self, ext):
+            cuda = ext.name == "resfuse._C"
             try:
-                self._build_with_ptxas_log()
+                super().build_extension(ext)
             except Exception as e:  # noqa: BLE001
-                if FORCE:
+                if FORCE if cuda else FORCE_CPU:
                     raise
+                which, flag = ("CUDA", "FORCE_CUDA") if cuda else ("CPU", "FORCE_CPU")
                 warnings.warn(
-                    f"resfuse: the CUDA extension failed to build ({e}); installing "
-                    "without it (RESFUSE_FORCE_CUDA_BUILD=1 makes this an error)"
+                    f"resfuse: the {which} extension failed to build ({e}); installing "
+                    f"without it (RESFUSE_{flag}_BUILD=1 makes this an error)"
                 )
-                self.extensions = []
 
         def _build_with_ptxas_log(self):
             log_path = os.environ.get("RESFUSE_PTXAS_LOG")
@@ -162,17 +212,20 @@ def build_ext_class():
     return BuildResfuseExtension
 
 
-extension = cuda_extension()
+extensions = [e for e in (cpu_extension(), cuda_extension()) if e is not None]
+extension = next((e for e in extensions if e.name == "resfuse._C"), None)
 extra = {}
-if extension is not None:
+if extensions:
     cmdclass = {"build_ext": build_ext_class()}
-    # editable installs and `setup.py build_ext --inplace` (the GPU campaign's fallback build)
-    if "editable_wheel" in sys.argv or "develop" in sys.argv or "--inplace" in sys.argv:
-        _write_build_info(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resfuse"))
-    else:  # a wheel: next to the extension in the build tree, not into the sources
-        cmdclass["build_py"] = build_py_class()
+    if extension is not None:
+        # editable installs and `setup.py build_ext --inplace` (the GPU campaign's fallback
+        # build)
+        if "editable_wheel" in sys.argv or "develop" in sys.argv or "--inplace" in sys.argv:
+            _write_build_info(os.path.join(os.path.dirname(os.path.abspath(__file__)), "resfuse"))
+        else:  # a wheel: next to the extension in the build tree, not into the sources
+            cmdclass["build_py"] = build_py_class()
     extra = dict(
-        ext_modules=[extension],
+        ext_modules=extensions,
         cmdclass=cmdclass,
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )
@@ -201,7 +254,7 @@ setup(
     # backend="auto"'s measured tables, one per GPU model (resfuse/auto_table.py)
     package_data={"resfuse": ["auto_tables/*.json"]},
     # the compiled extension's stable-ABI floor; the pure-Python package runs on older torch
-    install_requires=["torch>=2.10" if extension is not None else "torch>=2.4"],
+    install_requires=["torch>=2.10" if extensions else "torch>=2.4"],
     extras_require={"triton": ["triton>=3.0"], "bench": ["matplotlib", "tqdm", "pytest-benchmark"]},
     entry_points={"console_scripts": ["resfuse-bench = resfuse.benchmarks.cli:main"]},
     **extra,

@@ -1,5 +1,5 @@
 """Backend discovery and choice: ``"cuda"`` (csrc/), ``"triton"`` (triton_kernels/),
-``"torch"`` (the reference), and ``"auto"``."""
+``"cpu"`` (csrc/cpu/), ``"torch"`` (the reference), and ``"auto"``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from . import auto_table
 
-BACKEND_NAMES = ("auto", "cuda", "triton", "torch")
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "torch")
 ENV_VAR = "RESFUSE_BACKEND"
 
 
@@ -59,6 +59,10 @@ def _cuda_module():
     return _import("resfuse.cuda_ext")
 
 
+def _cpu_module():
+    return _import("resfuse.cpu_ext")
+
+
 def _interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -97,12 +101,23 @@ def backends() -> BackendReport:
         where = "CUDA tensors" if not no_gpu else "CPU tensors under TRITON_INTERPRET=1"
         report["triton"] = BackendStatus("triton", True, f"triton {_triton_version()}, {where}")
 
+    cpu_mod, err = _cpu_module()
+    if cpu_mod is None:
+        report["cpu"] = BackendStatus("cpu", False, f"extension not importable ({err})")
+    elif not cpu_mod.available():
+        report["cpu"] = BackendStatus("cpu", False, cpu_mod.unavailable_reason())
+    else:
+        report["cpu"] = BackendStatus(
+            "cpu", True, f"compiled CPU kernels ({cpu_mod.isa()}), CPU tensors"
+        )
+
     report["torch"] = BackendStatus("torch", True, "PyTorch reference, any device")
     fallback = (
         "cuda" if report["cuda"].available else "triton" if report["triton"].available else "torch"
     )
+    on_cpu = "cpu" if report["cpu"].available else "torch (the CPU extension is not built)"
     report["auto"] = BackendStatus(
-        "auto", True, f"CUDA tensors: {auto_table.describe(fallback)}; CPU tensors: torch"
+        "auto", True, f"CUDA tensors: {auto_table.describe(fallback)}; CPU tensors: {on_cpu}"
     )
     return report
 
@@ -138,6 +153,17 @@ def resolve(backend: str, device: torch.device, key: Optional[tuple] = None) -> 
         return "torch"
     if backend == "auto":
         return _auto(device.type, key)
+    if backend == "cpu":
+        mod, err = _cpu_module()
+        if mod is None or not mod.available():
+            raise BackendUnavailableError(
+                "backend='cpu' needs the compiled CPU extension, which is not available: "
+                + (err or mod.unavailable_reason())
+                + " (see resfuse.backends())"
+            )
+        if device.type != "cpu":
+            raise BackendUnavailableError(f"backend='cpu' runs on CPU tensors only, got {device}")
+        return "cpu"
     if backend == "cuda":
         mod, err = _cuda_module()
         if mod is None or not mod.available():
@@ -170,14 +196,20 @@ def _triton_loads() -> bool:
     return _triton_module()[0] is not None
 
 
+def _cpu_loads() -> bool:
+    mod, _ = _cpu_module()
+    return mod is not None and mod.available()
+
+
 _LOADS = {"cuda": _cuda_loads, "triton": _triton_loads}
 
 
 def _auto(device_type: str, key: Optional[tuple] = None) -> str:
     """The measured table's choice for ``key`` when it has one and that backend loads; else
-    cuda when the extension loads, else triton (CUDA tensors). CPU tensors: the reference."""
+    cuda when the extension loads, else triton (CUDA tensors). CPU tensors: the CPU kernels
+    when their extension loads, else the reference."""
     if device_type != "cuda":
-        return "torch"
+        return "cpu" if device_type == "cpu" and _cpu_loads() else "torch"
     measured = auto_table.measured_backend(key) if key is not None else None
     if measured is not None and _LOADS[measured]():
         return measured
@@ -192,7 +224,7 @@ def implementation(name: str) -> ModuleType:
         from . import reference
 
         return reference
-    mod, err = _triton_module() if name == "triton" else _cuda_module()
+    mod, err = {"triton": _triton_module, "cpu": _cpu_module}.get(name, _cuda_module)()
     if mod is None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {err}")
     return mod

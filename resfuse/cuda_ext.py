@@ -17,20 +17,7 @@ from typing import Optional
 
 import torch
 
-from .spec import (
-    AddNormSpec,
-    BackwardInputs,
-    Forward,
-    Grads,
-    Operands,
-    absent_to_none,
-    backward_outputs,
-    backward_present,
-    forward_outputs,
-    forward_present,
-)
-
-_new = tuple.__new__  # a NamedTuple from its fields in order (the per-call path)
+from .extension import Extension
 
 __all__ = [
     "available",
@@ -43,44 +30,46 @@ __all__ = [
 ]
 
 _LIBRARY = "resfuse._C"
-_state: dict = {}
 
 
-def _load() -> str:
-    """Load the extension once; returns "" or why it is unusable."""
-    if "reason" in _state:
-        return _state["reason"]
-    reason = ""
-    spec = None
-    try:
-        spec = importlib.util.find_spec(_LIBRARY)
-    except Exception as e:  # noqa: BLE001 - a broken package must not break import
-        reason = f"cannot look for the extension: {e}"
-    if not reason and (spec is None or not spec.origin):
-        reason = (
-            "the CUDA extension was not built (this install has no resfuse/_C*.so: it was "
-            "installed without nvcc or a CUDA build of torch, or with "
-            "RESFUSE_SKIP_CUDA_BUILD=1; reinstall with RESFUSE_FORCE_CUDA_BUILD=1 to see why)"
-        )
-    elif not reason and torch.version.cuda is None:
-        reason = f"torch {torch.__version__} is a CPU-only build"
-    if not reason:
-        try:
-            torch.ops.load_library(spec.origin)
-            _state["fwd"] = torch.ops.resfuse.cuda_add_norm_fwd.default
-            _state["bwd"] = torch.ops.resfuse.cuda_add_norm_bwd.default
-            _state["supported"] = torch.ops.resfuse.cuda_device_supported.default
-            _state["layout"] = torch.ops.resfuse.cuda_row_layout.default
-            _state["limits"] = torch.ops.resfuse.cuda_launch_limits.default
-            _register_fakes()
-        except Exception as e:  # noqa: BLE001 - e.g. built for another CUDA major version
-            info = build_info()
-            built = f" (built for torch {info['torch']}, CUDA {info['cuda']})" if info else ""
-            reason = (
-                f"the CUDA extension {os.path.basename(spec.origin)}{built} failed to load: {e}"
-            )
-    _state["reason"] = reason
-    return reason
+def _cpu_only_torch() -> str:
+    return f"torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else ""
+
+
+def _load_error(e: Exception, path: str) -> str:
+    info = build_info()
+    built = f" (built for torch {info['torch']}, CUDA {info['cuda']})" if info else ""
+    return f"the CUDA extension {os.path.basename(path)}{built} failed to load: {e}"
+
+
+def _extra_fakes() -> None:
+    @torch.library.register_fake("resfuse::cuda_device_supported")
+    def _supported_fake(device):
+        return True
+
+
+_EXTENSION = Extension(
+    "cuda",
+    _LIBRARY,
+    not_built=(
+        "the CUDA extension was not built (this install has no resfuse/_C*.so: it was "
+        "installed without nvcc or a CUDA build of torch, or with "
+        "RESFUSE_SKIP_CUDA_BUILD=1; reinstall with RESFUSE_FORCE_CUDA_BUILD=1 to see why)"
+    ),
+    check=_cpu_only_torch,
+    load_error=_load_error,
+    extra_ops={
+        "supported": "cuda_device_supported",
+        "layout": "cuda_row_layout",
+        "limits": "cuda_launch_limits",
+    },
+    extra_fakes=_extra_fakes,
+)
+_state = _EXTENSION.state
+_load = _EXTENSION.load
+_ops = _EXTENSION.ops
+forward = _EXTENSION.forward
+backward = _EXTENSION.backward
 
 
 def build_info() -> dict:
@@ -156,52 +145,3 @@ def launch_limits() -> dict:
     such block holds in registers, the largest thread-block cluster. Tests and docs ask here
     instead of restating them; no GPU needed. ``row_layout(D)`` gives a size's layout."""
     return dict(zip(LIMIT_NAMES, _ops()["limits"]()))
-
-
-def _register_fakes():
-    # the CUDA schema takes the spec's flat form (csrc/ops.cpp): the fakes read it back
-    @torch.library.register_fake("resfuse::cuda_add_norm_fwd")
-    def _fwd_fake(
-        x, residual, weight, bias, branch_scale, rowscale, branch_weight, branch_bias, *flat
-    ):
-        return forward_outputs(AddNormSpec.from_flat(*flat), x, x.shape, x.shape[:1])
-
-    @torch.library.register_fake("resfuse::cuda_add_norm_bwd")
-    def _bwd_fake(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x, *flat):
-        spec = AddNormSpec.from_flat(*flat)
-        like = h if spec.output_norm else dh
-        return backward_outputs(spec, like, like.shape)
-
-    @torch.library.register_fake("resfuse::cuda_device_supported")
-    def _supported_fake(device):
-        return True
-
-
-def _ops():
-    reason = _load()
-    if reason:
-        raise RuntimeError(f"resfuse's cuda backend is unavailable: {reason}")
-    return _state
-
-
-def forward(spec: AddNormSpec, ops: Operands) -> Forward:
-    """(y, h, mean, mean_x), None where absent, for 2-D (rows, D) operands with unit column
-    stride; the LayerNorm row means of h and (with the branch norm) of x are the backward's
-    shifts."""
-    y, h, mean, mean_x = _ops()["fwd"](*ops, *spec.flat())
-    present = forward_present(spec)
-    return _new(
-        Forward,
-        (
-            y if present[0] else None,
-            h if present[1] else None,
-            mean if present[2] else None,
-            mean_x if present[3] else None,
-        ),
-    )
-
-
-def backward(spec: AddNormSpec, inputs: BackwardInputs) -> Grads:
-    """(dx, dresidual, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias): the
-    parameter gradients as fp32 sums over rows, None where absent."""
-    return Grads(*absent_to_none(_ops()["bwd"](*inputs, *spec.flat()), backward_present(spec)))

@@ -45,6 +45,15 @@ _interpreter_index_fix()
 
 DEVICE = os.environ.get("RESFUSE_TEST_DEVICE", "cpu")
 
+
+def cpu_auto() -> str:
+    """What "auto" runs CPU tensors with here: the compiled CPU kernels when this install
+    has them, else the reference."""
+    import resfuse
+
+    return "cpu" if resfuse.backends()["cpu"].available else "torch"
+
+
 # Tolerances per dtype, written down once, as (atol, rtol) against the float64 oracle:
 # - "out": y and h, rounded once at the store (half an ulp: 2^-24 / 2^-11 / 2^-8 relative);
 # - "grad": dx and dresidual, which also carry the rounding of the stored h they are

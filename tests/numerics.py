@@ -28,7 +28,8 @@ class Case:
     rowscale: bool = False
     zero_centered: bool = False
     prenorm: bool = True
-    layout: str = "contiguous"  # "contiguous" | "row_strided" | "transposed" | "col_strided"
+    # "contiguous" | "row_strided" | "transposed" | "col_strided" | "misaligned"
+    layout: str = "contiguous"
     residual_dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     # the sandwich layout: norm_add_norm (branch_norm) and norm_add (output_norm=False)
@@ -49,6 +50,15 @@ class Case:
         return ",".join(fields).replace("torch.", "") or "default"
 
 
+def _row_major(lead: tuple, row_stride: int) -> tuple:
+    """Strides of leading dims ``lead`` over rows ``row_stride`` elements apart."""
+    strides, step = [], row_stride
+    for n in reversed(lead):
+        strides.insert(0, step)
+        step *= n
+    return tuple(strides)
+
+
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as t, in a non-contiguous layout."""
     if layout == "contiguous":
@@ -59,6 +69,12 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         return base[..., : t.shape[-1]]
     if layout == "transposed":  # leading dims that do not collapse to one row stride
         return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "misaligned":  # rows at odd element offsets: no row starts vector-aligned
+        D = t.shape[-1]
+        base = torch.zeros(t.numel() // D * (D + 1) + 1, dtype=t.dtype, device=t.device)
+        view = base[1:].as_strided((*t.shape[:-1], D), (*_row_major(t.shape[:-1], D + 1), 1))
+        view.copy_(t)
+        return view
     if layout == "col_strided":  # last dim not contiguous
         base = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         base[..., ::2] = t

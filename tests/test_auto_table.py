@@ -12,6 +12,7 @@ import types
 
 import pytest
 import torch
+from conftest import cpu_auto
 
 import resfuse
 from resfuse import auto_table, backend_registry, reference
@@ -207,10 +208,10 @@ def test_auto_follows_the_table_where_it_has_an_entry(tables, fake_backends):
     assert backend_registry.resolve("auto", CUDA, key(1024)) == "triton"
     assert backend_registry.resolve("auto", CUDA, key(1024, needs_grad=True)) == "cuda"
     assert backend_registry.resolve("auto", CUDA, key(8192)) == "cuda"
-    # no entry, no key: the rule (cuda when it loads); CPU tensors: the reference
+    # no entry, no key: the rule (cuda when it loads); CPU tensors: never the table
     assert backend_registry.resolve("auto", CUDA, key(1024, norm="layer")) == "cuda"
     assert backend_registry.resolve("auto", CUDA) == "cuda"
-    assert backend_registry.resolve("auto", torch.device("cpu"), key(1024)) == "torch"
+    assert backend_registry.resolve("auto", torch.device("cpu"), key(1024)) == cpu_auto()
 
 
 def test_an_unavailable_choice_falls_back_by_the_rule(tables, fake_backends):
@@ -235,7 +236,7 @@ def test_backends_report_says_which_table(tables):
     tables([entry(1024, "triton"), entry(2048, "cuda")])
     line = resfuse.backends()["auto"].reason
     assert f"per the measured table for {SLUG} (2 entries)" in line
-    assert line.endswith("CPU tensors: torch")
+    assert line.endswith(f"CPU tensors: {cpu_auto()}")
     (auto_table.TABLE_DIR / f"{SLUG}.json").unlink()
     auto_table.reset()
     line = resfuse.backends()["auto"].reason

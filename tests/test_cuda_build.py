@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cpu_auto
 
 import resfuse
 from resfuse import backend_registry, cuda_ext
@@ -180,10 +181,10 @@ def test_backend_cuda_without_the_extension_says_why(monkeypatch):
 
 def test_auto_falls_back_without_the_extension(monkeypatch):
     _without_extension(monkeypatch, "the CUDA extension was not built (test)")
-    assert backend_registry.resolve("auto", torch.device("cpu")) == "torch"
+    assert backend_registry.resolve("auto", torch.device("cpu")) == cpu_auto()
     assert backend_registry.resolve("auto", torch.device("cuda")) == "triton"
     x = torch.randn(2, 3, 64)
-    y = resfuse.rms_norm(x, torch.ones(64))  # auto on CPU: the reference
+    y = resfuse.rms_norm(x, torch.ones(64))  # auto on CPU: the CPU extension or the reference
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (64,), torch.ones(64), 1e-6))
 
 
@@ -191,7 +192,7 @@ def test_auto_picks_cuda_for_cuda_tensors_when_available(monkeypatch):
     monkeypatch.setitem(cuda_ext._state, "reason", "")
     monkeypatch.setattr(cuda_ext, "available", lambda: True)
     assert backend_registry.resolve("auto", torch.device("cuda")) == "cuda"
-    assert backend_registry.resolve("auto", torch.device("cpu")) == "torch"
+    assert backend_registry.resolve("auto", torch.device("cpu")) == cpu_auto()
 
 
 def test_import_never_fails_without_the_extension():

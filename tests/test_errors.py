@@ -3,6 +3,7 @@ and no input is ever written (API.md, "Errors")."""
 
 import pytest
 import torch
+from conftest import cpu_auto
 
 import resfuse
 from resfuse import backend_registry
@@ -121,6 +122,8 @@ def test_environment_backend_is_validated(monkeypatch):
 def test_environment_backend_is_used(monkeypatch):
     monkeypatch.setenv("RESFUSE_BACKEND", "torch")
     assert backend_registry.resolve("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("RESFUSE_BACKEND", "auto")
+    assert backend_registry.resolve("auto", torch.device("cpu")) == cpu_auto()
     monkeypatch.setenv("RESFUSE_BACKEND", "triton")
     assert backend_registry.resolve("auto", torch.device("cpu")) == "triton"  # interpreter on
 
@@ -138,7 +141,7 @@ def test_unavailable_backends_say_why(monkeypatch):
 
 def test_backends_report():
     report = resfuse.backends()
-    assert set(report) == {"auto", "cuda", "triton", "torch"}
+    assert set(report) == {"auto", "cuda", "triton", "cpu", "torch"}
     assert report["torch"].available
     text = str(report)
     for name in report:
@@ -147,8 +150,9 @@ def test_backends_report():
         assert status.reason, f"{status.name} gives no reason"
 
 
-def test_auto_on_cpu_is_the_reference():
-    assert backend_registry.resolve("auto", torch.device("cpu")) == "torch"
+def test_auto_on_cpu_is_the_cpu_backend_when_built():
+    assert backend_registry.resolve("auto", torch.device("cpu")) == cpu_auto()
+    assert f"CPU tensors: {cpu_auto()}" in resfuse.backends()["auto"].reason
 
 
 @pytest.mark.parametrize(

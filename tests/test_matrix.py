@@ -6,9 +6,10 @@ Axes:
 
 * op: ``add_norm`` (the pre-norm / post-norm add + norm and the plain norms),
   ``norm_add_norm`` (the sandwich: Gemma2/3, Peri-LN) and ``norm_add`` (OLMo2);
-* backend: on CPU the reference (``torch``), Triton under the interpreter (``triton``) and
-  the CUDA kernels' own source through the emulator of tests/simt (``cuda-sim``, run as
-  backend="cuda"); on a GPU ``torch``, ``triton`` and the compiled extension (``cuda``);
+* backend: on CPU the reference (``torch``), Triton under the interpreter (``triton``), the
+  CUDA kernels' own source through the emulator of tests/simt (``cuda-sim``, run as
+  backend="cuda") and the compiled CPU kernels (``cpu``, csrc/cpu/, and ``cpu-<isa>``: the
+  same with each lower instruction set this CPU runs); on a GPU ``torch``, ``triton`` and the compiled extension (``cuda``);
 * the case families below: every flag combination x dtype, one row per program, odd shapes
   and leading dims, long rows at each backend's crossovers (asked of the library, never
   restated), non-contiguous layouts, dtype mixes, determinism; and on a GPU the sizes the
@@ -41,6 +42,7 @@ from numerics import (
 )
 
 import resfuse
+from resfuse import cpu_ext
 from resfuse.triton_kernels import launch as triton_launch
 
 GPU = DEVICE == "cuda"
@@ -49,16 +51,29 @@ GPU = DEVICE == "cuda"
 def _backends():
     if GPU:
         return ["torch", "triton"] + (["cuda"] if resfuse.backends()["cuda"].available else [])
-    return ["torch", "triton", "cuda-sim"]
+    # the compiled CPU kernels when this install has them (every install with a C++ compiler:
+    # `make test` forces the build, so CI runs them), with the best instruction set of this
+    # CPU ("cpu") and each lower one it runs ("cpu-avx2", "cpu-generic")
+    cpu = []
+    if resfuse.backends()["cpu"].available:
+        best, *lower = cpu_ext.supported_isas()
+        cpu = ["cpu"] + [f"cpu-{isa}" for isa in lower]
+    return ["torch", "triton", "cuda-sim"] + cpu
 
 
 @pytest.fixture(params=_backends())
 def backend(request):
-    """The backend name a case runs with; ``cuda-sim`` installs the emulator as "cuda"."""
+    """The backend name a case runs with; ``cuda-sim`` installs the emulator as "cuda";
+    ``cpu-<isa>`` runs the CPU kernels with that instruction set's row loops."""
     if request.param == "cuda-sim":
         request.getfixturevalue("cuda_sim")
-        return "cuda"
-    return request.param
+        yield "cuda"
+        return
+    if request.param.startswith("cpu-"):
+        with cpu_ext.use_isa(request.param[len("cpu-") :]):
+            yield "cpu"
+        return
+    yield request.param
 
 
 @pytest.fixture(params=[b for b in _backends() if b != "torch"] if GPU else [])
@@ -95,6 +110,10 @@ def crossovers() -> list[int]:
     cuda = cuda_launch_limits()
     if cuda is not None:
         limits |= {cuda["bwd_block_row"], cuda["fwd_block_row"]}
+    if resfuse.backends()["cpu"].available:
+        # a row of one chunk + 1 (a one-element chunk), of one lane group + 1 (a tail lane)
+        cpu = cpu_ext.limits()
+        limits |= {cpu["chunk_elems"], cpu["lanes"]}
     return sorted(limits)
 
 

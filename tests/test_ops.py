@@ -9,9 +9,12 @@ import resfuse
 from resfuse import ops
 from resfuse.spec import AddNormSpec, Operands
 
-# on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels on CPU)
-BACKENDS = ["triton", "torch"] + (
-    ["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else []
+# on a GPU the compiled CUDA backend joins the matrix (tests/test_cuda_sim.py runs its kernels
+# on CPU); on CPU the compiled CPU kernels, when this install has them
+BACKENDS = (
+    ["triton", "torch"]
+    + (["cuda"] if DEVICE == "cuda" and resfuse.backends()["cuda"].available else [])
+    + (["cpu"] if DEVICE == "cpu" and resfuse.backends()["cpu"].available else [])
 )
 
 
