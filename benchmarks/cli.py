@@ -29,7 +29,7 @@ import torch
 import resfuse
 from resfuse.auto_table import slug  # the name auto's tables go by, too
 
-from . import implementations, kernels, report, transformer
+from . import implementations, kernels, patched_model, report, transformer
 from .timing import TimerSettings, copy_bandwidth
 from .traffic import DIRECTIONS, OPS
 
@@ -50,6 +50,9 @@ class Preset:
     # the report's static kernel model section (tools/kernel_model.py): it compiles every
     # kernel for the GPU, a minute or two
     kernel_model: bool = True
+    # a Hugging Face Llama unpatched and after resfuse.patch (benchmarks/patched_model.py);
+    # None: not in this preset (the GPU campaign runs its own, larger one)
+    patched_model: Optional[patched_model.PatchedModelConfig] = None
 
 
 PRESETS = {
@@ -67,16 +70,17 @@ PRESETS = {
         hidden=(1024, 2048, 4096, 8192, 16384),
         transformer=transformer.GPU_DEFAULT.with_(layers=4, batch=4),
     ),
-    # the LayerNorm sandwich is left to the GPU presets: each op adds about a minute on CPU
+    # resfuse's CPU kernels against eager and torch.compile (issue 16's targets: see
+    # kernels.CPU_COPY_TARGET): every op in the two dtypes CPU models run in
     "cpu": Preset(
-        "CPU: every op but the LayerNorm sandwich in bf16 at 4K rows x hidden "
-        "768-2K, a small transformer",
-        dtypes=("bfloat16",),
+        "CPU: every op in bf16 and fp32 at 4K rows x hidden 768-4K, a small transformer, "
+        "a tiny Llama patched vs unpatched",
+        dtypes=("bfloat16", "float32"),
         rows=(4096,),
-        hidden=(768, 1024, 2048),
-        ops=tuple(op for op in OPS if op != "norm_add_layer_norm"),
+        hidden=(768, 1024, 2048, 4096),
         transformer=transformer.CPU_DEFAULT,
         timer=TimerSettings(cpu_budget_s=0.3, cpu_min_calls=3, cpu_max_calls=20),
+        patched_model=patched_model.CPU_TINY_LLAMA,
     ),
     "tiny": Preset(
         "seconds, any device: the harness end to end (what the tests run)",
@@ -86,11 +90,12 @@ PRESETS = {
         transformer=transformer.TransformerConfig(
             hidden=64, layers=2, heads=4, ffn=128, seq=16, batch=2
         ),
-        impls=("eager-hf", "eager-torch", "resfuse-torch", "resfuse-triton"),
+        impls=("eager-hf", "eager-torch", "resfuse-cpu", "resfuse-torch", "resfuse-triton"),
         timer=TimerSettings(
             warmup_ms=1, rep_ms=2, cuda_min_calls=3, cpu_budget_s=0.0, cpu_min_calls=2
         ),
         kernel_model=False,
+        patched_model=patched_model.TINY_LLAMA,
     ),
 }
 
@@ -269,11 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fused-backend",
         default="auto",
-        choices=["auto", "cuda", "triton", "torch"],
+        choices=["auto", "cuda", "triton", "cpu", "torch"],
         help="resfuse backend of the transformer's fused variant",
     )
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-transformer", action="store_true")
+    p.add_argument(
+        "--no-patched-model",
+        action="store_true",
+        help="leave out the preset's Hugging Face Llama, unpatched vs resfuse.patch",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: results/<device>)")
     p.add_argument(
         "--resume",
@@ -351,8 +361,13 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
         if kernels.record_key(c, i.name, d) not in skip
     )
     n_transformer = len(transformer.VARIANTS) * sum(1 for s in styles if s not in done_styles)
+    patched = None if args.no_patched_model else preset.patched_model
+    done_patched = previous.get("patched_models") if previous else None
+    n_patched = len(patched.variants) if patched and not done_patched else 0
     progress = Progress(
-        n_kernel + n_transformer, f"{info['label']} benchmarks", enabled=not args.no_progress
+        n_kernel + n_transformer + n_patched,
+        f"{info['label']} benchmarks",
+        enabled=not args.no_progress,
     )
     try:
         # a resumed run goes on comparing with the copy measurements it started with
@@ -395,6 +410,9 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
                 )
             )
             report.write_json(results, out_dir / report.JSON_NAME)
+        if patched is not None:
+            results["patched_models"] = done_patched or [_patched_model(patched, device, progress)]
+            report.write_json(results, out_dir / report.JSON_NAME)
     finally:
         progress.close()
     if args.kernel_model if args.kernel_model is not None else preset.kernel_model:
@@ -405,6 +423,15 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
         results["kernel_model"] = {"skipped": f"not asked for ({why}; --kernel-model computes it)"}
     report.write_all(results, out_dir)
     return results, out_dir
+
+
+def _patched_model(cfg: patched_model.PatchedModelConfig, device, progress) -> dict:
+    """The preset's patched-model record, or one saying why it could not run."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return {"model": "transformers.LlamaModel", "skipped": f"transformers: {e}"}
+    return patched_model.compare(cfg, device, progress=progress)
 
 
 # the source checkout's static kernel model (a tool, not part of the installed package)

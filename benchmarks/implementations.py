@@ -280,13 +280,20 @@ def _resfuse_unavailable(backend: str) -> Callable[[torch.device], Optional[str]
     def unavailable(device: torch.device) -> Optional[str]:
         if device.type != "cuda":
             return (
-                "GPU kernels: needs a CUDA device (on CPU resfuse runs its PyTorch "
-                "reference: the resfuse-torch row)"
+                "GPU kernels: needs a CUDA device (on CPU tensors resfuse runs its CPU "
+                "kernels: the resfuse-cpu row)"
             )
         status = resfuse.backends()[backend]
         return None if status.available else status.reason
 
     return unavailable
+
+
+def _resfuse_cpu_unavailable(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return "CPU kernels: timed on CPU runs"
+    status = resfuse.backends()["cpu"]
+    return None if status.available else status.reason
 
 
 def _resfuse_torch_unavailable(device: torch.device) -> Optional[str]:
@@ -339,9 +346,17 @@ IMPLEMENTATIONS = (
         _resfuse_unavailable("cuda"),
     ),
     Implementation(
+        "resfuse-cpu",
+        "resfuse",
+        "resfuse, backend='cpu' (its compiled CPU kernels: what auto runs on CPU tensors)",
+        resfuse_backend("cpu"),
+        _resfuse_cpu_unavailable,
+    ),
+    Implementation(
         "resfuse-torch",
         "resfuse",
-        "resfuse, backend='torch' (its PyTorch reference: what resfuse runs on CPU tensors)",
+        "resfuse, backend='torch' (its PyTorch reference, the oracle; auto's CPU path "
+        "only where the CPU extension is not built)",
         resfuse_backend("torch"),
         _resfuse_torch_unavailable,
     ),

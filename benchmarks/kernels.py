@@ -37,6 +37,28 @@ def in_target_range(rows: int, hidden: int) -> bool:
     return TARGET_HIDDEN[0] <= hidden <= TARGET_HIDDEN[1] and rows * hidden >= TARGET_MIN_ELEMENTS
 
 
+# The CPU kernels' targets (issue 16), against baselines measured in the same run: resfuse-cpu
+# at least as fast as eager PyTorch (the faster of eager-hf and eager-torch) and as
+# torch.compile for every op, dtype, size and direction; and the add + norm forwards at
+# hidden >= 1024 in bf16 and fp32 at least at this fraction of the copy bandwidth.
+CPU_IMPL = "resfuse-cpu"
+CPU_EAGER = ("eager-hf", "eager-torch")
+CPU_COMPILED = "torch.compile"
+CPU_COPY_TARGET = 0.60
+CPU_COPY_TARGET_OPS = ("add_rms_norm", "add_layer_norm")
+CPU_COPY_TARGET_DTYPES = ("bfloat16", "float32")
+CPU_COPY_TARGET_MIN_HIDDEN = 1024
+
+
+def cpu_copy_target_applies(op: str, direction: str, dtype: str, hidden: int) -> bool:
+    return (
+        op in CPU_COPY_TARGET_OPS
+        and direction == "fwd"
+        and dtype in CPU_COPY_TARGET_DTYPES
+        and hidden >= CPU_COPY_TARGET_MIN_HIDDEN
+    )
+
+
 @dataclass(frozen=True)
 class KernelCase:
     op: str

@@ -19,7 +19,18 @@ from typing import Iterable, Optional
 
 from . import build_auto_table
 from .implementations import BY_NAME
-from .kernels import TARGET_HIDDEN, TARGET_MIN_ELEMENTS, TARGETS, in_target_range
+from .kernels import (
+    CPU_COMPILED,
+    CPU_COPY_TARGET,
+    CPU_COPY_TARGET_MIN_HIDDEN,
+    CPU_EAGER,
+    CPU_IMPL,
+    TARGET_HIDDEN,
+    TARGET_MIN_ELEMENTS,
+    TARGETS,
+    cpu_copy_target_applies,
+    in_target_range,
+)
 from .traffic import DIRECTIONS, OPS, SPECS, full_tensors_moved, tensors_moved
 from .transformer import AGREEMENT_TOLERANCE
 
@@ -111,12 +122,12 @@ def _header(results: dict) -> list[str]:
     out = [title, ""]
     if cpu:
         out += [
-            "> **CPU run: these are not GPU numbers.** resfuse's kernels are GPU kernels; on "
-            "CPU tensors resfuse runs its PyTorch reference (the `resfuse-torch` row), and the "
-            "GPU rows are absent. The CPU timings exercise the harness and compare the "
-            "eager and compiled baselines on this machine; the bandwidth targets apply to "
-            "GPUs only. The activation-memory comparison of the reference transformer is "
-            "exact on any device.",
+            "> **CPU run: these are not GPU numbers.** On CPU tensors resfuse runs its CPU "
+            'kernels (the `resfuse-cpu` row: the `"cpu"` backend, what `"auto"` picks '
+            "there) or, in an install without them, its PyTorch reference (`resfuse-torch`, "
+            "the oracle); the GPU rows are absent and the GPU targets do not apply: the CPU "
+            "targets below do. The activation-memory comparison of the reference transformer "
+            "is exact on any device.",
             "",
         ]
     info = [
@@ -222,7 +233,7 @@ def _implementations(results: dict) -> list[str]:
 def _targets(results: dict) -> list[str]:
     out = ["## Targets", ""]
     if results["meta"]["label"] == "CPU":
-        return out + ["Not applicable to a CPU run: the targets are for the GPU kernels.", ""]
+        return out + _cpu_targets(results)
     rows = []
     for (op, direction, dtype), shapes in _sections(results["kernels"]):
         if direction not in TARGETS:
@@ -271,6 +282,120 @@ def _targets(results: dict) -> list[str]:
             "llllrrrrl",
         ),
         "",
+    ]
+
+
+def cpu_target_rows(results: dict) -> list[dict]:
+    """The CPU kernels' targets per (op, direction, dtype): over the sizes where resfuse-cpu
+    and the baselines were measured, the worst speed-up over eager (the faster of eager-hf and
+    eager-torch at each size) and over torch.compile, the worst fraction of the copy bandwidth
+    where that target applies (else None), and whether all are met."""
+    rows = []
+    for (op, direction, dtype), shapes in _sections(results["kernels"]):
+        vs_eager, vs_compiled, fracs, missing = [], [], [], []
+        for (r, h), recs in sorted(shapes.items()):
+            ours = recs.get(CPU_IMPL)
+            if ours is None:
+                continue
+            if not _ok(ours):
+                missing.append(f"{_shape(r, h)}: {ours.get('error') or 'not timed'}")
+                continue
+            eager = [recs[e]["median_ms"] for e in CPU_EAGER if e in recs and _ok(recs[e])]
+            if eager:
+                vs_eager.append(min(eager) / ours["median_ms"])
+            if CPU_COMPILED in recs and _ok(recs[CPU_COMPILED]):
+                vs_compiled.append(recs[CPU_COMPILED]["median_ms"] / ours["median_ms"])
+            if cpu_copy_target_applies(op, direction, dtype, h):
+                fracs.append(ours["frac_copy"])
+        if not (vs_eager or vs_compiled or missing):
+            continue
+        worst_eager = min(vs_eager, default=None)
+        worst_compiled = min(vs_compiled, default=None)
+        worst_frac = min(fracs, default=None)
+        met = (
+            not missing
+            and (worst_eager is None or worst_eager >= 1.0)
+            and (worst_compiled is None or worst_compiled >= 1.0)
+            and (worst_frac is None or worst_frac >= CPU_COPY_TARGET)
+        )
+        rows.append(
+            {
+                "op": op,
+                "direction": direction,
+                "dtype": dtype,
+                "shapes": len(vs_eager or vs_compiled),
+                "worst_vs_eager": worst_eager,
+                "worst_vs_compiled": worst_compiled,
+                "worst_frac_copy": worst_frac,
+                "missing": missing,
+                "met": met,
+            }
+        )
+    return rows
+
+
+def _cpu_targets(results: dict) -> list[str]:
+    rows = cpu_target_rows(results)
+    if not rows:
+        return [
+            f"No `{CPU_IMPL}` measurement in this run (the CPU extension is not built here, "
+            "or the run left it out): the CPU targets are not assessed.",
+            "",
+        ]
+
+    def times(v):
+        return "—" if v is None else f"×{v:.2f}"
+
+    table = [
+        [
+            r["op"],
+            DIRECTION_NAMES[r["direction"]],
+            r["dtype"],
+            str(r["shapes"]),
+            times(r["worst_vs_eager"]),
+            times(r["worst_vs_compiled"]),
+            "—" if r["worst_frac_copy"] is None else f"{100 * r['worst_frac_copy']:.0f}%",
+            ("**met**" if r["met"] else "missed")
+            + (f" ({'; '.join(r['missing'])})" if r["missing"] else ""),
+        ]
+        for r in rows
+    ]
+    met = sum(r["met"] for r in rows)
+    model = patched_model_target(results)
+    model_line = []
+    if model is not None:
+        model_line = [
+            f"A patched {model['model']} ({model['dtype']}, below) trains no slower than "
+            f"unpatched: step {model['unpatched_ms']:,.1f} ms unpatched, "
+            f"{model['patched_ms']:,.1f} ms patched (×{model['speedup']:.2f}"
+            + ("" if model["agrees"] else ", **disagrees with unpatched**")
+            + "): "
+            + ("**met**." if model["met"] else "missed."),
+            "",
+        ]
+    return [
+        f"`{CPU_IMPL}` against the baselines of this run, at every size measured: at least as "
+        f"fast as eager PyTorch (the faster of {' and '.join(CPU_EAGER)} at each size) and as "
+        f"`{CPU_COMPILED}` (worst speed-up ≥ ×1.00), and the add + norm forwards at hidden ≥ "
+        f"{CPU_COPY_TARGET_MIN_HIDDEN:,} in bf16 and fp32 at ≥ {CPU_COPY_TARGET:.0%} of the "
+        f"copy bandwidth. **{met} of {len(rows)} met.**",
+        "",
+        _table(
+            [
+                "op",
+                "direction",
+                "dtype",
+                "shapes",
+                "worst ×eager",
+                f"worst ×{CPU_COMPILED}",
+                "worst % of copy",
+                "",
+            ],
+            table,
+            "llllrrrl",
+        ),
+        "",
+        *model_line,
     ]
 
 
@@ -490,6 +615,9 @@ def _patched_models_section(results: dict) -> list[str]:
     models = results.get("patched_models") or []
     out = []
     for m in models:
+        if "skipped" in m:
+            out += [f"## resfuse.patch on {m['model']}", "", f"Not run: {m['skipped']}.", ""]
+            continue
         cfg = m["config"]
         out += [
             f"## resfuse.patch on {m['model']} (transformers {m['transformers']})",
@@ -499,7 +627,8 @@ def _patched_models_section(results: dict) -> list[str]:
             f"{cfg['intermediate_size']:,}; batch {m['batch']} × seq {m['seq']:,}, "
             f"{m['dtype']}, {m['params'] / 1e6:,.1f}M parameters, random weights. "
             "Relative error: against the unpatched model on the same weights and input, "
-            "the worst over the output and every parameter gradient.",
+            "the worst over the output and every parameter gradient. Times: medians of "
+            f"{_timed_steps(m)} training steps per variant, the variants' steps interleaved.",
             "",
         ]
         rows = []
@@ -537,6 +666,31 @@ def _patched_models_section(results: dict) -> list[str]:
             "",
         ]
     return out
+
+
+def _timed_steps(model: dict) -> str:
+    counts = sorted({v.get("timed_steps") for v in model["variants"] if v.get("timed_steps")})
+    return "/".join(str(c) for c in counts) or "no"
+
+
+def patched_model_target(results: dict) -> Optional[dict]:
+    """The CPU target "a patched tiny Llama trains no slower than unpatched": the step times
+    of the run's patched-model record, or None when it has none."""
+    for m in results.get("patched_models") or []:
+        by = {v["variant"]: v for v in m.get("variants", [])}
+        base, fused = by.get("unpatched", {}), by.get("patched", {})
+        if base.get("step_ms") and fused.get("step_ms"):
+            speedup = base["step_ms"] / fused["step_ms"]
+            return {
+                "model": m["model"],
+                "dtype": m["dtype"],
+                "unpatched_ms": base["step_ms"],
+                "patched_ms": fused["step_ms"],
+                "speedup": speedup,
+                "agrees": fused.get("agrees", True),
+                "met": speedup >= 1.0 and fused.get("agrees", True),
+            }
+    return None
 
 
 def _kernel_model_section(results: dict) -> list[str]:

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from benchmarks import cli, implementations, kernels, plots, report, transformer
+import resfuse
+from benchmarks import cli, implementations, kernels, patched_model, plots, report, transformer
 from benchmarks.traffic import DIRECTIONS, minimal_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +36,12 @@ def test_cli_writes_report_json_and_plots(tiny_run):
     n_cases = len(preset.ops) * len(preset.hidden) * len(preset.rows) * len(preset.dtypes)
     assert len(results["kernels"]) == n_cases * len(preset.impls) * len(DIRECTIONS)
     measured = [r for r in results["kernels"] if r["error"] is None]
-    assert {r["impl"] for r in measured} == {"eager-hf", "eager-torch", "resfuse-torch"}
+    cpu_kernels = {"resfuse-cpu"} if resfuse.backends()["cpu"].available else set()
+    assert {r["impl"] for r in measured} == {
+        "eager-hf",
+        "eager-torch",
+        "resfuse-torch",
+    } | cpu_kernels
     assert all(
         r["error"].startswith("unavailable")
         for r in results["kernels"]
@@ -70,7 +76,22 @@ def test_cli_report_is_labelled_cpu_and_has_every_section(tiny_run):
         "### bert: hidden 64",
     ):
         assert heading in text, heading
-    assert "Not applicable to a CPU run" in text
+    targets = text[text.index("## Targets") : text.index("## Reference transformer")]
+    if resfuse.backends()["cpu"].available:
+        assert "`resfuse-cpu` against the baselines of this run" in targets
+        # one row per op, direction and dtype measured
+        n = len(cli.PRESETS["tiny"].ops) * len(DIRECTIONS) * len(cli.PRESETS["tiny"].dtypes)
+        assert f" of {n} met.**" in targets
+    else:
+        assert "No `resfuse-cpu` measurement in this run" in targets
+    # the patched tiny Llama: every variant timed and in agreement with unpatched
+    (model,) = results["patched_models"]
+    assert [v["variant"] for v in model["variants"]] == [n for n, _ in patched_model.VARIANTS]
+    for v in model["variants"]:
+        assert v["timed_steps"] == patched_model.TINY_LLAMA.steps and v["step_ms"] > 0
+        assert v["saved_bytes"] > 0 and v.get("agrees", True), v
+    assert "## resfuse.patch on transformers.LlamaModel" in text
+    assert "trains no slower than unpatched: step" in targets
     assert "![bandwidth_bfloat16](bandwidth_bfloat16.png)" in text
     assert text.count(": as expected.") == 3  # the memory saving of each style
     assert "**NO**" not in text
@@ -235,6 +256,85 @@ def test_markdown_targets_speedups_and_failures():
     assert "| 3.80 | 1.90 |" in fwd
     assert "`liger`" not in fwd.splitlines()[4]  # no column for an implementation with no data
     assert "## Not measured" in text and "failed the correctness check" in text
+
+
+def _cpu_results():
+    """A CPU run where every target number follows from the times: resfuse-cpu at 1 ms,
+    eager-hf at 3 ms, eager-torch at 2 ms, torch.compile at 0.5 ms in the backward and
+    1.25 ms elsewhere."""
+    recs = []
+    for hidden in (768, 1024):
+        for direction in DIRECTIONS:
+            compiled = 0.5 if direction == "bwd" else 1.25
+            for impl, ms in (
+                ("eager-hf", 3.0),
+                ("eager-torch", 2.0),
+                ("torch.compile", compiled),
+                ("resfuse-cpu", 1.0),
+            ):
+                recs.append(_record("add_rms_norm", direction, 4096, hidden, impl, ms))
+    results = _gpu_results()
+    results["meta"].update(label="CPU", device="CPU: a test CPU", device_detail="2 threads")
+    results["kernels"] = recs
+    results["implementations"] = {
+        i.name: {"family": i.family, "description": i.description, "unavailable": None}
+        for i in implementations.select(["eager-hf", "eager-torch", "torch.compile", "resfuse-cpu"])
+    }
+    results["patched_models"] = [
+        {
+            "model": "transformers.LlamaModel",
+            "transformers": "5",
+            "config": dict(patched_model.TINY_LLAMA.llama),
+            "batch": 2,
+            "seq": 16,
+            "dtype": "float32",
+            "params": 1e5,
+            "variants": [
+                {
+                    "variant": "unpatched",
+                    "step_ms": 10.0,
+                    "fwd_bwd_ms": 8.0,
+                    "timed_steps": 4,
+                    "saved_bytes": 1 << 20,
+                },
+                {
+                    "variant": "patched",
+                    "step_ms": 8.0,
+                    "fwd_bwd_ms": 6.0,
+                    "timed_steps": 4,
+                    "saved_bytes": 1 << 19,
+                    "max_rel_err": 1e-6,
+                    "worst": "output",
+                    "agrees": True,
+                },
+            ],
+        }
+    ]
+    return results
+
+
+def test_cpu_targets_follow_from_the_times():
+    results = _cpu_results()
+    rows = {r["direction"]: r for r in report.cpu_target_rows(results)}
+    # eager: the faster of eager-hf and eager-torch (2 ms) over 1 ms
+    assert {r["worst_vs_eager"] for r in rows.values()} == {2.0}
+    assert rows["fwd"]["worst_vs_compiled"] == 1.25 and rows["bwd"]["worst_vs_compiled"] == 0.5
+    # the copy target: the forward at hidden 1024 only (bf16, an add op)
+    expected = minimal_bytes("add_rms_norm", "fwd", 4096, 1024, kernels.DTYPES["bfloat16"]) / (
+        1e-3 * COPY
+    )
+    assert rows["fwd"]["worst_frac_copy"] == pytest.approx(expected)
+    assert rows["bwd"]["worst_frac_copy"] is None and rows["fwd+bwd"]["worst_frac_copy"] is None
+    # 1 ms moves 16.8 MB: far below 60% of 3 TB/s, so the forward misses; the backward is
+    # slower than compiled; the forward + backward meets both
+    assert [rows[d]["met"] for d in DIRECTIONS] == [False, False, True]
+    assert report.patched_model_target(results)["speedup"] == 1.25
+    text = report.markdown(results)
+    targets = text[text.index("## Targets") : text.index("## Kernels")]
+    assert "**1 of 3 met.**" in targets
+    assert "| add_rms_norm | backward | bfloat16 | 2 | ×2.00 | ×0.50 | — | missed |" in targets
+    assert "step 10.0 ms unpatched, 8.0 ms patched (×1.25): **met**." in targets
+    assert "## resfuse.patch on transformers.LlamaModel" in text
 
 
 def test_plot_series_use_the_largest_row_count():
