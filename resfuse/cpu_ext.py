@@ -94,13 +94,14 @@ def row_blocks(rows: int, D: int) -> int:
     return _EXTENSION.ops()["row_blocks"](int(rows), int(D))
 
 
-LIMIT_NAMES = ("chunk_elems", "lanes", "max_row_blocks", "partial_budget")
+LIMIT_NAMES = ("vector_elems", "sum_elems", "max_row_blocks", "partial_budget")
 
 
 def limits() -> dict:
     """The row loops' layout constants (csrc/cpu/add_norm_cpu.h), for tests that cover each
-    size on both sides: ``chunk_elems`` (a row is converted and summed in chunks of this
-    many elements), ``lanes`` (independent partial sums of a row sum), ``max_row_blocks`` and
+    size on both sides: ``vector_elems`` (the fp32 lanes of the instruction set in use: a
+    row is processed this many elements at a time, the rest at its tail), ``sum_elems`` (the
+    elements of a row sum's independent partial sums), ``max_row_blocks`` and
     ``partial_budget`` (the backward's fixed row blocks, :func:`row_blocks`)."""
     limit = _EXTENSION.ops()["limit"]
     return {name: limit(name) for name in LIMIT_NAMES}

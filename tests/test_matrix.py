@@ -111,9 +111,12 @@ def crossovers() -> list[int]:
     if cuda is not None:
         limits |= {cuda["bwd_block_row"], cuda["fwd_block_row"]}
     if resfuse.backends()["cpu"].available:
-        # a row of one chunk + 1 (a one-element chunk), of one lane group + 1 (a tail lane)
-        cpu = cpu_ext.limits()
-        limits |= {cpu["chunk_elems"], cpu["lanes"]}
+        # a row of one vector + 1 (a one-element tail), of the row sums' partial sums + 1,
+        # for each instruction set's vector width
+        for isa in cpu_ext.supported_isas():
+            with cpu_ext.use_isa(isa):
+                cpu = cpu_ext.limits()
+            limits |= {cpu["vector_elems"], cpu["sum_elems"]}
     return sorted(limits)
 
 

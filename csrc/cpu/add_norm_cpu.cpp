@@ -74,6 +74,8 @@ int64_t grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 16) / std:
 
 const char* isa() { return kernels().isa; }
 
+int vector_elems() { return kernels().vector_elems; }
+
 bool isa_supported(const std::string& name) {
   for (const Kernels* k : supported())
     if (name == k->isa) return true;

@@ -37,23 +37,18 @@ struct PartialRows {
 // The row loops of one instruction set.
 struct Kernels {
   const char* isa;
+  int vector_elems;  // fp32 lanes of its vectors: rows are processed this many elements at a time
   void (*forward_rows)(const FwdParams&, const Affine&, int64_t begin, int64_t end, float* scratch);
   void (*backward_rows)(const BwdParams&, const Affine&, int64_t begin, int64_t end, float* scratch,
                         const PartialRows&);
 };
 
-// independent partial sums of the row sums: several vector registers' worth, so that the
-// additions do not wait on each other's latency (the same for every instruction set)
-constexpr int kLanes = 64;
+// Row sums keep this many vectors' worth of independent partial sums (add_norm_cpu_rows.h).
+constexpr int kSumVectors = 4;
 
-// Rows are processed in chunks of kChunkElems elements: a chunk's conversions, the add and
-// the row sums happen while it is in registers / L1, and each full-row pass touches the fp32
-// scratch row only (in L1 / L2): memory is read and written once.
-constexpr int kChunkElems = 256;
-
-// Scratch rows (of D floats) each direction needs per thread.
-constexpr int kForwardScratchRows = 2;
-constexpr int kBackwardScratchRows = 4;
+// fp32 scratch rows (of D floats) each direction needs per thread: h; h, g and the branch x.
+constexpr int kForwardScratchRows = 1;
+constexpr int kBackwardScratchRows = 3;
 
 // The backward sums the parameter gradients of fixed row blocks, then the blocks in order:
 // the block boundaries depend on the shape only, so the gradients are bitwise the same for
@@ -69,6 +64,8 @@ void load_floats(const void* src, DType dtype, float* dst, int n);
 // The instruction set of the row loops in use ("avx512", "avx2", "generic"): the best this
 // CPU runs, unless use_isa() chose a lower one (tests cover every set on one machine).
 const char* isa();
+// the fp32 lanes of its vectors
+int vector_elems();
 bool isa_supported(const std::string& name);
 // switch to `name` (an error when this CPU does not run it); returns the previous one
 const char* use_isa(const std::string& name);

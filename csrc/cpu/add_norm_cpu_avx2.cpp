@@ -16,7 +16,8 @@
 #elif defined(__GNUC__)
 #pragma GCC target("avx2,fma,f16c")
 #endif
-#define RESFUSE_CPU_F16C 1  // the target has F16C (no predefined macro follows a target pragma)
+#define RESFUSE_CPU_AVX2 \
+  1  // add_norm_cpu_vec.h's 8-lane vectors (no predefined macro follows a target pragma)
 #define RESFUSE_CPU_ISA avx2
 #include "add_norm_cpu_rows.h"
 #if defined(__clang__)
@@ -25,7 +26,7 @@
 
 namespace resfuse {
 namespace cpu {
-extern const Kernels avx2_kernels = {"avx2", &avx2::forward_rows, &avx2::backward_rows};
+extern const Kernels avx2_kernels = {"avx2", avx2::kWidth, &avx2::forward_rows, &avx2::backward_rows};
 }  // namespace cpu
 }  // namespace resfuse
 #endif

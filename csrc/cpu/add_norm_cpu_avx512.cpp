@@ -17,8 +17,13 @@
 #elif defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
 #endif
-#define RESFUSE_CPU_AVX512BF16 1  // vcvtneps2bf16 for the bf16 stores
-#define RESFUSE_CPU_F16C 1        // the target has F16C (no predefined macro follows a target pragma)
+// GCC 12's AVX-512 intrinsics start some results from _mm512_undefined_*() and then warn
+// that those may be used uninitialized (a known false positive of the compiler's headers)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define RESFUSE_CPU_AVX512 \
+  1  // add_norm_cpu_vec.h's 16-lane vectors (no predefined macro follows a target pragma)
 #define RESFUSE_CPU_ISA avx512
 #include "add_norm_cpu_rows.h"
 #if defined(__clang__)
@@ -27,7 +32,8 @@
 
 namespace resfuse {
 namespace cpu {
-extern const Kernels avx512_kernels = {"avx512", &avx512::forward_rows, &avx512::backward_rows};
+extern const Kernels avx512_kernels = {"avx512", avx512::kWidth, &avx512::forward_rows,
+                                       &avx512::backward_rows};
 }  // namespace cpu
 }  // namespace resfuse
 #endif

@@ -4,7 +4,8 @@
 
 namespace resfuse {
 namespace cpu {
-extern const Kernels generic_kernels = {"generic", &generic::forward_rows, &generic::backward_rows};
+extern const Kernels generic_kernels = {"generic", generic::kWidth, &generic::forward_rows,
+                                        &generic::backward_rows};
 
 void load_floats(const void* src, DType dtype, float* dst, int n) { generic::load_row(src, dtype, dst, n); }
 }  // namespace cpu

@@ -1,17 +1,19 @@
 // The CPU kernels' row loops: included once per instruction set by add_norm_cpu_{generic,
 // avx2,avx512}.cpp, each inside its own namespace (RESFUSE_CPU_ISA) and with its own target
-// (a `#pragma GCC target` before the include), so that one source compiles to SSE2, AVX2 and
-// AVX-512 code; add_norm_cpu.cpp picks one at run time (supported_kernels()).
+// (a `#pragma GCC target` before the include), so that one source compiles to AVX-512, AVX2
+// and portable code over add_norm_cpu_vec.h's `vec`; add_norm_cpu.cpp picks one at run time.
 //
-// One row at a time, in fp32 scratch rows that stay in the core's cache: the activations
-// are read from memory once and the outputs written once (the bandwidth floor), every
-// intermediate (f, h, the statistics, the gradient's two row sums) lives in the scratch.
-// Statistics are exact two-pass sums over the fp32 row (mean, then the squared deviations):
-// no shift is needed on a CPU, so the forward's saved means are not read back.
+// One row at a time: the activations are read from memory once and the outputs written once
+// (the bandwidth floor); what a row needs again (h for y, h and g for the backward) is kept
+// in fp32 scratch rows of the thread, which stay in the core's L1/L2. Each pass over a row
+// is one loop over vectors doing all of that pass's work (conversions, the add, the stores,
+// the row sums), so a byte loaded from memory is used while it is in registers.
 //
-// Loops are plain loops over fp32 arrays that the compiler vectorizes for the target; the
-// row sums accumulate into kLanes independent partial sums (a fixed order for a given D,
-// so a row's result does not depend on where it runs), which vectorize without reassociation.
+// Row sums add each vector into one of four accumulators (vector index modulo 4: four
+// independent dependency chains), then the accumulators and lanes in a fixed order: a row's
+// result depends on D and the instruction set only, not on where or when it runs.
+// Statistics are exact two-pass sums over the fp32 row in cache (mean, then the squared
+// deviations): no shift is needed on a CPU.
 #pragma once
 
 #include <algorithm>
@@ -30,107 +32,63 @@ namespace resfuse {
 namespace cpu {
 namespace RESFUSE_CPU_ISA {
 
-// --------------------------------------------------------------------------- conversions
+#include "add_norm_cpu_vec.h"
 
-inline float bf16_to_float(uint16_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+// --------------------------------------------------------------------------- loops
+
+// two row sums at once
+struct vec2 {
+  vec a, b;
+};
+inline vec2 operator+(vec2 x, vec2 y) { return {x.a + y.a, x.b + y.b}; }
+inline vec2 first_lanes(vec2 x, int n) { return {first_lanes(x.a, n), first_lanes(x.b, n)}; }
+inline vec2 zeros2() { return {zeros(), zeros()}; }
+
+// body(i, n) for each vector of a row of D (n = kWidth but at the tail), in order
+template <class Body>
+inline void for_row(int D, Body&& body) {
+  int i = 0;
+  for (; i + kWidth <= D; i += kWidth) body(i, kWidth);
+  if (i < D) body(i, D - i);
 }
 
-// round to nearest even; a NaN stays a (quiet) NaN
-inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  return static_cast<uint16_t>(nan ? ((bits >> 16) | 0x40u) : rounded);
-}
-
-inline float half_to_float_soft(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;
-  } else {  // subnormal: normalize
-    exp = 113;
-    while ((mant & 0x400u) == 0) mant <<= 1, --exp;
-    bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+// The sum over a row of what body(i, n) returns for each vector (the lanes past n of the
+// tail's ignored): four accumulators by vector index modulo 4, added in a fixed order.
+static_assert(kSumVectors == 4, "sum_row keeps four accumulators");
+template <class Acc, class Body>
+inline Acc sum_row(int D, Acc zero, Body&& body) {
+  Acc a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+  int i = 0;
+  for (; i + 4 * kWidth <= D; i += 4 * kWidth) {
+    a0 = a0 + body(i, kWidth);
+    a1 = a1 + body(i + kWidth, kWidth);
+    a2 = a2 + body(i + 2 * kWidth, kWidth);
+    a3 = a3 + body(i + 3 * kWidth, kWidth);
   }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  if (i + kWidth <= D) a0 = a0 + body(i, kWidth), i += kWidth;
+  if (i + kWidth <= D) a1 = a1 + body(i, kWidth), i += kWidth;
+  if (i + kWidth <= D) a2 = a2 + body(i, kWidth), i += kWidth;
+  if (i < D) a3 = a3 + first_lanes(body(i, D - i), D - i);
+  return (a0 + a1) + (a2 + a3);
 }
 
-inline uint16_t float_to_half_soft(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const uint32_t abs = bits & 0x7FFFFFFFu;
-  if (abs > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);   // NaN
-  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // overflow (rounds to inf)
-  if (abs < 0x38800000u) {  // subnormal half (or zero): round to nearest even in fixed point
-    const int shift = 113 - static_cast<int>(abs >> 23);
-    if (shift > 24) return sign;
-    const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;
-    const uint32_t halfway = 1u << (shift + 12), rest = mant & ((halfway << 1) - 1);
-    uint32_t out = mant >> (shift + 13);
-    if (rest > halfway || (rest == halfway && (out & 1u))) ++out;
-    return static_cast<uint16_t>(sign | out);
-  }
-  const uint32_t rounded = abs + 0xFFFu + ((abs >> 13) & 1u) - 0x38000000u;
-  return static_cast<uint16_t>(sign | (rounded >> 13));
-}
+// (mean, rstd) of a row: RMSNorm's mean is 0 (no centring)
+struct Stats {
+  float mean, rstd;
+};
 
-// a row (n elements) of `dtype` into fp32, and back
-inline void load_row(const void* src, DType dtype, float* dst, int n) {
-  if (dtype == DType::kFloat32) {
-    std::memcpy(dst, src, sizeof(float) * n);
-  } else if (dtype == DType::kBFloat16) {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
-  } else {
-    const uint16_t* s = static_cast<const uint16_t*>(src);
-    int i = 0;
-#if defined(RESFUSE_CPU_F16C)
-    for (; i + 8 <= n; i += 8) {
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
-    }
-#endif
-    for (; i < n; ++i) dst[i] = half_to_float_soft(s[i]);
-  }
-}
-
-inline void store_row(const float* src, void* dst, DType dtype, int n) {
-  if (dtype == DType::kFloat32) {
-    std::memcpy(dst, src, sizeof(float) * n);
-  } else if (dtype == DType::kBFloat16) {
-    uint16_t* d = static_cast<uint16_t*>(dst);
-    int i = 0;
-#if defined(RESFUSE_CPU_AVX512BF16)
-    // one instruction per 16: round to nearest even, NaN kept
-    for (; i + 16 <= n; i += 16) {
-      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), reinterpret_cast<const __m256i&>(v));
-    }
-#endif
-    for (; i < n; ++i) d[i] = float_to_bf16(src[i]);
-  } else {
-    uint16_t* d = static_cast<uint16_t*>(dst);
-    int i = 0;
-#if defined(RESFUSE_CPU_F16C)
-    for (; i + 8 <= n; i += 8) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
-                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    }
-#endif
-    for (; i < n; ++i) d[i] = float_to_half_soft(src[i]);
-  }
+// The statistics of the fp32 row v (in cache), given its sum and sum of squares from the pass
+// that wrote it: RMSNorm from the sum of squares; LayerNorm's variance is a second, exact pass
+// over the squared deviations from the mean.
+inline Stats stats_of(const float* v, int D, bool is_rms, float eps, vec2 sums) {
+  if (is_rms) return {0.0f, 1.0f / std::sqrt(hsum(sums.b) / D + eps)};
+  const float mean_s = hsum(sums.a) / D;
+  const vec mean = splat(mean_s);
+  const vec sq = sum_row(D, zeros(), [&](int i, int n) {
+    const vec d = load(v + i, n) - mean;
+    return d * d;
+  });
+  return {mean_s, 1.0f / std::sqrt(hsum(sq) / D + eps)};
 }
 
 inline const void* row_ptr(const Operand& op, int64_t row) {
@@ -141,285 +99,173 @@ inline void* row_ptr_mut(const Operand& op, int64_t row) {
   return static_cast<char*>(op.ptr) + row * op.row_stride * dtype_bytes(op.dtype);
 }
 
-// --------------------------------------------------------------------------- row sums
-
-inline float row_sum(const float* v, int n) {
-  float acc[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += v[i + k];
-  float s = 0.0f;
-  for (; i < n; ++i) s += v[i];
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
-
-inline float row_sum_sq_dev(const float* v, int n, float mean) {
-  float acc[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      const float d = v[i + k] - mean;
-      acc[k] += d * d;
-    }
-  float s = 0.0f;
-  for (; i < n; ++i) s += (v[i] - mean) * (v[i] - mean);
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
-
-inline float row_dot(const float* a, const float* b, int n) {
-  float acc[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
-  float s = 0.0f;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
-
-// (mean, rstd) of a row: RMSNorm's mean is 0 (no centring)
-struct Stats {
-  float mean, rstd;
-};
-
-inline Stats row_stats(const float* v, int n, bool is_rms, float eps) {
-  const float mean = is_rms ? 0.0f : row_sum(v, n) / n;
-  return {mean, 1.0f / std::sqrt(row_sum_sq_dev(v, n, mean) / n + eps)};
+// n values of `dtype` into fp32 (the parameters, once per call)
+inline void load_row(const void* src, DType dtype, float* dst, int n) {
+  for_row(n, [&](int i, int m) { store(dst + i, m, load(src, dtype, i, m)); });
 }
 
 // --------------------------------------------------------------------------- forward
 
-inline void add_lanes(float* acc, const float* v, int n) {
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += v[i + k];
-  for (; i < n; ++i) acc[i % kLanes] += v[i];
-}
-
-inline void add_sq_lanes(float* acc, const float* v, int n) {
-  int i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += v[i + k] * v[i + k];
-  for (; i < n; ++i) acc[i % kLanes] += v[i] * v[i];
-}
-
-inline float lanes_total(const float* acc) {
-  float s = 0.0f;
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
-
-// (mean, rstd) of the fp32 row `v`, given its sum and (for RMSNorm) its sum of squares: a
-// LayerNorm's variance is the exact second pass over the (cached) row
-inline Stats stats_from(const float* v, int n, bool is_rms, float eps, float sum, float sum_sq) {
-  if (is_rms) return {0.0f, 1.0f / std::sqrt(sum_sq / n + eps)};
-  const float mean = sum / n;
-  return {mean, 1.0f / std::sqrt(row_sum_sq_dev(v, n, mean) / n + eps)};
-}
-
+// Per row: (branch norm: x into the scratch row and its statistics;) one pass computing h =
+// residual_scale * residual + scale * f, storing h, keeping it in the scratch row and summing
+// it; then y = Norm(h) from the scratch row, each output rounded once from fp32.
 void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch) {
   const int D = p.D;
-  float* __restrict__ hrow = scratch;     // the row's h in fp32 (and, first, the branch value)
-  float* __restrict__ tmp = scratch + D;  // one chunk of the residual / of y
-  const float rs = p.residual_scale;
+  float* __restrict__ hrow = scratch;
+  const float rs_s = p.residual_scale;
+  const vec rs = splat(rs_s);
+  const bool has_residual = p.residual.ptr != nullptr;
   for (int64_t row = begin; row < end; ++row) {
-    const float scale = p.branch_scale_value * (p.rowscale ? p.rowscale[row] : 1.0f);
-    Stats bstats{0.0f, 1.0f};
+    const float scale_s = p.branch_scale_value * (p.rowscale ? p.rowscale[row] : 1.0f);
+    const vec scale = splat(scale_s);
+    const void* x = row_ptr(p.x, row);
+    const void* r = has_residual ? row_ptr(p.residual, row) : nullptr;
+    void* h_out = p.h.ptr ? row_ptr_mut(p.h, row) : nullptr;
+    Stats bs{0.0f, 1.0f};
     if (p.branch_norm) {  // the branch norm's statistics need the whole row first
-      load_row(row_ptr(p.x, row), p.x.dtype, hrow, D);
-      bstats = row_stats(hrow, D, p.is_rms, p.eps);
-      if (p.mean_x) p.mean_x[row] = bstats.mean;
+      const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {
+        const vec v = load(x, p.x.dtype, i, n);
+        store(hrow + i, n, v);
+        return vec2{v, v * v};
+      });
+      bs = stats_of(hrow, D, p.is_rms, p.eps, sums);
+      if (p.mean_x) p.mean_x[row] = bs.mean;
     }
-    float sum[kLanes] = {}, sum_sq[kLanes] = {};
-    for (int c0 = 0; c0 < D; c0 += kChunkElems) {
-      const int n = std::min(kChunkElems, D - c0);
-      float* __restrict__ h = hrow + c0;
+    const vec bmean = splat(bs.mean), brstd = splat(bs.rstd);
+    const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {
+      vec f;
       if (p.branch_norm) {
-        const float* bw = a.branch_weight + c0;
-        const float* bb = a.branch_bias + c0;
-        for (int i = 0; i < n; ++i) h[i] = (h[i] - bstats.mean) * bstats.rstd * bw[i] + bb[i];
+        f = fma((load(hrow + i, n) - bmean) * brstd, load(a.branch_weight + i, n),
+                load(a.branch_bias + i, n));
       } else {
-        load_row(static_cast<const char*>(row_ptr(p.x, row)) + c0 * dtype_bytes(p.x.dtype), p.x.dtype, h, n);
+        f = load(x, p.x.dtype, i, n);
       }
       if (a.has_branch_scale) {
-        const float* bs = a.branch_scale + c0;
-        for (int i = 0; i < n; ++i) h[i] = h[i] * bs[i] * scale;
-      } else if (scale != 1.0f) {
-        for (int i = 0; i < n; ++i) h[i] *= scale;
+        f = f * load(a.branch_scale + i, n) * scale;
+      } else if (scale_s != 1.0f) {
+        f = f * scale;
       }
-      if (p.residual.ptr) {
-        load_row(static_cast<const char*>(row_ptr(p.residual, row)) + c0 * dtype_bytes(p.residual.dtype),
-                 p.residual.dtype, tmp, n);
-        if (rs == 1.0f) {
-          for (int i = 0; i < n; ++i) h[i] += tmp[i];
-        } else {
-          for (int i = 0; i < n; ++i) h[i] += rs * tmp[i];
-        }
+      if (has_residual) {
+        const vec res = load(r, p.residual.dtype, i, n);
+        f = rs_s == 1.0f ? f + res : fma(res, rs, f);
       }
-      if (p.h.ptr) {
-        store_row(h, static_cast<char*>(row_ptr_mut(p.h, row)) + c0 * dtype_bytes(p.h.dtype), p.h.dtype, n);
-      }
-      if (p.output_norm) {
-        if (p.is_rms) {
-          add_sq_lanes(sum_sq, h, n);
-        } else {
-          add_lanes(sum, h, n);
-        }
-      }
-    }
+      if (h_out) store(h_out, p.h.dtype, i, n, f);
+      store(hrow + i, n, f);
+      return vec2{f, f * f};
+    });
     if (!p.output_norm) continue;
     // from the fp32 h, not the stored one: each output rounded once
-    const Stats s = stats_from(hrow, D, p.is_rms, p.eps, lanes_total(sum), lanes_total(sum_sq));
+    const Stats s = stats_of(hrow, D, p.is_rms, p.eps, sums);
     if (p.mean) p.mean[row] = s.mean;
-    char* y = static_cast<char*>(row_ptr_mut(p.y, row));
-    for (int c0 = 0; c0 < D; c0 += kChunkElems) {
-      const int n = std::min(kChunkElems, D - c0);
-      const float* __restrict__ h = hrow + c0;
-      const float* __restrict__ w = a.weight + c0;
-      const float* __restrict__ b = a.bias + c0;
-      for (int i = 0; i < n; ++i) tmp[i] = (h[i] - s.mean) * s.rstd * w[i] + b[i];
-      store_row(tmp, y + c0 * dtype_bytes(p.y.dtype), p.y.dtype, n);
-    }
+    const vec mean = splat(s.mean), rstd = splat(s.rstd);
+    void* y = row_ptr_mut(p.y, row);
+    for_row(D, [&](int i, int n) {
+      const vec xhat = (load(hrow + i, n) - mean) * rstd;
+      store(y, p.y.dtype, i, n, fma(xhat, load(a.weight + i, n), load(a.bias + i, n)));
+    });
   }
 }
 
 // --------------------------------------------------------------------------- backward
 
-// The norm's backward at `v` (its input, read back) for the upstream gradient `g_in`: writes
-// the input's gradient into `out` (which may alias g_in) and adds the parameter gradients
-// into the block's partial sums (dweight: g_in * xhat, dbias: g_in).
-inline void norm_backward(const float* v, const float* g_in, const float* w, int D, bool is_rms, float eps,
-                          float* dweight, float* dbias, float* out, float* xhat) {
-  const Stats s = row_stats(v, D, is_rms, eps);
-  for (int i = 0; i < D; ++i) xhat[i] = (v[i] - s.mean) * s.rstd;
-  if (dweight)
-    for (int i = 0; i < D; ++i) dweight[i] += g_in[i] * xhat[i];
-  if (dbias)
-    for (int i = 0; i < D; ++i) dbias[i] += g_in[i];
-  // g = g_in * w'; out = rstd * (g - xhat * mean(g * xhat) - mean(g))  (no mean(g) for RMS)
-  float gx_acc[kLanes] = {}, g_acc[kLanes] = {};
-  int i = 0;
-  for (; i + kLanes <= D; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      const float g = g_in[i + k] * w[i + k];
-      gx_acc[k] += g * xhat[i + k];
-      g_acc[k] += g;
-    }
-  float gx = 0.0f, gs = 0.0f;
-  for (; i < D; ++i) {
-    const float g = g_in[i] * w[i];
-    gx += g * xhat[i];
-    gs += g;
-  }
-  for (int k = 0; k < kLanes; ++k) gx += gx_acc[k], gs += g_acc[k];
-  const float c1 = gx / D, c2 = is_rms ? 0.0f : gs / D;
-  for (int j = 0; j < D; ++j) out[j] = s.rstd * (g_in[j] * w[j] - xhat[j] * c1 - c2);
+// A norm's backward over a row in cache: `v` its input (overwritten with xhat), `g_in` the
+// upstream gradient (overwritten with the input's gradient), `w` its weight (w'); adds the
+// parameter gradients into the row block's partial sums (dweight: g_in * xhat, dbias: g_in).
+//   out = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = g_in * w'  (no mean(g) for RMS)
+inline void norm_backward(float* v, float* g_in, const float* w, int D, bool is_rms, float eps,
+                          float* dweight, float* dbias, vec2 sums) {
+  const Stats s = stats_of(v, D, is_rms, eps, sums);
+  const vec mean = splat(s.mean), rstd = splat(s.rstd);
+  const vec2 g = sum_row(D, zeros2(), [&](int i, int n) {
+    const vec xhat = (load(v + i, n) - mean) * rstd;
+    store(v + i, n, xhat);
+    const vec gi = load(g_in + i, n);
+    if (dweight) store(dweight + i, n, fma(gi, xhat, load(dweight + i, n)));
+    if (dbias) store(dbias + i, n, load(dbias + i, n) + gi);
+    const vec gw = gi * load(w + i, n);
+    return vec2{gw * xhat, gw};
+  });
+  const vec c1 = splat(hsum(g.a) / D), c2 = splat(is_rms ? 0.0f : hsum(g.b) / D);
+  for_row(D, [&](int i, int n) {
+    const vec gw = load(g_in + i, n) * load(w + i, n);
+    store(g_in + i, n, (gw - load(v + i, n) * c1 - c2) * rstd);
+  });
 }
 
-// chunk c0 of an operand's row, as a byte pointer
-inline const void* chunk(const Operand& op, int64_t row, int c0) {
-  return static_cast<const char*>(row_ptr(op, row)) + static_cast<int64_t>(c0) * dtype_bytes(op.dtype);
-}
-
-inline void* chunk_mut(const Operand& op, int64_t row, int c0) {
-  return static_cast<char*>(row_ptr_mut(op, row)) + static_cast<int64_t>(c0) * dtype_bytes(op.dtype);
-}
-
-// Per row, in chunks: (A) h into the scratch row and its sums; (B) xhat in place of h, the
-// gradient g = dy * w' into a second scratch row, the two row sums of the gradient and the
-// weight / bias partial sums; (C) dh_total = rstd * (g - xhat * mean(g xhat) - mean(g))
-// (+ dh), then dresidual, the branch scales and dx, a chunk at a time. With the branch norm,
-// (C) keeps df whole and the branch norm's backward runs over the row.
+// Per row: (A) h into a scratch row and its sums; (B) xhat in place of h, g = dy * w' into a
+// second scratch row, the two row sums of the gradient and the weight / bias partial sums;
+// (C) dh_total = rstd * (g - xhat * mean(g xhat) - mean(g)) (+ dh), then dresidual, the branch
+// scales and dx, one vector at a time. With the branch norm, (C) keeps df whole (in the second
+// scratch row) and the branch norm's backward runs over the row.
 void backward_rows(const BwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch,
                    const PartialRows& part) {
   const int D = p.D;
-  float* __restrict__ hrow = scratch;          // h, then xhat (or dh_total without the output norm)
+  float* __restrict__ hrow = scratch;          // h, then xhat
   float* __restrict__ grow = scratch + D;      // g = dy * w', then df with the branch norm
-  float* __restrict__ tmp = scratch + 2 * D;   // a chunk of dy / dh / x / outputs
-  float* __restrict__ xrow = scratch + 3 * D;  // the branch norm: x, then its xhat
-  const float rs = p.residual_scale;
+  float* __restrict__ xrow = scratch + 2 * D;  // the branch norm: x, then its xhat
+  const vec rs = splat(p.residual_scale);
   for (int64_t row = begin; row < end; ++row) {
-    const float scale = p.branch_scale_value * (p.rowscale ? p.rowscale[row] : 1.0f);
-    float c1 = 0.0f, c2 = 0.0f, rstd = 1.0f;
+    const float scale_s = p.branch_scale_value * (p.rowscale ? p.rowscale[row] : 1.0f);
+    const vec scale = splat(scale_s);
+    vec c1 = zeros(), c2 = zeros(), rstd = splat(1.0f);
     if (p.output_norm) {
-      float sum[kLanes] = {}, sum_sq[kLanes] = {};
-      for (int c0 = 0; c0 < D; c0 += kChunkElems) {  // (A)
-        const int n = std::min(kChunkElems, D - c0);
-        load_row(chunk(p.h, row, c0), p.h.dtype, hrow + c0, n);
-        if (p.is_rms) {
-          add_sq_lanes(sum_sq, hrow + c0, n);
-        } else {
-          add_lanes(sum, hrow + c0, n);
-        }
-      }
-      const Stats s = stats_from(hrow, D, p.is_rms, p.eps, lanes_total(sum), lanes_total(sum_sq));
-      rstd = s.rstd;
-      float gx[kLanes] = {}, gs[kLanes] = {};
-      for (int c0 = 0; c0 < D; c0 += kChunkElems) {  // (B)
-        const int n = std::min(kChunkElems, D - c0);
-        float* __restrict__ xh = hrow + c0;
-        float* __restrict__ g = grow + c0;
-        const float* __restrict__ w = a.weight + c0;
-        load_row(chunk(p.dy, row, c0), p.dy.dtype, tmp, n);
-        for (int i = 0; i < n; ++i) {
-          xh[i] = (xh[i] - s.mean) * s.rstd;
-          g[i] = tmp[i] * w[i];
-        }
-        if (part.weight) {
-          float* __restrict__ dw = part.weight + c0;
-          for (int i = 0; i < n; ++i) dw[i] += tmp[i] * xh[i];
-        }
-        if (part.bias) {
-          float* __restrict__ db = part.bias + c0;
-          for (int i = 0; i < n; ++i) db[i] += tmp[i];
-        }
-        int i = 0;
-        for (; i + kLanes <= n; i += kLanes)
-          for (int k = 0; k < kLanes; ++k) gx[k] += g[i + k] * xh[i + k], gs[k] += g[i + k];
-        for (; i < n; ++i) gx[i % kLanes] += g[i] * xh[i], gs[i % kLanes] += g[i];
-      }
-      c1 = lanes_total(gx) / D;
-      c2 = p.is_rms ? 0.0f : lanes_total(gs) / D;
+      const void* h = row_ptr(p.h, row);
+      const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {  // (A)
+        const vec v = load(h, p.h.dtype, i, n);
+        store(hrow + i, n, v);
+        return vec2{v, v * v};
+      });
+      const Stats s = stats_of(hrow, D, p.is_rms, p.eps, sums);
+      const vec mean = splat(s.mean);
+      rstd = splat(s.rstd);
+      const void* dy = row_ptr(p.dy, row);
+      const vec2 g = sum_row(D, zeros2(), [&](int i, int n) {  // (B)
+        const vec xhat = (load(hrow + i, n) - mean) * rstd;
+        store(hrow + i, n, xhat);
+        const vec dyv = load(dy, p.dy.dtype, i, n);
+        if (part.weight) store(part.weight + i, n, fma(dyv, xhat, load(part.weight + i, n)));
+        if (part.bias) store(part.bias + i, n, load(part.bias + i, n) + dyv);
+        const vec gw = dyv * load(a.weight + i, n);
+        store(grow + i, n, gw);
+        return vec2{gw * xhat, gw};
+      });
+      c1 = splat(hsum(g.a) / D);
+      c2 = splat(p.is_rms ? 0.0f : hsum(g.b) / D);
     }
-    for (int c0 = 0; c0 < D; c0 += kChunkElems) {  // (C)
-      const int n = std::min(kChunkElems, D - c0);
-      // dh_total, in grow (in place of g) / in hrow without the output norm
-      float* __restrict__ dht = p.output_norm ? grow + c0 : hrow + c0;
+    const void* dh = p.dh.ptr ? row_ptr(p.dh, row) : nullptr;
+    const void* x = p.x.ptr ? row_ptr(p.x, row) : nullptr;
+    void* dr = p.dr.ptr ? row_ptr_mut(p.dr, row) : nullptr;
+    void* dx = row_ptr_mut(p.dx, row);
+    for_row(D, [&](int i, int n) {  // (C)
+      vec dht;
       if (p.output_norm) {
-        const float* __restrict__ xh = hrow + c0;
-        for (int i = 0; i < n; ++i) dht[i] = rstd * (dht[i] - xh[i] * c1 - c2);
-        if (p.dh.ptr) {
-          load_row(chunk(p.dh, row, c0), p.dh.dtype, tmp, n);
-          for (int i = 0; i < n; ++i) dht[i] += tmp[i];
-        }
+        dht = (load(grow + i, n) - load(hrow + i, n) * c1 - c2) * rstd;
+        if (dh) dht = dht + load(dh, p.dh.dtype, i, n);
       } else {
-        load_row(chunk(p.dh, row, c0), p.dh.dtype, dht, n);
+        dht = load(dh, p.dh.dtype, i, n);
       }
-      if (p.dr.ptr) {
-        for (int i = 0; i < n; ++i) tmp[i] = dht[i] * rs;
-        store_row(tmp, chunk_mut(p.dr, row, c0), p.dr.dtype, n);
-      }
-      if (scale != 1.0f)
-        for (int i = 0; i < n; ++i) dht[i] *= scale;
+      if (dr) store(dr, p.dr.dtype, i, n, dht * rs);
+      if (scale_s != 1.0f) dht = dht * scale;
       if (a.has_branch_scale) {
-        load_row(chunk(p.x, row, c0), p.x.dtype, tmp, n);
-        if (part.branch_scale) {
-          float* __restrict__ dbs = part.branch_scale + c0;
-          for (int i = 0; i < n; ++i) dbs[i] += dht[i] * tmp[i];
-        }
-        const float* __restrict__ bs = a.branch_scale + c0;
-        for (int i = 0; i < n; ++i) dht[i] *= bs[i];
+        const vec xv = load(x, p.x.dtype, i, n);
+        if (part.branch_scale) store(part.branch_scale + i, n, fma(dht, xv, load(part.branch_scale + i, n)));
+        dht = dht * load(a.branch_scale + i, n);
       }
-      if (!p.branch_norm) store_row(dht, chunk_mut(p.dx, row, c0), p.dx.dtype, n);
-    }
-    if (p.branch_norm) {  // df whole (in grow / hrow): the branch norm's backward over the row
-      float* df = p.output_norm ? grow : hrow;
-      load_row(row_ptr(p.x, row), p.x.dtype, xrow, D);
-      norm_backward(xrow, df, a.branch_weight, D, p.is_rms, p.eps, part.branch_weight, part.branch_bias, df,
-                    xrow);
-      store_row(df, row_ptr_mut(p.dx, row), p.dx.dtype, D);
+      if (p.branch_norm) {
+        store(grow + i, n, dht);
+      } else {
+        store(dx, p.dx.dtype, i, n, dht);
+      }
+    });
+    if (p.branch_norm) {  // df whole in grow: the branch norm's backward over the row
+      const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {
+        const vec v = load(x, p.x.dtype, i, n);
+        store(xrow + i, n, v);
+        return vec2{v, v * v};
+      });
+      norm_backward(xrow, grow, a.branch_weight, D, p.is_rms, p.eps, part.branch_weight, part.branch_bias,
+                    sums);
+      for_row(D, [&](int i, int n) { store(dx, p.dx.dtype, i, n, load(grow + i, n)); });
     }
   }
 }

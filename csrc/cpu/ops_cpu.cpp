@@ -66,12 +66,12 @@ int64_t row_blocks(int64_t rows, int64_t D) { return resfuse::cpu::row_blocks(ro
 
 // the constants where the row loops change what they do: a test at each size +- 1 covers them
 int64_t limit(std::string name) {
-  if (name == "chunk_elems") return resfuse::cpu::kChunkElems;
-  if (name == "lanes") return resfuse::cpu::kLanes;
+  if (name == "vector_elems") return resfuse::cpu::vector_elems();
+  if (name == "sum_elems") return resfuse::cpu::kSumVectors * resfuse::cpu::vector_elems();
   if (name == "max_row_blocks") return resfuse::cpu::kMaxRowBlocks;
   if (name == "partial_budget") return resfuse::cpu::kPartialBudget;
   STD_TORCH_CHECK(false, "cpu_limit: unknown name '", name,
-                  "' (chunk_elems, lanes, max_row_blocks, partial_budget)");
+                  "' (vector_elems, sum_elems, max_row_blocks, partial_budget)");
   return 0;
 }
 
