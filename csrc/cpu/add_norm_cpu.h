@@ -46,9 +46,10 @@ struct Kernels {
 // Row sums keep this many vectors' worth of independent partial sums (add_norm_cpu_rows.h).
 constexpr int kSumVectors = 4;
 
-// fp32 scratch rows (of D floats) each direction needs per thread: h; h, g and the branch x.
+// fp32 scratch rows (of D floats) each direction needs per thread: a copy of h; copies of
+// 16-bit h, dy and x and the branch norm's upstream gradient (add_norm_cpu_rows.h).
 constexpr int kForwardScratchRows = 1;
-constexpr int kBackwardScratchRows = 3;
+constexpr int kBackwardScratchRows = 4;
 
 // The backward sums the parameter gradients of fixed row blocks, then the blocks in order:
 // the block boundaries depend on the shape only, so the gradients are bitwise the same for

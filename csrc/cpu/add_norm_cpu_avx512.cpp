@@ -21,6 +21,7 @@
 // that those may be used uninitialized (a known false positive of the compiler's headers)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #define RESFUSE_CPU_AVX512 \
   1  // add_norm_cpu_vec.h's 16-lane vectors (no predefined macro follows a target pragma)

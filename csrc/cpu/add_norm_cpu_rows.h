@@ -4,16 +4,17 @@
 // and portable code over add_norm_cpu_vec.h's `vec`; add_norm_cpu.cpp picks one at run time.
 //
 // One row at a time: the activations are read from memory once and the outputs written once
-// (the bandwidth floor); what a row needs again (h for y, h and g for the backward) is kept
-// in fp32 scratch rows of the thread, which stay in the core's L1/L2. Each pass over a row
-// is one loop over vectors doing all of that pass's work (conversions, the add, the stores,
-// the row sums), so a byte loaded from memory is used while it is in registers.
+// (the bandwidth floor). A row stays in the core's L1/L2 while it is processed, so the passes
+// a row needs (its sums, then y; the backward's statistics, its gradient sums, then dx) read
+// it again from cache: fp32 rows as they are, 16-bit ones from an fp32 copy the first pass
+// made in a scratch row of the thread. Each pass is one loop over vectors doing all of that
+// pass's work (conversions, the add, the stores, the row sums), so a value loaded is used
+// while it is in registers.
 //
 // Row sums add each vector into one of four accumulators (vector index modulo 4: four
 // independent dependency chains), then the accumulators and lanes in a fixed order: a row's
 // result depends on D and the instruction set only, not on where or when it runs.
-// Statistics are exact two-pass sums over the fp32 row in cache (mean, then the squared
-// deviations): no shift is needed on a CPU.
+// LayerNorm's variance is an exact second pass over the row in cache (row_stats).
 #pragma once
 
 #include <algorithm>
@@ -77,15 +78,25 @@ struct Stats {
   float mean, rstd;
 };
 
-// The statistics of the fp32 row v (in cache), given its sum and sum of squares from the pass
-// that wrote it: RMSNorm from the sum of squares; LayerNorm's variance is a second, exact pass
-// over the squared deviations from the mean.
-inline Stats stats_of(const float* v, int D, bool is_rms, float eps, vec2 sums) {
-  if (is_rms) return {0.0f, 1.0f / std::sqrt(hsum(sums.b) / D + eps)};
-  const float mean_s = hsum(sums.a) / D;
+// The statistics of a row: body(i, n) gives its vector at i in the pass that reads it from
+// memory (and does that pass's other work), again(i, n) reads it back from the cache.
+// RMSNorm: the sum of squares of that pass. LayerNorm: its sum, then a second pass over the
+// squared deviations from the mean: exact, no cancellation, no shift needed. (Welford in the
+// first pass instead was slower here: its per-vector dependency chain and the merge of the
+// lanes cost more than re-reading a row from L1: measured.)
+template <class Body, class Again>
+inline Stats row_stats(int D, bool is_rms, float eps, Body&& body, Again&& again) {
+  if (is_rms) {
+    const vec sq = sum_row(D, zeros(), [&](int i, int n) {
+      const vec v = body(i, n);
+      return v * v;
+    });
+    return {0.0f, 1.0f / std::sqrt(hsum(sq) / D + eps)};
+  }
+  const float mean_s = hsum(sum_row(D, zeros(), body)) / D;
   const vec mean = splat(mean_s);
   const vec sq = sum_row(D, zeros(), [&](int i, int n) {
-    const vec d = load(v + i, n) - mean;
+    const vec d = again(i, n) - mean;
     return d * d;
   });
   return {mean_s, 1.0f / std::sqrt(hsum(sq) / D + eps)};
@@ -106,9 +117,11 @@ inline void load_row(const void* src, DType dtype, float* dst, int n) {
 
 // --------------------------------------------------------------------------- forward
 
-// Per row: (branch norm: x into the scratch row and its statistics;) one pass computing h =
-// residual_scale * residual + scale * f, storing h, keeping it in the scratch row and summing
-// it; then y = Norm(h) from the scratch row, each output rounded once from fp32.
+// Per row: (branch norm: the statistics of x;) one pass computing h = residual_scale *
+// residual + scale * f, storing h and summing it; then y = Norm(h), each output rounded once
+// from the fp32 h. The later passes read h back from the cache: from the stored h when it is
+// fp32, from x when h is x itself (a plain norm), else from an fp32 copy in a scratch row
+// (recomputing h from 16-bit x and residual costs more than that copy: measured).
 void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch) {
   const int D = p.D;
   float* __restrict__ hrow = scratch;
@@ -120,26 +133,18 @@ void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t en
     const vec scale = splat(scale_s);
     const void* x = row_ptr(p.x, row);
     const void* r = has_residual ? row_ptr(p.residual, row) : nullptr;
-    void* h_out = p.h.ptr ? row_ptr_mut(p.h, row) : nullptr;
+    const auto x_at = [&](int i, int n) { return load(x, p.x.dtype, i, n); };
     Stats bs{0.0f, 1.0f};
     if (p.branch_norm) {  // the branch norm's statistics need the whole row first
-      const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {
-        const vec v = load(x, p.x.dtype, i, n);
-        store(hrow + i, n, v);
-        return vec2{v, v * v};
-      });
-      bs = stats_of(hrow, D, p.is_rms, p.eps, sums);
+      bs = row_stats(D, p.is_rms, p.eps, x_at, x_at);
       if (p.mean_x) p.mean_x[row] = bs.mean;
     }
     const vec bmean = splat(bs.mean), brstd = splat(bs.rstd);
-    const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {
-      vec f;
-      if (p.branch_norm) {
-        f = fma((load(hrow + i, n) - bmean) * brstd, load(a.branch_weight + i, n),
-                load(a.branch_bias + i, n));
-      } else {
-        f = load(x, p.x.dtype, i, n);
-      }
+    // h at [i, i + n), from the inputs
+    const auto h_at = [&](int i, int n) {
+      vec f = x_at(i, n);
+      if (p.branch_norm)
+        f = fma((f - bmean) * brstd, load(a.branch_weight + i, n), load(a.branch_bias + i, n));
       if (a.has_branch_scale) {
         f = f * load(a.branch_scale + i, n) * scale;
       } else if (scale_s != 1.0f) {
@@ -149,18 +154,34 @@ void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t en
         const vec res = load(r, p.residual.dtype, i, n);
         f = rs_s == 1.0f ? f + res : fma(res, rs, f);
       }
-      if (h_out) store(h_out, p.h.dtype, i, n, f);
-      store(hrow + i, n, f);
-      return vec2{f, f * f};
-    });
-    if (!p.output_norm) continue;
-    // from the fp32 h, not the stored one: each output rounded once
-    const Stats s = stats_of(hrow, D, p.is_rms, p.eps, sums);
+      return f;
+    };
+    void* h_out = p.h.ptr ? row_ptr_mut(p.h, row) : nullptr;
+    if (!p.output_norm) {
+      for_row(D, [&](int i, int n) { store(h_out, p.h.dtype, i, n, h_at(i, n)); });
+      continue;
+    }
+    const bool h_is_x = !has_residual && !p.branch_norm && !a.has_branch_scale && scale_s == 1.0f;
+    const bool h_stored_fp32 = h_out != nullptr && p.h.dtype == DType::kFloat32;
+    const bool keep_copy = !h_is_x && !h_stored_fp32;
+    const auto h_again = [&](int i, int n) {
+      if (keep_copy) return load(hrow + i, n);
+      return h_is_x ? x_at(i, n) : load(h_out, DType::kFloat32, i, n);
+    };
+    const Stats s = row_stats(
+        D, p.is_rms, p.eps,
+        [&](int i, int n) {
+          const vec h = h_at(i, n);
+          if (h_out) store(h_out, p.h.dtype, i, n, h);
+          if (keep_copy) store(hrow + i, n, h);
+          return h;
+        },
+        h_again);
     if (p.mean) p.mean[row] = s.mean;
     const vec mean = splat(s.mean), rstd = splat(s.rstd);
     void* y = row_ptr_mut(p.y, row);
     for_row(D, [&](int i, int n) {
-      const vec xhat = (load(hrow + i, n) - mean) * rstd;
+      const vec xhat = (h_again(i, n) - mean) * rstd;
       store(y, p.y.dtype, i, n, fma(xhat, load(a.weight + i, n), load(a.bias + i, n)));
     });
   }
@@ -168,82 +189,71 @@ void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t en
 
 // --------------------------------------------------------------------------- backward
 
-// A norm's backward over a row in cache: `v` its input (overwritten with xhat), `g_in` the
-// upstream gradient (overwritten with the input's gradient), `w` its weight (w'); adds the
-// parameter gradients into the row block's partial sums (dweight: g_in * xhat, dbias: g_in).
-//   out = rstd * (g - xhat * mean(g * xhat) - mean(g)), g = g_in * w'  (no mean(g) for RMS)
-inline void norm_backward(float* v, float* g_in, const float* w, int D, bool is_rms, float eps,
-                          float* dweight, float* dbias, vec2 sums) {
-  const Stats s = stats_of(v, D, is_rms, eps, sums);
+// A row the backward reads more than once: the first pass reads it from memory and, unless it
+// is fp32 already, keeps an fp32 copy in a scratch row for the later passes (cheaper than
+// converting again: measured).
+struct RowInput {
+  const void* ptr;
+  DType dtype;
+  float* copy;  // nullptr: re-read ptr (fp32)
+  RowInput(const void* p, DType t, float* scratch)
+      : ptr(p), dtype(t), copy(t == DType::kFloat32 ? nullptr : scratch) {}
+  vec first(int i, int n) const {
+    const vec v = load(ptr, dtype, i, n);
+    if (copy) store(copy + i, n, v);
+    return v;
+  }
+  vec again(int i, int n) const { return copy ? load(copy + i, n) : load(ptr, DType::kFloat32, i, n); }
+};
+
+// A norm's backward over a row: v its input, g the upstream gradient, w its weight (w'); adds
+// the parameter gradients into the row block's partial sums (dweight: g * xhat, dbias: g) and
+// gives out(i, n, the input's gradient) for each vector:
+//   rstd * (g w' - xhat * mean(g w' xhat) - mean(g w'))  (no mean(g w') for RMS)
+template <class Out>
+inline void norm_backward(const RowInput& v, const RowInput& g, const float* w, int D, bool is_rms, float eps,
+                          float* dweight, float* dbias, Out&& out) {
+  const Stats s = row_stats(
+      D, is_rms, eps, [&](int i, int n) { return v.first(i, n); },
+      [&](int i, int n) { return v.again(i, n); });
   const vec mean = splat(s.mean), rstd = splat(s.rstd);
-  const vec2 g = sum_row(D, zeros2(), [&](int i, int n) {
-    const vec xhat = (load(v + i, n) - mean) * rstd;
-    store(v + i, n, xhat);
-    const vec gi = load(g_in + i, n);
+  const vec2 c = sum_row(D, zeros2(), [&](int i, int n) {
+    const vec xhat = (v.again(i, n) - mean) * rstd;
+    const vec gi = g.first(i, n);
     if (dweight) store(dweight + i, n, fma(gi, xhat, load(dweight + i, n)));
     if (dbias) store(dbias + i, n, load(dbias + i, n) + gi);
     const vec gw = gi * load(w + i, n);
     return vec2{gw * xhat, gw};
   });
-  const vec c1 = splat(hsum(g.a) / D), c2 = splat(is_rms ? 0.0f : hsum(g.b) / D);
+  const vec c1 = splat(hsum(c.a) / D), c2 = splat(is_rms ? 0.0f : hsum(c.b) / D);
   for_row(D, [&](int i, int n) {
-    const vec gw = load(g_in + i, n) * load(w + i, n);
-    store(g_in + i, n, (gw - load(v + i, n) * c1 - c2) * rstd);
+    const vec xhat = (v.again(i, n) - mean) * rstd;
+    const vec gw = g.again(i, n) * load(w + i, n);
+    out(i, n, (gw - xhat * c1 - c2) * rstd);
   });
 }
 
-// Per row: (A) h into a scratch row and its sums; (B) xhat in place of h, g = dy * w' into a
-// second scratch row, the two row sums of the gradient and the weight / bias partial sums;
-// (C) dh_total = rstd * (g - xhat * mean(g xhat) - mean(g)) (+ dh), then dresidual, the branch
-// scales and dx, one vector at a time. With the branch norm, (C) keeps df whole (in the second
-// scratch row) and the branch norm's backward runs over the row.
+// Per row: the output norm's backward at h (dh_total = its input gradient + dh), then
+// dresidual, the branch scales and dx, one vector at a time. With the branch norm, df is kept
+// whole in a scratch row and the branch norm's backward runs over it and x.
 void backward_rows(const BwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch,
                    const PartialRows& part) {
   const int D = p.D;
-  float* __restrict__ hrow = scratch;          // h, then xhat
-  float* __restrict__ grow = scratch + D;      // g = dy * w', then df with the branch norm
-  float* __restrict__ xrow = scratch + 2 * D;  // the branch norm: x, then its xhat
+  float* __restrict__ hrow = scratch;  // fp32 copies of 16-bit h, dy and x
+  float* __restrict__ dyrow = scratch + D;
+  float* __restrict__ xrow = scratch + 2 * D;
+  float* __restrict__ df = scratch + 3 * D;  // the branch norm's upstream gradient
   const vec rs = splat(p.residual_scale);
   for (int64_t row = begin; row < end; ++row) {
     const float scale_s = p.branch_scale_value * (p.rowscale ? p.rowscale[row] : 1.0f);
     const vec scale = splat(scale_s);
-    vec c1 = zeros(), c2 = zeros(), rstd = splat(1.0f);
-    if (p.output_norm) {
-      const void* h = row_ptr(p.h, row);
-      const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {  // (A)
-        const vec v = load(h, p.h.dtype, i, n);
-        store(hrow + i, n, v);
-        return vec2{v, v * v};
-      });
-      const Stats s = stats_of(hrow, D, p.is_rms, p.eps, sums);
-      const vec mean = splat(s.mean);
-      rstd = splat(s.rstd);
-      const void* dy = row_ptr(p.dy, row);
-      const vec2 g = sum_row(D, zeros2(), [&](int i, int n) {  // (B)
-        const vec xhat = (load(hrow + i, n) - mean) * rstd;
-        store(hrow + i, n, xhat);
-        const vec dyv = load(dy, p.dy.dtype, i, n);
-        if (part.weight) store(part.weight + i, n, fma(dyv, xhat, load(part.weight + i, n)));
-        if (part.bias) store(part.bias + i, n, load(part.bias + i, n) + dyv);
-        const vec gw = dyv * load(a.weight + i, n);
-        store(grow + i, n, gw);
-        return vec2{gw * xhat, gw};
-      });
-      c1 = splat(hsum(g.a) / D);
-      c2 = splat(p.is_rms ? 0.0f : hsum(g.b) / D);
-    }
     const void* dh = p.dh.ptr ? row_ptr(p.dh, row) : nullptr;
     const void* x = p.x.ptr ? row_ptr(p.x, row) : nullptr;
     void* dr = p.dr.ptr ? row_ptr_mut(p.dr, row) : nullptr;
     void* dx = row_ptr_mut(p.dx, row);
-    for_row(D, [&](int i, int n) {  // (C)
-      vec dht;
-      if (p.output_norm) {
-        dht = (load(grow + i, n) - load(hrow + i, n) * c1 - c2) * rstd;
-        if (dh) dht = dht + load(dh, p.dh.dtype, i, n);
-      } else {
-        dht = load(dh, p.dh.dtype, i, n);
-      }
+    // dh_total at [i, i + n) -> dresidual, the branch scales, then dx (or df)
+    const auto finish = [&](int i, int n, vec dht) {
+      if (dh) dht = dht + load(dh, p.dh.dtype, i, n);
       if (dr) store(dr, p.dr.dtype, i, n, dht * rs);
       if (scale_s != 1.0f) dht = dht * scale;
       if (a.has_branch_scale) {
@@ -252,20 +262,22 @@ void backward_rows(const BwdParams& p, const Affine& a, int64_t begin, int64_t e
         dht = dht * load(a.branch_scale + i, n);
       }
       if (p.branch_norm) {
-        store(grow + i, n, dht);
+        store(df + i, n, dht);
       } else {
         store(dx, p.dx.dtype, i, n, dht);
       }
-    });
-    if (p.branch_norm) {  // df whole in grow: the branch norm's backward over the row
-      const vec2 sums = sum_row(D, zeros2(), [&](int i, int n) {
-        const vec v = load(x, p.x.dtype, i, n);
-        store(xrow + i, n, v);
-        return vec2{v, v * v};
-      });
-      norm_backward(xrow, grow, a.branch_weight, D, p.is_rms, p.eps, part.branch_weight, part.branch_bias,
-                    sums);
-      for_row(D, [&](int i, int n) { store(dx, p.dx.dtype, i, n, load(grow + i, n)); });
+    };
+    if (p.output_norm) {
+      norm_backward(RowInput(row_ptr(p.h, row), p.h.dtype, hrow),
+                    RowInput(row_ptr(p.dy, row), p.dy.dtype, dyrow), a.weight, D, p.is_rms, p.eps,
+                    part.weight, part.bias, finish);
+    } else {
+      for_row(D, [&](int i, int n) { finish(i, n, zeros()); });
+    }
+    if (p.branch_norm) {  // df whole: the branch norm's backward over the row
+      norm_backward(RowInput(x, p.x.dtype, xrow), RowInput(df, DType::kFloat32, nullptr), a.branch_weight, D,
+                    p.is_rms, p.eps, part.branch_weight, part.branch_bias,
+                    [&](int i, int n, vec g) { store(dx, p.dx.dtype, i, n, g); });
     }
   }
 }

@@ -257,7 +257,7 @@ inline void store(void* row, DType dtype, int i, int n, vec a) {
 inline vec load(const float* p, int n) {
   if (n == kWidth) return load_f32(p);
   alignas(64) float staged[kWidth] = {};
-  std::memcpy(staged, p, sizeof(float) * n);
+  for (int k = 0; k < n; ++k) staged[k] = p[k];
   return load_f32(staged);
 }
 
@@ -265,5 +265,5 @@ inline void store(float* p, int n, vec a) {
   if (n == kWidth) return store_f32(p, a);
   alignas(64) float staged[kWidth];
   store_f32(staged, a);
-  std::memcpy(p, staged, sizeof(float) * n);
+  for (int k = 0; k < n; ++k) p[k] = staged[k];
 }
