@@ -30,7 +30,7 @@ import resfuse
 from resfuse.auto_table import slug  # the name auto's tables go by, too
 
 from . import implementations, kernels, patched_model, report, transformer
-from .timing import TimerSettings, copy_bandwidth
+from .timing import TimerSettings, copy_bandwidth, keep_freed_memory
 from .traffic import DIRECTIONS, OPS
 
 
@@ -298,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
+        "--fresh-pages",
+        action="store_true",
+        help="CPU: leave glibc's malloc as it is (outputs of 32 MiB and more then fault "
+        "their pages in on every call); by default a CPU run keeps freed memory",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="measure nothing: rewrite report.md and the plots from OUT/results.json",
@@ -352,6 +358,13 @@ def run(argv: Optional[list[str]] = None) -> tuple[dict, Path]:
         program = Path(sys.argv[0]).name  # the resfuse-bench console script
     command = program + " " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = new_results(device, info, preset_name, command.strip(), impls)
+    if device.type == "cpu":
+        results["meta"]["cpu_memory"] = (
+            "glibc malloc's defaults (--fresh-pages): outputs of 32 MiB and more are new "
+            "pages on every call"
+            if args.fresh_pages
+            else keep_freed_memory()
+        )
     results["kernels"] = kept
     n_kernel = sum(
         1

@@ -147,10 +147,17 @@ def _header(results: dict) -> list[str]:
             f"{copy['bytes_per_s'] / 1e9:,.1f} GB/s (`dst.copy_(src)` of "
             f"{copy['buffer_bytes'] / MIB:,.0f} MiB, read + write, median; "
             + _copy_samples(copy)
-            + ")",
+            + ")"
+            + (
+                f"; into freshly mapped pages: {copy['fresh_output_bytes_per_s'] / 1e9:,.1f} GB/s"
+                if copy.get("fresh_output_bytes_per_s")
+                else ""
+            ),
         ],
         ["command", f"`{meta['command']}`"],
     ]
+    if meta.get("cpu_memory"):
+        info.insert(-1, ["CPU memory", meta["cpu_memory"]])
     return out + [_table(["", ""], info, "ll"), ""]
 
 
@@ -361,6 +368,23 @@ def _cpu_targets(results: dict) -> list[str]:
         for r in rows
     ]
     met = sum(r["met"] for r in rows)
+    fresh = results["copy"].get("fresh_output_bytes_per_s")
+    fresh_line = []
+    if fresh:
+        fresh_line = [
+            "Memory: by default glibc's malloc gives each allocation of 32 MiB and more "
+            "freshly mapped pages, whose first writes fault them in; the same copy into fresh "
+            f"pages runs at {fresh / 1e9:,.1f} GB/s here "
+            f"({fresh / results['copy']['bytes_per_s']:.0%} of the copy bandwidth), which "
+            "would bound every implementation at the sizes whose outputs are that large. "
+            + (
+                "This run kept freed memory instead (header: CPU memory), as a caching "
+                "allocator does, for every implementation alike."
+                if "keeps freed memory" in results["meta"].get("cpu_memory", "")
+                else "This run left the allocator as it is."
+            ),
+            "",
+        ]
     model = patched_model_target(results)
     model_line = []
     if model is not None:
@@ -395,6 +419,7 @@ def _cpu_targets(results: dict) -> list[str]:
             "llllrrrl",
         ),
         "",
+        *fresh_line,
         *model_line,
     ]
 

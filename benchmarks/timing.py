@@ -143,8 +143,56 @@ def copy_bandwidth(
     dst = torch.empty_like(src)
     timing = time_fn(lambda: dst.copy_(src), device, settings)
     moved = 2 * src.numel() * src.element_size()
-    return {
+    out = {
         "bytes_per_s": moved / timing.median_s,
         "buffer_bytes": nbytes,
         "median_ms": timing.median_s * 1e3,
     }
+    if device.type == "cpu":
+        del dst
+        out["fresh_output_bytes_per_s"] = fresh_page_copy_bandwidth(src)
+    return out
+
+
+def fresh_page_copy_bandwidth(src: torch.Tensor, repeats: int = 3) -> float:
+    """The same copy into freshly mapped memory each time (an anonymous mmap, as glibc's
+    malloc gives allocations of 32 MiB and more unless told to keep freed memory): its first
+    writes fault the pages in. Context for a CPU report, not the ceiling."""
+    import mmap
+
+    nbytes = src.numel() * src.element_size()
+    times = []
+    for _ in range(repeats):
+        mapping = mmap.mmap(-1, nbytes)
+        dst = torch.frombuffer(mapping, dtype=src.dtype, count=src.numel())
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+        del dst
+        mapping.close()
+    return 2 * nbytes / statistics.median(times)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> str:
+    """On CPU, make glibc's malloc keep and reuse freed memory (no mmap per large block, no
+    trimming), as PyTorch's caching allocator does on a GPU and jemalloc / tcmalloc do on
+    CPU: the timings are then of the kernels, not of the page faults of each call's new
+    outputs, for every implementation alike. Returns what was done, for the report."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "not glibc: the allocator's defaults (new outputs may fault their pages in)"
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return "glibc refused mallopt: its defaults (outputs of 32 MiB and more are new pages)"
+    return (
+        "glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1), "
+        "as a caching allocator would: steady-state timings without page faults"
+    )

@@ -34,7 +34,7 @@ WHEEL_FILES = [
     "resfuse/triton_kernels/launch.py",
     "resfuse/triton_kernels/add_norm_kernels.py",
 ]
-EXTENSION_FILES = ["resfuse/_C.abi3.so", "resfuse/_cuda_build.json"]
+EXTENSION_FILES = ["resfuse/_C.abi3.so", "resfuse/_cuda_build.json", "resfuse/_C_cpu.abi3.so"]
 SDIST_FILES = [
     "setup.py",
     "MANIFEST.in",
@@ -51,6 +51,15 @@ SDIST_FILES = [
     "csrc/add_norm_params.h",
     "csrc/add_norm_api.h",
     "csrc/cuda_launcher.cuh",
+    "csrc/op_args.h",
+    "csrc/cpu/ops_cpu.cpp",
+    "csrc/cpu/add_norm_cpu.cpp",
+    "csrc/cpu/add_norm_cpu.h",
+    "csrc/cpu/add_norm_cpu_rows.h",
+    "csrc/cpu/add_norm_cpu_vec.h",
+    "csrc/cpu/add_norm_cpu_generic.cpp",
+    "csrc/cpu/add_norm_cpu_avx2.cpp",
+    "csrc/cpu/add_norm_cpu_avx512.cpp",
     "triton_kernels/launch.py",
 ]
 
@@ -58,7 +67,7 @@ IMPORT_CHECK = r"""
 import json, os, sys
 import torch
 import resfuse
-from resfuse import cuda_ext
+from resfuse import cpu_ext, cuda_ext
 prefix = sys.argv[1]
 assert os.path.realpath(resfuse.__file__).startswith(os.path.realpath(prefix)), resfuse.__file__
 reason = cuda_ext._load()
@@ -67,6 +76,14 @@ assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_add_norm_fw
 assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_add_norm_bwd", "CUDA")
 assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cuda_row_layout",
                                                       "CompositeExplicitAutograd")
+# the CPU kernels: registered for the CPU key, and auto's choice for CPU tensors
+assert cpu_ext.unavailable_reason() == "", cpu_ext.unavailable_reason()
+assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cpu_add_norm_fwd", "CPU")
+assert torch._C._dispatch_has_kernel_for_dispatch_key("resfuse::cpu_add_norm_bwd", "CPU")
+x = torch.randn(4, 64, dtype=torch.bfloat16)
+y, h = resfuse.add_rms_norm(x, x, torch.ones(64), backend="cpu")
+ref_y, ref_h = resfuse.add_rms_norm(x, x, torch.ones(64), backend="torch")
+assert torch.equal(h, ref_h) and torch.allclose(y.float(), ref_y.float(), atol=2e-2)
 print(json.dumps({"resfuse": resfuse.__file__, "torch": torch.__version__,
                   "build": cuda_ext.build_info(), "backends": str(resfuse.backends())}))
 """

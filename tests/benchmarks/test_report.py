@@ -63,6 +63,11 @@ def test_cli_report_is_labelled_cpu_and_has_every_section(tiny_run):
     text = (out_dir / "report.md").read_text()
     assert text.startswith("# resfuse benchmarks: CPU: ") and "(CPU run)" in text.splitlines()[0]
     assert "**CPU run: these are not GPU numbers.**" in text
+    # a CPU run keeps freed memory (steady-state timings) and says so, beside the copy into
+    # fresh pages it measured for context
+    assert "| CPU memory | glibc malloc keeps freed memory" in text
+    assert results["copy"]["fresh_output_bytes_per_s"] > 0
+    assert "into freshly mapped pages:" in text
     for heading in (
         "## How to read this",
         "## Implementations",
