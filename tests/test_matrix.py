@@ -110,14 +110,23 @@ def crossovers() -> list[int]:
     cuda = cuda_launch_limits()
     if cuda is not None:
         limits |= {cuda["bwd_block_row"], cuda["fwd_block_row"]}
+    return sorted(limits)
+
+
+def cpu_row_lengths() -> list[int]:
+    """Where the CPU kernels' row loops change what they do, for each instruction set this
+    CPU runs (resfuse.cpu_ext.limits(): no numbers restated): rows shorter than one vector
+    (a tail only), one vector +- 1, the row sums' four accumulators +- 1, and rows that end
+    after 1, 2 or 3 further vectors plus a tail (each accumulator of the last partial round)."""
+    lengths = set()
     if resfuse.backends()["cpu"].available:
-        # a row of one vector + 1 (a one-element tail), of the row sums' partial sums + 1,
-        # for each instruction set's vector width
         for isa in cpu_ext.supported_isas():
             with cpu_ext.use_isa(isa):
-                cpu = cpu_ext.limits()
-            limits |= {cpu["vector_elems"], cpu["sum_elems"]}
-    return sorted(limits)
+                limits = cpu_ext.limits()
+            width, sums = limits["vector_elems"], limits["sum_elems"]
+            lengths |= {width - 1, width, width + 1, sums - 1, sums, sums + 1}
+            lengths |= {sums + k * width + 3 for k in (1, 2, 3)}
+    return sorted(lengths)
 
 
 # just past each crossover (a one-element tail in a new chunk), and an odd row of many chunks
@@ -169,6 +178,22 @@ SHAPES = [
 @pytest.mark.parametrize("case", with_op(SHAPES))
 def test_shapes(case, backend):
     # D = 1, 7: below one 8-element chunk; 1000 and 4097: reductions across warps, a tail
+    run_case(case, backend, DEVICE)
+
+
+# the CPU kernels' row-loop boundaries, on every backend (small rows: cheap everywhere)
+CPU_ROW_LENGTHS = [
+    base.replace(dtype=d, shape=(3, D))
+    for base in SHAPE_CASES
+    for D in cpu_row_lengths()
+    for d in (torch.float32, torch.bfloat16)
+] + [
+    base.replace(dtype=torch.bfloat16, shape=(3, D)) for base in LAYOUTS for D in cpu_row_lengths()
+]
+
+
+@pytest.mark.parametrize("case", with_op(CPU_ROW_LENGTHS))
+def test_cpu_row_lengths(case, backend):
     run_case(case, backend, DEVICE)
 
 
@@ -322,6 +347,7 @@ def test_the_matrix_covers_every_op_and_family():
         "one_row": ONE_ROW,
         "shapes": SHAPES,
         "long": LONG,
+        "cpu_row_lengths": CPU_ROW_LENGTHS,
         "non_contiguous": NON_CONTIGUOUS,
         "mixed": MIXED_CASES,
         "determinism": DETERMINISM,

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 
 #include "../add_norm_params.h"
 #include "add_norm_cpu.h"
@@ -117,73 +118,166 @@ inline void load_row(const void* src, DType dtype, float* dst, int n) {
 
 // --------------------------------------------------------------------------- forward
 
+// The plain norms' forward (y = Norm(x): no add, no scale, no branch norm, h not stored),
+// compiled per dtype: every value the loops test is a constant or a local copy, so the
+// vector loops carry no per-vector flag tests, dtype switches or reloads of the parameters
+// (in the general loop below those cost up to a third of a plain norm's time: perf).
+template <DType XT, DType YT>
+void plain_forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t end) {
+  const int D = p.D;
+  const bool is_rms = p.is_rms, has_bias = p.bias.ptr != nullptr;
+  const float eps = p.eps;
+  const float* const weight = a.weight;
+  const float* const bias = a.bias;
+  float* const means = p.mean;
+  const Operand xs = p.x, ys = p.y;
+  for (int64_t row = begin; row < end; ++row) {
+    const void* const x = row_ptr(xs, row);
+    void* const y = row_ptr_mut(ys, row);
+    const auto x_at = [x](int i, int n) { return load_t<XT>(x, i, n); };
+    const Stats s = row_stats(D, is_rms, eps, x_at, x_at);
+    if (means) means[row] = s.mean;
+    const vec mean = splat(s.mean), rstd = splat(s.rstd);
+    if (has_bias) {
+      for_row(D, [=](int i, int n) {
+        store_t<YT>(y, i, n, fma((x_at(i, n) - mean) * rstd, load(weight + i, n), load(bias + i, n)));
+      });
+    } else {
+      for_row(D,
+              [=](int i, int n) { store_t<YT>(y, i, n, (x_at(i, n) - mean) * rstd * load(weight + i, n)); });
+    }
+  }
+}
+
+// the plain norm's forward for p's dtypes, or false when p is not a plain norm with x and y
+// of one dtype (the general loop runs)
+inline bool plain_forward(const FwdParams& p, const Affine& a, int64_t begin, int64_t end) {
+  const bool plain = p.output_norm && !p.branch_norm && p.residual.ptr == nullptr && p.h.ptr == nullptr &&
+                     !a.has_branch_scale && p.branch_scale_value == 1.0f && p.rowscale == nullptr;
+  if (!plain || p.x.dtype != p.y.dtype) return false;
+  if (p.x.dtype == DType::kFloat32) {
+    plain_forward_rows<DType::kFloat32, DType::kFloat32>(p, a, begin, end);
+  } else if (p.x.dtype == DType::kBFloat16) {
+    plain_forward_rows<DType::kBFloat16, DType::kBFloat16>(p, a, begin, end);
+  } else {
+    plain_forward_rows<DType::kFloat16, DType::kFloat16>(p, a, begin, end);
+  }
+  return true;
+}
+
 // Per row: (branch norm: the statistics of x;) one pass computing h = residual_scale *
 // residual + scale * f, storing h and summing it; then y = Norm(h), each output rounded once
 // from the fp32 h. The later passes read h back from the cache: from the stored h when it is
-// fp32, from x when h is x itself (a plain norm), else from an fp32 copy in a scratch row
-// (recomputing h from 16-bit x and residual costs more than that copy: measured).
-void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch) {
+// fp32, from x when h is x itself, else from an fp32 copy in a scratch row (recomputing h
+// from 16-bit x and residual costs more than that copy: measured).
+//
+// Compiled per activation dtype T (or kAnyDType for mixed calls), and everything the vector
+// loops test is copied into local values that the loops' lambdas capture by value: the stores
+// through the output pointers cannot alias them, so the compiler keeps them in registers
+// instead of reloading and testing them for every vector (perf showed those reloads).
+template <int T>
+void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch) {
   const int D = p.D;
-  float* __restrict__ hrow = scratch;
+  float* const hrow = scratch;
   const float rs_s = p.residual_scale;
   const vec rs = splat(rs_s);
-  const bool has_residual = p.residual.ptr != nullptr;
+  const bool has_residual = p.residual.ptr != nullptr, branch_norm = p.branch_norm, is_rms = p.is_rms;
+  const bool has_branch_scale = a.has_branch_scale, output_norm = p.output_norm;
+  const DType xt = p.x.dtype, rt = p.residual.dtype, ht = p.h.dtype, yt = p.y.dtype;
+  const float* const weight = a.weight;
+  const float* const bias = a.bias;
+  const float* const branch_weight = a.branch_weight;
+  const float* const branch_bias = a.branch_bias;
+  const float* const branch_scale = a.branch_scale;
+  const float* const rowscale = p.rowscale;
+  float* const means = p.mean;
+  float* const means_x = p.mean_x;
+  const float eps = p.eps, scale_value = p.branch_scale_value;
+  const Operand xs = p.x, rsd = p.residual, hs = p.h, ys = p.y;
   for (int64_t row = begin; row < end; ++row) {
-    const float scale_s = p.branch_scale_value * (p.rowscale ? p.rowscale[row] : 1.0f);
+    const float scale_s = scale_value * (rowscale ? rowscale[row] : 1.0f);
     const vec scale = splat(scale_s);
-    const void* x = row_ptr(p.x, row);
-    const void* r = has_residual ? row_ptr(p.residual, row) : nullptr;
-    const auto x_at = [&](int i, int n) { return load(x, p.x.dtype, i, n); };
+    const bool scaled = scale_s != 1.0f;
+    const void* const x = row_ptr(xs, row);
+    const void* const r = has_residual ? row_ptr(rsd, row) : nullptr;
+    const auto x_at = [=](int i, int n) { return act_load<T>(x, xt, i, n); };
     Stats bs{0.0f, 1.0f};
-    if (p.branch_norm) {  // the branch norm's statistics need the whole row first
-      bs = row_stats(D, p.is_rms, p.eps, x_at, x_at);
-      if (p.mean_x) p.mean_x[row] = bs.mean;
+    if (branch_norm) {  // the branch norm's statistics need the whole row first
+      bs = row_stats(D, is_rms, eps, x_at, x_at);
+      if (means_x) means_x[row] = bs.mean;
     }
     const vec bmean = splat(bs.mean), brstd = splat(bs.rstd);
     // h at [i, i + n), from the inputs
-    const auto h_at = [&](int i, int n) {
+    const auto h_at = [=](int i, int n) {
       vec f = x_at(i, n);
-      if (p.branch_norm)
-        f = fma((f - bmean) * brstd, load(a.branch_weight + i, n), load(a.branch_bias + i, n));
-      if (a.has_branch_scale) {
-        f = f * load(a.branch_scale + i, n) * scale;
-      } else if (scale_s != 1.0f) {
+      if (branch_norm) f = fma((f - bmean) * brstd, load(branch_weight + i, n), load(branch_bias + i, n));
+      if (has_branch_scale) {
+        f = f * load(branch_scale + i, n) * scale;
+      } else if (scaled) {
         f = f * scale;
       }
       if (has_residual) {
-        const vec res = load(r, p.residual.dtype, i, n);
+        const vec res = act_load<T>(r, rt, i, n);
         f = rs_s == 1.0f ? f + res : fma(res, rs, f);
       }
       return f;
     };
-    void* h_out = p.h.ptr ? row_ptr_mut(p.h, row) : nullptr;
-    if (!p.output_norm) {
-      for_row(D, [&](int i, int n) { store(h_out, p.h.dtype, i, n, h_at(i, n)); });
+    void* const h_out = hs.ptr ? row_ptr_mut(hs, row) : nullptr;
+    if (!output_norm) {
+      for_row(D, [=](int i, int n) { act_store<T>(h_out, ht, i, n, h_at(i, n)); });
       continue;
     }
-    const bool h_is_x = !has_residual && !p.branch_norm && !a.has_branch_scale && scale_s == 1.0f;
-    const bool h_stored_fp32 = h_out != nullptr && p.h.dtype == DType::kFloat32;
+    const bool h_is_x = !has_residual && !branch_norm && !has_branch_scale && !scaled;
+    const bool h_stored_fp32 = h_out != nullptr && ht == DType::kFloat32;
     const bool keep_copy = !h_is_x && !h_stored_fp32;
-    const auto h_again = [&](int i, int n) {
+    const auto h_again = [=](int i, int n) {
       if (keep_copy) return load(hrow + i, n);
-      return h_is_x ? x_at(i, n) : load(h_out, DType::kFloat32, i, n);
+      return h_is_x ? x_at(i, n) : load_t<DType::kFloat32>(h_out, i, n);
     };
     const Stats s = row_stats(
-        D, p.is_rms, p.eps,
-        [&](int i, int n) {
+        D, is_rms, eps,
+        [=](int i, int n) {
           const vec h = h_at(i, n);
-          if (h_out) store(h_out, p.h.dtype, i, n, h);
+          if (h_out) act_store<T>(h_out, ht, i, n, h);
           if (keep_copy) store(hrow + i, n, h);
           return h;
         },
         h_again);
-    if (p.mean) p.mean[row] = s.mean;
+    if (means) means[row] = s.mean;
     const vec mean = splat(s.mean), rstd = splat(s.rstd);
-    void* y = row_ptr_mut(p.y, row);
-    for_row(D, [&](int i, int n) {
+    void* const y = row_ptr_mut(ys, row);
+    for_row(D, [=](int i, int n) {
       const vec xhat = (h_again(i, n) - mean) * rstd;
-      store(y, p.y.dtype, i, n, fma(xhat, load(a.weight + i, n), load(a.bias + i, n)));
+      act_store<T>(y, yt, i, n, fma(xhat, load(weight + i, n), load(bias + i, n)));
     });
+  }
+}
+
+// the activations' one dtype, or kAnyDType when they differ
+inline int uniform_dtype(std::initializer_list<Operand> ops) {
+  int t = kAnyDType;
+  for (const Operand& op : ops) {
+    if (op.ptr == nullptr) continue;
+    if (t == kAnyDType) {
+      t = static_cast<int>(op.dtype);
+    } else if (t != static_cast<int>(op.dtype)) {
+      return kAnyDType;
+    }
+  }
+  return t;
+}
+
+void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch) {
+  if (plain_forward(p, a, begin, end)) return;
+  switch (uniform_dtype({p.x, p.residual, p.h, p.y})) {
+    case static_cast<int>(DType::kFloat32):
+      return forward_rows_t<static_cast<int>(DType::kFloat32)>(p, a, begin, end, scratch);
+    case static_cast<int>(DType::kBFloat16):
+      return forward_rows_t<static_cast<int>(DType::kBFloat16)>(p, a, begin, end, scratch);
+    case static_cast<int>(DType::kFloat16):
+      return forward_rows_t<static_cast<int>(DType::kFloat16)>(p, a, begin, end, scratch);
+    default:
+      return forward_rows_t<kAnyDType>(p, a, begin, end, scratch);
   }
 }
 

@@ -229,28 +229,66 @@ inline vec zeros() { return splat(0.0f); }
 
 // --------------------------------------------------------------------------- row access
 
-// Elements [i, i + n) of a row of `dtype` as a vector (n < kWidth only at a row's tail: the
+// Elements [i, i + n) of a row of dtype T as a vector (n < kWidth only at a row's tail: the
 // lanes past n are zero). Rows are read and written exactly, never past their end.
-inline vec load(const void* row, DType dtype, int i, int n) {
+template <DType T>
+inline vec load_t(const void* row, int i, int n) {
   if (n == kWidth) {
-    if (dtype == DType::kFloat32) return load_f32(static_cast<const float*>(row) + i);
-    if (dtype == DType::kBFloat16) return load_bf16(static_cast<const uint16_t*>(row) + i);
+    if (T == DType::kFloat32) return load_f32(static_cast<const float*>(row) + i);
+    if (T == DType::kBFloat16) return load_bf16(static_cast<const uint16_t*>(row) + i);
     return load_f16(static_cast<const uint16_t*>(row) + i);
   }
   alignas(64) float staged[kWidth] = {};
-  for (int k = 0; k < n; ++k) staged[k] = scalar_load(row, dtype, i + k);
+  for (int k = 0; k < n; ++k) staged[k] = scalar_load(row, T, i + k);
   return load_f32(staged);
 }
 
-inline void store(void* row, DType dtype, int i, int n, vec a) {
+template <DType T>
+inline void store_t(void* row, int i, int n, vec a) {
   if (n == kWidth) {
-    if (dtype == DType::kFloat32) return store_f32(static_cast<float*>(row) + i, a);
-    if (dtype == DType::kBFloat16) return store_bf16(static_cast<uint16_t*>(row) + i, a);
+    if (T == DType::kFloat32) return store_f32(static_cast<float*>(row) + i, a);
+    if (T == DType::kBFloat16) return store_bf16(static_cast<uint16_t*>(row) + i, a);
     return store_f16(static_cast<uint16_t*>(row) + i, a);
   }
   alignas(64) float staged[kWidth];
   store_f32(staged, a);
-  for (int k = 0; k < n; ++k) scalar_store(row, dtype, i + k, staged[k]);
+  for (int k = 0; k < n; ++k) scalar_store(row, T, i + k, staged[k]);
+}
+
+// the same with the dtype known at run time only
+inline vec load(const void* row, DType dtype, int i, int n) {
+  if (dtype == DType::kFloat32) return load_t<DType::kFloat32>(row, i, n);
+  if (dtype == DType::kBFloat16) return load_t<DType::kBFloat16>(row, i, n);
+  return load_t<DType::kFloat16>(row, i, n);
+}
+
+inline void store(void* row, DType dtype, int i, int n, vec a) {
+  if (dtype == DType::kFloat32) return store_t<DType::kFloat32>(row, i, n, a);
+  if (dtype == DType::kBFloat16) return store_t<DType::kBFloat16>(row, i, n, a);
+  return store_t<DType::kFloat16>(row, i, n, a);
+}
+
+// An activation's loads and stores in a loop compiled for one dtype (T >= 0, a DType: the
+// common case, all activations of a call in one dtype) or for any (T = kAnyDType: the dtype
+// is read at run time, for calls that mix dtypes).
+constexpr int kAnyDType = -1;
+
+template <int T>
+inline vec act_load(const void* row, DType dtype, int i, int n) {
+  if constexpr (T == kAnyDType) {
+    return load(row, dtype, i, n);
+  } else {
+    return load_t<static_cast<DType>(T)>(row, i, n);
+  }
+}
+
+template <int T>
+inline void act_store(void* row, DType dtype, int i, int n, vec a) {
+  if constexpr (T == kAnyDType) {
+    store(row, dtype, i, n, a);
+  } else {
+    store_t<static_cast<DType>(T)>(row, i, n, a);
+  }
 }
 
 // fp32 arrays (the scratch rows, the parameters, the partial sums)
