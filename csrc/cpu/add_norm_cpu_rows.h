@@ -285,7 +285,8 @@ void forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int64_t en
 
 // A row the backward reads more than once: the first pass reads it from memory and, unless it
 // is fp32 already, keeps an fp32 copy in a scratch row for the later passes (cheaper than
-// converting again: measured).
+// converting again: measured). T: the activations' dtype the loop is compiled for.
+template <int T>
 struct RowInput {
   const void* ptr;
   DType dtype;
@@ -293,25 +294,25 @@ struct RowInput {
   RowInput(const void* p, DType t, float* scratch)
       : ptr(p), dtype(t), copy(t == DType::kFloat32 ? nullptr : scratch) {}
   vec first(int i, int n) const {
-    const vec v = load(ptr, dtype, i, n);
+    const vec v = act_load<T>(ptr, dtype, i, n);
     if (copy) store(copy + i, n, v);
     return v;
   }
-  vec again(int i, int n) const { return copy ? load(copy + i, n) : load(ptr, DType::kFloat32, i, n); }
+  vec again(int i, int n) const { return copy ? load(copy + i, n) : load_t<DType::kFloat32>(ptr, i, n); }
 };
 
 // A norm's backward over a row: v its input, g the upstream gradient, w its weight (w'); adds
 // the parameter gradients into the row block's partial sums (dweight: g * xhat, dbias: g) and
 // gives out(i, n, the input's gradient) for each vector:
 //   rstd * (g w' - xhat * mean(g w' xhat) - mean(g w'))  (no mean(g w') for RMS)
-template <class Out>
-inline void norm_backward(const RowInput& v, const RowInput& g, const float* w, int D, bool is_rms, float eps,
-                          float* dweight, float* dbias, Out&& out) {
+template <class V, class G, class Out>
+inline void norm_backward(const V v, const G g, const float* const w, int D, bool is_rms, float eps,
+                          float* const dweight, float* const dbias, const Out out) {
   const Stats s = row_stats(
-      D, is_rms, eps, [&](int i, int n) { return v.first(i, n); },
-      [&](int i, int n) { return v.again(i, n); });
+      D, is_rms, eps, [=](int i, int n) { return v.first(i, n); },
+      [=](int i, int n) { return v.again(i, n); });
   const vec mean = splat(s.mean), rstd = splat(s.rstd);
-  const vec2 c = sum_row(D, zeros2(), [&](int i, int n) {
+  const vec2 c = sum_row(D, zeros2(), [=](int i, int n) {
     const vec xhat = (v.again(i, n) - mean) * rstd;
     const vec gi = g.first(i, n);
     if (dweight) store(dweight + i, n, fma(gi, xhat, load(dweight + i, n)));
@@ -320,7 +321,7 @@ inline void norm_backward(const RowInput& v, const RowInput& g, const float* w, 
     return vec2{gw * xhat, gw};
   });
   const vec c1 = splat(hsum(c.a) / D), c2 = splat(is_rms ? 0.0f : hsum(c.b) / D);
-  for_row(D, [&](int i, int n) {
+  for_row(D, [=](int i, int n) {
     const vec xhat = (v.again(i, n) - mean) * rstd;
     const vec gw = g.again(i, n) * load(w + i, n);
     out(i, n, (gw - xhat * c1 - c2) * rstd);
@@ -329,50 +330,79 @@ inline void norm_backward(const RowInput& v, const RowInput& g, const float* w, 
 
 // Per row: the output norm's backward at h (dh_total = its input gradient + dh), then
 // dresidual, the branch scales and dx, one vector at a time. With the branch norm, df is kept
-// whole in a scratch row and the branch norm's backward runs over it and x.
-void backward_rows(const BwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch,
-                   const PartialRows& part) {
+// whole in a scratch row and the branch norm's backward runs over it and x. Compiled per
+// activation dtype, with what the loops test in captured locals, as forward_rows_t.
+template <int T>
+void backward_rows_t(const BwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch,
+                     const PartialRows& part) {
   const int D = p.D;
-  float* __restrict__ hrow = scratch;  // fp32 copies of 16-bit h, dy and x
-  float* __restrict__ dyrow = scratch + D;
-  float* __restrict__ xrow = scratch + 2 * D;
-  float* __restrict__ df = scratch + 3 * D;  // the branch norm's upstream gradient
+  float* const hrow = scratch;  // fp32 copies of 16-bit h, dy and x
+  float* const dyrow = scratch + D;
+  float* const xrow = scratch + 2 * D;
+  float* const df = scratch + 3 * D;  // the branch norm's upstream gradient
   const vec rs = splat(p.residual_scale);
+  const bool branch_norm = p.branch_norm, is_rms = p.is_rms, has_branch_scale = a.has_branch_scale;
+  const bool output_norm = p.output_norm;
+  const DType xt = p.x.dtype, dht_t = p.dh.dtype, drt = p.dr.dtype, dxt = p.dx.dtype, ht = p.h.dtype,
+              dyt = p.dy.dtype;
+  const float* const branch_scale = a.branch_scale;
+  const float* const weight = a.weight;
+  const float* const branch_weight = a.branch_weight;
+  const float* const rowscale = p.rowscale;
+  float* const dbranch_scale = part.branch_scale;
+  const float eps = p.eps, scale_value = p.branch_scale_value;
+  const Operand hs = p.h, dys = p.dy, dhs = p.dh, xs = p.x, drs = p.dr, dxs = p.dx;
+  const PartialRows parts = part;
   for (int64_t row = begin; row < end; ++row) {
-    const float scale_s = p.branch_scale_value * (p.rowscale ? p.rowscale[row] : 1.0f);
+    const float scale_s = scale_value * (rowscale ? rowscale[row] : 1.0f);
     const vec scale = splat(scale_s);
-    const void* dh = p.dh.ptr ? row_ptr(p.dh, row) : nullptr;
-    const void* x = p.x.ptr ? row_ptr(p.x, row) : nullptr;
-    void* dr = p.dr.ptr ? row_ptr_mut(p.dr, row) : nullptr;
-    void* dx = row_ptr_mut(p.dx, row);
+    const bool scaled = scale_s != 1.0f;
+    const void* const dh = dhs.ptr ? row_ptr(dhs, row) : nullptr;
+    const void* const x = xs.ptr ? row_ptr(xs, row) : nullptr;
+    void* const dr = drs.ptr ? row_ptr_mut(drs, row) : nullptr;
+    void* const dx = row_ptr_mut(dxs, row);
     // dh_total at [i, i + n) -> dresidual, the branch scales, then dx (or df)
-    const auto finish = [&](int i, int n, vec dht) {
-      if (dh) dht = dht + load(dh, p.dh.dtype, i, n);
-      if (dr) store(dr, p.dr.dtype, i, n, dht * rs);
-      if (scale_s != 1.0f) dht = dht * scale;
-      if (a.has_branch_scale) {
-        const vec xv = load(x, p.x.dtype, i, n);
-        if (part.branch_scale) store(part.branch_scale + i, n, fma(dht, xv, load(part.branch_scale + i, n)));
-        dht = dht * load(a.branch_scale + i, n);
+    const auto finish = [=](int i, int n, vec dht) {
+      if (dh) dht = dht + act_load<T>(dh, dht_t, i, n);
+      if (dr) act_store<T>(dr, drt, i, n, dht * rs);
+      if (scaled) dht = dht * scale;
+      if (has_branch_scale) {
+        const vec xv = act_load<T>(x, xt, i, n);
+        if (dbranch_scale) store(dbranch_scale + i, n, fma(dht, xv, load(dbranch_scale + i, n)));
+        dht = dht * load(branch_scale + i, n);
       }
-      if (p.branch_norm) {
+      if (branch_norm) {
         store(df + i, n, dht);
       } else {
-        store(dx, p.dx.dtype, i, n, dht);
+        act_store<T>(dx, dxt, i, n, dht);
       }
     };
-    if (p.output_norm) {
-      norm_backward(RowInput(row_ptr(p.h, row), p.h.dtype, hrow),
-                    RowInput(row_ptr(p.dy, row), p.dy.dtype, dyrow), a.weight, D, p.is_rms, p.eps,
-                    part.weight, part.bias, finish);
+    if (output_norm) {
+      norm_backward(RowInput<T>(row_ptr(hs, row), ht, hrow), RowInput<T>(row_ptr(dys, row), dyt, dyrow),
+                    weight, D, is_rms, eps, parts.weight, parts.bias, finish);
     } else {
-      for_row(D, [&](int i, int n) { finish(i, n, zeros()); });
+      for_row(D, [=](int i, int n) { finish(i, n, zeros()); });
     }
-    if (p.branch_norm) {  // df whole: the branch norm's backward over the row
-      norm_backward(RowInput(x, p.x.dtype, xrow), RowInput(df, DType::kFloat32, nullptr), a.branch_weight, D,
-                    p.is_rms, p.eps, part.branch_weight, part.branch_bias,
-                    [&](int i, int n, vec g) { store(dx, p.dx.dtype, i, n, g); });
+    if (branch_norm) {  // df whole: the branch norm's backward over the row
+      norm_backward(RowInput<T>(x, xt, xrow),
+                    RowInput<static_cast<int>(DType::kFloat32)>(df, DType::kFloat32, nullptr), branch_weight,
+                    D, is_rms, eps, parts.branch_weight, parts.branch_bias,
+                    [=](int i, int n, vec g) { act_store<T>(dx, dxt, i, n, g); });
     }
+  }
+}
+
+void backward_rows(const BwdParams& p, const Affine& a, int64_t begin, int64_t end, float* scratch,
+                   const PartialRows& part) {
+  switch (uniform_dtype({p.h, p.dy, p.dh, p.x, p.dr, p.dx})) {
+    case static_cast<int>(DType::kFloat32):
+      return backward_rows_t<static_cast<int>(DType::kFloat32)>(p, a, begin, end, scratch, part);
+    case static_cast<int>(DType::kBFloat16):
+      return backward_rows_t<static_cast<int>(DType::kBFloat16)>(p, a, begin, end, scratch, part);
+    case static_cast<int>(DType::kFloat16):
+      return backward_rows_t<static_cast<int>(DType::kFloat16)>(p, a, begin, end, scratch, part);
+    default:
+      return backward_rows_t<kAnyDType>(p, a, begin, end, scratch, part);
   }
 }
 
