@@ -383,3 +383,55 @@ def cluster_blocks(D: int, block_row: int, max_cluster: int) -> int:
     while blocks * block_row < D and blocks < max_cluster:
         blocks *= 2
     return blocks if blocks * block_row >= D else 1
+
+
+def full_feature_call(
+    device="cpu",
+    dtype=torch.bfloat16,
+    rows=6,
+    D=24,
+    norm="layer",
+    branch_norm=False,
+    output_norm=True,
+):
+    """(spec, operands) of a direct call of a compiled backend's ops with every feature its
+    layout allows (residual and branch scales, rowscale, zero-centred weights, an fp32 h and a
+    bf16 y): the opcheck tests of the CPU and CUDA extensions."""
+    from resfuse.spec import AddNormSpec, Operands
+
+    x = torch.randn(rows, D, device=device, dtype=dtype)
+    plain, layer = not branch_norm, norm == "layer"
+
+    def vec():
+        return torch.randn(D, device=device)
+
+    ops = Operands(
+        x,
+        torch.randn_like(x),
+        vec() if output_norm else None,
+        vec() if layer and output_norm else None,
+        vec() if plain else None,
+        torch.rand(rows, device=device) if plain else None,
+        vec() if branch_norm else None,
+        vec() if branch_norm and layer else None,
+    )
+    spec = AddNormSpec(
+        norm=norm,
+        eps=1e-5,
+        residual_scale=0.5 if plain else 1.0,
+        branch_scale=1.5 if plain else 1.0,
+        zero_centered_weight=True,
+        branch_norm=branch_norm,
+        output_norm=output_norm,
+        has_weight=output_norm,
+        has_bias=layer and output_norm,
+        has_branch_scale=plain,
+        has_rowscale=plain,
+        has_branch_weight=branch_norm,
+        has_branch_bias=branch_norm and layer,
+        x_dtype=dtype,
+        residual_dtype=dtype,
+        h_dtype=torch.float32,
+        out_dtype=torch.bfloat16,
+    )
+    return spec, ops

@@ -18,11 +18,10 @@ import os
 
 import pytest
 import torch
-from numerics import FULL, OLMO2, PERI_LN, Case, make_inputs, run_case
+from numerics import FULL, OLMO2, PERI_LN, Case, full_feature_call, make_inputs, run_case
 
 import resfuse
 from resfuse import backend_registry, cpu_ext
-from resfuse.spec import AddNormSpec, Operands
 
 REQUIRED = os.environ.get("RESFUSE_REQUIRE_CPU_EXT", "0") == "1"
 REASON = cpu_ext.unavailable_reason()
@@ -254,48 +253,6 @@ def test_backend_cpu_refuses_what_it_cannot_run(monkeypatch):
     assert "CPU tensors: torch" in resfuse.backends()["auto"].reason
 
 
-def _flat_call(
-    D=24, rows=6, dtype=torch.bfloat16, norm="layer", branch_norm=False, output_norm=True
-):
-    """(spec, operands) of a call with every feature its layout allows (fp32 h, bf16 y)."""
-    x = torch.randn(rows, D, dtype=dtype)
-    plain, layer = not branch_norm, norm == "layer"
-
-    def vec():
-        return torch.randn(D)
-
-    ops = Operands(
-        x,
-        torch.randn_like(x),
-        vec() if output_norm else None,
-        vec() if layer and output_norm else None,
-        vec() if plain else None,
-        torch.rand(rows) if plain else None,
-        vec() if branch_norm else None,
-        vec() if branch_norm and layer else None,
-    )
-    spec = AddNormSpec(
-        norm=norm,
-        eps=1e-5,
-        residual_scale=0.5 if plain else 1.0,
-        branch_scale=1.5 if plain else 1.0,
-        zero_centered_weight=True,
-        branch_norm=branch_norm,
-        output_norm=output_norm,
-        has_weight=output_norm,
-        has_bias=layer and output_norm,
-        has_branch_scale=plain,
-        has_rowscale=plain,
-        has_branch_weight=branch_norm,
-        has_branch_bias=branch_norm and layer,
-        x_dtype=dtype,
-        residual_dtype=dtype,
-        h_dtype=torch.float32,
-        out_dtype=torch.bfloat16,
-    )
-    return spec, ops
-
-
 @needs_cpu_ext
 @pytest.mark.parametrize(
     "bad, match",
@@ -312,7 +269,7 @@ def _flat_call(
 def test_the_ops_name_the_bad_argument(bad, match):
     """Called directly (not through resfuse's checks), the ops still refuse bad operands
     with the argument's name, before writing anything."""
-    spec, ops = _flat_call()
+    spec, ops = full_feature_call()
     ops = ops._replace(**bad)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.resfuse.cpu_add_norm_fwd(*ops, *spec.flat())
@@ -327,7 +284,7 @@ def test_the_ops_name_the_bad_argument(bad, match):
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_opcheck(norm, layout):
     branch_norm, output_norm = layout
-    spec, ops = _flat_call(norm=norm, branch_norm=branch_norm, output_norm=output_norm)
+    spec, ops = full_feature_call(norm=norm, branch_norm=branch_norm, output_norm=output_norm)
     torch.library.opcheck(torch.ops.resfuse.cpu_add_norm_fwd.default, (*ops, *spec.flat()))
     y, h, mean, mean_x = torch.ops.resfuse.cpu_add_norm_fwd(*ops, *spec.flat())
     layer = norm == "layer"

@@ -7,10 +7,18 @@ torch.compile; the same for the sandwich layouts (norm_add_norm / norm_add)."""
 
 import pytest
 import torch
-from numerics import DTYPES, FULL, LAYOUTS, PERI_LN, Case, cluster_blocks, run_case
+from numerics import (
+    DTYPES,
+    FULL,
+    LAYOUTS,
+    PERI_LN,
+    Case,
+    cluster_blocks,
+    full_feature_call,
+    run_case,
+)
 
 import resfuse
-from resfuse.spec import AddNormSpec, Operands
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -226,46 +234,6 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(first[name], second[name]), f"d{name} differs between runs"
 
 
-def _call(dtype=torch.bfloat16, rows=64, D=1000, norm="layer", branch_norm=False, output_norm=True):
-    """(spec, operands) of a call with every feature its layout allows (an fp32 h, bf16 y)."""
-    x = torch.randn(rows, D, device="cuda", dtype=dtype)
-
-    def vec():
-        return torch.randn(D, device="cuda")
-
-    plain, layer = not branch_norm, norm == "layer"
-    ops = Operands(
-        x,
-        torch.randn_like(x),
-        vec() if output_norm else None,
-        vec() if layer and output_norm else None,
-        vec() if plain else None,
-        torch.rand(rows, device="cuda") if plain else None,
-        vec() if branch_norm else None,
-        vec() if branch_norm and layer else None,
-    )
-    spec = AddNormSpec(
-        norm=norm,
-        eps=1e-5,
-        residual_scale=0.5 if plain else 1.0,
-        branch_scale=1.5 if plain else 1.0,
-        zero_centered_weight=True,
-        branch_norm=branch_norm,
-        output_norm=output_norm,
-        has_weight=output_norm,
-        has_bias=layer and output_norm,
-        has_branch_scale=plain,
-        has_rowscale=plain,
-        has_branch_weight=branch_norm,
-        has_branch_bias=branch_norm and layer,
-        x_dtype=dtype,
-        residual_dtype=dtype,
-        h_dtype=torch.float32,
-        out_dtype=torch.bfloat16,
-    )
-    return spec, ops
-
-
 @needs_cuda_ext
 @pytest.mark.parametrize(
     "layout",
@@ -275,7 +243,9 @@ def _call(dtype=torch.bfloat16, rows=64, D=1000, norm="layer", branch_norm=False
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_opcheck(norm, layout):
     branch_norm, output_norm = layout
-    spec, ops = _call(norm=norm, branch_norm=branch_norm, output_norm=output_norm)
+    spec, ops = full_feature_call(
+        "cuda", rows=64, D=1000, norm=norm, branch_norm=branch_norm, output_norm=output_norm
+    )
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_fwd.default, (*ops, *spec.flat()))
     y, h, mean, mean_x = torch.ops.resfuse.cuda_add_norm_fwd(*ops, *spec.flat())
     layer = norm == "layer"
