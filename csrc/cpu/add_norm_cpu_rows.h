@@ -30,6 +30,15 @@
 #include <immintrin.h>
 #endif
 
+// The row loops are written as small lambdas passed to for_row / sum_row / row_stats; GCC
+// left some of them as calls, once per vector (perf: a third of a plain norm's time in a
+// lambda's operator()), so the lambdas and the loop helpers are forced inline.
+#if defined(__GNUC__) || defined(__clang__)
+#define RESFUSE_CPU_INLINE __attribute__((always_inline))
+#else
+#define RESFUSE_CPU_INLINE
+#endif
+
 namespace resfuse {
 namespace cpu {
 namespace RESFUSE_CPU_ISA {
@@ -48,7 +57,7 @@ inline vec2 zeros2() { return {zeros(), zeros()}; }
 
 // body(i, n) for each vector of a row of D (n = kWidth but at the tail), in order
 template <class Body>
-inline void for_row(int D, Body&& body) {
+RESFUSE_CPU_INLINE inline void for_row(int D, Body&& body) {
   int i = 0;
   for (; i + kWidth <= D; i += kWidth) body(i, kWidth);
   if (i < D) body(i, D - i);
@@ -58,7 +67,7 @@ inline void for_row(int D, Body&& body) {
 // tail's ignored): four accumulators by vector index modulo 4, added in a fixed order.
 static_assert(kSumVectors == 4, "sum_row keeps four accumulators");
 template <class Acc, class Body>
-inline Acc sum_row(int D, Acc zero, Body&& body) {
+RESFUSE_CPU_INLINE inline Acc sum_row(int D, Acc zero, Body&& body) {
   Acc a0 = zero, a1 = zero, a2 = zero, a3 = zero;
   int i = 0;
   for (; i + 4 * kWidth <= D; i += 4 * kWidth) {
@@ -86,9 +95,9 @@ struct Stats {
 // first pass instead was slower here: its per-vector dependency chain and the merge of the
 // lanes cost more than re-reading a row from L1: measured.)
 template <class Body, class Again>
-inline Stats row_stats(int D, bool is_rms, float eps, Body&& body, Again&& again) {
+RESFUSE_CPU_INLINE inline Stats row_stats(int D, bool is_rms, float eps, Body&& body, Again&& again) {
   if (is_rms) {
-    const vec sq = sum_row(D, zeros(), [&](int i, int n) {
+    const vec sq = sum_row(D, zeros(), [&](int i, int n) RESFUSE_CPU_INLINE {
       const vec v = body(i, n);
       return v * v;
     });
@@ -96,7 +105,7 @@ inline Stats row_stats(int D, bool is_rms, float eps, Body&& body, Again&& again
   }
   const float mean_s = hsum(sum_row(D, zeros(), body)) / D;
   const vec mean = splat(mean_s);
-  const vec sq = sum_row(D, zeros(), [&](int i, int n) {
+  const vec sq = sum_row(D, zeros(), [&](int i, int n) RESFUSE_CPU_INLINE {
     const vec d = again(i, n) - mean;
     return d * d;
   });
@@ -134,17 +143,18 @@ void plain_forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int6
   for (int64_t row = begin; row < end; ++row) {
     const void* const x = row_ptr(xs, row);
     void* const y = row_ptr_mut(ys, row);
-    const auto x_at = [x](int i, int n) { return load_t<XT>(x, i, n); };
+    const auto x_at = [x](int i, int n) RESFUSE_CPU_INLINE { return load_t<XT>(x, i, n); };
     const Stats s = row_stats(D, is_rms, eps, x_at, x_at);
     if (means) means[row] = s.mean;
     const vec mean = splat(s.mean), rstd = splat(s.rstd);
     if (has_bias) {
-      for_row(D, [=](int i, int n) {
+      for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
         store_t<YT>(y, i, n, fma((x_at(i, n) - mean) * rstd, load(weight + i, n), load(bias + i, n)));
       });
     } else {
-      for_row(D,
-              [=](int i, int n) { store_t<YT>(y, i, n, (x_at(i, n) - mean) * rstd * load(weight + i, n)); });
+      for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
+        store_t<YT>(y, i, n, (x_at(i, n) - mean) * rstd * load(weight + i, n));
+      });
     }
   }
 }
@@ -200,7 +210,7 @@ void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t 
     const bool scaled = scale_s != 1.0f;
     const void* const x = row_ptr(xs, row);
     const void* const r = has_residual ? row_ptr(rsd, row) : nullptr;
-    const auto x_at = [=](int i, int n) { return act_load<T>(x, xt, i, n); };
+    const auto x_at = [=](int i, int n) RESFUSE_CPU_INLINE { return act_load<T>(x, xt, i, n); };
     Stats bs{0.0f, 1.0f};
     if (branch_norm) {  // the branch norm's statistics need the whole row first
       bs = row_stats(D, is_rms, eps, x_at, x_at);
@@ -208,7 +218,7 @@ void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t 
     }
     const vec bmean = splat(bs.mean), brstd = splat(bs.rstd);
     // h at [i, i + n), from the inputs
-    const auto h_at = [=](int i, int n) {
+    const auto h_at = [=](int i, int n) RESFUSE_CPU_INLINE {
       vec f = x_at(i, n);
       if (branch_norm) f = fma((f - bmean) * brstd, load(branch_weight + i, n), load(branch_bias + i, n));
       if (has_branch_scale) {
@@ -224,19 +234,19 @@ void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t 
     };
     void* const h_out = hs.ptr ? row_ptr_mut(hs, row) : nullptr;
     if (!output_norm) {
-      for_row(D, [=](int i, int n) { act_store<T>(h_out, ht, i, n, h_at(i, n)); });
+      for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE { act_store<T>(h_out, ht, i, n, h_at(i, n)); });
       continue;
     }
     const bool h_is_x = !has_residual && !branch_norm && !has_branch_scale && !scaled;
     const bool h_stored_fp32 = h_out != nullptr && ht == DType::kFloat32;
     const bool keep_copy = !h_is_x && !h_stored_fp32;
-    const auto h_again = [=](int i, int n) {
+    const auto h_again = [=](int i, int n) RESFUSE_CPU_INLINE {
       if (keep_copy) return load(hrow + i, n);
       return h_is_x ? x_at(i, n) : load_t<DType::kFloat32>(h_out, i, n);
     };
     const Stats s = row_stats(
         D, is_rms, eps,
-        [=](int i, int n) {
+        [=](int i, int n) RESFUSE_CPU_INLINE {
           const vec h = h_at(i, n);
           if (h_out) act_store<T>(h_out, ht, i, n, h);
           if (keep_copy) store(hrow + i, n, h);
@@ -246,7 +256,7 @@ void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t 
     if (means) means[row] = s.mean;
     const vec mean = splat(s.mean), rstd = splat(s.rstd);
     void* const y = row_ptr_mut(ys, row);
-    for_row(D, [=](int i, int n) {
+    for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
       const vec xhat = (h_again(i, n) - mean) * rstd;
       act_store<T>(y, yt, i, n, fma(xhat, load(weight + i, n), load(bias + i, n)));
     });
@@ -309,10 +319,10 @@ template <class V, class G, class Out>
 inline void norm_backward(const V v, const G g, const float* const w, int D, bool is_rms, float eps,
                           float* const dweight, float* const dbias, const Out out) {
   const Stats s = row_stats(
-      D, is_rms, eps, [=](int i, int n) { return v.first(i, n); },
-      [=](int i, int n) { return v.again(i, n); });
+      D, is_rms, eps, [=](int i, int n) RESFUSE_CPU_INLINE { return v.first(i, n); },
+      [=](int i, int n) RESFUSE_CPU_INLINE { return v.again(i, n); });
   const vec mean = splat(s.mean), rstd = splat(s.rstd);
-  const vec2 c = sum_row(D, zeros2(), [=](int i, int n) {
+  const vec2 c = sum_row(D, zeros2(), [=](int i, int n) RESFUSE_CPU_INLINE {
     const vec xhat = (v.again(i, n) - mean) * rstd;
     const vec gi = g.first(i, n);
     if (dweight) store(dweight + i, n, fma(gi, xhat, load(dweight + i, n)));
@@ -321,7 +331,7 @@ inline void norm_backward(const V v, const G g, const float* const w, int D, boo
     return vec2{gw * xhat, gw};
   });
   const vec c1 = splat(hsum(c.a) / D), c2 = splat(is_rms ? 0.0f : hsum(c.b) / D);
-  for_row(D, [=](int i, int n) {
+  for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
     const vec xhat = (v.again(i, n) - mean) * rstd;
     const vec gw = g.again(i, n) * load(w + i, n);
     out(i, n, (gw - xhat * c1 - c2) * rstd);
@@ -362,7 +372,7 @@ void backward_rows_t(const BwdParams& p, const Affine& a, int64_t begin, int64_t
     void* const dr = drs.ptr ? row_ptr_mut(drs, row) : nullptr;
     void* const dx = row_ptr_mut(dxs, row);
     // dh_total at [i, i + n) -> dresidual, the branch scales, then dx (or df)
-    const auto finish = [=](int i, int n, vec dht) {
+    const auto finish = [=](int i, int n, vec dht) RESFUSE_CPU_INLINE {
       if (dh) dht = dht + act_load<T>(dh, dht_t, i, n);
       if (dr) act_store<T>(dr, drt, i, n, dht * rs);
       if (scaled) dht = dht * scale;
@@ -381,13 +391,13 @@ void backward_rows_t(const BwdParams& p, const Affine& a, int64_t begin, int64_t
       norm_backward(RowInput<T>(row_ptr(hs, row), ht, hrow), RowInput<T>(row_ptr(dys, row), dyt, dyrow),
                     weight, D, is_rms, eps, parts.weight, parts.bias, finish);
     } else {
-      for_row(D, [=](int i, int n) { finish(i, n, zeros()); });
+      for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE { finish(i, n, zeros()); });
     }
     if (branch_norm) {  // df whole: the branch norm's backward over the row
       norm_backward(RowInput<T>(x, xt, xrow),
                     RowInput<static_cast<int>(DType::kFloat32)>(df, DType::kFloat32, nullptr), branch_weight,
                     D, is_rms, eps, parts.branch_weight, parts.branch_bias,
-                    [=](int i, int n, vec g) { act_store<T>(dx, dxt, i, n, g); });
+                    [=](int i, int n, vec g) RESFUSE_CPU_INLINE { act_store<T>(dx, dxt, i, n, g); });
     }
   }
 }
