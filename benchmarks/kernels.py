@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from . import implementations as impls_mod
-from .timing import TimerSettings, time_fn
+from .timing import TimerSettings, Timing, time_cpu_interleaved, time_fn
 from .traffic import DIRECTIONS, OPS, minimal_bytes, spec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -216,8 +216,9 @@ def run(
     Failures (not supported, wrong results, out of memory) become records with an ``error``
     instead of stopping the run. ``skip``: keys already measured (a resumed run);
     ``checkpoint(records)`` is called after each case, so an interrupted run loses little;
-    ``stop()``, asked before each measurement, ends the run early when true (a deadline):
-    what was not measured has no record."""
+    ``stop()``, asked before each case and each measurement (a direction's implementations,
+    timed together), ends the run early when true (a deadline): what was not measured has
+    no record."""
     directions = list(directions)
     skip = skip or set()
     records: list[dict] = []
@@ -239,49 +240,75 @@ def run(
         if case.group != group:
             group = case.group
             fns, errors = prepare(case, impls, device)
+        input_error = None
         try:
             inputs = make_inputs(case.op, dtype, case.rows, case.hidden, device)
         except Exception as e:  # the shape does not fit: every implementation fails alike
             inputs, input_error = None, _short(e)
             _free(device)
-        for impl, direction in todo:
+        # one measurement: a direction's implementations, timed together in interleaved rounds
+        # on the CPU (timing.time_cpu_interleaved: a drifting machine slows all alike), one
+        # after another with CUDA events on a GPU (stable to a few percent)
+        for direction in directions:
+            group_todo = [impl for impl, d in todo if d == direction]
+            if not group_todo:
+                continue
             if stop is not None and stop():
                 break
             nbytes = minimal_bytes(case.op, direction, case.rows, case.hidden, dtype)
-            rec = {
-                **asdict(case),
-                "direction": direction,
-                "impl": impl.name,
-                "bytes": nbytes,
-                "median_ms": None,
-                "q20_ms": None,
-                "q80_ms": None,
-                "gbps": None,
-                "frac_copy": None,
-                "error": errors.get(impl.name),
-            }
-            if inputs is None:
-                rec["error"] = input_error
-            elif rec["error"] is None:
-                try:
-                    call, setup = timed_call(fns[impl.name], inputs, direction)
-                    timing = time_fn(call, device, settings, setup)
-                    rec.update(timing.as_dict())
-                    rec["gbps"] = nbytes / timing.median_s / 1e9
-                    rec["frac_copy"] = nbytes / timing.median_s / copy_bytes_per_s
-                except Exception as e:
-                    rec["error"] = "out of memory" if _is_oom(e) else _short(e)
-                    _free(device)
-            records.append(rec)
-            if progress:
-                progress(
-                    f"{case.op} {case.dtype} {case.rows}x{case.hidden} {impl.name} {direction}"
-                )
+            group_records = {}
+            for impl in group_todo:
+                group_records[impl.name] = {
+                    **asdict(case),
+                    "direction": direction,
+                    "impl": impl.name,
+                    "bytes": nbytes,
+                    "median_ms": None,
+                    "q20_ms": None,
+                    "q80_ms": None,
+                    "gbps": None,
+                    "frac_copy": None,
+                    "error": input_error if inputs is None else errors.get(impl.name),
+                }
+            timed = [impl.name for impl in group_todo if group_records[impl.name]["error"] is None]
+            calls = {name: timed_call(fns[name], inputs, direction) for name in timed}
+            for name, outcome in _time_group(calls, device, settings).items():
+                rec = group_records[name]
+                if isinstance(outcome, BaseException):
+                    rec["error"] = "out of memory" if _is_oom(outcome) else _short(outcome)
+                    continue
+                rec.update(outcome.as_dict())
+                rec["gbps"] = nbytes / outcome.median_s / 1e9
+                rec["frac_copy"] = nbytes / outcome.median_s / copy_bytes_per_s
+            for impl in group_todo:
+                records.append(group_records[impl.name])
+                if progress:
+                    progress(
+                        f"{case.op} {case.dtype} {case.rows}x{case.hidden} {impl.name} {direction}"
+                    )
         del inputs
         _free(device)
         if checkpoint:
             checkpoint(records)
     return records
+
+
+def _time_group(
+    calls: dict[str, tuple[Callable, Optional[Callable]]],
+    device: torch.device,
+    settings: TimerSettings,
+) -> dict[str, "Timing | BaseException"]:
+    """Each call's ``Timing``, or the exception it raised (its record then says why)."""
+    if device.type != "cuda":
+        return time_cpu_interleaved(calls, settings)
+    outcome: dict[str, "Timing | BaseException"] = {}
+    for name, (call, setup) in calls.items():
+        try:
+            outcome[name] = time_fn(call, device, settings, setup)
+        except Exception as e:
+            outcome[name] = e
+            _free(device)
+    return outcome
 
 
 def prepare(case: KernelCase, impls, device) -> tuple[dict, dict]:

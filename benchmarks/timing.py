@@ -11,6 +11,9 @@ backwards with donated buffers refuse) and every timed backward is a first backw
   backward of a norm runs long after its forward. Warm-up and repetition counts follow from
   time windows, as in ``triton.testing.do_bench``.
 * CPU: ``time.perf_counter`` around each call after one warm-up call, within a time budget.
+  ``time_cpu_interleaved`` times several implementations of one case in rounds (one call of
+  each per round, the order rotating), so a machine whose speed drifts over seconds (a shared
+  VM: 15-20% between runs) slows every implementation alike instead of whichever ran last.
 
 Both report the median and the 20th / 80th percentiles of the per-call times.
 """
@@ -88,6 +91,56 @@ def time_cpu(
     ):
         samples.append(once())
     return _summary(samples)
+
+
+def time_cpu_interleaved(
+    calls: dict[str, tuple[Callable, Optional[Callable]]],
+    settings: TimerSettings = TimerSettings(),
+) -> dict[str, "Timing | BaseException"]:
+    """Time each ``name: (fn, setup)`` as ``time_cpu`` does, but in interleaved rounds: one
+    warm-up call each, then rounds of one timed call each, the order rotated by one per round
+    (no implementation always runs right after the same other one), until every one has
+    ``cpu_min_calls`` samples and the budget (``cpu_budget_s`` per implementation) is spent,
+    or ``cpu_max_calls`` rounds. An implementation that raises gets its exception instead of a
+    ``Timing`` and leaves the rotation; the others go on."""
+    outcome: dict[str, "Timing | BaseException"] = {}
+    samples: dict[str, list[float]] = {}
+
+    def once(name: str) -> None:
+        fn, setup = calls[name]
+        try:
+            arg = setup() if setup is not None else None
+            t0 = time.perf_counter()
+            fn(arg) if setup is not None else fn()
+            samples[name].append(time.perf_counter() - t0)
+        except Exception as e:
+            outcome[name] = e
+
+    names = list(calls)
+    for name in names:
+        samples[name] = []
+        once(name)  # warm-up, as in time_cpu
+        samples[name].clear()
+    budget_s = settings.cpu_budget_s * len(names)
+    start = time.perf_counter()
+    rounds = 0
+    while True:
+        live = [n for n in names if n not in outcome]
+        if not live:
+            break
+        enough = rounds >= settings.cpu_min_calls
+        if rounds >= settings.cpu_max_calls or (
+            enough and time.perf_counter() - start >= budget_s
+        ):
+            break
+        shift = rounds % len(live)
+        for name in live[shift:] + live[:shift]:
+            once(name)
+        rounds += 1
+    for name in names:
+        if name not in outcome:
+            outcome[name] = _summary(samples[name])
+    return outcome
 
 
 def time_cuda(

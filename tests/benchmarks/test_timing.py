@@ -34,3 +34,43 @@ def test_copy_bandwidth_counts_read_and_write():
     # 2 x 8 MiB moved in the median time
     assert abs(result["bytes_per_s"] * result["median_ms"] / 1e3 - 2 * (8 << 20)) < 1e3
     assert result["bytes_per_s"] > 1e8
+
+
+def test_interleaved_timer_rotates_and_isolates_a_failing_call():
+    order = []
+
+    def call(name, seconds):
+        def fn():
+            order.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    def broken():
+        order.append("broken")
+        raise RuntimeError("no kernel")
+
+    calls = {
+        "slow": (call("slow", 0.004), None),
+        "fast": (call("fast", 0.001), None),
+        "broken": (broken, None),
+    }
+    out = timing.time_cpu_interleaved(calls, SETTINGS)
+    assert isinstance(out["broken"], RuntimeError) and order.count("broken") == 1
+    assert 0.004 <= out["slow"].median_s < 0.05 and 0.001 <= out["fast"].median_s < 0.004
+    assert out["slow"].calls == out["fast"].calls and 3 <= out["slow"].calls <= 10
+    # warm-ups first, then rounds whose order rotates: no call always follows the same one
+    rounds = order[3:]
+    pairs = [tuple(rounds[i : i + 2]) for i in range(0, len(rounds), 2)]
+    assert ("slow", "fast") in pairs and ("fast", "slow") in pairs
+
+
+def test_interleaved_timer_times_the_call_not_its_setup():
+    seen = []
+
+    def setup():
+        time.sleep(0.02)
+        return 7
+
+    out = timing.time_cpu_interleaved({"a": (seen.append, setup)}, SETTINGS)
+    assert out["a"].median_s < 0.01 and set(seen) == {7}
