@@ -129,9 +129,7 @@ def time_cpu_interleaved(
         if not live:
             break
         enough = rounds >= settings.cpu_min_calls
-        if rounds >= settings.cpu_max_calls or (
-            enough and time.perf_counter() - start >= budget_s
-        ):
+        if rounds >= settings.cpu_max_calls or (enough and time.perf_counter() - start >= budget_s):
             break
         shift = rounds % len(live)
         for name in live[shift:] + live[:shift]:
