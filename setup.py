@@ -123,24 +123,59 @@ def cuda_extension():
         nvcc.append("-lineinfo")
     if os.environ.get("RESFUSE_PTXAS_LOG"):
         nvcc.append("-Xptxas=-v")
-    return cpp_extension.CUDAExtension(
+    ext = cpp_extension.CUDAExtension(
         "resfuse._C",
         SOURCES,
         include_dirs=[CSRC],
         extra_compile_args={"cxx": common, "nvcc": nvcc},
         py_limited_api=True,
     )
+    if _release_toolkit(home) is not None:
+        _link_runtime_statically(ext, home)
+    return ext
+
+
+def _release_toolkit(home: str):
+    """The release toolkit's description (tools/cuda_toolkit.py) when CUDA_HOME is one."""
+    path = os.path.join(home, "resfuse-toolkit.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _link_runtime_statically(ext, home: str) -> None:
+    """The release build (tools/cuda_toolkit.py): the CUDA runtime linked in, its symbols kept
+    private, and only the libraries the code uses recorded: the library then needs no
+    libcudart of any version (it loads beside CUDA 12 and CUDA 13 builds of torch), only
+    torch's stable C shim (libtorch_cpu, libtorch_cuda) and the driver."""
+    # torch's libraries named explicitly (the linker keeps every -l it is given unless the
+    # toolchain defaults to --as-needed, as Ubuntu's does and manylinux's does not): the C
+    # shim is in libtorch_cpu, its CUDA stream query in libtorch_cuda
+    ext.libraries = ["c10", "torch_cpu", "torch_cuda", "dl", "rt", "pthread"]
+    ext.extra_objects = [os.path.join(home, "lib64", "libcudart_static.a")]
+    # the runtime's symbols stay private: they neither clash with nor bind to torch's libcudart
+    ext.extra_link_args = ["-Wl,--exclude-libs,ALL"]
 
 
 def _build_info(torch) -> str:
     """resfuse/_cuda_build.json: what the extension is built against, shipped next to it
     (resfuse.cuda_ext.build_info() reads it for its messages)."""
+    from torch.utils import cpp_extension
+
     info = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "arch_list": os.environ["TORCH_CUDA_ARCH_LIST"],
         "stable_abi_target": ".".join(map(str, STABLE_ABI_TARGET)),
     }
+    toolkit = _release_toolkit(cpp_extension.CUDA_HOME or "")
+    if toolkit is not None:  # a release build: no libcudart needed, whatever torch's CUDA is
+        info["cuda"] = None
+        info["cuda_runtime"] = "static"
+        info["toolkit"] = toolkit
+    else:
+        info["cuda_runtime"] = f"libcudart.so.{str(torch.version.cuda).split('.')[0]}"
     return json.dumps(info, indent=1) + "\n"
 
 
