@@ -86,9 +86,13 @@ def backends() -> BackendReport:
     elif not cuda_mod.available():
         report["cuda"] = BackendStatus("cuda", False, cuda_mod.unavailable_reason())
     elif no_gpu:
-        report["cuda"] = BackendStatus("cuda", False, f"extension built, but {no_gpu}")
+        report["cuda"] = BackendStatus(
+            "cuda", False, f"extension built ({_cuda_build(cuda_mod)}), but {no_gpu}"
+        )
     else:
-        report["cuda"] = BackendStatus("cuda", True, "compiled extension, CUDA tensors")
+        report["cuda"] = BackendStatus(
+            "cuda", True, f"compiled extension ({_cuda_build(cuda_mod)}), CUDA tensors"
+        )
 
     triton_mod, err = _triton_module()
     if triton_mod is None:
@@ -120,6 +124,11 @@ def backends() -> BackendReport:
         "auto", True, f"CUDA tensors: {auto_table.describe(fallback)}; CPU tensors: {on_cpu}"
     )
     return report
+
+
+def _cuda_build(cuda_mod) -> str:
+    """The installed build's architectures and runtime, for backends()."""
+    return f"{cuda_mod.architectures()}; {cuda_mod.runtime()}"
 
 
 def _triton_version() -> str:

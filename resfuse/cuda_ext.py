@@ -23,6 +23,8 @@ __all__ = [
     "available",
     "unavailable_reason",
     "build_info",
+    "architectures",
+    "runtime",
     "row_layout",
     "launch_limits",
     "forward",
@@ -38,8 +40,45 @@ def _cpu_only_torch() -> str:
 
 def _load_error(e: Exception, path: str) -> str:
     info = build_info()
-    built = f" (built for torch {info['torch']}, CUDA {info['cuda']})" if info else ""
+    built = f" (built with torch {info.get('torch')}, {runtime()})" if info else ""
     return f"the CUDA extension {os.path.basename(path)}{built} failed to load: {e}"
+
+
+def runtime() -> str:
+    """How the extension reaches the CUDA runtime: linked in (the release wheel: any CUDA 12
+    or 13 build of torch, a driver from the floor on) or a libcudart of torch's CUDA major."""
+    info = build_info()
+    if info.get("cuda_runtime") == "static":
+        floor = info.get("toolkit", {}).get("driver_floor", {}).get("machine_code", "?")
+        return f"CUDA runtime linked in, any CUDA 12/13 build of torch, NVIDIA driver >= {floor}"
+    return f"CUDA {info.get('cuda', '?')} runtime of torch's own build"
+
+
+def architectures() -> str:
+    """The GPU architectures the installed build has machine code for, and PTX for newer ones:
+    e.g. "sm_80, sm_90, sm_120 + PTX (compute_120)" ("?" when unknown)."""
+    arch_list = build_info().get("arch_list")
+    if not arch_list:
+        return "?"
+    names, ptx = [], []
+    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        number = item.replace("+PTX", "").replace(".", "")
+        names.append(f"sm_{number}")
+        if item.endswith("+PTX"):
+            ptx.append(f"compute_{number}")
+    return ", ".join(names) + (f" + PTX ({', '.join(ptx)})" if ptx else "")
+
+
+def outside_architectures(major: int, minor: int) -> str:
+    """What a GPU of compute capability major.minor outside the build gets, and how to fix it."""
+    return (
+        f"the CUDA extension has no kernels for sm_{major}{minor} (this build: "
+        f"{architectures()}); backend='auto' runs the Triton kernels on it instead; for the "
+        f'CUDA kernels, build from source with TORCH_CUDA_ARCH_LIST="{major}.{minor}" '
+        "(README, Install: building from source)"
+    )
 
 
 def _extra_fakes() -> None:
@@ -104,11 +143,7 @@ def unavailable_reason() -> str:
     index = torch.cuda.current_device()
     if not _device_supported(index):
         major, minor = torch.cuda.get_device_capability(index)
-        archs = build_info().get("arch_list", "?")
-        return (
-            f"the CUDA extension has no kernels for cuda:{index} (sm_{major}{minor}); it was "
-            f"built for TORCH_CUDA_ARCH_LIST={archs!r}: rebuild with {major}.{minor} in it"
-        )
+        return f"cuda:{index}: " + outside_architectures(major, minor)
     return ""
 
 

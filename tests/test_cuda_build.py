@@ -60,7 +60,11 @@ def test_build_info_records_the_toolchain():
     # built with any torch >= 2.10 (it may differ from the running one: stable ABI), and
     # loadable only with the same CUDA major version (it links libcudart.so.<major>)
     assert tuple(int(v) for v in info["torch"].split("+")[0].split(".")[:2]) >= (2, 10)
-    assert info["cuda"].split(".")[0] == torch.version.cuda.split(".")[0]
+    if info.get("cuda_runtime") == "static":  # the release toolkit's build: any CUDA major
+        assert info["toolkit"]["driver_floor"]["machine_code"]
+    else:
+        assert info["cuda"].split(".")[0] == torch.version.cuda.split(".")[0]
+        assert info["cuda_runtime"] == f"libcudart.so.{info['cuda'].split('.')[0]}"
     assert {"8.0", "9.0"} <= {a.replace("+PTX", "") for a in info["arch_list"].split(";")}
 
 
