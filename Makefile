@@ -13,7 +13,11 @@ PIP := $(VENV)/bin/pip
 # dev/CI build compiles for sm_80 and sm_90 and keeps ptxas's report (the tests fail on
 # register spills); `make wheel` builds the release architecture list.
 DEV_CUDA_ARCHS   ?= 8.0;9.0
-WHEEL_CUDA_ARCHS ?= 8.0;8.6;8.9;9.0
+# the release wheel: Ampere to Blackwell as machine code, the newest also as PTX (later GPUs)
+WHEEL_CUDA_ARCHS ?= 8.0;8.6;8.9;9.0;10.0;12.0+PTX
+# the CUDA 12 build of torch the wheel check installs the wheel beside (`wheel-check`)
+CU12_TORCH ?= 2.10.0
+CU12_VENV  := build/venv-torch$(CU12_TORCH)
 HAVE_NVCC := $(shell test -x "$(CUDA_HOME)/bin/nvcc" && echo 1 || echo 0)
 
 .PHONY: test test-gpu install clean wheel wheel-check wheel-check-torch
@@ -40,6 +44,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+	$(VENV)/bin/actionlint .github/workflows/*.yml
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
@@ -87,18 +92,45 @@ auto-table: $(VENV)/.installed
 	@test -n "$(RESULTS)" || { echo "usage: make auto-table RESULTS=benchmarks/results/<gpu>/results.json"; exit 2; }
 	$(PY) -m benchmarks.build_auto_table $(RESULTS)
 
-# wheel (cp310-abi3: any CPython >= 3.10, torch >= 2.10 with the same CUDA major) and sdist
+# The release wheel (cp310-abi3: any CPython >= 3.10; torch >= 2.10, any CUDA 12.x or 13.x
+# build) and the sdist, the steps .github/workflows/wheels.yml runs: the release toolkit
+# from the package registry (tools/cuda_toolkit.py: CUDA 13's front end, CUDA 12.9's ptxas
+# and static runtime), the build, then auditwheel to a manylinux tag, leaving torch's
+# libraries and the driver's outside the wheel (they come with the user's torch and driver)
+RELEASE_TOOLKIT := $(abspath build/cuda-toolkit)
+AUDITWHEEL_EXCLUDES := --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcuda.so.1'
+# (setuptools builds in build/temp.*, build/lib.*, which the dev install's build_ext shares:
+# cleared before and after, so neither build reuses the other's objects)
+SETUPTOOLS_BUILD_DIRS = build/temp.* build/lib.* build/bdist.*
 wheel: $(VENV)/.installed
-	rm -rf dist
-	TORCH_CUDA_ARCH_LIST="$(WHEEL_CUDA_ARCHS)" RESFUSE_FORCE_CUDA_BUILD=$(HAVE_NVCC) \
-	  RESFUSE_PTXAS_LOG=build/ptxas-wheel.log $(PY) -m build --no-isolation --sdist --wheel --outdir dist .
+	rm -rf dist build/wheel-raw $(SETUPTOOLS_BUILD_DIRS)
+	$(PY) tools/cuda_toolkit.py --packages build/cuda-pkgs --out $(RELEASE_TOOLKIT)
+	CUDA_HOME=$(RELEASE_TOOLKIT) TORCH_CUDA_ARCH_LIST="$(WHEEL_CUDA_ARCHS)" \
+	  RESFUSE_FORCE_CUDA_BUILD=1 RESFUSE_FORCE_CPU_BUILD=1 RESFUSE_PTXAS_LOG=build/ptxas-wheel.log \
+	  $(PY) -m build --no-isolation --sdist --wheel --outdir build/wheel-raw .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair $(AUDITWHEEL_EXCLUDES) --wheel-dir dist build/wheel-raw/*.whl
+	cp build/wheel-raw/*.tar.gz dist/
+	rm -rf $(SETUPTOOLS_BUILD_DIRS)
 
-# the wheel installed into a fresh venv and imported, its kernels spill-free for every arch
-wheel-check: wheel
-	$(PY) tools/check_wheel.py dist --archs "$(WHEEL_CUDA_ARCHS)" --ptxas-log build/ptxas-wheel.log
+# the wheel installed into fresh venvs and imported beside a CUDA 13 build of torch (the dev
+# venv's) and a CUDA 12 build (below), what it links and what auditwheel says of it, its
+# kernels spill-free for every arch
+wheel-check: wheel $(CU12_VENV)/.installed
+	$(PY) tools/check_wheel.py dist --archs "$(WHEEL_CUDA_ARCHS)" --ptxas-log build/ptxas-wheel.log \
+	  --other-torch $(CU12_VENV)/bin/python
 
-# the same wheel against another torch release (default 2.11.0, the GPU machines' one): a
-# venv with that torch under build/ (a multi-GB download, so not part of `make test`)
+# a CUDA 12 build of torch for the wheel check: torch 2.10.0+cu128 from the registry with its
+# CUDA 12 libraries (a 7 GB install under build/, once)
+$(CU12_VENV)/.installed:
+	rm -rf $(CU12_VENV)
+	$(PYTHON) -m venv $(CU12_VENV)
+	$(CU12_VENV)/bin/pip install -q torch==$(CU12_TORCH)
+	$(CU12_VENV)/bin/python -c "import torch; v = torch.version.cuda or ''; \
+	  assert v.startswith('12.'), f'torch $(CU12_TORCH) here is not a CUDA 12 build: {v!r}'"
+	touch $@
+
+# the same wheel against yet another torch release (e.g. OTHER_TORCH=2.11.0, the GPU
+# machines' one): a venv with that torch under build/ (a multi-GB download)
 OTHER_TORCH ?= 2.11.0
 wheel-check-torch: wheel
 	test -x build/venv-torch$(OTHER_TORCH)/bin/python || { $(PYTHON) -m venv build/venv-torch$(OTHER_TORCH) && \

@@ -1,6 +1,15 @@
 """Check what `make wheel` built: the wheel and sdist contents, ptxas's report of the wheel's
-kernels (every architecture, no register spills), and the wheel installed into a fresh
-virtualenv, imported from outside the source tree, with its CUDA extension loaded.
+kernels (every architecture, no register spills), the release properties of its CUDA
+extension, and the wheel installed into a fresh virtualenv, imported from outside the source
+tree, with its CUDA extension loaded.
+
+The release properties (issue 17, README "Install"): a manylinux tag (``auditwheel show``
+agrees, and grafted no library into the wheel); the extension's dynamic dependencies are
+torch's libraries and the C/C++ runtime only: no libcudart of any version (the runtime is
+linked in), no C++ symbol of torch (only the stable C shim, ``aoti_torch_*`` / ``torch_*``)
+and no CUDA runtime symbol left to resolve; machine code for every architecture of the list
+and PTX of the newest, relabelled ISA 8.8 (``tools/cuda_toolkit.py``); and the build info
+saying so (toolkit, driver floor).
 
     python tools/check_wheel.py dist --archs "8.0;8.6;8.9;9.0" --ptxas-log build/ptxas-wheel.log
         [--other-torch OTHER_VENV/bin/python ...]
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -25,7 +35,20 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cuda_toolkit  # noqa: E402
 import ptxas_report  # noqa: E402
+import sass  # noqa: E402
+
+# what the CUDA extension may link dynamically: torch's own libraries (present in every CUDA
+# build of torch, 12.x or 13.x) and the C/C++ runtime
+ALLOWED_NEEDED = re.compile(
+    r"^(libc10(_cuda)?\.so|libtorch(_cpu|_cuda)?\.so|libstdc\+\+\.so\.6|libgcc_s\.so\.1|"
+    r"libc\.so\.6|libm\.so\.6|libdl\.so\.2|librt\.so\.1|libpthread\.so\.0|"
+    r"ld-linux-x86-64\.so\.2)$"
+)
+# undefined symbols that would tie the library to one torch or CUDA release: torch's C++ API
+# (mangled names in the c10/at/torch namespaces) and the CUDA runtime's entry points
+FORBIDDEN_UNDEFINED = re.compile(r"^(_ZN?K?\d*(c10|at|torch)|_ZN\d+(c10|at|torch)|cuda[A-Z_])")
 
 WHEEL_FILES = [
     "resfuse/__init__.py",
@@ -85,6 +108,7 @@ y, h = resfuse.add_rms_norm(x, x, torch.ones(64), backend="cpu")
 ref_y, ref_h = resfuse.add_rms_norm(x, x, torch.ones(64), backend="torch")
 assert torch.equal(h, ref_h) and torch.allclose(y.float(), ref_y.float(), atol=2e-2)
 print(json.dumps({"resfuse": resfuse.__file__, "torch": torch.__version__,
+                  "cuda": torch.version.cuda,
                   "build": cuda_ext.build_info(), "backends": str(resfuse.backends())}))
 """
 
@@ -120,8 +144,8 @@ def main(argv=None) -> int:
 
     wheel = one(args.dist, "resfuse-*.whl")
     sdist = one(args.dist, "resfuse-*.tar.gz")
-    if not wheel.name.endswith("-cp310-abi3-linux_x86_64.whl"):
-        fail(f"{wheel.name}: expected a cp310-abi3 (limited API) wheel with the extension")
+    if not re.search(r"-cp310-abi3-manylinux_\d+_\d+_x86_64\.whl$", wheel.name):
+        fail(f"{wheel.name}: expected a cp310-abi3 (limited API) manylinux wheel")
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [f for f in WHEEL_FILES + EXTENSION_FILES if f not in names]
     if missing:
@@ -150,21 +174,105 @@ def main(argv=None) -> int:
             )
         )
 
+    release = check_release(wheel, info, args.archs)
     result = install_and_import(wheel, sys.executable)
+    print(release)
     print(
         f"check_wheel: {wheel.name} ({wheel.stat().st_size / 2**20:.1f} MiB) and {sdist.name} OK; "
         f"kernels for {', '.join(sorted(want))}, {len(kernels)} reported by ptxas, no spills; "
-        f"installed in a fresh venv: loads on torch {result['torch']} (built with "
+        f"installed in a fresh venv: loads on torch {result['torch']} (CUDA {result['cuda']}; built with "
         f"{result['build']['torch']}, stable ABI >= {result['build']['stable_abi_target']})"
     )
     print(result["backends"])
     for other in args.other_torch:
         result = install_and_import(wheel, other)
         print(
-            f"check_wheel: the same wheel loads on torch {result['torch']} ({other}) and "
-            f"registers its ops"
+            f"check_wheel: the same wheel loads on torch {result['torch']} (CUDA "
+            f"{result['cuda']}; {other}) and registers its ops"
         )
     return 0
+
+
+def check_release(wheel: Path, info: dict, archs: str) -> str:
+    """The release properties of the module docstring; returns a summary (fails otherwise)."""
+    if info.get("cuda_runtime") != "static" or "toolkit" not in info:
+        fail(f"build info {info}: not a release build (tools/cuda_toolkit.py's toolkit)")
+    if info["toolkit"]["packages"] != cuda_toolkit.PACKAGES:
+        fail(f"built with {info['toolkit']['packages']}, expected {cuda_toolkit.PACKAGES}")
+    show = subprocess.run(
+        [str(Path(sys.executable).parent / "auditwheel"), "show", str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    tag = re.search(r"manylinux_\d+_\d+_x86_64", wheel.name).group(0)
+    if show.returncode != 0 or f'"{tag}"' not in show.stdout:
+        fail(f"auditwheel show does not confirm {tag}:\n{show.stdout}{show.stderr}")
+    with tempfile.TemporaryDirectory() as tmp:
+        zipfile.ZipFile(wheel).extractall(tmp)
+        if list(Path(tmp).glob("resfuse.libs/*")):
+            fail(
+                f"auditwheel grafted libraries into the wheel: {list(Path(tmp).glob('resfuse.libs/*'))}"
+            )
+        lib = Path(tmp, "resfuse", "_C.abi3.so")
+        dynamic = subprocess.run(
+            ["readelf", "-d", str(lib)], capture_output=True, text=True, check=True
+        ).stdout
+        needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+        extra = [n for n in needed if not ALLOWED_NEEDED.match(n)]
+        if extra:
+            fail(f"_C.abi3.so needs {extra} (allowed: torch's libraries, the C/C++ runtime)")
+        symbols = subprocess.run(
+            ["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        tied = sorted({s for s in symbols if FORBIDDEN_UNDEFINED.match(s)})
+        if tied:
+            fail(f"_C.abi3.so leaves torch C++ or CUDA runtime symbols to resolve: {tied[:20]}")
+        shim = sorted({s for s in symbols if s.startswith(("aoti_torch_", "torch_"))})
+        images = binary_images(lib)
+    want_elf = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in archs.split(";")}
+    want_ptx = {
+        "sm_" + a.replace(".", "").replace("+PTX", "")
+        for a in archs.split(";")
+        if a.endswith("+PTX")
+    }
+    if images["elf"] != want_elf or images["ptx"] != want_ptx:
+        fail(
+            f"embedded images {images}, expected machine code {sorted(want_elf)}, PTX {sorted(want_ptx)}"
+        )
+    if images["ptx_isa"] != {cuda_toolkit.ASSEMBLER_PTX_ISA}:
+        fail(f"embedded PTX ISA {images['ptx_isa']}, expected {cuda_toolkit.ASSEMBLER_PTX_ISA}")
+    floor = info["toolkit"]["driver_floor"]
+    return (
+        f"check_wheel: {wheel.name}: auditwheel confirms {tag}, no library grafted; "
+        f"_C.abi3.so needs {', '.join(needed)}: no libcudart (the CUDA runtime is linked in), "
+        f"{len(shim)} stable C shim symbols and no torch C++ or CUDA runtime symbol to "
+        f"resolve; machine code for {', '.join(sorted(want_elf))}, PTX ISA "
+        f"{cuda_toolkit.ASSEMBLER_PTX_ISA} for {', '.join(sorted(want_ptx))}; built with "
+        f"{info['toolkit']['front_end']} + {info['toolkit']['assembler']}; driver >= "
+        f"{floor['machine_code']} (PTX JIT: >= {floor['ptx_jit']})"
+    )
+
+
+def binary_images(lib: Path) -> dict:
+    """The architectures of the machine code and PTX embedded in ``lib`` (cuobjdump), and the
+    PTX's ISA versions."""
+    tool = sass.cuda_tool("cuobjdump")
+    if tool is None:
+        fail("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    listing = subprocess.run(
+        [str(tool), "-lelf", "-lptx", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
+    elf = set(re.findall(r"ELF file\s+\d+: \S+\.(sm_\d+a?)\.cubin", listing))
+    ptx = set(re.findall(r"PTX file\s+\d+: \S+\.(sm_\d+a?)\.ptx", listing))
+    text = subprocess.run(
+        [str(tool), "-ptx", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
+    isa = set(re.findall(r"^\.version (\d+\.\d+)", text, re.M))
+    return {
+        "elf": {e.rstrip("a") for e in elf},
+        "ptx": {p.rstrip("a") for p in ptx},
+        "ptx_isa": isa,
+    }
 
 
 def install_and_import(wheel: Path, torch_python) -> dict:
