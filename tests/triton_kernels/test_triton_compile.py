@@ -1,4 +1,5 @@
-"""The Triton kernels compile for real GPU targets (sm_80, sm_90) without a GPU, and ptxas
+"""The Triton kernels compile for real GPU targets (sm_80, sm_90, and Blackwell's sm_100 and
+sm_120: the release wheel's architectures) without a GPU, and ptxas
 reports no register spills forced by register pressure at their default launch
 configurations.
 
@@ -21,12 +22,15 @@ DIMS = [1024, 4096, 8192, 16384, 32768, 65536]
 SPEC_NAMES = ["all", "rms", "norm_add_norm", "norm_add"]
 HEAVIEST = ("all", "norm_add_norm")  # also checked in fp16 and fp32
 
+# the compute capabilities checked: Ampere, Hopper, data-centre and consumer Blackwell
+ARCHS = (80, 90, 100, 120)
+
 SCRIPT = r"""
 import json, sys
 from resfuse.triton_kernels import aot
-dims, names, heaviest = (json.loads(a) for a in sys.argv[1:4])
+dims, names, heaviest, archs = (json.loads(a) for a in sys.argv[1:5])
 out = []
-for arch in (80, 90):
+for arch in archs:
     for dtype in ("bf16", "fp16", "fp32"):
         for D in dims:
             for direction in ("fwd", "bwd"):
@@ -52,6 +56,7 @@ def compiled():
             json.dumps(DIMS),
             json.dumps(SPEC_NAMES),
             json.dumps(HEAVIEST),
+            json.dumps(ARCHS),
         ],
         capture_output=True,
         text=True,
@@ -62,9 +67,9 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_compiles_for_sm80_and_sm90(compiled):
+def test_compiles_for_every_release_architecture(compiled):
     seen = {(r["arch"], r["direction"], r["D"]) for r in compiled}
-    assert seen == {(a, d, D) for a in (80, 90) for d in ("fwd", "bwd") for D in DIMS}
+    assert seen == {(a, d, D) for a in ARCHS for d in ("fwd", "bwd") for D in DIMS}
     assert all(r["ptx_bytes"] > 1000 and r["regs"] > 0 for r in compiled)
 
 
