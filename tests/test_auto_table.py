@@ -87,6 +87,9 @@ def fake_backends(monkeypatch):
             backward=recording(reference.backward, "backward"),
             available=lambda: True,
             unavailable_reason=lambda: "",
+            # what backends() says of an installed CUDA build
+            architectures=lambda: "sm_90",
+            runtime=lambda: "CUDA runtime linked in",
         )
 
     def set_loads(cuda=True, triton=True):
