@@ -4,7 +4,7 @@ the device tool's 64 MiB (the working tree travels in the same allowance).
     build/carry/
       manifest.json      every file with its size and sha256, the commit and the digest of the
                          extension's sources, what was left out and why
-      wheels/            resfuse (sm_80/86/89/90, cp310-abi3, built here against torch 2.14.1),
+      wheels/            resfuse (the release wheel: sm_80..sm_120 + PTX, cp310-abi3, manylinux),
                          Liger-Kernel, ninja and setuptools (for a fallback source build)
       peers/flash_attn/  flash-attn's Triton norm and the two modules it imports, from the
                          sdist as they are; its package __init__ (which loads flash-attn's
