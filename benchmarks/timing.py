@@ -76,21 +76,12 @@ def _summary(samples: list[float]) -> Timing:
 def time_cpu(
     fn: Callable, settings: TimerSettings = TimerSettings(), setup: Optional[Callable] = None
 ) -> Timing:
-    def once() -> float:
-        arg = setup() if setup is not None else None
-        t0 = time.perf_counter()
-        fn(arg) if setup is not None else fn()
-        return time.perf_counter() - t0
-
-    once()  # warm-up: allocator, lazy initialisation, compiled code loading
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < settings.cpu_min_calls or (
-        len(samples) < settings.cpu_max_calls
-        and time.perf_counter() - start < settings.cpu_budget_s
-    ):
-        samples.append(once())
-    return _summary(samples)
+    """One call's timing: ``time_cpu_interleaved`` with a single implementation (its error, if
+    it raises, propagates)."""
+    outcome = time_cpu_interleaved({"call": (fn, setup)}, settings)["call"]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def time_cpu_interleaved(
@@ -100,8 +91,8 @@ def time_cpu_interleaved(
     """Time each ``name: (fn, setup)`` as ``time_cpu`` does, but in interleaved rounds: one
     warm-up call each, then rounds of one timed call each, the order rotated by one per round
     (no implementation always runs right after the same other one), until every one has
-    ``cpu_min_calls`` samples and the budget (``cpu_budget_s`` per implementation) is spent,
-    or ``cpu_max_calls`` rounds. An implementation that raises gets its exception instead of a
+    ``cpu_min_calls`` samples and the budget (``cpu_budget_s`` per implementation) is spent
+    or ``cpu_max_calls`` rounds are done. An implementation that raises gets its exception instead of a
     ``Timing`` and leaves the rotation; the others go on."""
     outcome: dict[str, "Timing | BaseException"] = {}
     samples: dict[str, list[float]] = {}
@@ -119,17 +110,16 @@ def time_cpu_interleaved(
     names = list(calls)
     for name in names:
         samples[name] = []
-        once(name)  # warm-up, as in time_cpu
+        once(name)  # warm-up: allocator, lazy initialisation, compiled code loading
         samples[name].clear()
     budget_s = settings.cpu_budget_s * len(names)
     start = time.perf_counter()
     rounds = 0
-    while True:
+    while rounds < settings.cpu_min_calls or (
+        rounds < settings.cpu_max_calls and time.perf_counter() - start < budget_s
+    ):
         live = [n for n in names if n not in outcome]
         if not live:
-            break
-        enough = rounds >= settings.cpu_min_calls
-        if rounds >= settings.cpu_max_calls or (enough and time.perf_counter() - start >= budget_s):
             break
         shift = rounds % len(live)
         for name in live[shift:] + live[:shift]:

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         fail(f"{sdist.name} lacks {missing}")
 
     kernels = ptxas_report.parse(args.ptxas_log.read_text()) if args.ptxas_log.exists() else []
-    want = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in args.archs.split(";")}
+    want = arch_names(args.archs)
     have = {k.arch for k in kernels}
     if not want <= have:
         fail(f"ptxas log {args.ptxas_log} covers {sorted(have)}, expected {sorted(want)}")
@@ -191,6 +191,16 @@ def main(argv=None) -> int:
             f"{result['cuda']}; {other}) and registers its ops"
         )
     return 0
+
+
+def arch_names(archs: str, ptx_only: bool = False) -> set:
+    """A TORCH_CUDA_ARCH_LIST as sm_XY names ("8.0;12.0+PTX" -> {"sm_80", "sm_120"}); with
+    ``ptx_only``, the entries that also embed PTX."""
+    return {
+        "sm_" + a.replace(".", "").replace("+PTX", "")
+        for a in archs.split(";")
+        if a.endswith("+PTX") or not ptx_only
+    }
 
 
 def check_release(wheel: Path, info: dict, archs: str) -> str:
@@ -229,12 +239,7 @@ def check_release(wheel: Path, info: dict, archs: str) -> str:
             fail(f"_C.abi3.so leaves torch C++ or CUDA runtime symbols to resolve: {tied[:20]}")
         shim = sorted({s for s in symbols if s.startswith(("aoti_torch_", "torch_"))})
         images = binary_images(lib)
-    want_elf = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in archs.split(";")}
-    want_ptx = {
-        "sm_" + a.replace(".", "").replace("+PTX", "")
-        for a in archs.split(";")
-        if a.endswith("+PTX")
-    }
+    want_elf, want_ptx = arch_names(archs), arch_names(archs, ptx_only=True)
     if images["elf"] != want_elf or images["ptx"] != want_ptx:
         fail(
             f"embedded images {images}, expected machine code {sorted(want_elf)}, PTX {sorted(want_ptx)}"
