@@ -241,7 +241,7 @@ inline Backward backward(const std::optional<Tensor>& dy, const std::optional<Te
   p.rowscale = row_vector(rowscale, "rowscale", rows, d);
   if (output_norm) p.mean = row_vector(mean, "mean", rows, d);
   if (branch_norm) p.mean_x = row_vector(mean_x, "mean_x", rows, d);
-  // the CUDA kernels shift their statistics by the forward's means; the CPU ones sum exactly
+  // the CUDA kernels need the forward's means as their statistics' shift; the CPU ones use them when given
   STD_TORCH_CHECK(!needs_means || is_rms || !output_norm || p.mean != nullptr, d.name,
                   ": the LayerNorm backward needs the row means of h");
   STD_TORCH_CHECK(!needs_means || is_rms || !branch_norm || p.mean_x != nullptr, d.name,

@@ -304,6 +304,54 @@ def test_opcheck(norm, layout):
     torch.library.opcheck(torch.ops.resfuse.cpu_add_norm_bwd.default, bwd)
 
 
+@needs_cpu_ext
+@pytest.mark.parametrize(
+    "layout",
+    [(False, True), (True, True), (True, False)],
+    ids=["add_norm", "norm_add_norm", "norm_add"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_backward_takes_the_means_as_a_shift(layout, dtype):
+    """The LayerNorm backward sums around the forward's row means in one pass and corrects
+    for the difference (add_norm_cpu_rows.h, norm_backward): with the means it is given, a
+    far shift, or none (an exact mean pass first), the gradients agree to fp32 rounding."""
+    branch_norm, output_norm = layout
+    spec, ops = full_feature_call(
+        dtype=dtype, rows=37, D=1000, branch_norm=branch_norm, output_norm=output_norm
+    )
+    y, h, mean, mean_x = torch.ops.resfuse.cpu_add_norm_fwd(*ops, *spec.flat())
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(y.shape, generator=g).to(y.dtype) if output_norm else None
+    dh = torch.randn(h.shape, generator=g).to(h.dtype)
+
+    def grads(shift):
+        means = (
+            None if shift is None else (mean + shift if output_norm else None),
+            None if shift is None else (mean_x - shift if branch_norm else None),
+        )
+        outs = torch.ops.resfuse.cpu_add_norm_bwd(
+            dy,
+            dh,
+            h if output_norm else None,
+            ops.x,
+            ops.weight,
+            ops.branch_scale,
+            ops.rowscale,
+            ops.branch_weight,
+            *means,
+            *spec.flat(),
+        )
+        return [o for o in outs if o.numel()]
+
+    given = grads(0.0)
+    assert len(given) >= 3
+    for other in (grads(None), grads(3.0)):
+        for a, b in zip(given, other):
+            # 16-bit gradients may round the other way: one unit in their last place
+            tol = 2e-4 if a.dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+
+
 class SandwichBlock(torch.nn.Module):
     """A Gemma2-style layer on the CPU kernels: branch norm, add, next norm."""
 

@@ -48,7 +48,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_norm_bwd(
     std::optional<Tensor> branch_weight, std::optional<Tensor> mean, std::optional<Tensor> mean_x, double eps,
     double residual_scale, double branch_scale_value, int64_t flags, ScalarType x_dtype,
     ScalarType residual_dtype, ScalarType h_dtype, ScalarType out_dtype) {
-  // the statistics are exact sums over the fp32 row: the forward's means are not needed
+  // the forward's LayerNorm means are the statistics' shift when given (add_norm_cpu_rows.h), else found
   args::Backward b = args::backward(dy, dh, h, x, weight, branch_scale, rowscale, branch_weight, mean, mean_x,
                                     eps, residual_scale, branch_scale_value, flags, x_dtype, residual_dtype,
                                     h_dtype, out_dtype, kCpu, /*needs_means=*/false);
