@@ -75,7 +75,9 @@ inline Operand activation(const Tensor& t, const char* name, int64_t rows, int64
   check_device(t, name, d);
   STD_TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == D, d.name, ": ", name,
                   " must have shape (", rows, ", ", D, ")");
-  STD_TORCH_CHECK(t.stride(1) == 1 || D == 1, d.name, ": ", name,
+  // (an empty tensor may have any strides: the gradient of y.sum() over no rows is an
+  // expanded zero-stride one, and contiguous() leaves it so; nothing of it is read)
+  STD_TORCH_CHECK(t.stride(1) == 1 || D == 1 || rows == 0, d.name, ": ", name,
                   " must have a unit stride along its last dimension");
   STD_TORCH_CHECK(t.stride(0) >= 0, d.name, ": ", name, " has a negative row stride");
   return make_operand(t.data_ptr(), t.stride(0), to_dtype(t.scalar_type(), d, name), rows);

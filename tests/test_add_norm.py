@@ -63,3 +63,21 @@ def test_emptyrows(device):
         assert y.shape == h.shape == x.shape
         y.sum().backward()
         assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS + (["cpu"] if DEVICE == "cpu" else []))
+def test_emptyrows_2d_parameter_gradients(device, backend):
+    """No rows, 2-D: the gradient of y.sum() reaches the ops as an expanded tensor with zero
+    strides (contiguous() keeps it so), and the parameter gradients are zeros."""
+    import resfuse
+
+    if backend == "cpu" and not resfuse.backends()["cpu"].available:
+        pytest.skip(resfuse.backends()["cpu"].reason)
+    x = torch.randn(0, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    for _ in range(2):  # a reused allocation would show stale partial sums
+        y, h = resfuse.add_layer_norm(x, torch.randn(0, 64, device=device), w, b, backend=backend)
+        dx, dw, db = torch.autograd.grad(y.sum() + h.sum(), (x, w, b))
+        assert dx.shape == x.shape
+        assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
