@@ -352,6 +352,21 @@ def test_layer_norm_backward_takes_the_means_as_a_shift(layout, dtype):
             torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
 
 
+@needs_cpu_ext
+def test_no_rows_give_zero_parameter_gradients():
+    """The row blocks' partial sums are zeroed by the threads that fill them: with no rows
+    there are none, and the parameter gradients must still be zeros (not uninitialized)."""
+    D = 96
+    x = torch.randn(0, D, requires_grad=True)
+    residual = torch.randn(0, D, requires_grad=True)
+    weight = torch.randn(D, requires_grad=True)
+    bias = torch.randn(D, requires_grad=True)
+    for _ in range(3):  # reused allocations would show stale values
+        y, h = resfuse.add_layer_norm(x, residual, weight, bias, backend="cpu")
+        dw, db = torch.autograd.grad((y.sum() + h.sum()), (weight, bias))
+        assert torch.equal(dw, torch.zeros(D)) and torch.equal(db, torch.zeros(D))
+
+
 class SandwichBlock(torch.nn.Module):
     """A Gemma2-style layer on the CPU kernels: branch norm, add, next norm."""
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,9 @@ float* to_float(const ParamVector& v, int D, float fill, bool zero_centered, flo
     for (int i = 0; i < D; ++i) out[i] += 1.0f;
   return out;
 }
+
+// the fewest columns of the parameter gradients' final sum one thread takes (1 KiB of a row)
+constexpr int64_t kReduceColumns = 256;
 
 // rows per parallel_for task: about 64K elements of work, at least one row
 int64_t grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(D, 1)); }
@@ -133,11 +137,12 @@ void backward(const BwdParams& p, const ParamGrads& grads) {
   int wanted = 0;
   for (float* out : outs) wanted += out != nullptr;
   const int64_t blocks = row_blocks(p.rows, D);
-  // the blocks' partial sums: (blocks, D) per gradient wanted, zeroed
-  std::vector<float> partials(static_cast<size_t>(wanted) * blocks * D, 0.0f);
+  // the blocks' partial sums: (blocks, D) per gradient wanted, each block's zeroed by the
+  // thread that sums it (zeroing them all up front ran on one thread: up to 64 x D x 5 floats)
+  std::unique_ptr<float[]> partials(new float[static_cast<size_t>(wanted) * blocks * D]);
   float* base[kMaxParamGrads] = {};
   for (int g = 0, used = 0; g < kMaxParamGrads; ++g)
-    if (outs[g]) base[g] = partials.data() + static_cast<size_t>(used++) * blocks * D;
+    if (outs[g]) base[g] = partials.get() + static_cast<size_t>(used++) * blocks * D;
 
   const Kernels& k = kernels();
   const int64_t rows = p.rows;
@@ -146,14 +151,22 @@ void backward(const BwdParams& p, const ParamGrads& grads) {
       std::vector<float> scratch(static_cast<size_t>(kBackwardScratchRows) * D);
       for (int64_t b = b0; b < b1; ++b) {
         const auto at = [&](int g) { return base[g] ? base[g] + static_cast<size_t>(b) * D : nullptr; };
+        for (int g = 0; g < kMaxParamGrads; ++g)
+          if (base[g]) std::fill(at(g), at(g) + D, 0.0f);
         const PartialRows part{at(0), at(1), at(2), at(3), at(4)};
         k.backward_rows(p, a, rows * b / blocks, rows * (b + 1) / blocks, scratch.data(), part);
       }
     });
   }
-  // out[col] = the blocks' partial sums added in block order (columns split over threads)
+  // out[col] = the blocks' partial sums added in block order (columns split over threads:
+  // kReduceColumns at least, so that a row of D = 768 is summed by two threads, not one)
   if (wanted == 0) return;
-  torch::stable::parallel_for(0, D, 1024, [&](int64_t c0, int64_t c1) {
+  if (rows == 0) {
+    for (float* out : outs)
+      if (out) std::fill(out, out + D, 0.0f);
+    return;
+  }
+  torch::stable::parallel_for(0, D, kReduceColumns, [&](int64_t c0, int64_t c1) {
     for (int g = 0; g < kMaxParamGrads; ++g) {
       if (!outs[g]) continue;
       for (int64_t c = c0; c < c1; ++c) outs[g][c] = 0.0f;
