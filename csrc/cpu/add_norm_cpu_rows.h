@@ -124,21 +124,37 @@ inline void* row_ptr_mut(const Operand& op, int64_t row) {
 
 // Software prefetch of the next row: the row loops read a row from memory in their first pass
 // and from the cache in the later ones, so while a row's later passes run no load of theirs
-// goes to memory, and the hardware prefetchers do not run ahead into the next row in time
-// (its first pass then waits for memory from its first vector on). Where a later pass touches
-// each vector of the row once anyway, it also asks for the same offset of the next row.
-// Measured (2 cores, rows 4096, interleaved with and without, 3-4 runs each): fp32 LayerNorm
-// forward at D = 768 x1.10-1.12, its backward x1.07-1.12, the add + norm backwards x1.05-1.09,
-// others level. The add + norm forwards stay without it: with their two output streams it was
-// x0.86-1.00 (the prefetches compete with the stores of h and y).
+// goes to memory, and the next row's first pass starts with misses the hardware prefetchers
+// take a while to cover. A later pass that touches each vector of its row once also asks for
+// the same offset of the next row:
+// - the plain norms' forward (x in, y out): the whole next row of x, into L1;
+// - the backward (h, dy, dh in; dx and two rows of partial sums in L1 too): the first
+//   kBackwardPrefetchBytes of the next row of each input, into L2 only: enough to cover the
+//   start of the next row's stream. Whole rows into L1 evicted the current row's data (x0.87-
+//   0.91 at D = 2048 fp32); whole rows, or their first 4 KiB, into L2 competed with the
+//   hardware's own stream there (x0.95-1.00).
+// Measured against ATen in one process (2 threads, 4096 rows, fp32 LayerNorm, the forward
+// timed on its own, the backward after a fresh forward, 2 runs of 100-150 rounds each; ratios
+// to no prefetch): forward x1.05-1.07 at D = 768, x1.30-1.40 at 2048, x1.19-1.31 at 4096;
+// backward x1.04 at 768, x1.02 at 2048, x1.06-1.18 at 4096. The add + norm forwards do
+// without: with their two output streams it measured x0.86-1.00 (the prefetches compete with
+// the stores of h and y).
 inline const char* next_row(const Operand& op, int64_t row, int64_t end) {
   return op.ptr == nullptr ? nullptr : static_cast<const char*>(row_ptr(op, row + 1 < end ? row + 1 : row));
 }
 
+constexpr int kBackwardPrefetchBytes = 2048;
+
+template <bool kHeadIntoL2>
 RESFUSE_CPU_INLINE inline void prefetch(const char* row, int i, int elem_bytes) {
 #if defined(__GNUC__) || defined(__clang__)
-  if (row != nullptr)
-    __builtin_prefetch(row + static_cast<int64_t>(i) * elem_bytes, /*rw=*/0, /*locality=*/3);
+  const int64_t offset = static_cast<int64_t>(i) * elem_bytes;
+  if (row == nullptr) return;
+  if (kHeadIntoL2) {
+    if (offset < kBackwardPrefetchBytes) __builtin_prefetch(row + offset, /*rw=*/0, /*locality=*/2);
+  } else {
+    __builtin_prefetch(row + offset, /*rw=*/0, /*locality=*/3);
+  }
 #endif
 }
 
@@ -172,12 +188,12 @@ void plain_forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int6
     const char* const x_next = next_row(xs, row, end);
     if (has_bias) {
       for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
-        prefetch(x_next, i, dtype_bytes(XT));
+        prefetch<false>(x_next, i, dtype_bytes(XT));
         store_t<YT>(y, i, n, fma((x_at(i, n) - mean) * rstd, load(weight + i, n), load(bias + i, n)));
       });
     } else {
       for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
-        prefetch(x_next, i, dtype_bytes(XT));
+        prefetch<false>(x_next, i, dtype_bytes(XT));
         store_t<YT>(y, i, n, (x_at(i, n) - mean) * rstd * load(weight + i, n));
       });
     }
@@ -361,10 +377,15 @@ inline BackwardSums first_lanes(BackwardSums x, int n) {
   return {first_lanes(x.d, n), first_lanes(x.dd, n), first_lanes(x.gd, n), first_lanes(x.g, n)};
 }
 
+// Forced inline: called (not inlined) it took its row inputs and `out`'s captures by value,
+// built on the stack with narrow stores and read back as one 64-byte vector; that load cannot
+// be forwarded from the stores and waits until the store buffer drains, behind the last row's
+// dx stores still waiting for their cache lines (perf: a third of an fp32 LayerNorm backward
+// on that one load at D = 768).
 template <class V, class G, class Out>
-inline void norm_backward(const V v, const G g, const float* const w, int D, bool is_rms, float eps,
-                          const float* const saved_mean, float* const dweight, float* const dbias,
-                          const Out out) {
+RESFUSE_CPU_INLINE inline void norm_backward(const V v, const G g, const float* const w, int D, bool is_rms,
+                                             float eps, const float* const saved_mean, float* const dweight,
+                                             float* const dbias, const Out out) {
   const bool mean_pass = !is_rms && saved_mean == nullptr;
   float shift_s = 0.0f;
   if (mean_pass)
@@ -446,9 +467,9 @@ void backward_rows_t(const BwdParams& p, const Affine& a, int64_t begin, int64_t
     // dh_total at [i, i + n) -> dresidual, the branch scales, then dx (or df); the pass that
     // calls it (the last over the row but for the branch norm's) prefetches the next row
     const auto finish = [=](int i, int n, vec dht) RESFUSE_CPU_INLINE {
-      prefetch(h_next, i, hb);
-      prefetch(dy_next, i, dyb);
-      prefetch(dh_next, i, dhb);
+      prefetch<true>(h_next, i, hb);
+      prefetch<true>(dy_next, i, dyb);
+      prefetch<true>(dh_next, i, dhb);
       if (dh) dht = dht + act_load<T>(dh, dht_t, i, n);
       if (dr) act_store<T>(dr, drt, i, n, dht * rs);
       if (scaled) dht = dht * scale;
