@@ -35,6 +35,14 @@
 // The row loops are written as small lambdas passed to for_row / sum_row / row_stats; GCC
 // left some of them as calls, once per vector (perf: a third of a plain norm's time in a
 // lambda's operator()), so the lambdas and the loop helpers are forced inline.
+//
+// kNoClosureCopies: a lambda that uses another lambda (or a row input struct) captures it by
+// reference, never by value. A by-value capture copies the other closure once per row, and GCC
+// copies it in 64-byte vector moves from an object it has just built with 1-8 byte stores: a
+// load that cannot be forwarded from those stores waits until the whole store buffer drains,
+// behind the previous row's output stores that still wait for their cache lines (perf: a
+// third of the fp32 LayerNorm backward and a fifth of the fp32 add + LayerNorm forward on
+// such loads at D = 768-1024). The scalars they use stay captured by value.
 #if defined(__GNUC__) || defined(__clang__)
 #define RESFUSE_CPU_INLINE __attribute__((always_inline))
 #else
@@ -259,7 +267,7 @@ void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t 
     }
     const vec bmean = splat(bs.mean), brstd = splat(bs.rstd);
     // h at [i, i + n), from the inputs
-    const auto h_at = [=](int i, int n) RESFUSE_CPU_INLINE {
+    const auto h_at = [=, &x_at](int i, int n) RESFUSE_CPU_INLINE {
       vec f = x_at(i, n);
       if (branch_norm) f = fma((f - bmean) * brstd, load(branch_weight + i, n), load(branch_bias + i, n));
       if (has_branch_scale) {
@@ -275,19 +283,19 @@ void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t 
     };
     void* const h_out = hs.ptr ? row_ptr_mut(hs, row) : nullptr;
     if (!output_norm) {
-      for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE { act_store<T>(h_out, ht, i, n, h_at(i, n)); });
+      for_row(D, [=, &h_at](int i, int n) RESFUSE_CPU_INLINE { act_store<T>(h_out, ht, i, n, h_at(i, n)); });
       continue;
     }
     const bool h_is_x = !has_residual && !branch_norm && !has_branch_scale && !scaled;
     const bool h_stored_fp32 = h_out != nullptr && ht == DType::kFloat32;
     const bool keep_copy = !h_is_x && !h_stored_fp32;
-    const auto h_again = [=](int i, int n) RESFUSE_CPU_INLINE {
+    const auto h_again = [=, &x_at](int i, int n) RESFUSE_CPU_INLINE {
       if (keep_copy) return load(hrow + i, n);
       return h_is_x ? x_at(i, n) : load_t<DType::kFloat32>(h_out, i, n);
     };
     const Stats s = row_stats(
         D, is_rms, eps,
-        [=](int i, int n) RESFUSE_CPU_INLINE {
+        [=, &h_at](int i, int n) RESFUSE_CPU_INLINE {
           const vec h = h_at(i, n);
           if (h_out) act_store<T>(h_out, ht, i, n, h);
           if (keep_copy) store(hrow + i, n, h);
@@ -297,7 +305,7 @@ void forward_rows_t(const FwdParams& p, const Affine& a, int64_t begin, int64_t 
     if (means) means[row] = s.mean;
     const vec mean = splat(s.mean), rstd = splat(s.rstd);
     void* const y = row_ptr_mut(ys, row);
-    for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
+    for_row(D, [=, &h_again](int i, int n) RESFUSE_CPU_INLINE {
       const vec xhat = (h_again(i, n) - mean) * rstd;
       act_store<T>(y, yt, i, n, fma(xhat, load(weight + i, n), load(bias + i, n)));
     });
@@ -377,30 +385,27 @@ inline BackwardSums first_lanes(BackwardSums x, int n) {
   return {first_lanes(x.d, n), first_lanes(x.dd, n), first_lanes(x.gd, n), first_lanes(x.g, n)};
 }
 
-// Forced inline: called (not inlined) it took its row inputs and `out`'s captures by value,
-// built on the stack with narrow stores and read back as one 64-byte vector; that load cannot
-// be forwarded from the stores and waits until the store buffer drains, behind the last row's
-// dx stores still waiting for their cache lines (perf: a third of an fp32 LayerNorm backward
-// on that one load at D = 768).
+// Forced inline, and its row inputs and `out` by reference (see kNoClosureCopies).
 template <class V, class G, class Out>
-RESFUSE_CPU_INLINE inline void norm_backward(const V v, const G g, const float* const w, int D, bool is_rms,
+RESFUSE_CPU_INLINE inline void norm_backward(const V& v, const G& g, const float* const w, int D, bool is_rms,
                                              float eps, const float* const saved_mean, float* const dweight,
-                                             float* const dbias, const Out out) {
+                                             float* const dbias, const Out& out) {
   const bool mean_pass = !is_rms && saved_mean == nullptr;
   float shift_s = 0.0f;
   if (mean_pass)
-    shift_s = hsum(sum_row(D, zeros(), [=](int i, int n) RESFUSE_CPU_INLINE { return v.first(i, n); })) / D;
+    shift_s = hsum(sum_row(D, zeros(), [&](int i, int n) RESFUSE_CPU_INLINE { return v.first(i, n); })) / D;
   if (!is_rms && saved_mean) shift_s = *saved_mean;
   const vec shift = splat(shift_s);
-  const auto sums = [&](auto v_at) RESFUSE_CPU_INLINE {
-    return sum_row(D, BackwardSums{zeros(), zeros(), zeros(), zeros()}, [=](int i, int n) RESFUSE_CPU_INLINE {
-      const vec d = v_at(i, n) - shift;
-      const vec gw = g.first(i, n) * load(w + i, n);
-      return BackwardSums{d, d * d, gw * d, gw};
-    });
+  const auto sums = [&](const auto& v_at) RESFUSE_CPU_INLINE {
+    return sum_row(D, BackwardSums{zeros(), zeros(), zeros(), zeros()},
+                   [=, &v_at, &g](int i, int n) RESFUSE_CPU_INLINE {
+                     const vec d = v_at(i, n) - shift;
+                     const vec gw = g.first(i, n) * load(w + i, n);
+                     return BackwardSums{d, d * d, gw * d, gw};
+                   });
   };
-  const BackwardSums s = mean_pass ? sums([=](int i, int n) RESFUSE_CPU_INLINE { return v.again(i, n); })
-                                   : sums([=](int i, int n) RESFUSE_CPU_INLINE { return v.first(i, n); });
+  const BackwardSums s = mean_pass ? sums([&](int i, int n) RESFUSE_CPU_INLINE { return v.again(i, n); })
+                                   : sums([&](int i, int n) RESFUSE_CPU_INLINE { return v.first(i, n); });
   const float sum_gw = hsum(s.g), sum_gd = hsum(s.gd);
   float rstd_s, mean_s, sum_gw_xhat;
   if (is_rms) {
@@ -415,7 +420,7 @@ RESFUSE_CPU_INLINE inline void norm_backward(const V v, const G g, const float* 
   }
   const vec mean = splat(mean_s), rstd = splat(rstd_s);
   const vec c1 = splat(sum_gw_xhat / D), c2 = splat(is_rms ? 0.0f : sum_gw / D);
-  for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE {
+  for_row(D, [=, &v, &g, &out](int i, int n) RESFUSE_CPU_INLINE {
     const vec xhat = (v.again(i, n) - mean) * rstd;
     const vec gi = g.again(i, n);
     if (dweight) store(dweight + i, n, fma(gi, xhat, load(dweight + i, n)));
@@ -488,7 +493,7 @@ void backward_rows_t(const BwdParams& p, const Affine& a, int64_t begin, int64_t
       norm_backward(RowInput<T>(row_ptr(hs, row), ht, hrow), RowInput<T>(row_ptr(dys, row), dyt, dyrow),
                     weight, D, is_rms, eps, means ? means + row : nullptr, parts.weight, parts.bias, finish);
     } else {
-      for_row(D, [=](int i, int n) RESFUSE_CPU_INLINE { finish(i, n, zeros()); });
+      for_row(D, [=, &finish](int i, int n) RESFUSE_CPU_INLINE { finish(i, n, zeros()); });
     }
     if (branch_norm) {  // df whole: the branch norm's backward over the row
       norm_backward(RowInput<T>(x, xt, xrow),
