@@ -435,3 +435,23 @@ def full_feature_call(
         out_dtype=torch.bfloat16,
     )
     return spec, ops
+
+
+def backward_op_args(spec, ops, dy, dh, h, mean, mean_x) -> tuple:
+    """The arguments of a compiled backend's backward op (``<device>_add_norm_bwd``) after a
+    forward op call of ``full_feature_call``'s (spec, ops): dy and h only with the output norm,
+    the LayerNorm row means only where the layout has them (None leaves them out)."""
+    layer = spec.norm == "layer"
+    return (
+        dy if spec.output_norm else None,
+        dh,
+        h if spec.output_norm else None,
+        ops.x,
+        ops.weight,
+        ops.branch_scale,
+        ops.rowscale,
+        ops.branch_weight,
+        mean if layer and spec.output_norm else None,
+        mean_x if layer and spec.branch_norm else None,
+        *spec.flat(),
+    )

@@ -13,6 +13,7 @@ from numerics import (
     LAYOUTS,
     PERI_LN,
     Case,
+    backward_op_args,
     cluster_blocks,
     full_feature_call,
     run_case,
@@ -248,20 +249,7 @@ def test_opcheck(norm, layout):
     )
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_fwd.default, (*ops, *spec.flat()))
     y, h, mean, mean_x = torch.ops.resfuse.cuda_add_norm_fwd(*ops, *spec.flat())
-    layer = norm == "layer"
-    bwd = (
-        torch.randn_like(y) if output_norm else None,
-        torch.randn_like(h),
-        h if output_norm else None,
-        ops.x,
-        ops.weight,
-        ops.branch_scale,
-        ops.rowscale,
-        ops.branch_weight,
-        mean if layer and output_norm else None,
-        mean_x if layer and branch_norm else None,
-        *spec.flat(),
-    )
+    bwd = backward_op_args(spec, ops, torch.randn_like(y), torch.randn_like(h), h, mean, mean_x)
     torch.library.opcheck(torch.ops.resfuse.cuda_add_norm_bwd.default, bwd)
 
 
