@@ -119,14 +119,11 @@ wheel-check: wheel $(CU12_VENV)/.installed
 	$(PY) tools/check_wheel.py dist --archs "$(WHEEL_CUDA_ARCHS)" --ptxas-log build/ptxas-wheel.log \
 	  --other-torch $(CU12_VENV)/bin/python
 
-# a CUDA 12 build of torch for the wheel check: torch 2.10.0+cu128 from the registry with its
-# CUDA 12 libraries (a 7 GB install under build/, once)
+# a CUDA 12 build of torch for the wheel check: torch 2.10.0+cu128 from the registry with the
+# CUDA 12 libraries `import torch` loads (5.6 GB under build/, once; tools/torch_import_venv.py
+# leaves out the 1.3 GB torch only loads on first use)
 $(CU12_VENV)/.installed:
-	rm -rf $(CU12_VENV)
-	$(PYTHON) -m venv $(CU12_VENV)
-	$(CU12_VENV)/bin/pip install -q torch==$(CU12_TORCH)
-	$(CU12_VENV)/bin/python -c "import torch; v = torch.version.cuda or ''; \
-	  assert v.startswith('12.'), f'torch $(CU12_TORCH) here is not a CUDA 12 build: {v!r}'"
+	$(PYTHON) tools/torch_import_venv.py $(CU12_VENV) --torch $(CU12_TORCH) --cuda 12.
 	touch $@
 
 # the same wheel against yet another torch release (e.g. OTHER_TORCH=2.11.0, the GPU

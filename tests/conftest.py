@@ -2,6 +2,8 @@
 against the float64 reference."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # The interpreter must be chosen before triton is imported (it decides at @triton.jit time).
@@ -13,6 +15,21 @@ import pytest
 import torch
 
 from resfuse import reference
+
+# torch.compile's and Triton's caches of this run in one temporary folder, removed when the
+# run ends (pytest_unconfigure): the inductor's precompiled CPU headers alone take about
+# 1 GB, and CI's disk must still hold the CUDA 12 torch that `make wheel-check` installs after
+# the suite. A cache folder chosen by the caller is left alone.
+_RUN_CACHES = None
+if not {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"} & set(os.environ):
+    _RUN_CACHES = Path(tempfile.mkdtemp(prefix="resfuse-test-caches-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_RUN_CACHES / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(_RUN_CACHES / "triton")
+
+
+def pytest_unconfigure(config):
+    if _RUN_CACHES is not None:
+        shutil.rmtree(_RUN_CACHES, ignore_errors=True)
 
 
 def _interpreter_index_fix():

@@ -17,6 +17,7 @@ import queue
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from typing import Optional
 
 import torch.multiprocessing as mp
@@ -70,7 +71,8 @@ class World:
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.commands = [ctx.Queue() for _ in range(WORLD_SIZE)]
-        store = tempfile.mktemp(prefix="resfuse-gloo-")
+        # gloo's rendezvous file (it must not exist yet), removed by close()
+        self.store = store = tempfile.mktemp(prefix="resfuse-gloo-")
         self.procs = [
             ctx.Process(
                 target=_worker,
@@ -132,3 +134,5 @@ class World:
                 p.kill()
                 p.join(timeout=5)
         self.procs = []
+        if getattr(self, "store", None):
+            Path(self.store).unlink(missing_ok=True)
