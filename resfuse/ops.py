@@ -222,7 +222,7 @@ def _backward(spec: AddNormSpec, inputs: BackwardInputs, backend: str) -> Grads:
 # --------------------------------------------------------------------------- autograd
 
 
-def _save(ctx, spec: AddNormSpec, backend: str, ops: Operands, out) -> None:
+def _save(ctx, spec: AddNormSpec, backend: str, ops: Operands, h, mean, mean_x) -> None:
     """What the backward keeps, and why:
 
     - h (or x itself when h == x and was not stored): the output norm is differentiated at
@@ -232,7 +232,6 @@ def _save(ctx, spec: AddNormSpec, backend: str, ops: Operands, out) -> None:
     - the LayerNorm row means of h and x, as shifts (rstd is recomputed, never kept).
 
     Parameters are not activations."""
-    _, h, mean, mean_x = out
     layer = spec.norm == "layer"
     ctx.save_for_backward(
         (h if spec.store_h else ops.x) if spec.output_norm else None,
@@ -244,12 +243,15 @@ def _save(ctx, spec: AddNormSpec, backend: str, ops: Operands, out) -> None:
         mean if layer and spec.output_norm else None,
         mean_x if layer and spec.branch_norm else None,
     )
-    ctx.mark_non_differentiable(*(t for t in (mean, mean_x) if t is not None))
     ctx.set_materialize_grads(False)
     ctx.spec, ctx.backend = spec, backend
-    ctx.param_dtypes = tuple(
-        t.dtype if t is not None else None
-        for t in (ops.weight, ops.bias, ops.branch_scale, ops.branch_weight, ops.branch_bias)
+    _, _, weight, bias, branch_scale, _, branch_weight, branch_bias = ops
+    ctx.param_dtypes = (
+        weight.dtype if weight is not None else None,
+        bias.dtype if bias is not None else None,
+        branch_scale.dtype if branch_scale is not None else None,
+        branch_weight.dtype if branch_weight is not None else None,
+        branch_bias.dtype if branch_bias is not None else None,
     )
 
 
@@ -310,23 +312,28 @@ def _make_backward(run_backward, first: int, trailing: int):
 
 
 class _AddNormFunction(torch.autograd.Function):
-    """Eager path: the same save/backward as the registered op, without the dispatcher."""
+    """Eager path: the same save/backward as the registered op, without the dispatcher.
+    Returns ``(y, h)`` only: the row means are saved as intermediates, not returned (each
+    output of an autograd function is wrapped, and these would be marked
+    non-differentiable, after the kernel has left the caches cold)."""
 
     # The classic forward(ctx, ...) form on purpose: with a separate setup_context, apply()
     # binds default arguments through inspect.signature on every call (~8 us).
     @staticmethod
     def forward(ctx, spec, backend, *operands):
         ops = _new(Operands, operands)
-        out = _backends.implementation(backend).forward(spec, ops)
-        _save(ctx, spec, backend, ops, out)
-        return out
+        y, h, mean, mean_x = _backends.implementation(backend).forward(spec, ops)
+        _save(ctx, spec, backend, ops, h, mean, mean_x)
+        return y, h
 
     backward = staticmethod(once_differentiable(_make_backward(_backward, first=2, trailing=0)))
 
 
 def _setup_context(ctx, inputs, output):
     spec = AddNormSpec.from_flat(*inputs[8:16])
-    _save(ctx, spec, inputs[16], Operands(*inputs[:8]), output)
+    _, h, mean, mean_x = output
+    _save(ctx, spec, inputs[16], Operands(*inputs[:8]), h, mean, mean_x)
+    ctx.mark_non_differentiable(mean, mean_x)  # the op's outputs (empty when absent)
 
 
 def _op_backward(spec, inputs, backend):
@@ -347,17 +354,17 @@ torch.library.register_autograd(
 
 
 def run(spec: AddNormSpec, ops: Operands, backend: str, needs_grad: bool, compiling: bool) -> tuple:
-    """``(y, h, mean, mean_x)`` of a call (None where absent) on a concrete backend, by the
-    path that fits: the registered op while torch.compile traces (``compiling``; the graph
-    stays whole), the autograd function when a gradient is needed, the backend itself
-    otherwise. The caller passes ``compiling``: it has asked already (one query per call)."""
+    """``(y, h)`` of a call (None where absent) on a concrete backend, by the path that fits:
+    the registered op while torch.compile traces (``compiling``; the graph stays whole), the
+    autograd function when a gradient is needed, the backend itself otherwise. The caller
+    passes ``compiling``: it has asked already (one query per call)."""
     if compiling:
-        return absent_to_none(
-            torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend), forward_present(spec)
-        )
+        y, h, _, _ = torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend)
+        return (y if spec.output_norm else None), (h if spec.store_h else None)
     if needs_grad:
         return _AddNormFunction.apply(spec, backend, *ops)
-    return _backends.implementation(backend).forward(spec, ops)
+    y, h, _, _ = _backends.implementation(backend).forward(spec, ops)
+    return y, h
 
 
 def run_distributed(spec: AddNormSpec, ops: Operands, backend: str) -> tuple:

@@ -217,6 +217,34 @@ def _compute_flags(spec: AddNormSpec) -> int:
 _RMS, _STORE_DRESIDUAL = int(Flag.RMS), int(Flag.STORE_DRESIDUAL)
 _PACKED: dict = {}
 _UNPACKED: dict = {}
+_LAUNCH: dict = {}
+
+
+def launch_form(spec: AddNormSpec) -> tuple:
+    """``(spec.flat(), forward_present(spec), backward_present(spec))``, computed once per
+    spec: what a compiled backend's launch needs besides the tensors. For the launches only,
+    which never run while torch.compile traces (they run eagerly or inside a registered op's
+    body), so no ``is_compiling`` query: on CPU, with the caches cold after a large tensor,
+    each query costs about 3 us, each rebuilt tuple a few more."""
+    form = _LAUNCH.get(spec)
+    if form is None:
+        form = _LAUNCH[spec] = (
+            (
+                spec.eps,
+                spec.residual_scale,
+                spec.branch_scale,
+                _compute_flags(spec),
+                spec.x_dtype,
+                spec.residual_dtype,
+                spec.h_dtype,
+                spec.out_dtype,
+            ),
+            forward_present(spec),
+            backward_present(spec),
+        )
+    return form
+
+
 _INT_FLAG_FIELDS = tuple((name, int(bit)) for name, bit in _FLAG_FIELDS)
 
 

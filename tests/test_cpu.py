@@ -371,3 +371,29 @@ def test_torch_compile_fullgraph(compiler):
     torch.testing.assert_close(h, h2)
     for g, t in zip(grads, leaves):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("env", [None, "torch", "cpu", "auto"])
+@pytest.mark.parametrize("backend", backend_registry.BACKEND_NAMES)
+@pytest.mark.parametrize("built", [True, False])
+def test_resolve_cpu_is_resolve_on_cpu(backend, env, built, monkeypatch):
+    """The per-call shortcut for CPU tensors answers as resolve() does: the same backend, or
+    the same error, for every backend= and $RESFUSE_BACKEND, with and without the
+    extension."""
+    if env is None:
+        monkeypatch.delenv(backend_registry.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(backend_registry.ENV_VAR, env)
+    if not built:
+        monkeypatch.setitem(cpu_ext._state, "reason", "the CPU extension was not built (test)")
+
+    def answer(fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - compared below
+            return type(e), str(e)
+
+    cpu = torch.device("cpu")
+    assert answer(lambda: backend_registry.resolve_cpu(backend)) == answer(
+        lambda: backend_registry.resolve(backend, cpu)
+    )

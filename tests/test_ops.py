@@ -270,3 +270,20 @@ def test_outputs_can_be_edited_in_place(backend):
     h.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_extension_calls_the_op_behind_its_overload():
+    """The compiled backends call the C++ op behind ``OpOverload.__call__`` (a Python frame
+    less per call), unless the overload dispatches in Python."""
+    from resfuse.extension import _direct
+
+    overload = torch.ops.aten.add.Tensor
+    assert _direct(overload) is overload._op
+
+    class PythonDispatched:
+        _op = staticmethod(lambda *a: None)
+        _pyobj_dispatcher = object()
+
+    dispatched = PythonDispatched()
+    assert _direct(dispatched) is dispatched
+    assert _direct(object) is object  # no _op: the object itself

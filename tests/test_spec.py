@@ -17,6 +17,7 @@ from resfuse.spec import (
     family,
     forward_outputs,
     forward_present,
+    launch_form,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,8 @@ def test_flat_form_round_trips(bits):
     )
     assert AddNormSpec.from_flat(*spec.flat()) == spec
     assert all(isinstance(v, (float, int, torch.dtype)) for v in spec.flat())
+    # the compiled backends' cached launch form is the same flat form and output metas
+    assert launch_form(spec) == (spec.flat(), forward_present(spec), backward_present(spec))
 
 
 def test_every_boolean_has_a_bit():
