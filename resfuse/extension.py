@@ -129,10 +129,10 @@ class Extension:
         return self.state
 
     def _op(self, key: str):
-        try:  # the loaded library's op (the common case: resolve() has loaded it)
-            return self.state[key]
-        except KeyError:
-            return self.ops()[key]
+        """The loaded library's op ``key`` (the common case: resolve() has loaded it), else
+        ops()'s error."""
+        state = self.state
+        return state[key] if state.get("reason") == "" else self.ops()[key]
 
     def forward(self, spec: AddNormSpec, ops: Operands) -> Forward:
         """(y, h, mean, mean_x), None where absent, for 2-D (rows, D) operands with unit column

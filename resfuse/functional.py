@@ -92,15 +92,15 @@ def _call(
         ),
     )
     compiling = torch.compiler.is_compiling()
-    if x.is_cpu and not compiling:  # auto's choice for CPU tensors does not depend on the call
-        backend = _backends.resolve_cpu(backend)
-    elif backend == "auto":  # auto's measured choice depends on the call (auto_table)
+    key = None
+    if backend == "auto":  # auto's measured choice depends on the call (auto_table)
         key = (spec.family, norm, x.dtype, D, needs_grad)
         if compiling and not _auto_table.known_at_trace(D):
             key = None  # the choice is a constant of the graph: a symbolic D gets the rule
-        backend = _backends.resolve(backend, x.device, key)
+    if x.is_cpu and not compiling:
+        backend = _backends.resolve_cpu(backend, key)  # no device object: the per-call path
     else:
-        backend = _backends.resolve(backend, x.device)
+        backend = _backends.resolve(backend, x.device, key)
     if type(x) is not Tensor and is_dtensor(x):  # the rows stay where they are (checks.py
         # refused a split row)
         y, h, _, _ = _ops.run_distributed(spec, _new(Operands, operands), backend)
