@@ -12,9 +12,9 @@
 #include "add_norm_cpu.h"
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,prfchw"))), apply_to = function)
 #elif defined(__GNUC__)
-#pragma GCC target("avx2,fma,f16c")
+#pragma GCC target("avx2,fma,f16c,prfchw")
 #endif
 #define RESFUSE_CPU_AVX2 \
   1  // add_norm_cpu_vec.h's 8-lane vectors (no predefined macro follows a target pragma)

@@ -12,10 +12,11 @@
 #include "add_norm_cpu.h"
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c"))), \
-                             apply_to = function)
+#pragma clang attribute push(                                                             \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,prfchw"))), \
+    apply_to = function)
 #elif defined(__GNUC__)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,prfchw")
 #endif
 // GCC 12's AVX-512 intrinsics start some results from _mm512_undefined_*() and then warn
 // that those may be used uninitialized (a known false positive of the compiler's headers)
