@@ -359,8 +359,10 @@ def run(spec: AddNormSpec, ops: Operands, backend: str, needs_grad: bool, compil
     autograd function when a gradient is needed, the backend itself otherwise. The caller
     passes ``compiling``: it has asked already (one query per call)."""
     if compiling:
-        y, h, _, _ = torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend)
-        return (y if spec.output_norm else None), (h if spec.store_h else None)
+        y, h, _, _ = absent_to_none(
+            torch.ops.resfuse.add_norm(*ops, *spec.flat(), backend), forward_present(spec)
+        )
+        return y, h
     if needs_grad:
         return _AddNormFunction.apply(spec, backend, *ops)
     y, h, _, _ = _backends.implementation(backend).forward(spec, ops)
