@@ -120,7 +120,7 @@ wheel-check: wheel $(CU12_VENV)/.installed
 	  --other-torch $(CU12_VENV)/bin/python
 
 # a CUDA 12 build of torch for the wheel check: torch 2.10.0+cu128 from the registry with the
-# CUDA 12 libraries `import torch` loads (5.6 GB under build/, once; tools/torch_import_venv.py
+# CUDA 12 libraries `import torch` loads (5.5 GiB under build/, once; tools/torch_import_venv.py
 # leaves out the 1.3 GB torch only loads on first use)
 $(CU12_VENV)/.installed:
 	$(PYTHON) tools/torch_import_venv.py $(CU12_VENV) --torch $(CU12_TORCH) --cuda 12.

@@ -123,22 +123,18 @@ class Extension:
         self.extra_fakes()
 
     def ops(self) -> dict:
+        if self.state.get("reason") == "":  # loaded (the per-call path: no load() call)
+            return self.state
         reason = self.load()
         if reason:
             raise RuntimeError(f"resfuse's {self.device} backend is unavailable: {reason}")
         return self.state
 
-    def _op(self, key: str):
-        """The loaded library's op ``key`` (the common case: resolve() has loaded it), else
-        ops()'s error."""
-        state = self.state
-        return state[key] if state.get("reason") == "" else self.ops()[key]
-
     def forward(self, spec: AddNormSpec, ops: Operands) -> Forward:
         """(y, h, mean, mean_x), None where absent, for 2-D (rows, D) operands with unit column
         stride; the LayerNorm row means of h and (with the branch norm) of x."""
         flat, present, _ = launch_form(spec)
-        y, h, mean, mean_x = self._op("fwd")(*ops, *flat)
+        y, h, mean, mean_x = self.ops()["fwd"](*ops, *flat)
         return _new(
             Forward,
             (
@@ -153,5 +149,5 @@ class Extension:
         """(dx, dresidual, dweight, dbias, dbranch_scale, dbranch_weight, dbranch_bias): the
         parameter gradients as fp32 sums over rows, None where absent."""
         flat, _, present = launch_form(spec)
-        outs = self._op("bwd")(*inputs, *flat)
+        outs = self.ops()["bwd"](*inputs, *flat)
         return _new(Grads, absent_to_none(outs, present))

@@ -54,17 +54,14 @@ def _call(
     store_h = return_h or (
         needs_grad
         and output_norm
-        and (
-            residual is not None
-            or not h_is_x(
-                residual is not None,
-                bs is not None,
-                branch_scale,
-                rowscale is not None,
-                branch_norm,
-                h_dtype,
-                x.dtype,
-            )
+        and not h_is_x(
+            residual is not None,
+            bs is not None,
+            branch_scale,
+            rowscale is not None,
+            branch_norm,
+            h_dtype,
+            x.dtype,
         )
     )
     spec = _new(
@@ -107,16 +104,7 @@ def _call(
         return y, h
     ops = _new(
         Operands,
-        (
-            x if len(shape) == 2 and x.stride(1) == 1 else _ops.rows(x, D),
-            _ops.rows(residual, D) if residual is not None else None,
-            weight,
-            bias,
-            bs,
-            _ops.flat(rowscale),
-            bw,
-            bb,
-        ),
+        (_ops.rows(x, D), _ops.rows(residual, D), weight, bias, bs, _ops.flat(rowscale), bw, bb),
     )
     y, h = _ops.run(spec, ops, backend, needs_grad, compiling)
     if len(shape) != 2:

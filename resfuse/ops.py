@@ -232,7 +232,7 @@ def _save(ctx, spec: AddNormSpec, backend: str, ops: Operands, h, mean, mean_x) 
     - the LayerNorm row means of h and x, as shifts (rstd is recomputed, never kept).
 
     Parameters are not activations."""
-    layer = spec.norm == "layer"
+    _, _, has_mean, has_mean_x = forward_present(spec)
     ctx.save_for_backward(
         (h if spec.store_h else ops.x) if spec.output_norm else None,
         ops.x if spec.reads_x_in_backward else None,
@@ -240,8 +240,8 @@ def _save(ctx, spec: AddNormSpec, backend: str, ops: Operands, h, mean, mean_x) 
         ops.branch_scale,
         ops.rowscale,
         ops.branch_weight,
-        mean if layer and spec.output_norm else None,
-        mean_x if layer and spec.branch_norm else None,
+        mean if has_mean else None,
+        mean_x if has_mean_x else None,
     )
     ctx.set_materialize_grads(False)
     ctx.spec, ctx.backend = spec, backend

@@ -163,16 +163,7 @@ class AddNormSpec(NamedTuple):
     def flat(self) -> tuple:
         """``(eps, residual_scale, branch_scale, flags, x_dtype, residual_dtype, h_dtype,
         out_dtype)``: the spec as the registered ops and the CUDA schema take it."""
-        return (
-            self.eps,
-            self.residual_scale,
-            self.branch_scale,
-            self.flags,
-            self.x_dtype,
-            self.residual_dtype,
-            self.h_dtype,
-            self.out_dtype,
-        )
+        return _flat(self, self.flags)
 
     @classmethod
     def from_flat(cls, *flat) -> "AddNormSpec":
@@ -190,6 +181,20 @@ class AddNormSpec(NamedTuple):
                 *dtypes,
             )
         return spec
+
+
+def _flat(spec: AddNormSpec, flags: int) -> tuple:
+    """``flat()``'s tuple with the packed booleans ``flags``."""
+    return (
+        spec.eps,
+        spec.residual_scale,
+        spec.branch_scale,
+        flags,
+        spec.x_dtype,
+        spec.residual_dtype,
+        spec.h_dtype,
+        spec.out_dtype,
+    )
 
 
 def _pack(spec: AddNormSpec) -> int:
@@ -229,16 +234,7 @@ def launch_form(spec: AddNormSpec) -> tuple:
     form = _LAUNCH.get(spec)
     if form is None:
         form = _LAUNCH[spec] = (
-            (
-                spec.eps,
-                spec.residual_scale,
-                spec.branch_scale,
-                _compute_flags(spec),
-                spec.x_dtype,
-                spec.residual_dtype,
-                spec.h_dtype,
-                spec.out_dtype,
-            ),
+            _flat(spec, _compute_flags(spec)),
             forward_present(spec),
             backward_present(spec),
         )

@@ -12,6 +12,7 @@ import torch
 from conftest import assert_close, float64_oracle
 
 import resfuse
+from resfuse.spec import forward_present
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -441,7 +442,7 @@ def backward_op_args(spec, ops, dy, dh, h, mean, mean_x) -> tuple:
     """The arguments of a compiled backend's backward op (``<device>_add_norm_bwd``) after a
     forward op call of ``full_feature_call``'s (spec, ops): dy and h only with the output norm,
     the LayerNorm row means only where the layout has them (None leaves them out)."""
-    layer = spec.norm == "layer"
+    _, _, has_mean, has_mean_x = forward_present(spec)
     return (
         dy if spec.output_norm else None,
         dh,
@@ -451,7 +452,7 @@ def backward_op_args(spec, ops, dy, dh, h, mean, mean_x) -> tuple:
         ops.branch_scale,
         ops.rowscale,
         ops.branch_weight,
-        mean if layer and spec.output_norm else None,
-        mean_x if layer and spec.branch_norm else None,
+        mean if has_mean else None,
+        mean_x if has_mean_x else None,
         *spec.flat(),
     )

@@ -16,6 +16,7 @@ it fails here rather than silently keeping it), and ``import torch`` must then w
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -52,8 +53,6 @@ def main(argv=None) -> int:
     ap.add_argument("--torch", required=True, help="the torch release, e.g. 2.10.0")
     ap.add_argument("--cuda", default="", help="the CUDA version prefix torch must report")
     args = ap.parse_args(argv)
-
-    import json
 
     shutil.rmtree(args.venv, ignore_errors=True)
     venv.EnvBuilder(with_pip=True).create(args.venv)

@@ -222,29 +222,26 @@ void plain_forward_rows(const FwdParams& p, const Affine& a, int64_t begin, int6
     const auto x_at = [x](int i, int n) RESFUSE_CPU_INLINE { return load_t<XT>(x, i, n); };
     const char* const x_next = next_row(xs, row, end);
     char* const y_next = next_row_mut(ys, row, end);
-    const Stats s = row_stats(D, is_rms, eps, x_at, [=, &x_at](int i, int n) RESFUSE_CPU_INLINE {
-      if (prefetch_early) {
-        prefetch<false>(x_next, i, dtype_bytes(XT));
-        prefetch_for_write(y_next, i, dtype_bytes(YT));
-      }
-      return x_at(i, n);
-    });
+    // the next row's x (to read) and y (to write) at element i
+    const auto prefetch_next = [=](int i) RESFUSE_CPU_INLINE {
+      prefetch<false>(x_next, i, dtype_bytes(XT));
+      prefetch_for_write(y_next, i, dtype_bytes(YT));
+    };
+    const Stats s =
+        row_stats(D, is_rms, eps, x_at, [=, &x_at, &prefetch_next](int i, int n) RESFUSE_CPU_INLINE {
+          if (prefetch_early) prefetch_next(i);
+          return x_at(i, n);
+        });
     if (means) means[row] = s.mean;
     const vec mean = splat(s.mean), rstd = splat(s.rstd);
     if (has_bias) {
-      for_row(D, [=, &x_at](int i, int n) RESFUSE_CPU_INLINE {
-        if (!prefetch_early) {
-          prefetch<false>(x_next, i, dtype_bytes(XT));
-          prefetch_for_write(y_next, i, dtype_bytes(YT));
-        }
+      for_row(D, [=, &x_at, &prefetch_next](int i, int n) RESFUSE_CPU_INLINE {
+        if (!prefetch_early) prefetch_next(i);
         store_t<YT>(y, i, n, fma((x_at(i, n) - mean) * rstd, load(weight + i, n), load(bias + i, n)));
       });
     } else {
-      for_row(D, [=, &x_at](int i, int n) RESFUSE_CPU_INLINE {
-        if (!prefetch_early) {
-          prefetch<false>(x_next, i, dtype_bytes(XT));
-          prefetch_for_write(y_next, i, dtype_bytes(YT));
-        }
+      for_row(D, [=, &x_at, &prefetch_next](int i, int n) RESFUSE_CPU_INLINE {
+        if (!prefetch_early) prefetch_next(i);
         store_t<YT>(y, i, n, (x_at(i, n) - mean) * rstd * load(weight + i, n));
       });
     }
